@@ -1,0 +1,528 @@
+//! Public HTTP API types of the control plane, validated on receipt.
+//!
+//! The wire contract is described in `docs/PROTOCOL.md`; the OpenAPI document
+//! (`openapi.json`, served at `/openapi.json`) is its machine-readable form.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use flare_proto::{ExceptionInfo, FunctionConfig, FunctionDef, GenMark, OutputStatus, PythonEnv, B64};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+/// Error codes of the public API and their HTTP statuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    InvalidArgument,
+    Conflict,
+    FailedPrecondition,
+    Internal,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 404,
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::Conflict => 409,
+            ErrorCode::FailedPrecondition => 412,
+            ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
+        }
+    }
+}
+
+/// An API error: a code and a message meant for a person.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn not_found(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::NotFound, message: m.into() }
+    }
+    pub fn invalid(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::InvalidArgument, message: m.into() }
+    }
+    pub fn precondition(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::FailedPrecondition, message: m.into() }
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::Internal, message: m.into() }
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::Unavailable, message: m.into() }
+    }
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { error: ErrorDetail { code: self.code, message: self.message.clone() } }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub server_id: String,
+    pub started_at: f64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppMode {
+    Ephemeral,
+    Deployed,
+}
+
+impl AppMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppMode::Ephemeral => "ephemeral",
+            AppMode::Deployed => "deployed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateApp {
+    pub name: String,
+    pub mode: AppMode,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl CreateApp {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_name("app name", &self.name)
+    }
+}
+
+/// Names of apps and functions: 1..=128 characters of letters, digits and `-_.`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid {what} {name:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppCreated {
+    pub app_id: String,
+    pub name: String,
+    pub mode: AppMode,
+    pub version: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionSummary {
+    pub name: String,
+    pub function_id: String,
+    pub containers: u32,
+    pub backlog: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppInfo {
+    pub app_id: String,
+    pub name: String,
+    pub mode: AppMode,
+    pub state: String,
+    pub version: i64,
+    pub created_at: f64,
+    pub functions: Vec<FunctionSummary>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppList {
+    pub apps: Vec<AppInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountFile {
+    pub path: String,
+    pub data: B64,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateMount {
+    pub files: Vec<MountFile>,
+}
+
+impl CreateMount {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        for f in &self.files {
+            validate_relative_path(&f.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// A relative, `/`-separated path with no empty, `.` or `..` parts.
+pub fn validate_relative_path(p: &str) -> Result<(), ApiError> {
+    let bad = p.is_empty()
+        || p.starts_with('/')
+        || p.contains('\0')
+        || p.split('/').any(|part| part.is_empty() || part == "." || part == "..");
+    if bad {
+        Err(ApiError::invalid(format!("invalid mount path {p:?}: must be relative, without '..'")))
+    } else {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountCreated {
+    pub mount_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterFunctions {
+    pub functions: Vec<FunctionDef>,
+}
+
+impl RegisterFunctions {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.functions {
+            validate_function(f)?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(ApiError::invalid(format!("function {:?} registered twice", f.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a function definition for values the platform cannot honour.
+pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
+    validate_name("function name", &f.name)?;
+    if f.serialized {
+        if f.pickled.is_none() {
+            return Err(ApiError::invalid(format!(
+                "function {:?}: serialized without a pickled body",
+                f.name
+            )));
+        }
+    } else if f.module.is_none() || f.qualname.is_none() {
+        return Err(ApiError::invalid(format!("function {:?}: needs module and qualname", f.name)));
+    }
+    if f.python.executable.is_empty() || !f.python.executable.starts_with('/') {
+        return Err(ApiError::invalid(format!("function {:?}: python.executable must be absolute", f.name)));
+    }
+    let c = &f.config;
+    if let Some(cpu) = c.cpu {
+        if !(0.0625..=64.0).contains(&cpu) {
+            return Err(ApiError::invalid(format!("cpu={cpu} out of range (0.0625 to 64 cores)")));
+        }
+    }
+    if let Some(m) = c.memory {
+        if !(16..=1024 * 1024).contains(&m) {
+            return Err(ApiError::invalid(format!("memory={m} MiB out of range (16 MiB to 1 TiB)")));
+        }
+    }
+    if c.timeout == 0 || c.timeout > 24 * 3600 {
+        return Err(ApiError::invalid(format!("timeout={} out of range (1 s to 24 h)", c.timeout)));
+    }
+    if c.max_inputs == 0 || c.max_inputs > 1000 {
+        return Err(ApiError::invalid(format!("max_inputs={} out of range (1 to 1000)", c.max_inputs)));
+    }
+    if let Some(max) = c.max_containers {
+        if max == 0 || max < c.min_containers {
+            return Err(ApiError::invalid(format!(
+                "max_containers={max} must be >= 1 and >= min_containers={}",
+                c.min_containers
+            )));
+        }
+    }
+    if let Some(r) = &c.retries {
+        if r.max_retries > 10 || r.initial_delay < 0.0 || r.max_delay < 0.0 || r.backoff_coefficient < 1.0 {
+            return Err(ApiError::invalid(
+                "retries: max_retries must be <= 10, delays >= 0, backoff_coefficient >= 1",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionRef {
+    pub name: String,
+    pub function_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionsRegistered {
+    pub functions: Vec<FunctionRef>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    pub function_id: String,
+    pub name: String,
+    pub app_id: String,
+    pub is_generator: bool,
+    pub is_async: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FunctionStats {
+    pub backlog: u64,
+    pub num_total_runners: u32,
+    pub num_running_inputs: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CallKind {
+    Call,
+    Spawn,
+    Map,
+    Gen,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Call => "call",
+            CallKind::Spawn => "spawn",
+            CallKind::Map => "map",
+            CallKind::Gen => "gen",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "call" => CallKind::Call,
+            "spawn" => CallKind::Spawn,
+            "map" => CallKind::Map,
+            "gen" => CallKind::Gen,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputItem {
+    pub args: B64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateCall {
+    pub kind: CallKind,
+    #[serde(default)]
+    pub inputs: Vec<InputItem>,
+    #[serde(default)]
+    pub more: bool,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+impl CreateCall {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match self.kind {
+            CallKind::Call | CallKind::Spawn | CallKind::Gen => {
+                if self.inputs.len() != 1 || self.more {
+                    return Err(ApiError::invalid(format!(
+                        "a {} call takes exactly one input",
+                        self.kind.as_str()
+                    )));
+                }
+            }
+            CallKind::Map => {}
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddInputs {
+    #[serde(default)]
+    pub inputs: Vec<InputItem>,
+    #[serde(default)]
+    pub more: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputsAdded {
+    pub first_idx: u64,
+    pub count: u64,
+}
+
+/// One output of a call, as clients see it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Output {
+    pub idx: u64,
+    pub seq: u64,
+    pub input_id: String,
+    pub status: OutputStatus,
+    pub data: Option<B64>,
+    pub gen: Option<GenMark>,
+    pub exception: Option<ExceptionInfo>,
+    pub retry_count: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallCreated {
+    pub call_id: String,
+    pub outputs: Vec<Output>,
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputsPage {
+    pub outputs: Vec<Output>,
+    pub next: i64,
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CancelCall {
+    #[serde(default)]
+    pub terminate_containers: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallInfo {
+    pub call_id: String,
+    pub function_id: String,
+    pub kind: CallKind,
+    pub num_inputs: u64,
+    pub num_outputs: u64,
+    pub done: bool,
+    pub created_at: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub seq: u64,
+    pub ts: f64,
+    pub container_id: String,
+    pub function: String,
+    pub stream: flare_proto::LogStream,
+    pub data: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogsPage {
+    pub logs: Vec<LogRecord>,
+    pub next: i64,
+    pub app_state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub container_id: String,
+    pub app_id: String,
+    pub function: String,
+    pub state: String,
+    pub age_s: f64,
+    pub inputs_in_flight: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContainerList {
+    pub containers: Vec<ContainerInfo>,
+}
+
+/// Empty JSON object response.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// Query of the long-poll endpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PollQuery {
+    #[serde(default = "minus_one")]
+    pub after: i64,
+    #[serde(default)]
+    pub wait_ms: u64,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+
+/// Environment a container of the function gets, for display.
+pub type EnvMap = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> FunctionDef {
+        serde_json::from_value(serde_json::json!({
+            "name": "square", "module": "hello", "qualname": "square",
+            "python": {"executable": "/usr/bin/python3"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn validates_functions() {
+        assert!(validate_function(&def()).is_ok());
+        let mut d = def();
+        d.config.cpu = Some(1000.0);
+        assert!(validate_function(&d).unwrap_err().message.contains("cpu"));
+        let mut d = def();
+        d.module = None;
+        assert!(validate_function(&d).is_err());
+        let mut d = def();
+        d.name = "a b".into();
+        assert!(validate_function(&d).is_err());
+    }
+
+    #[test]
+    fn validates_paths() {
+        assert!(validate_relative_path("a/b.py").is_ok());
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a"] {
+            assert!(validate_relative_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn openapi_is_json_and_lists_paths() {
+        let v: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let paths = v["paths"].as_object().unwrap();
+        for p in
+            ["/v1/health", "/v1/apps", "/v1/functions/{function_id}/calls", "/v1/calls/{call_id}/outputs"]
+        {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn call_validation() {
+        let c = CreateCall { kind: CallKind::Call, inputs: vec![], more: false, wait_ms: 0 };
+        assert!(c.validate().is_err());
+    }
+}

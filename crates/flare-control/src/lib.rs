@@ -1,0 +1,1543 @@
+//! The control plane: apps, functions, calls, input queues, the autoscaler, and the
+//! public HTTP API (see `api`).
+//!
+//! All live state sits in one [`State`] behind a mutex; every handler holds it only
+//! for short, non-blocking sections. Workers are reached through channels carrying
+//! [`flare_proto::ToWorker`] messages and answer with [`flare_proto::FromWorker`].
+
+pub mod api;
+pub mod scheduler;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flare_api::{ApiError, AppMode, CallKind, LogRecord, Output};
+use flare_proto::{
+    ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, FunctionDef, GenMark, InputMsg, LogStream,
+    OutputMsg, OutputStatus, ToWorker, B64,
+};
+use flare_store::{AppRow, CallRow, FunctionRow, LogRow, OutputRow, PendingInputRow, Store};
+use tokio::sync::{mpsc, watch};
+
+/// Inputs a platform fault may re-run before the input fails, beyond the user's retries.
+const PLATFORM_RETRIES: u32 = 3;
+/// Containers of one function starting at the same time.
+const MAX_STARTING_PER_FUNCTION: u32 = 2;
+/// Log records kept in memory per app (older ones are read from the store).
+const LOG_RING: usize = 20_000;
+/// An ephemeral app with no heartbeat for this long is stopped.
+const EPHEMERAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Done calls that nobody has read for this long leave memory.
+const CALL_IDLE_EVICT: Duration = Duration::from_secs(600);
+/// Default reservation of a container without `cpu=` / `memory=`.
+const DEFAULT_CPU_MILLIS: u64 = 125;
+const DEFAULT_MEMORY_MB: u64 = 128;
+
+pub fn now_ts() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let n: u128 = rng.gen();
+    format!("{prefix}-{}", &format!("{n:032x}")[..20])
+}
+
+/// A worker as the control plane sees it.
+pub struct WorkerLink {
+    pub id: String,
+    pub tx: mpsc::UnboundedSender<ToWorker>,
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+}
+
+struct WorkerRt {
+    link: WorkerLink,
+    cpu_used: u64,
+    mem_used: u64,
+    accepting: bool,
+}
+
+#[derive(Clone)]
+struct QueuedInput {
+    input_id: String,
+    call_id: String,
+    idx: u64,
+    args: Bytes,
+    /// User retries used so far.
+    retry_count: u32,
+    /// Platform re-runs used so far (worker or container died under it).
+    platform_retries: u32,
+}
+
+struct AppRt {
+    row: AppRow,
+    functions: BTreeMap<String, String>,
+    last_heartbeat: Instant,
+    logs: VecDeque<LogRecord>,
+    next_log_seq: u64,
+    log_notify: watch::Sender<u64>,
+}
+
+struct FnRt {
+    id: String,
+    app_id: String,
+    name: String,
+    def: FunctionDef,
+    version: u64,
+    queue: VecDeque<QueuedInput>,
+    delayed: Vec<(Instant, QueuedInput)>,
+    containers: HashSet<String>,
+    active: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CState {
+    Starting,
+    Ready,
+    Stopping,
+}
+
+impl CState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CState::Starting => "starting",
+            CState::Ready => "ready",
+            CState::Stopping => "stopping",
+        }
+    }
+}
+
+struct ContainerRt {
+    id: String,
+    function_id: String,
+    app_id: String,
+    worker_id: String,
+    fn_version: u64,
+    state: CState,
+    inflight: HashMap<String, QueuedInput>,
+    started_at: Instant,
+    idle_since: Instant,
+    cpu: u64,
+    mem: u64,
+    /// Inputs killed with this container because the user asked (cancel): no output for them.
+    cancelled: HashSet<String>,
+}
+
+struct CallRt {
+    id: String,
+    function_id: String,
+    kind: CallKind,
+    num_inputs: u64,
+    more: bool,
+    outputs: Vec<Output>,
+    final_count: u64,
+    notify: watch::Sender<u64>,
+    created_at: f64,
+    persisted: bool,
+    finished: HashSet<u64>,
+    last_access: Instant,
+}
+
+impl CallRt {
+    fn done(&self) -> bool {
+        !self.more && self.final_count >= self.num_inputs
+    }
+}
+
+#[derive(Default)]
+struct State {
+    apps: HashMap<String, AppRt>,
+    functions: HashMap<String, FnRt>,
+    calls: HashMap<String, CallRt>,
+    containers: HashMap<String, ContainerRt>,
+    workers: Vec<WorkerRt>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    home: PathBuf,
+    state: Mutex<State>,
+    server_id: String,
+    started_at: f64,
+    log_tx: mpsc::UnboundedSender<LogRow>,
+    containers_changed: watch::Sender<u64>,
+}
+
+/// Handle to the control plane; cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn store_err(e: flare_store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failure");
+    ApiError::internal(format!("state store failure: {e}"))
+}
+
+impl ControlPlane {
+    /// Opens the control plane on a store; loads deployed apps and re-queues persisted inputs.
+    pub fn new(store: Arc<dyn Store>, home: &Path) -> Result<Self, ControlError> {
+        let (log_tx, log_rx) = mpsc::unbounded_channel();
+        let (containers_changed, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            store,
+            home: home.to_path_buf(),
+            state: Mutex::new(State::default()),
+            server_id: new_id("srv"),
+            started_at: now_ts(),
+            log_tx,
+            containers_changed,
+        });
+        let cp = ControlPlane { inner };
+        cp.load()?;
+        tokio::spawn(log_writer(cp.inner.store.clone(), log_rx));
+        let ticker = cp.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(100));
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                ticker.tick();
+            }
+        });
+        Ok(cp)
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+
+    pub fn server_id(&self) -> &str {
+        &self.inner.server_id
+    }
+
+    pub fn started_at(&self) -> f64 {
+        self.inner.started_at
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.inner.home.join("mounts")
+    }
+
+    fn load(&self) -> Result<(), ControlError> {
+        let store = self.store();
+        let stopped = store.stop_ephemeral_apps()?;
+        if stopped > 0 {
+            tracing::info!(stopped, "ephemeral apps of the previous run marked stopped");
+        }
+        let mut st = self.lock();
+        for app in store.list_apps()? {
+            if app.mode != "deployed" || app.state == "stopped" {
+                continue;
+            }
+            let mut functions = BTreeMap::new();
+            for f in store.functions_of_app(&app.app_id)? {
+                functions.insert(f.name.clone(), f.function_id.clone());
+                st.functions.insert(
+                    f.function_id.clone(),
+                    FnRt {
+                        id: f.function_id,
+                        app_id: app.app_id.clone(),
+                        name: f.name,
+                        def: f.def,
+                        version: 1,
+                        queue: VecDeque::new(),
+                        delayed: Vec::new(),
+                        containers: HashSet::new(),
+                        active: true,
+                    },
+                );
+            }
+            let next_log_seq = store.max_log_seq(&app.app_id)?.map(|s| s + 1).unwrap_or(0);
+            st.apps.insert(
+                app.app_id.clone(),
+                AppRt {
+                    row: app,
+                    functions,
+                    last_heartbeat: Instant::now(),
+                    logs: VecDeque::new(),
+                    next_log_seq,
+                    log_notify: watch::channel(0).0,
+                },
+            );
+        }
+        // Accepted inputs with no final output yet run again (durability of spawned calls).
+        let pending = store.pending_inputs()?;
+        let mut requeued = 0;
+        for p in pending {
+            let call = store.get_call(&p.call_id)?;
+            let Some(call) = call else { continue };
+            if !st.calls.contains_key(&p.call_id) {
+                let outputs = store
+                    .outputs_after(&p.call_id, -1, usize::MAX >> 1)?
+                    .into_iter()
+                    .map(output_from_row)
+                    .collect::<Vec<_>>();
+                let final_count = store.count_final_outputs(&p.call_id)?;
+                st.calls.insert(p.call_id.clone(), call_from_row(&call, outputs, final_count));
+            }
+            let qi = QueuedInput {
+                input_id: p.input_id.clone(),
+                call_id: p.call_id.clone(),
+                idx: p.idx,
+                args: Bytes::from(p.args),
+                retry_count: p.retry_count,
+                platform_retries: 0,
+            };
+            if let Some(f) = st.functions.get_mut(&p.function_id) {
+                f.queue.push_back(qi);
+                requeued += 1;
+            } else {
+                let out = platform_output(
+                    &qi,
+                    OutputStatus::Terminated,
+                    ExceptionInfo::new(
+                        "flare.exception.ExecutionError",
+                        "the app of this call was stopped while the server was down",
+                    ),
+                );
+                finish_input(&mut st, store, &qi, out);
+            }
+        }
+        if requeued > 0 {
+            tracing::info!(requeued, "persisted inputs re-queued");
+        }
+        Ok(())
+    }
+
+    /// Adds a worker; it receives containers from now on.
+    pub fn add_worker(&self, link: WorkerLink) {
+        let mut st = self.lock();
+        tracing::info!(worker = %link.id, cpu_millis = link.cpu_millis, memory_mb = link.memory_mb, "worker registered");
+        st.workers.push(WorkerRt { link, cpu_used: 0, mem_used: 0, accepting: true });
+        let ids: Vec<String> = st.functions.keys().cloned().collect();
+        for id in ids {
+            schedule(&mut st, &id);
+        }
+    }
+
+    /// Feeds worker events into the state; run this on the worker's event stream.
+    pub async fn run_worker_events(self, mut rx: mpsc::UnboundedReceiver<FromWorker>) {
+        while let Some(ev) = rx.recv().await {
+            self.on_worker_event(ev);
+        }
+    }
+
+    fn on_worker_event(&self, ev: FromWorker) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        match ev {
+            FromWorker::Ready { container_id } => {
+                let Some(c) = st.containers.get_mut(&container_id) else { return };
+                if c.state == CState::Starting {
+                    c.state = CState::Ready;
+                    c.idle_since = Instant::now();
+                }
+                let fid = c.function_id.clone();
+                tracing::debug!(container = %container_id, ms = c.started_at.elapsed().as_millis() as u64, "container ready");
+                schedule(st, &fid);
+            }
+            FromWorker::InitFailed { container_id, exception } => {
+                let Some(c) = st.containers.get_mut(&container_id) else { return };
+                c.state = CState::Stopping;
+                let fid = c.function_id.clone();
+                let app_id = c.app_id.clone();
+                push_log(
+                    st,
+                    &self.inner.log_tx,
+                    &app_id,
+                    &container_id,
+                    LogStream::System,
+                    &format!(
+                        "container failed to start: {}: {}\n{}",
+                        exception.type_name, exception.message, exception.traceback
+                    ),
+                );
+                fail_queue(st, self.store(), &fid, OutputStatus::InitFailure, &exception);
+            }
+            FromWorker::Outputs { container_id, outputs } => {
+                self.on_outputs(st, &container_id, outputs);
+            }
+            FromWorker::Log { container_id, stream, data } => {
+                let Some(c) = st.containers.get(&container_id) else { return };
+                let app_id = c.app_id.clone();
+                push_log(st, &self.inner.log_tx, &app_id, &container_id, stream, &data);
+            }
+            FromWorker::Exited { container_id, report } => {
+                self.on_exit(st, &container_id, report);
+                self.inner.containers_changed.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    fn on_outputs(&self, st: &mut State, container_id: &str, outputs: Vec<OutputMsg>) {
+        let Some(c) = st.containers.get_mut(container_id) else { return };
+        let fid = c.function_id.clone();
+        let mut finals = Vec::new();
+        let mut items = Vec::new();
+        for o in outputs {
+            if o.gen == Some(GenMark::Item) {
+                if let Some(qi) = c.inflight.get(&o.input_id) {
+                    items.push((qi.clone(), o));
+                }
+            } else if let Some(qi) = c.inflight.remove(&o.input_id) {
+                finals.push((qi, o));
+            }
+        }
+        if c.inflight.is_empty() {
+            c.idle_since = Instant::now();
+        }
+        for (qi, o) in items {
+            let out = Output {
+                idx: qi.idx,
+                seq: 0,
+                input_id: qi.input_id.clone(),
+                status: o.status,
+                data: Some(B64(o.data)),
+                gen: o.gen,
+                exception: o.exception,
+                retry_count: qi.retry_count,
+            };
+            append_output(st, self.store(), &qi.call_id, out, false);
+        }
+        for (qi, o) in finals {
+            if o.status == OutputStatus::Failure && self.maybe_retry(st, &fid, &qi) {
+                continue;
+            }
+            let out = Output {
+                idx: qi.idx,
+                seq: 0,
+                input_id: qi.input_id.clone(),
+                status: o.status,
+                data: if o.data.is_empty() { None } else { Some(B64(o.data)) },
+                gen: o.gen,
+                exception: o.exception,
+                retry_count: qi.retry_count,
+            };
+            finish_input(st, self.store(), &qi, out);
+        }
+        schedule(st, &fid);
+    }
+
+    /// Re-queues a failed input if the function's retry policy allows; true if it did.
+    fn maybe_retry(&self, st: &mut State, fid: &str, qi: &QueuedInput) -> bool {
+        let Some(f) = st.functions.get_mut(fid) else { return false };
+        let Some(policy) = f.def.config.retries.clone() else { return false };
+        if qi.retry_count >= policy.max_retries || !f.active {
+            return false;
+        }
+        if st.calls.get(&qi.call_id).is_none() {
+            return false;
+        }
+        let mut next = qi.clone();
+        next.retry_count += 1;
+        let delay = Duration::from_secs_f64(policy.delay(next.retry_count));
+        tracing::info!(input = %qi.input_id, retry = next.retry_count, delay_ms = delay.as_millis() as u64, "retrying input");
+        f.delayed.push((Instant::now() + delay, next));
+        true
+    }
+
+    fn on_exit(&self, st: &mut State, container_id: &str, report: ExitReport) {
+        let Some(c) = st.containers.remove(container_id) else { return };
+        if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == c.worker_id) {
+            w.cpu_used = w.cpu_used.saturating_sub(c.cpu);
+            w.mem_used = w.mem_used.saturating_sub(c.mem);
+        }
+        let fid = c.function_id.clone();
+        if let Some(f) = st.functions.get_mut(&fid) {
+            f.containers.remove(container_id);
+        }
+        tracing::debug!(container = %container_id, ?report, "container exited");
+        let limit_text = report
+            .memory_limit
+            .map(|b| format!("{} MiB", b / (1024 * 1024)))
+            .unwrap_or_else(|| "the machine's memory".into());
+        // A container that never became ready takes its function's queue down with it,
+        // so that a broken image or module never loops.
+        if c.state == CState::Starting && !report.requested {
+            let msg = report.start_error.clone().unwrap_or_else(|| {
+                if report.oom_killed {
+                    format!("container ran out of memory (OOM) while starting: limit {limit_text}")
+                } else {
+                    format!("container exited before it was ready ({})", describe_exit(&report))
+                }
+            });
+            let exc = ExceptionInfo::new("flare.exception.ExecutionError", msg);
+            fail_queue(st, self.store(), &fid, OutputStatus::InitFailure, &exc);
+        }
+        for (input_id, qi) in c.inflight {
+            if c.cancelled.contains(&input_id) {
+                continue;
+            }
+            let (status, exc) = if report.timed_out_input.as_deref() == Some(input_id.as_str()) {
+                let t = st.functions.get(&fid).map(|f| f.def.config.timeout).unwrap_or(0);
+                (
+                    OutputStatus::Timeout,
+                    ExceptionInfo::new(
+                        "flare.exception.FunctionTimeoutError",
+                        format!("function timed out after {t} s (timeout={t}); its container was stopped"),
+                    ),
+                )
+            } else if report.timed_out_input.is_some() || (report.requested && !report.oom_killed) {
+                // Killed along with another input, or by a scale-down race: run again.
+                if qi.platform_retries < PLATFORM_RETRIES {
+                    let mut again = qi;
+                    again.platform_retries += 1;
+                    if let Some(f) = st.functions.get_mut(&fid) {
+                        f.queue.push_front(again);
+                    }
+                    continue;
+                }
+                (
+                    OutputStatus::Terminated,
+                    ExceptionInfo::new("flare.exception.ExecutionError", "the container was stopped"),
+                )
+            } else if report.oom_killed {
+                (
+                    OutputStatus::Terminated,
+                    ExceptionInfo::new(
+                        "flare.exception.OutOfMemoryError",
+                        format!(
+                            "container was OOM-killed: out of memory (memory limit {limit_text}); raise memory= on the function"
+                        ),
+                    ),
+                )
+            } else {
+                (
+                    OutputStatus::Terminated,
+                    ExceptionInfo::new(
+                        "flare.exception.ExecutionError",
+                        format!("the container running this input died ({})", describe_exit(&report)),
+                    ),
+                )
+            };
+            if self.maybe_retry(st, &fid, &qi) {
+                continue;
+            }
+            let out = platform_output(&qi, status, exc);
+            finish_input(st, self.store(), &qi, out);
+        }
+        schedule(st, &fid);
+    }
+
+    /// Periodic work: delayed retries, heartbeats, scale-down, warm floors, call eviction.
+    fn tick(&self) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let now = Instant::now();
+        let fids: Vec<String> = st.functions.keys().cloned().collect();
+        for fid in &fids {
+            let f = st.functions.get_mut(fid).expect("listed");
+            if !f.delayed.is_empty() {
+                let (due, later): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut f.delayed).into_iter().partition(|(t, _)| *t <= now);
+                f.delayed = later;
+                for (_, qi) in due {
+                    f.queue.push_back(qi);
+                }
+            }
+            // Scale down idle containers above the floor.
+            let min = f.def.config.min_containers as usize;
+            let window = Duration::from_secs(f.def.config.scaledown_window);
+            let idle: Vec<String> = f
+                .containers
+                .iter()
+                .filter(|id| {
+                    st.containers.get(*id).is_some_and(|c| {
+                        c.state == CState::Ready
+                            && c.inflight.is_empty()
+                            && now.duration_since(c.idle_since) >= window
+                    })
+                })
+                .cloned()
+                .collect();
+            let live = f
+                .containers
+                .iter()
+                .filter(|id| st.containers.get(*id).is_some_and(|c| c.state != CState::Stopping))
+                .count();
+            let excess = if f.active { live.saturating_sub(min) } else { live };
+            for id in idle.into_iter().take(excess) {
+                stop_container(st, &id, true);
+            }
+            schedule(st, fid);
+        }
+        // Ephemeral apps whose client went away.
+        let dead: Vec<String> = st
+            .apps
+            .values()
+            .filter(|a| {
+                a.row.mode == "ephemeral"
+                    && a.row.state == "running"
+                    && now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT
+            })
+            .map(|a| a.row.app_id.clone())
+            .collect();
+        for app_id in dead {
+            tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
+            self.stop_app_locked(st, &app_id);
+        }
+        st.calls.retain(|_, c| !(c.done() && now.duration_since(c.last_access) > CALL_IDLE_EVICT));
+    }
+
+    // ----- operations used by the API -----
+
+    pub fn create_app(&self, name: &str, mode: AppMode) -> ApiResult<(AppRow, bool)> {
+        let mut st = self.lock();
+        if mode == AppMode::Deployed {
+            let existing = st
+                .apps
+                .values()
+                .find(|a| a.row.name == name && a.row.mode == "deployed" && a.row.state != "stopped")
+                .map(|a| a.row.app_id.clone());
+            if let Some(id) = existing {
+                let app = st.apps.get_mut(&id).expect("found");
+                app.row.version += 1;
+                app.row.state = "deployed".into();
+                self.store().put_app(&app.row).map_err(store_err)?;
+                return Ok((app.row.clone(), false));
+            }
+        }
+        let row = AppRow {
+            app_id: new_id("ap"),
+            name: name.to_string(),
+            mode: mode.as_str().to_string(),
+            state: if mode == AppMode::Deployed { "deployed".into() } else { "running".into() },
+            version: 1,
+            created_at: now_ts(),
+        };
+        self.store().put_app(&row).map_err(store_err)?;
+        st.apps.insert(
+            row.app_id.clone(),
+            AppRt {
+                row: row.clone(),
+                functions: BTreeMap::new(),
+                last_heartbeat: Instant::now(),
+                logs: VecDeque::new(),
+                next_log_seq: 0,
+                log_notify: watch::channel(0).0,
+            },
+        );
+        Ok((row, true))
+    }
+
+    pub fn heartbeat(&self, app_id: &str) -> ApiResult<()> {
+        let mut st = self.lock();
+        let app =
+            st.apps.get_mut(app_id).ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
+        if app.row.state == "stopped" {
+            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.row.name)));
+        }
+        app.last_heartbeat = Instant::now();
+        Ok(())
+    }
+
+    fn running_app<'a>(st: &'a mut State, app_id: &str) -> ApiResult<&'a mut AppRt> {
+        let app =
+            st.apps.get_mut(app_id).ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
+        if app.row.state == "stopped" {
+            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.row.name)));
+        }
+        Ok(app)
+    }
+
+    pub fn register_functions(
+        &self,
+        app_id: &str,
+        defs: Vec<FunctionDef>,
+    ) -> ApiResult<Vec<(String, String)>> {
+        for d in &defs {
+            if let Some(m) = &d.mount_id {
+                if !self.mounts_dir().join(m).is_dir() {
+                    return Err(ApiError::invalid(format!("function {:?}: unknown mount {m}", d.name)));
+                }
+            }
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        Self::running_app(st, app_id)?;
+        let mut out = Vec::new();
+        for def in defs {
+            let existing = st.apps.get(app_id).and_then(|a| a.functions.get(&def.name)).cloned();
+            let fid = existing.unwrap_or_else(|| new_id("fu"));
+            let row = FunctionRow {
+                function_id: fid.clone(),
+                app_id: app_id.to_string(),
+                name: def.name.clone(),
+                def: def.clone(),
+                created_at: now_ts(),
+            };
+            self.store().put_function(&row).map_err(store_err)?;
+            match st.functions.get_mut(&fid) {
+                Some(f) => {
+                    f.def = def.clone();
+                    f.version += 1;
+                    f.active = true;
+                    // Old-version containers drain: they take no new inputs and stop when idle.
+                    let old: Vec<String> = f.containers.iter().cloned().collect();
+                    for cid in old {
+                        stop_container(st, &cid, true);
+                    }
+                }
+                None => {
+                    st.functions.insert(
+                        fid.clone(),
+                        FnRt {
+                            id: fid.clone(),
+                            app_id: app_id.to_string(),
+                            name: def.name.clone(),
+                            def: def.clone(),
+                            version: 1,
+                            queue: VecDeque::new(),
+                            delayed: Vec::new(),
+                            containers: HashSet::new(),
+                            active: true,
+                        },
+                    );
+                }
+            }
+            st.apps.get_mut(app_id).expect("checked").functions.insert(def.name.clone(), fid.clone());
+            schedule(st, &fid);
+            out.push((def.name, fid));
+        }
+        Ok(out)
+    }
+
+    /// Stores a mount's files under `home/mounts/<id>`; identical uploads share one id.
+    pub fn create_mount(&self, files: Vec<flare_api::MountFile>) -> ApiResult<String> {
+        use sha2::Digest;
+        let mut sorted: Vec<&flare_api::MountFile> = files.iter().collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut h = sha2::Sha256::new();
+        for f in &sorted {
+            h.update((f.path.len() as u64).to_le_bytes());
+            h.update(f.path.as_bytes());
+            h.update(f.mode.to_le_bytes());
+            h.update((f.data.0.len() as u64).to_le_bytes());
+            h.update(&f.data.0);
+        }
+        let id = format!("mo-{}", &hex::encode(h.finalize())[..32]);
+        let dir = self.mounts_dir().join(&id);
+        if dir.is_dir() {
+            return Ok(id);
+        }
+        let tmp = self.mounts_dir().join(format!(".tmp-{}", new_id("m")));
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(&tmp)?;
+            for f in &sorted {
+                let p = tmp.join(&f.path);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&p, &f.data.0)?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o755 | 0o444))?;
+            }
+            match std::fs::rename(&tmp, &dir) {
+                Ok(()) => Ok(()),
+                Err(_) if dir.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        write().map_err(|e| ApiError::internal(format!("could not store mount: {e}")))?;
+        self.store().put_mount(&id, now_ts()).map_err(store_err)?;
+        Ok(id)
+    }
+
+    pub fn stop_app(&self, app_id: &str) -> ApiResult<watch::Receiver<u64>> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if !st.apps.contains_key(app_id) {
+            return Err(ApiError::not_found(format!("app {app_id} not found")));
+        }
+        let rx = self.inner.containers_changed.subscribe();
+        self.stop_app_locked(st, app_id);
+        Ok(rx)
+    }
+
+    /// Containers of an app that have not exited yet.
+    pub fn app_containers(&self, app_id: &str) -> usize {
+        self.lock().containers.values().filter(|c| c.app_id == app_id).count()
+    }
+
+    fn stop_app_locked(&self, st: &mut State, app_id: &str) {
+        let Some(app) = st.apps.get_mut(app_id) else { return };
+        app.row.state = "stopped".into();
+        let _ = self.store().set_app_state(app_id, "stopped");
+        let fids: Vec<String> = app.functions.values().cloned().collect();
+        let exc = ExceptionInfo::new("flare.exception.ExecutionError", "the app was stopped");
+        for fid in &fids {
+            if let Some(f) = st.functions.get_mut(fid) {
+                f.active = false;
+            }
+            fail_queue(st, self.store(), fid, OutputStatus::Terminated, &exc);
+            let cids: Vec<String> =
+                st.functions.get(fid).map(|f| f.containers.iter().cloned().collect()).unwrap_or_default();
+            for cid in cids {
+                // Inputs still running fail now; the container is stopped.
+                if let Some(c) = st.containers.get_mut(&cid) {
+                    let inflight: Vec<QueuedInput> = c.inflight.values().cloned().collect();
+                    c.cancelled.extend(inflight.iter().map(|q| q.input_id.clone()));
+                    for qi in inflight {
+                        let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
+                        finish_input(st, self.store(), &qi, out);
+                    }
+                }
+                stop_container(st, &cid, false);
+            }
+        }
+    }
+
+    pub fn list_apps(&self) -> ApiResult<Vec<flare_api::AppInfo>> {
+        let rows = self.store().list_apps().map_err(store_err)?;
+        let st = self.lock();
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let row = st.apps.get(&row.app_id).map(|a| a.row.clone()).unwrap_or(row);
+                app_info(&st, row)
+            })
+            .collect())
+    }
+
+    pub fn app_by_name(&self, name: &str) -> ApiResult<flare_api::AppInfo> {
+        let st = self.lock();
+        let found = st
+            .apps
+            .values()
+            .filter(|a| a.row.name == name && a.row.mode == "deployed" && a.row.state != "stopped")
+            .map(|a| a.row.clone())
+            .next();
+        match found {
+            Some(row) => Ok(app_info(&st, row)),
+            None => Err(ApiError::not_found(format!("no deployed app named {name:?}"))),
+        }
+    }
+
+    /// Looks up a function of an app by id or by deployed-app name.
+    pub fn function_info(&self, app: AppRef<'_>, name: &str) -> ApiResult<flare_api::FunctionInfo> {
+        let st = self.lock();
+        let app_rt = match app {
+            AppRef::Id(id) => {
+                st.apps.get(id).ok_or_else(|| ApiError::not_found(format!("app {id} not found")))?
+            }
+            AppRef::DeployedName(n) => st
+                .apps
+                .values()
+                .find(|a| a.row.name == n && a.row.mode == "deployed" && a.row.state != "stopped")
+                .ok_or_else(|| ApiError::not_found(format!("no deployed app named {n:?}")))?,
+        };
+        let fid = app_rt.functions.get(name).ok_or_else(|| {
+            ApiError::not_found(format!("app {:?} has no function named {name:?}", app_rt.row.name))
+        })?;
+        let f =
+            st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
+        Ok(flare_api::FunctionInfo {
+            function_id: f.id.clone(),
+            name: f.name.clone(),
+            app_id: f.app_id.clone(),
+            is_generator: f.def.is_generator,
+            is_async: f.def.is_async,
+        })
+    }
+
+    pub fn function_stats(&self, fid: &str) -> ApiResult<flare_api::FunctionStats> {
+        let st = self.lock();
+        let f =
+            st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
+        let running: usize =
+            f.containers.iter().filter_map(|c| st.containers.get(c)).map(|c| c.inflight.len()).sum();
+        Ok(flare_api::FunctionStats {
+            backlog: (f.queue.len() + f.delayed.len()) as u64,
+            num_total_runners: f.containers.len() as u32,
+            num_running_inputs: running as u64,
+        })
+    }
+
+    pub fn list_containers(&self) -> Vec<flare_api::ContainerInfo> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .containers
+            .values()
+            .map(|c| flare_api::ContainerInfo {
+                container_id: c.id.clone(),
+                app_id: c.app_id.clone(),
+                function: st.functions.get(&c.function_id).map(|f| f.name.clone()).unwrap_or_default(),
+                state: c.state.as_str().into(),
+                age_s: c.started_at.elapsed().as_secs_f64(),
+                inputs_in_flight: c.inflight.len() as u32,
+            })
+            .collect();
+        v.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
+        v
+    }
+
+    /// Creates a call with its first inputs; returns the call id and a receiver of output counts.
+    pub fn create_call(
+        &self,
+        fid: &str,
+        kind: CallKind,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<(String, watch::Receiver<u64>)> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let f =
+            st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
+        let app_id = f.app_id.clone();
+        let fname = f.name.clone();
+        let is_gen = f.def.is_generator;
+        let app = st.apps.get(&app_id).ok_or_else(|| ApiError::not_found("app not found"))?;
+        if app.row.state == "stopped" || !f.active {
+            return Err(ApiError::precondition(format!(
+                "app {:?} is stopped; function {fname:?} cannot take inputs",
+                app.row.name
+            )));
+        }
+        match (kind, is_gen) {
+            (CallKind::Gen, false) => {
+                return Err(ApiError::invalid(format!("{fname} is not a generator function; use .remote()")))
+            }
+            (CallKind::Call | CallKind::Spawn | CallKind::Map, true) => {
+                return Err(ApiError::invalid(format!("{fname} is a generator function; use .remote_gen()")))
+            }
+            _ => {}
+        }
+        let call_id = new_id("fc");
+        let persisted = kind == CallKind::Spawn;
+        let created_at = now_ts();
+        if persisted {
+            self.store()
+                .put_call(&CallRow {
+                    call_id: call_id.clone(),
+                    function_id: fid.to_string(),
+                    kind: kind.as_str().into(),
+                    num_inputs: inputs.len() as u64,
+                    created_at,
+                })
+                .map_err(store_err)?;
+        }
+        let (tx, rx) = watch::channel(0);
+        st.calls.insert(
+            call_id.clone(),
+            CallRt {
+                id: call_id.clone(),
+                function_id: fid.to_string(),
+                kind,
+                num_inputs: 0,
+                more,
+                outputs: Vec::new(),
+                final_count: 0,
+                notify: tx,
+                created_at,
+                persisted,
+                finished: HashSet::new(),
+                last_access: Instant::now(),
+            },
+        );
+        self.add_inputs_locked(st, &call_id, inputs, more)?;
+        Ok((call_id, rx))
+    }
+
+    pub fn add_inputs(&self, call_id: &str, inputs: Vec<Bytes>, more: bool) -> ApiResult<(u64, u64)> {
+        let mut st = self.lock();
+        self.add_inputs_locked(&mut st, call_id, inputs, more)
+    }
+
+    fn add_inputs_locked(
+        &self,
+        st: &mut State,
+        call_id: &str,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<(u64, u64)> {
+        let call = st
+            .calls
+            .get_mut(call_id)
+            .ok_or_else(|| ApiError::not_found(format!("call {call_id} not found")))?;
+        if !call.more && call.num_inputs > 0 {
+            return Err(ApiError::precondition(format!("call {call_id} takes no more inputs")));
+        }
+        let first = call.num_inputs;
+        let fid = call.function_id.clone();
+        let persisted = call.persisted;
+        call.num_inputs += inputs.len() as u64;
+        call.more = more;
+        call.last_access = Instant::now();
+        let n = inputs.len() as u64;
+        let mut qis = Vec::with_capacity(inputs.len());
+        for (i, args) in inputs.into_iter().enumerate() {
+            qis.push(QueuedInput {
+                input_id: new_id("in"),
+                call_id: call_id.to_string(),
+                idx: first + i as u64,
+                args,
+                retry_count: 0,
+                platform_retries: 0,
+            });
+        }
+        if persisted {
+            for qi in &qis {
+                self.store()
+                    .put_input(&PendingInputRow {
+                        call_id: qi.call_id.clone(),
+                        function_id: fid.clone(),
+                        idx: qi.idx,
+                        input_id: qi.input_id.clone(),
+                        args: qi.args.to_vec(),
+                        retry_count: 0,
+                    })
+                    .map_err(store_err)?;
+            }
+        }
+        let notify_done = call.done();
+        if notify_done {
+            call.notify.send_modify(|v| *v += 1);
+        }
+        let f = st.functions.get_mut(&fid).ok_or_else(|| ApiError::not_found("function not found"))?;
+        f.queue.extend(qis);
+        schedule(st, &fid);
+        Ok((first, n))
+    }
+
+    /// Outputs of a call after `after`, and whether the call is done; loads persisted calls.
+    pub fn outputs(
+        &self,
+        call_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> ApiResult<(Vec<Output>, bool, watch::Receiver<u64>)> {
+        let mut st = self.lock();
+        if !st.calls.contains_key(call_id) {
+            let row = self.store().get_call(call_id).map_err(store_err)?;
+            let Some(row) = row else {
+                return Err(ApiError::not_found(format!("function call {call_id} not found (or expired)")));
+            };
+            let outs = self
+                .store()
+                .outputs_after(call_id, -1, usize::MAX >> 1)
+                .map_err(store_err)?
+                .into_iter()
+                .map(output_from_row)
+                .collect();
+            let final_count = self.store().count_final_outputs(call_id).map_err(store_err)?;
+            st.calls.insert(call_id.to_string(), call_from_row(&row, outs, final_count));
+        }
+        let call = st.calls.get_mut(call_id).expect("inserted");
+        call.last_access = Instant::now();
+        let start = (after + 1).max(0) as usize;
+        let outs: Vec<Output> = call.outputs.iter().skip(start).take(limit).cloned().collect();
+        Ok((outs, call.done(), call.notify.subscribe()))
+    }
+
+    pub fn call_info(&self, call_id: &str) -> ApiResult<flare_api::CallInfo> {
+        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
+        let st = self.lock();
+        let c =
+            st.calls.get(call_id).ok_or_else(|| ApiError::not_found(format!("call {call_id} not found")))?;
+        Ok(flare_api::CallInfo {
+            call_id: c.id.clone(),
+            function_id: c.function_id.clone(),
+            kind: c.kind,
+            num_inputs: c.num_inputs,
+            num_outputs: c.outputs.len() as u64,
+            done: c.done(),
+            created_at: c.created_at,
+        })
+    }
+
+    pub fn cancel_call(&self, call_id: &str, _terminate_containers: bool) -> ApiResult<()> {
+        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
+        let mut st = self.lock();
+        let st = &mut *st;
+        let call = st
+            .calls
+            .get_mut(call_id)
+            .ok_or_else(|| ApiError::not_found(format!("call {call_id} not found")))?;
+        call.more = false;
+        let fid = call.function_id.clone();
+        let exc = ExceptionInfo::new("flare.exception.InputCancellation", "the function call was cancelled");
+        // Queued inputs of the call.
+        let mut cancelled = Vec::new();
+        if let Some(f) = st.functions.get_mut(&fid) {
+            let (mine, rest): (VecDeque<_>, VecDeque<_>) =
+                std::mem::take(&mut f.queue).into_iter().partition(|q| q.call_id == call_id);
+            f.queue = rest;
+            cancelled.extend(mine);
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut f.delayed).into_iter().partition(|(_, q)| q.call_id == call_id);
+            f.delayed = rest;
+            cancelled.extend(mine.into_iter().map(|(_, q)| q));
+        }
+        // Running inputs: their containers are stopped.
+        let mut kill = Vec::new();
+        for c in st.containers.values_mut() {
+            let ids: Vec<String> =
+                c.inflight.values().filter(|q| q.call_id == call_id).map(|q| q.input_id.clone()).collect();
+            for id in ids {
+                if let Some(q) = c.inflight.remove(&id) {
+                    c.cancelled.insert(id);
+                    cancelled.push(q);
+                    kill.push(c.id.clone());
+                }
+            }
+        }
+        for qi in cancelled {
+            let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
+            finish_input(st, self.store(), &qi, out);
+        }
+        kill.dedup();
+        for cid in kill {
+            stop_container(st, &cid, false);
+        }
+        if let Some(c) = st.calls.get(call_id) {
+            c.notify.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    pub fn logs(
+        &self,
+        app_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> ApiResult<(Vec<LogRecord>, String, watch::Receiver<u64>)> {
+        let st = self.lock();
+        let app = st.apps.get(app_id);
+        let (state, rx, ring_start) = match app {
+            Some(a) => (
+                a.row.state.clone(),
+                a.log_notify.subscribe(),
+                a.logs.front().map(|l| l.seq as i64).unwrap_or(a.next_log_seq as i64),
+            ),
+            None => {
+                drop(st);
+                let row = self.store().get_app(app_id).map_err(store_err)?;
+                let row = row.ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
+                let logs = self.store().logs_after(app_id, after, limit).map_err(store_err)?;
+                return Ok((logs.into_iter().map(log_from_row).collect(), row.state, watch::channel(0).1));
+            }
+        };
+        if after + 1 >= ring_start {
+            let a = app.expect("some");
+            let skip = (after + 1 - ring_start).max(0) as usize;
+            let logs = a.logs.iter().skip(skip).take(limit).cloned().collect();
+            return Ok((logs, state, rx));
+        }
+        drop(st);
+        let logs = self.store().logs_after(app_id, after, limit).map_err(store_err)?;
+        Ok((logs.into_iter().map(log_from_row).collect(), state, rx))
+    }
+
+    pub fn app_id_by_name(&self, name: &str) -> ApiResult<String> {
+        let st = self.lock();
+        let mut apps: Vec<&AppRt> = st.apps.values().filter(|a| a.row.name == name).collect();
+        apps.sort_by(|a, b| a.row.created_at.total_cmp(&b.row.created_at));
+        apps.last()
+            .map(|a| a.row.app_id.clone())
+            .ok_or_else(|| ApiError::not_found(format!("no app named {name:?}")))
+    }
+
+    /// Stops every container (server shutdown).
+    pub fn shutdown(&self) {
+        let mut st = self.lock();
+        let ids: Vec<String> = st.containers.keys().cloned().collect();
+        for id in ids {
+            stop_container(&mut st, &id, false);
+        }
+    }
+
+    pub fn live_containers(&self) -> usize {
+        self.lock().containers.len()
+    }
+
+    pub fn subscribe_containers(&self) -> watch::Receiver<u64> {
+        self.inner.containers_changed.subscribe()
+    }
+}
+
+/// How an API call names an app.
+pub enum AppRef<'a> {
+    Id(&'a str),
+    DeployedName(&'a str),
+}
+
+fn app_info(st: &State, row: AppRow) -> flare_api::AppInfo {
+    let functions = st
+        .apps
+        .get(&row.app_id)
+        .map(|a| {
+            a.functions
+                .iter()
+                .map(|(name, fid)| {
+                    let f = st.functions.get(fid);
+                    flare_api::FunctionSummary {
+                        name: name.clone(),
+                        function_id: fid.clone(),
+                        containers: f.map(|f| f.containers.len() as u32).unwrap_or(0),
+                        backlog: f.map(|f| (f.queue.len() + f.delayed.len()) as u64).unwrap_or(0),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    flare_api::AppInfo {
+        app_id: row.app_id,
+        name: row.name,
+        mode: if row.mode == "deployed" { AppMode::Deployed } else { AppMode::Ephemeral },
+        state: row.state,
+        version: row.version,
+        created_at: row.created_at,
+        functions,
+    }
+}
+
+fn describe_exit(r: &ExitReport) -> String {
+    match (r.code, r.signal) {
+        (_, Some(sig)) => format!("killed by signal {sig}"),
+        (Some(code), None) => format!("exit code {code}"),
+        _ => "unknown status".into(),
+    }
+}
+
+fn platform_output(qi: &QueuedInput, status: OutputStatus, exc: ExceptionInfo) -> Output {
+    Output {
+        idx: qi.idx,
+        seq: 0,
+        input_id: qi.input_id.clone(),
+        status,
+        data: None,
+        gen: None,
+        exception: Some(exc),
+        retry_count: qi.retry_count,
+    }
+}
+
+fn output_from_row(r: OutputRow) -> Output {
+    Output {
+        idx: r.idx,
+        seq: r.seq,
+        input_id: r.input_id,
+        status: r.status,
+        data: if r.data.is_empty() { None } else { Some(B64(Bytes::from(r.data))) },
+        gen: r.gen,
+        exception: r.exception,
+        retry_count: r.retry_count,
+    }
+}
+
+fn call_from_row(row: &CallRow, outputs: Vec<Output>, final_count: u64) -> CallRt {
+    CallRt {
+        id: row.call_id.clone(),
+        function_id: row.function_id.clone(),
+        kind: CallKind::parse(&row.kind).unwrap_or(CallKind::Spawn),
+        num_inputs: row.num_inputs,
+        more: false,
+        finished: HashSet::new(),
+        outputs,
+        final_count,
+        notify: watch::channel(0).0,
+        created_at: row.created_at,
+        persisted: true,
+        last_access: Instant::now(),
+    }
+}
+
+fn log_from_row(l: LogRow) -> LogRecord {
+    LogRecord {
+        seq: l.seq,
+        ts: l.ts,
+        container_id: l.container_id,
+        function: l.function,
+        stream: match l.stream.as_str() {
+            "stderr" => LogStream::Stderr,
+            "system" => LogStream::System,
+            _ => LogStream::Stdout,
+        },
+        data: l.data,
+    }
+}
+
+/// Appends an output to its call's log (and to the store for persisted calls).
+fn append_output(st: &mut State, store: &dyn Store, call_id: &str, mut out: Output, final_output: bool) {
+    let Some(call) = st.calls.get_mut(call_id) else { return };
+    if final_output && !call.finished.insert(out.idx) {
+        return; // idempotent: one final output per input
+    }
+    out.seq = call.outputs.len() as u64;
+    if call.persisted {
+        let row = OutputRow {
+            seq: out.seq,
+            idx: out.idx,
+            input_id: out.input_id.clone(),
+            status: out.status,
+            data: out.data.as_ref().map(|d| d.0.to_vec()).unwrap_or_default(),
+            gen: out.gen,
+            exception: out.exception.clone(),
+            retry_count: out.retry_count,
+        };
+        if let Err(e) = store.put_output(call_id, &row, final_output) {
+            tracing::error!(error = %e, call = call_id, "could not persist output");
+        }
+    }
+    call.outputs.push(out);
+    if final_output {
+        call.final_count += 1;
+    }
+    let n = call.outputs.len() as u64;
+    call.notify.send_replace(n);
+}
+
+fn finish_input(st: &mut State, store: &dyn Store, qi: &QueuedInput, out: Output) {
+    append_output(st, store, &qi.call_id, out, true);
+}
+
+/// Fails every queued input of a function (init failures, app stop).
+fn fail_queue(st: &mut State, store: &dyn Store, fid: &str, status: OutputStatus, exc: &ExceptionInfo) {
+    let Some(f) = st.functions.get_mut(fid) else { return };
+    let mut all: Vec<QueuedInput> = f.queue.drain(..).collect();
+    all.extend(f.delayed.drain(..).map(|(_, q)| q));
+    for qi in all {
+        let out = platform_output(&qi, status, exc.clone());
+        finish_input(st, store, &qi, out);
+    }
+}
+
+fn push_log(
+    st: &mut State,
+    log_tx: &mpsc::UnboundedSender<LogRow>,
+    app_id: &str,
+    container_id: &str,
+    stream: LogStream,
+    data: &str,
+) {
+    let fname = st
+        .containers
+        .get(container_id)
+        .and_then(|c| st.functions.get(&c.function_id))
+        .map(|f| f.name.clone())
+        .unwrap_or_default();
+    let Some(app) = st.apps.get_mut(app_id) else { return };
+    let rec = LogRecord {
+        seq: app.next_log_seq,
+        ts: now_ts(),
+        container_id: container_id.to_string(),
+        function: fname,
+        stream,
+        data: data.to_string(),
+    };
+    app.next_log_seq += 1;
+    let _ = log_tx.send(LogRow {
+        app_id: app_id.to_string(),
+        seq: rec.seq,
+        ts: rec.ts,
+        container_id: rec.container_id.clone(),
+        function: rec.function.clone(),
+        stream: match stream {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::System => "system",
+        }
+        .into(),
+        data: rec.data.clone(),
+    });
+    app.logs.push_back(rec);
+    while app.logs.len() > LOG_RING {
+        app.logs.pop_front();
+    }
+    app.log_notify.send_replace(app.next_log_seq);
+}
+
+fn stop_container(st: &mut State, cid: &str, graceful: bool) {
+    let Some(c) = st.containers.get_mut(cid) else { return };
+    if c.state == CState::Stopping && graceful {
+        return;
+    }
+    c.state = CState::Stopping;
+    if let Some(w) = st.workers.iter().find(|w| w.link.id == c.worker_id) {
+        let _ = w.link.tx.send(ToWorker::Stop { container_id: cid.to_string(), graceful });
+    }
+}
+
+/// Hands queued inputs to containers with free slots, then starts containers for what is left.
+fn schedule(st: &mut State, fid: &str) {
+    let Some(f) = st.functions.get_mut(fid) else { return };
+    if !f.active {
+        return;
+    }
+    let max_inputs = f.def.config.max_inputs.max(1) as usize;
+    let timeout_ms = f.def.config.timeout * 1000;
+    // 1. Dispatch to ready containers of the current version.
+    if !f.queue.is_empty() {
+        let mut cids: Vec<&String> = f.containers.iter().collect();
+        cids.sort();
+        for cid in cids {
+            if f.queue.is_empty() {
+                break;
+            }
+            let Some(c) = st.containers.get_mut(cid) else { continue };
+            if c.state != CState::Ready || c.fn_version != f.version {
+                continue;
+            }
+            let free = max_inputs.saturating_sub(c.inflight.len());
+            if free == 0 {
+                continue;
+            }
+            let mut batch = Vec::with_capacity(free.min(f.queue.len()));
+            for _ in 0..free {
+                let Some(qi) = f.queue.pop_front() else { break };
+                batch.push(InputMsg {
+                    input_id: qi.input_id.clone(),
+                    call_id: qi.call_id.clone(),
+                    idx: qi.idx,
+                    args: qi.args.clone(),
+                    timeout_ms,
+                });
+                c.inflight.insert(qi.input_id.clone(), qi);
+            }
+            if let Some(w) = st.workers.iter().find(|w| w.link.id == c.worker_id) {
+                let _ = w.link.tx.send(ToWorker::Inputs { container_id: c.id.clone(), inputs: batch });
+            }
+        }
+    }
+    // 2. Autoscale.
+    let mut live = 0u32;
+    let mut starting = 0u32;
+    let mut in_flight = 0u64;
+    for cid in &f.containers {
+        if let Some(c) = st.containers.get(cid) {
+            in_flight += c.inflight.len() as u64;
+            if c.state != CState::Stopping && c.fn_version == f.version {
+                live += 1;
+                if c.state == CState::Starting {
+                    starting += 1;
+                }
+            }
+        }
+    }
+    let cfg = &f.def.config;
+    let n = scheduler::containers_to_start(
+        scheduler::ScaleInput {
+            backlog: f.queue.len() as u64,
+            in_flight,
+            live,
+            starting,
+            target_inputs: cfg.target_inputs.unwrap_or(cfg.max_inputs).max(1),
+            min_containers: cfg.min_containers,
+            max_containers: cfg.max_containers,
+            buffer_containers: cfg.buffer_containers,
+        },
+        MAX_STARTING_PER_FUNCTION,
+    );
+    if n == 0 {
+        return;
+    }
+    let req = scheduler::Request {
+        cpu_millis: cfg.cpu.map(|c| (c * 1000.0) as u64).unwrap_or(DEFAULT_CPU_MILLIS),
+        memory_mb: cfg.memory.unwrap_or(DEFAULT_MEMORY_MB),
+    };
+    let app_name = st.apps.get(&f.app_id).map(|a| a.row.name.clone()).unwrap_or_default();
+    for _ in 0..n {
+        let views: Vec<scheduler::WorkerView> = st
+            .workers
+            .iter()
+            .map(|w| scheduler::WorkerView {
+                id: w.link.id.clone(),
+                cpu_millis_total: w.link.cpu_millis,
+                cpu_millis_used: w.cpu_used,
+                memory_mb_total: w.link.memory_mb,
+                memory_mb_used: w.mem_used,
+                same_function: f
+                    .containers
+                    .iter()
+                    .filter(|c| st.containers.get(*c).is_some_and(|c| c.worker_id == w.link.id))
+                    .count() as u32,
+                accepting: w.accepting,
+            })
+            .collect();
+        let Some(wi) = scheduler::place(&views, req) else {
+            tracing::debug!(function = %f.name, "no worker has room for another container");
+            break;
+        };
+        let w = &mut st.workers[wi];
+        w.cpu_used += req.cpu_millis;
+        w.mem_used += req.memory_mb;
+        let cid = new_id("ct");
+        let assignment = ContainerAssignment {
+            container_id: cid.clone(),
+            app_id: f.app_id.clone(),
+            app_name: app_name.clone(),
+            function_id: f.id.clone(),
+            def: f.def.clone(),
+        };
+        if w.link.tx.send(ToWorker::Start(assignment)).is_err() {
+            w.accepting = false;
+            continue;
+        }
+        let now = Instant::now();
+        st.containers.insert(
+            cid.clone(),
+            ContainerRt {
+                id: cid.clone(),
+                function_id: f.id.clone(),
+                app_id: f.app_id.clone(),
+                worker_id: w.link.id.clone(),
+                fn_version: f.version,
+                state: CState::Starting,
+                inflight: HashMap::new(),
+                started_at: now,
+                idle_since: now,
+                cpu: req.cpu_millis,
+                mem: req.memory_mb,
+                cancelled: HashSet::new(),
+            },
+        );
+        f.containers.insert(cid);
+    }
+}
+
+/// Persists log records in batches.
+async fn log_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogRow>) {
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        buf.push(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(more) = rx.try_recv() {
+            buf.push(more);
+        }
+        let batch = std::mem::take(&mut buf);
+        let store = store.clone();
+        let res = tokio::task::spawn_blocking(move || store.append_logs(&batch)).await;
+        if let Ok(Err(e)) = res {
+            tracing::error!(error = %e, "could not persist logs");
+        }
+    }
+}
+
+/// Errors opening the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("loading state: {0}")]
+    Store(#[from] flare_store::StoreError),
+}
+
+#[cfg(test)]
+mod tests;

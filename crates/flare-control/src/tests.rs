@@ -1,0 +1,154 @@
+//! Control-plane state machine tests: a test worker plays the worker's side of the channel.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flare_api::{AppMode, CallKind};
+use flare_proto::*;
+use flare_store::SqliteStore;
+use tokio::sync::mpsc;
+
+use crate::{ControlPlane, WorkerLink};
+
+fn def(name: &str) -> FunctionDef {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "module": "m", "qualname": name, "python": {"executable": "/usr/bin/python3"}
+    }))
+    .unwrap()
+}
+
+struct Harness {
+    cp: ControlPlane,
+    rx: mpsc::UnboundedReceiver<ToWorker>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cp = ControlPlane::new(store, dir.path()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 2000, memory_mb: 8192 });
+    Harness { cp, rx, _dir: dir }
+}
+
+fn output(input_id: &str, status: OutputStatus, data: &'static [u8]) -> OutputMsg {
+    OutputMsg {
+        input_id: input_id.into(),
+        status,
+        gen: None,
+        data: Bytes::from_static(data),
+        exception: None,
+    }
+}
+
+#[tokio::test]
+async fn call_runs_on_a_started_container() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fns = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap();
+    let fid = &fns[0].1;
+    let (call_id, _) =
+        h.cp.create_call(fid, CallKind::Call, vec![Bytes::from_static(b"args")], false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!("expected start") };
+    assert_eq!(a.function_id, *fid);
+    h.cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { container_id, inputs } = h.rx.recv().await.unwrap() else {
+        panic!("expected inputs")
+    };
+    assert_eq!(container_id, a.container_id);
+    assert_eq!(inputs[0].args, Bytes::from_static(b"args"));
+    h.cp.on_worker_event(FromWorker::Outputs {
+        container_id,
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"result")],
+    });
+    let (outs, done, _) = h.cp.outputs(&call_id, -1, 10).unwrap();
+    assert!(done);
+    assert_eq!(outs[0].data.as_ref().unwrap().0, Bytes::from_static(b"result"));
+}
+
+#[tokio::test]
+async fn failures_retry_then_report_and_oom_names_the_limit() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let mut d = def("f");
+    d.config.retries =
+        Some(RetryPolicy { max_retries: 1, backoff_coefficient: 1.0, initial_delay: 0.0, max_delay: 0.0 });
+    let fid = h.cp.register_functions(&app.app_id, vec![d]).unwrap()[0].1.clone();
+    let (call_id, _) = h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Failure, b"")],
+    });
+    // Retried after its (zero) delay on the next tick.
+    h.cp.tick();
+    let ToWorker::Inputs { inputs, .. } = h.rx.recv().await.unwrap() else { panic!() };
+    // This time the container is OOM-killed: no retries left.
+    h.cp.on_worker_event(FromWorker::Exited {
+        container_id: a.container_id.clone(),
+        report: ExitReport {
+            oom_killed: true,
+            memory_limit: Some(64 << 20),
+            signal: Some(9),
+            ..Default::default()
+        },
+    });
+    let (outs, done, _) = h.cp.outputs(&call_id, -1, 10).unwrap();
+    assert!(done);
+    assert_eq!(outs.len(), 1);
+    assert_eq!(outs[0].input_id, inputs[0].input_id);
+    assert_eq!(outs[0].status, OutputStatus::Terminated);
+    assert_eq!(outs[0].retry_count, 1);
+    let exc = outs[0].exception.as_ref().unwrap();
+    assert_eq!(exc.type_name, "flare.exception.OutOfMemoryError");
+    assert!(exc.message.contains("64 MiB"), "{}", exc.message);
+}
+
+#[tokio::test]
+async fn init_failure_fails_the_queue_instead_of_looping() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+    let (call_id, _) = h
+        .cp
+        .create_call(&fid, CallKind::Map, vec![Bytes::from_static(b"1"), Bytes::from_static(b"2")], false)
+        .unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::InitFailed {
+        container_id: a.container_id.clone(),
+        exception: ExceptionInfo::new("builtins.ImportError", "no module named nope"),
+    });
+    let (outs, done, _) = h.cp.outputs(&call_id, -1, 10).unwrap();
+    assert!(done);
+    assert!(outs.iter().all(|o| o.status == OutputStatus::InitFailure));
+}
+
+#[tokio::test]
+async fn spawned_inputs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let call_id;
+    {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let cp = ControlPlane::new(store, dir.path()).unwrap();
+        let (app, _) = cp.create_app("dep", AppMode::Deployed).unwrap();
+        let fid = cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+        call_id = cp.create_call(&fid, CallKind::Spawn, vec![Bytes::from_static(b"x")], false).unwrap().0;
+    }
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cp = ControlPlane::new(store, dir.path()).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 2000, memory_mb: 8192 });
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id,
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
+    });
+    let (outs, done, _) = cp.outputs(&call_id, -1, 10).unwrap();
+    assert!(done);
+    assert_eq!(outs[0].data.as_ref().unwrap().0, Bytes::from_static(b"ok"));
+}

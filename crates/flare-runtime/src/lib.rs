@@ -1,0 +1,914 @@
+//! Flare's container runtime: synchronous, no async runtime inside.
+//!
+//! [`Runtime::spawn`] creates a container in one `clone`: new pid, mount, UTS, IPC (and
+//! network) namespaces; a pre-made cgroup with cpu/memory/pids limits (v1 or v2); an
+//! overlay root (upper on a per-container tmpfs) over either the host's system directories
+//! (read-only) or an image directory; a minimal `/dev`, `/proc`, read-only `/sys`, tmpfs
+//! `/tmp`; user binds; `pivot_root`; a tiny init as pid 1; and for the program itself
+//! dropped capabilities, `no_new_privs` and a seccomp filter (see `seccomp.json`).
+//!
+//! All mounts are made inside the container's own mount namespace, so they disappear with
+//! it: nothing can leak on the host. See `child.rs` for the in-child code and the
+//! capability set.
+
+mod cgroup;
+mod child;
+mod error;
+mod net;
+pub mod seccomp;
+mod sys;
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
+pub use child::KEPT_CAPS;
+pub use error::RuntimeError;
+
+use cgroup::{CgroupLayout, ContainerCgroup};
+use child::{ChildErr, ChildPlan, LabeledOp, Op, Step};
+use error::IoContext;
+use net::{NetNs, NetPool};
+
+/// How the runtime is set up on this host.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Runtime state, e.g. `$FLARE_HOME/run`; containers live under `state_dir/containers/<id>`.
+    pub state_dir: PathBuf,
+    /// cgroup parent name, e.g. `flare` -> `/sys/fs/cgroup/<ctrl>/flare/<id>` (v1) or
+    /// `/sys/fs/cgroup/flare/<id>` (v2).
+    pub cgroup_parent: String,
+    /// Set up the NAT network pool.
+    pub enable_nat: bool,
+}
+
+/// The container's root file system.
+#[derive(Debug, Clone)]
+pub enum Rootfs {
+    /// The host's own environment, read-only: an overlay (lower = a generated skeleton,
+    /// upper = a per-container tmpfs) with read-only binds of the host's system dirs that
+    /// exist among /usr /lib /lib32 /lib64 /libx32 /bin /sbin /etc /opt (top-level
+    /// symlinks such as /bin -> usr/bin are replicated as symlinks in the skeleton), and
+    /// /etc/shadow, /etc/gshadow masked by /dev/null.
+    Host,
+    /// An image root directory used as the overlay lower dir.
+    Dir(PathBuf),
+}
+
+/// A bind mount into the container.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    /// Host path.
+    pub src: PathBuf,
+    /// Absolute path in the container; the mountpoint is created if missing.
+    pub dst: PathBuf,
+    /// Remount read-only.
+    pub readonly: bool,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// CPU quota in thousandths of a CPU.
+    pub cpu_millicores: Option<u64>,
+    /// Memory limit (swap is not allowed beyond it).
+    pub memory_bytes: Option<u64>,
+    /// Max tasks; [`DEFAULT_PIDS_MAX`] when `None`.
+    pub pids_max: Option<u64>,
+}
+
+/// The container's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Own network namespace with only `lo` (up).
+    Isolated,
+    /// Own network namespace with outbound NAT.
+    Nat,
+}
+
+/// What to run and how.
+#[derive(Debug)]
+pub struct ContainerSpec {
+    /// `[a-zA-Z0-9_-]+`, unique among live containers.
+    pub id: String,
+    pub hostname: String,
+    /// `argv[0]` is an absolute path inside the container.
+    pub argv: Vec<String>,
+    /// The full environment (nothing is inherited).
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub rootfs: Rootfs,
+    /// Applied in order after the base file system.
+    pub binds: Vec<Bind>,
+    pub limits: Limits,
+    pub network: Network,
+    /// stdin is /dev/null.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// (fd, number it must have in the container), e.g. a unix socket as fd 3.
+    pub extra_fds: Vec<(OwnedFd, RawFd)>,
+}
+
+/// How the container's program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code if it exited normally.
+    pub code: Option<i32>,
+    /// Signal number if it was killed by a signal.
+    pub signal: Option<i32>,
+    /// The cgroup's OOM killer fired.
+    pub oom_killed: bool,
+}
+
+impl ExitInfo {
+    fn from_status(status: i32, oom_killed: bool) -> ExitInfo {
+        if libc::WIFEXITED(status) {
+            ExitInfo { code: Some(libc::WEXITSTATUS(status)), signal: None, oom_killed }
+        } else {
+            ExitInfo { code: None, signal: Some(libc::WTERMSIG(status)), oom_killed }
+        }
+    }
+}
+
+const SYSTEM_DIRS: [&str; 9] = ["usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin", "etc", "opt"];
+const SKELETON_DIRS: [&str; 10] = ["proc", "dev", "sys", "tmp", "root", "run", "var", "home", "mnt", "srv"];
+const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+const MASKED: [&str; 2] = ["etc/shadow", "etc/gshadow"];
+const CLONE_STACK: usize = 256 * 1024;
+
+struct Inner {
+    cfg: RuntimeConfig,
+    cgroups: CgroupLayout,
+    skeleton: PathBuf,
+    /// System dirs (relative names) that are real directories on the host, bound read-only.
+    host_dirs: Vec<String>,
+    masked: Vec<String>,
+    nat: Result<NetPool, String>,
+    seccomp: Vec<libc::sock_filter>,
+    cap_last: u32,
+}
+
+/// The container runtime. `Send + Sync`: share it behind an `Arc`.
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+// SAFETY: sock_filter is plain data; nothing in Inner is tied to a thread.
+unsafe impl Send for Inner {}
+// SAFETY: as above; Inner is only read after construction (the pool has its own lock).
+unsafe impl Sync for Inner {}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn cstr(s: impl AsRef<[u8]>, what: &str) -> Result<CString, RuntimeError> {
+    CString::new(s.as_ref()).map_err(|_| RuntimeError::InvalidSpec(format!("{what} contains NUL")))
+}
+
+fn cpath(p: &Path) -> Result<CString, RuntimeError> {
+    cstr(p.as_os_str().as_bytes(), &format!("path {}", p.display()))
+}
+
+/// Build (idempotently) the skeleton lower dir for `Rootfs::Host` at `dir`, mirroring
+/// `host_root`. Returns the system dirs that are real directories (to be bound).
+pub(crate) fn build_skeleton(dir: &Path, host_root: &Path) -> Result<Vec<String>, RuntimeError> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    let mut bound = Vec::new();
+    for name in SYSTEM_DIRS {
+        let host = host_root.join(name);
+        let ours = dir.join(name);
+        let Ok(meta) = fs::symlink_metadata(&host) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&host).ctx(|| format!("readlink {}", host.display()))?;
+            match fs::read_link(&ours) {
+                Ok(t) if t == target => {}
+                _ => {
+                    let _ = fs::remove_dir(&ours);
+                    let _ = fs::remove_file(&ours);
+                    symlink(&target, &ours).ctx(|| format!("symlink {}", ours.display()))?;
+                }
+            }
+        } else if meta.is_dir() {
+            if fs::symlink_metadata(&ours).map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+                let _ = fs::remove_file(&ours);
+            }
+            fs::create_dir_all(&ours).ctx(|| format!("create {}", ours.display()))?;
+            bound.push(name.to_string());
+        }
+    }
+    for name in SKELETON_DIRS {
+        let p = dir.join(name);
+        fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
+        let mode = match name {
+            "tmp" => 0o1777,
+            "root" => 0o700,
+            _ => 0o755,
+        };
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).ctx(|| format!("chmod {}", p.display()))?;
+    }
+    Ok(bound)
+}
+
+impl Runtime {
+    /// Detect the cgroup mode, check overlay support, build the host skeleton root and
+    /// start the network pool.
+    pub fn new(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        if !valid_id(&cfg.cgroup_parent) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "cgroup_parent {:?} must match [a-zA-Z0-9_-]+",
+                cfg.cgroup_parent
+            )));
+        }
+        let filesystems = fs::read_to_string("/proc/filesystems").ctx(|| "read /proc/filesystems".into())?;
+        if !filesystems.lines().any(|l| l.split_whitespace().last() == Some("overlay")) {
+            return Err(RuntimeError::Unsupported("the kernel has no overlayfs (modprobe overlay)".into()));
+        }
+        let cgroups = CgroupLayout::detect(&cfg.cgroup_parent)?;
+        cgroups.setup_parent()?;
+        let containers = cfg.state_dir.join("containers");
+        fs::create_dir_all(&containers).ctx(|| format!("create {}", containers.display()))?;
+        let skeleton = cfg.state_dir.join("skeleton");
+        let host_dirs = build_skeleton(&skeleton, Path::new("/"))?;
+        let masked =
+            MASKED.iter().filter(|m| Path::new("/").join(m).exists()).map(|m| m.to_string()).collect();
+        let seccomp = seccomp::default_program()?;
+        let cap_last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40);
+        let nat = if cfg.enable_nat {
+            // Leftovers of a crashed previous run, before the pool starts filling the dir.
+            net::cleanup_stale(&cfg.state_dir.join("netns"), &Default::default());
+            net::setup_host().and_then(|()| {
+                NetPool::start(cfg.state_dir.join("netns")).map_err(|e| format!("start network pool: {e}"))
+            })
+        } else {
+            Err("NAT networking is disabled in the runtime configuration".to_string())
+        };
+        tracing::info!(
+            cgroup_mode = ?cgroups.mode,
+            cgroup_dirs = ?cgroups.parent_dirs(),
+            host_dirs = ?host_dirs,
+            nat = ?nat.as_ref().err(),
+            seccomp_instructions = seccomp.len(),
+            "container runtime ready"
+        );
+        Ok(Runtime {
+            inner: Arc::new(Inner { cfg, cgroups, skeleton, host_dirs, masked, nat, seccomp, cap_last }),
+        })
+    }
+
+    /// The host's cgroup mode.
+    pub fn cgroup_mode(&self) -> CgroupMode {
+        self.inner.cgroups.mode
+    }
+
+    /// `None` if NAT networking works, otherwise why not.
+    pub fn nat_available(&self) -> Option<String> {
+        self.inner.nat.as_ref().err().cloned()
+    }
+
+    /// Kill and remove leftovers of a previous run: cgroups under the parent, state dirs,
+    /// pinned network namespaces. Returns how many containers were cleaned up.
+    pub fn cleanup_stale(&self) -> Result<usize, RuntimeError> {
+        let inner = &self.inner;
+        let mut count = 0;
+        for (name, cg) in inner.cgroups.children() {
+            tracing::info!(container = %name, "removing stale container cgroup");
+            cg.kill_all();
+            cg.remove()?;
+            count += 1;
+        }
+        let containers = inner.cfg.state_dir.join("containers");
+        if let Ok(rd) = fs::read_dir(&containers) {
+            for e in rd.flatten() {
+                let p = e.path();
+                // Mounts were private to the container's namespace; a lazy unmount is only a
+                // safety net for odd hosts.
+                let _ = sys::umount_detach(&p.join("rootfs"));
+                let _ = sys::umount_detach(&p.join("scratch"));
+                fs::remove_dir_all(&p).ctx(|| format!("remove {}", p.display()))?;
+                count += 1;
+            }
+        }
+        if let Ok(pool) = &inner.nat {
+            count += pool.cleanup_stale();
+        }
+        Ok(count)
+    }
+
+    /// Create and start a container. Returns once the program has been exec'd (or with
+    /// [`RuntimeError::Setup`] naming the step that failed).
+    pub fn spawn(&self, spec: ContainerSpec) -> Result<Container, RuntimeError> {
+        let inner = &self.inner;
+        validate(&spec)?;
+        let dir = inner.cfg.state_dir.join("containers").join(&spec.id);
+        fs::create_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                RuntimeError::InvalidSpec(format!("container id {:?} is already in use", spec.id))
+            } else {
+                RuntimeError::io(format!("create {}", dir.display()), e)
+            }
+        })?;
+        let mut res =
+            Resources { inner: self.inner.clone(), dir: Some(dir.clone()), cgroup: None, netns: None };
+        for d in ["scratch", "rootfs"] {
+            fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
+        }
+        let cg = inner.cgroups.create(&spec.id, &spec.limits)?;
+        let procs = cg.open_procs();
+        res.cgroup = Some(cg);
+        let procs = procs?;
+        let net_fd = match spec.network {
+            Network::Isolated => None,
+            Network::Nat => {
+                let pool = inner.nat.as_ref().map_err(|r| RuntimeError::NetworkUnavailable(r.clone()))?;
+                let ns = pool.acquire().map_err(RuntimeError::NetworkUnavailable)?;
+                let f = fs::File::open(&ns.pin);
+                let pin = ns.pin.clone();
+                res.netns = Some(ns);
+                Some(OwnedFd::from(f.ctx(|| format!("open {}", pin.display()))?))
+            }
+        };
+
+        let mut plan = build_plan(inner, &spec, &dir)?;
+        plan.net_fd = net_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        plan.loopback_up = spec.network == Network::Isolated;
+        plan.cgroup_fds = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let (err_r, err_w) = sys::pipe_cloexec().ctx(|| "create pipe".into())?;
+        plan.err_fd = err_w.as_raw_fd();
+        let page = sys::SharedPage::new().ctx(|| "mmap status page".into())?;
+        plan.status_page = page.as_ptr();
+        let stack = sys::Stack::new(CLONE_STACK).ctx(|| "mmap clone stack".into())?;
+
+        let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if spec.network == Network::Isolated {
+            flags |= libc::CLONE_NEWNET;
+        }
+        // SAFETY: child_main only uses the plan (kept alive until after clone returns in the
+        // parent; the child has its own copy of memory) and raw syscalls; the stack is a
+        // fresh mapping of CLONE_STACK bytes.
+        let pid = unsafe {
+            libc::clone(
+                child::child_main,
+                stack.top(),
+                flags | libc::SIGCHLD,
+                (&mut plan as *mut ChildPlan).cast(),
+            )
+        };
+        if pid < 0 {
+            return Err(RuntimeError::io("clone the container", std::io::Error::last_os_error()));
+        }
+        // Close our copies of everything the child inherited.
+        drop(err_w);
+        drop(stack);
+        drop(procs);
+        drop(net_fd);
+        drop(spec.stdout);
+        drop(spec.stderr);
+        drop(spec.extra_fds);
+
+        let pidfd = sys::pidfd_open(pid);
+        let mut buf = [0u8; 12];
+        let n = sys::read_to_eof(&err_r, &mut buf);
+        let failure = match (&pidfd, n) {
+            (Err(e), _) => Some(RuntimeError::io("pidfd_open", std::io::Error::from(e.kind()))),
+            (_, Err(e)) => Some(RuntimeError::io("read container set-up status", e)),
+            (_, Ok(12)) => {
+                let e = ChildErr::decode(&buf);
+                let step = Step::from_u32(e.step);
+                let name = match step {
+                    Some(Step::Op) => plan
+                        .ops
+                        .get(e.index as usize)
+                        .map(|o| o.label.clone())
+                        .unwrap_or_else(|| "filesystem".into()),
+                    Some(s) => s.name().to_string(),
+                    None => format!("step {}", e.step),
+                };
+                Some(RuntimeError::Setup { step: name, errno: e.errno })
+            }
+            (_, Ok(0)) => None,
+            (_, Ok(k)) => {
+                Some(RuntimeError::Setup { step: format!("truncated status ({k} bytes)"), errno: libc::EIO })
+            }
+        };
+        if let Some(err) = failure {
+            sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid(pid, false);
+            res.release()?;
+            return Err(err);
+        }
+        let pidfd = pidfd.ctx(|| "pidfd_open".into())?;
+        tracing::debug!(container = %res.id(), pid, "container started");
+        Ok(Container {
+            id: spec.id,
+            pid,
+            pidfd,
+            page,
+            memory_limit: spec.limits.memory_bytes,
+            exit: None,
+            res,
+        })
+    }
+}
+
+fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
+    let bad = |m: String| Err(RuntimeError::InvalidSpec(m));
+    if !valid_id(&spec.id) {
+        return bad(format!("id {:?} must match [a-zA-Z0-9_-]+", spec.id));
+    }
+    if spec.argv.is_empty() || !spec.argv[0].starts_with('/') {
+        return bad("argv[0] must be an absolute path".into());
+    }
+    if !spec.cwd.starts_with('/') {
+        return bad("cwd must be absolute".into());
+    }
+    if spec.hostname.len() > 64 {
+        return bad("hostname longer than 64 bytes".into());
+    }
+    for (k, _) in &spec.env {
+        if k.is_empty() || k.contains('=') {
+            return bad(format!("invalid environment variable name {k:?}"));
+        }
+    }
+    let mut targets: Vec<RawFd> = spec.extra_fds.iter().map(|(_, t)| *t).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    if targets.len() != spec.extra_fds.len() || targets.iter().any(|t| *t < 3 || *t > 1 << 20) {
+        return bad("extra fd targets must be distinct and >= 3".into());
+    }
+    for b in &spec.binds {
+        if !b.dst.is_absolute() || b.dst.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return bad(format!("bind destination {} must be absolute without '..'", b.dst.display()));
+        }
+    }
+    Ok(())
+}
+
+fn mount_op(
+    label: String,
+    src: Option<CString>,
+    target: CString,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> LabeledOp {
+    LabeledOp {
+        op: Op::Mount {
+            src,
+            target,
+            fstype: fstype.map(|s| CString::new(s).unwrap_or_default()),
+            flags,
+            data: data.map(|s| CString::new(s).unwrap_or_default()),
+        },
+        label,
+    }
+}
+
+/// Build the list of filesystem operations and everything else the child needs.
+fn build_plan(inner: &Inner, spec: &ContainerSpec, dir: &Path) -> Result<ChildPlan, RuntimeError> {
+    let scratch = dir.join("scratch");
+    let rootfs = dir.join("rootfs");
+    let mut ops: Vec<LabeledOp> = Vec::with_capacity(64);
+    let r = |rel: &str| rootfs.join(rel);
+    let ro_remount = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+
+    ops.push(mount_op(
+        format!("mount tmpfs at {}", scratch.display()),
+        Some(c"tmpfs".into()),
+        cpath(&scratch)?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    ));
+    for d in ["upper", "work"] {
+        ops.push(LabeledOp {
+            op: Op::Mkdir { path: cpath(&scratch.join(d))?, mode: 0o755 },
+            label: format!("mkdir {}", scratch.join(d).display()),
+        });
+    }
+    let lower = match &spec.rootfs {
+        Rootfs::Host => inner.skeleton.clone(),
+        Rootfs::Dir(p) => p.clone(),
+    };
+    let lower_s = lower.to_string_lossy();
+    if lower_s.contains(',') || lower_s.contains(':') {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "rootfs dir {} must not contain ',' or ':'",
+            lower.display()
+        )));
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        scratch.join("upper").display(),
+        scratch.join("work").display()
+    );
+    ops.push(mount_op(
+        format!("mount overlay at {}", rootfs.display()),
+        Some(c"overlay".into()),
+        cpath(&rootfs)?,
+        Some("overlay"),
+        0,
+        Some(&data),
+    ));
+    if matches!(spec.rootfs, Rootfs::Host) {
+        for d in &inner.host_dirs {
+            let target = cpath(&r(d))?;
+            ops.push(mount_op(
+                format!("bind /{d}"),
+                Some(cpath(&Path::new("/").join(d))?),
+                target.clone(),
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ));
+            ops.push(mount_op(format!("remount /{d} read-only"), None, target, None, ro_remount, None));
+        }
+        for m in &inner.masked {
+            ops.push(mount_op(
+                format!("mask /{m}"),
+                Some(c"/dev/null".into()),
+                cpath(&r(m))?,
+                None,
+                libc::MS_BIND,
+                None,
+            ));
+        }
+    }
+    let mkdir = |ops: &mut Vec<LabeledOp>, rel: &str, mode: u32| -> Result<(), RuntimeError> {
+        ops.push(LabeledOp { op: Op::Mkdir { path: cpath(&r(rel))?, mode }, label: format!("mkdir /{rel}") });
+        Ok(())
+    };
+    // /proc
+    mkdir(&mut ops, "proc", 0o755)?;
+    ops.push(mount_op(
+        "mount /proc".into(),
+        Some(c"proc".into()),
+        cpath(&r("proc"))?,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    ));
+    // /dev
+    mkdir(&mut ops, "dev", 0o755)?;
+    ops.push(mount_op(
+        "mount /dev".into(),
+        Some(c"tmpfs".into()),
+        cpath(&r("dev"))?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=755,size=65536k"),
+    ));
+    for node in DEV_NODES {
+        let rel = format!("dev/{node}");
+        let host = Path::new("/dev").join(node);
+        if !host.exists() {
+            continue;
+        }
+        ops.push(LabeledOp { op: Op::Touch { path: cpath(&r(&rel))? }, label: format!("create /{rel}") });
+        ops.push(mount_op(
+            format!("bind /{rel}"),
+            Some(cpath(&host)?),
+            cpath(&r(&rel))?,
+            None,
+            libc::MS_BIND,
+            None,
+        ));
+    }
+    for (link, target) in [
+        ("dev/fd", "/proc/self/fd"),
+        ("dev/stdin", "/proc/self/fd/0"),
+        ("dev/stdout", "/proc/self/fd/1"),
+        ("dev/stderr", "/proc/self/fd/2"),
+        ("dev/ptmx", "pts/ptmx"),
+    ] {
+        ops.push(LabeledOp {
+            op: Op::Symlink { target: cstr(target, "link")?, path: cpath(&r(link))? },
+            label: format!("symlink /{link}"),
+        });
+    }
+    mkdir(&mut ops, "dev/pts", 0o755)?;
+    ops.push(mount_op(
+        "mount /dev/pts".into(),
+        Some(c"devpts".into()),
+        cpath(&r("dev/pts"))?,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    ));
+    mkdir(&mut ops, "dev/shm", 0o1777)?;
+    ops.push(mount_op(
+        "mount /dev/shm".into(),
+        Some(c"shm".into()),
+        cpath(&r("dev/shm"))?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    ));
+    // /sys
+    mkdir(&mut ops, "sys", 0o755)?;
+    ops.push(mount_op(
+        "mount /sys".into(),
+        Some(c"sysfs".into()),
+        cpath(&r("sys"))?,
+        Some("sysfs"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    ));
+    // /tmp, /root
+    mkdir(&mut ops, "tmp", 0o1777)?;
+    ops.push(mount_op(
+        "mount /tmp".into(),
+        Some(c"tmpfs".into()),
+        cpath(&r("tmp"))?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    ));
+    mkdir(&mut ops, "root", 0o700)?;
+
+    // User binds.
+    for (i, b) in spec.binds.iter().enumerate() {
+        let meta = fs::metadata(&b.src).ctx(|| format!("bind[{i}] source {}", b.src.display()))?;
+        let rel = b.dst.strip_prefix("/").unwrap_or(&b.dst);
+        let mut acc = PathBuf::new();
+        let comps: Vec<_> = rel.components().collect();
+        for (j, c) in comps.iter().enumerate() {
+            acc.push(c);
+            let full = rootfs.join(&acc);
+            let last = j + 1 == comps.len();
+            let op = if last && !meta.is_dir() {
+                Op::Touch { path: cpath(&full)? }
+            } else {
+                Op::Mkdir { path: cpath(&full)?, mode: 0o755 }
+            };
+            ops.push(LabeledOp { op, label: format!("bind[{i}]: create mountpoint /{}", acc.display()) });
+        }
+        let target = cpath(&rootfs.join(rel))?;
+        ops.push(mount_op(
+            format!("bind[{i}]: mount {} at {}", b.src.display(), b.dst.display()),
+            Some(cpath(&b.src)?),
+            target.clone(),
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ));
+        if b.readonly {
+            ops.push(mount_op(
+                format!("bind[{i}]: remount {} read-only", b.dst.display()),
+                None,
+                target,
+                None,
+                ro_remount,
+                None,
+            ));
+        }
+    }
+
+    let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a, "argv")).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> =
+        spec.env.iter().map(|(k, v)| cstr(format!("{k}={v}"), "env")).collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    let extra_fds: Vec<(RawFd, RawFd)> = spec.extra_fds.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
+    let fd_base = extra_fds.iter().map(|(_, t)| *t + 1).max().unwrap_or(3).max(3);
+    Ok(ChildPlan {
+        net_fd: -1,
+        loopback_up: false,
+        cgroup_fds: Vec::new(),
+        hostname: cstr(&spec.hostname, "hostname")?,
+        ops,
+        rootfs: cpath(&rootfs)?,
+        cwd: cstr(&spec.cwd, "cwd")?,
+        argv_ptrs,
+        envp_ptrs,
+        strings: (argv, envp),
+        stdout_fd: spec.stdout.as_raw_fd(),
+        stderr_fd: spec.stderr.as_raw_fd(),
+        extra_scratch: vec![-1; extra_fds.len()],
+        extra_fds,
+        fd_base,
+        err_fd: -1,
+        status_page: std::ptr::null_mut(),
+        seccomp: inner.seccomp.clone(),
+        cap_last: inner.cap_last,
+    })
+}
+
+/// Host resources of one container, released exactly once.
+struct Resources {
+    inner: Arc<Inner>,
+    dir: Option<PathBuf>,
+    cgroup: Option<ContainerCgroup>,
+    netns: Option<NetNs>,
+}
+
+impl Resources {
+    fn id(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn release(&mut self) -> Result<(), RuntimeError> {
+        let mut first_err = None;
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                cg.kill_all();
+                if let Err(e2) = cg.remove() {
+                    tracing::warn!(error = %e, "cgroup removal failed");
+                    first_err.get_or_insert(e2);
+                }
+            }
+        }
+        if let Some(ns) = self.netns.take() {
+            match &self.inner.nat {
+                Ok(pool) => pool.release(ns),
+                Err(_) => net::destroy(ns.index, &ns.pin),
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    first_err.get_or_insert(RuntimeError::io(format!("remove {}", dir.display()), e));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e, "container resources not fully released");
+        }
+    }
+}
+
+/// A running (or exited, not yet cleaned up) container.
+pub struct Container {
+    id: String,
+    pid: i32,
+    pidfd: OwnedFd,
+    page: sys::SharedPage,
+    memory_limit: Option<u64>,
+    exit: Option<ExitInfo>,
+    res: Resources,
+}
+
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Container")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("exit", &self.exit)
+            .finish()
+    }
+}
+
+impl Container {
+    /// The container id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Host pid of the container's init.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A pidfd for init: readable once it has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    fn finish(&mut self, init_status: i32) -> ExitInfo {
+        let status = self.page.read_status().unwrap_or(init_status);
+        let oom = self.res.cgroup.as_ref().map_or(0, |c| c.oom_kills()) > 0;
+        let info = ExitInfo::from_status(status, oom);
+        tracing::debug!(container = %self.id, ?info, "container exited");
+        self.exit = Some(info);
+        info
+    }
+
+    /// Non-blocking: `Some` once the container has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitInfo>, RuntimeError> {
+        if let Some(e) = self.exit {
+            return Ok(Some(e));
+        }
+        match sys::waitpid(self.pid, true).ctx(|| format!("waitpid {}", self.pid))? {
+            Some(st) => Ok(Some(self.finish(st))),
+            None => Ok(None),
+        }
+    }
+
+    /// Block until the container exits.
+    pub fn wait(&mut self) -> Result<ExitInfo, RuntimeError> {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        let st = sys::waitpid(self.pid, false).ctx(|| format!("waitpid {}", self.pid))?.unwrap_or(0);
+        Ok(self.finish(st))
+    }
+
+    /// SIGKILL init; the kernel then kills every process in the container.
+    pub fn kill(&self) -> Result<(), RuntimeError> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(RuntimeError::io(format!("kill container {}", self.id), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The memory limit, if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.memory_limit
+    }
+
+    /// Current memory usage of the container's cgroup.
+    pub fn memory_usage(&self) -> Option<u64> {
+        self.res.cgroup.as_ref().and_then(|c| c.memory_usage())
+    }
+
+    /// Remove everything the container left on the host. Kills and reaps it first if it
+    /// is still running.
+    pub fn cleanup(mut self) -> Result<(), RuntimeError> {
+        if self.exit.is_none() {
+            self.kill()?;
+            self.wait()?;
+        }
+        self.res.release()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+        // Resources::drop releases whatever cleanup() did not.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("abc-DEF_123"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id("a.b"));
+    }
+
+    #[test]
+    fn skeleton_mirrors_host() {
+        let tmp = std::env::temp_dir().join(format!("flare-skel-{}", std::process::id()));
+        let host = tmp.join("host");
+        fs::create_dir_all(host.join("usr/bin")).unwrap();
+        fs::create_dir_all(host.join("etc")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", host.join("bin")).unwrap();
+        let skel = tmp.join("skel");
+        let bound = build_skeleton(&skel, &host).unwrap();
+        assert_eq!(bound, vec!["usr".to_string(), "etc".to_string()]);
+        assert_eq!(fs::read_link(skel.join("bin")).unwrap(), PathBuf::from("usr/bin"));
+        assert!(skel.join("proc").is_dir());
+        // idempotent
+        build_skeleton(&skel, &host).unwrap();
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+}

@@ -1,0 +1,339 @@
+//! Outbound NAT networking: a small pool of pre-made network namespaces.
+//!
+//! Each pooled namespace is pinned by a bind mount at `state_dir/netns/<n>` and holds one
+//! end of a veth pair renamed `eth0` with `10.213.x.y+2/30`, default route via the host
+//! end `fl<n>` (`10.213.x.y+1/30`). One /30 per container and no bridge, so containers
+//! cannot talk to each other. Host-wide rules (set once): `ip_forward=1`; MASQUERADE for
+//! 10.213.0.0/16 leaving through non-`fl+` interfaces; FORWARD drops `fl+ -> fl+` and
+//! traffic to the host's own addresses; INPUT drops everything arriving from `fl+`, so a
+//! container cannot reach anything listening on the host (the control plane included).
+//!
+//! Set-up shells out to `ip` (iproute2) and `iptables`: it is off the hot path (a
+//! background thread keeps the pool full). Namespaces are never reused: after a container
+//! exits its namespace and veth are deleted in the background.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::sys;
+
+const POOL_TARGET: usize = 3;
+const MAX_INDEX: u32 = 16384; // /30s in a /16
+pub(crate) const SUBNET: &str = "10.213.0.0/16";
+
+/// A pinned, configured network namespace.
+#[derive(Debug)]
+pub(crate) struct NetNs {
+    pub index: u32,
+    pub pin: PathBuf,
+}
+
+pub(crate) fn host_if_name(index: u32) -> String {
+    format!("fl{index}")
+}
+
+/// (host address, container address) of the /30 for `index`.
+pub(crate) fn addresses(index: u32) -> (String, String) {
+    let base = index * 4;
+    let (a, b) = (base / 256, base % 256);
+    (format!("10.213.{a}.{}", b + 1), format!("10.213.{a}.{}", b + 2))
+}
+
+/// Run a command, returning its stderr as the error.
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Check the tools and install the host rules. Returns the reason on failure.
+pub(crate) fn setup_host() -> Result<(), String> {
+    run("ip", &["-V"]).map_err(|e| format!("iproute2 `ip` not usable ({e})"))?;
+    run("iptables", &["-V"]).map_err(|e| format!("iptables not installed or not usable ({e})"))?;
+    fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .map_err(|e| format!("enable net.ipv4.ip_forward: {e}"))?;
+    let ipt = |args: &[&str]| {
+        let mut v = vec!["-w"];
+        v.extend_from_slice(args);
+        run("iptables", &v)
+    };
+    let chain = |table: &str, chain: &str, hook: &str, rules: &[&[&str]]| -> Result<(), String> {
+        // Create (ignore "exists"), flush, fill, then hook in once.
+        let _ = ipt(&["-t", table, "-N", chain]);
+        ipt(&["-t", table, "-F", chain])?;
+        for r in rules {
+            let mut v = vec!["-t", table, "-A", chain];
+            v.extend_from_slice(r);
+            ipt(&v)?;
+        }
+        if ipt(&["-t", table, "-C", hook, "-j", chain]).is_err() {
+            ipt(&["-t", table, "-I", hook, "1", "-j", chain])?;
+        }
+        Ok(())
+    };
+    chain(
+        "nat",
+        "FLARE-POSTROUTING",
+        "POSTROUTING",
+        &[&["-s", SUBNET, "!", "-o", "fl+", "-j", "MASQUERADE"]],
+    )?;
+    chain(
+        "filter",
+        "FLARE-FORWARD",
+        "FORWARD",
+        &[
+            &["-i", "fl+", "-o", "fl+", "-j", "DROP"],
+            &["-i", "fl+", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"],
+            &["-i", "fl+", "-j", "ACCEPT"],
+            &["-o", "fl+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            &["-o", "fl+", "-j", "DROP"],
+        ],
+    )?;
+    chain("filter", "FLARE-INPUT", "INPUT", &[&["-i", "fl+", "-j", "DROP"], &["-s", SUBNET, "-j", "DROP"]])?;
+    Ok(())
+}
+
+/// Create and configure namespace `index` pinned at `pin`.
+fn create(index: u32, pin: &Path) -> Result<(), String> {
+    fs::File::create(pin).map_err(|e| format!("create {}: {e}", pin.display()))?;
+    let host_if = host_if_name(index);
+    let (host_addr, ct_addr) = addresses(index);
+    let host_pid = std::process::id().to_string();
+    let pin2 = pin.to_owned();
+    let hi = host_if.clone();
+    let gw = host_addr.clone();
+    // unshare(CLONE_NEWNET) only affects this (short-lived) thread; commands it spawns
+    // inherit its namespace.
+    let inside = std::thread::spawn(move || -> Result<(), String> {
+        sys::unshare(libc::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        sys::bind_mount(Path::new("/proc/thread-self/ns/net"), &pin2)
+            .map_err(|e| format!("pin netns at {}: {e}", pin2.display()))?;
+        run("ip", &["link", "set", "lo", "up"])?;
+        run("ip", &["link", "add", "eth0", "type", "veth", "peer", "name", &hi, "netns", &host_pid])?;
+        run("ip", &["addr", "add", &format!("{ct_addr}/30"), "dev", "eth0"])?;
+        run("ip", &["link", "set", "eth0", "up"])?;
+        run("ip", &["route", "add", "default", "via", &gw])?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| "netns set-up thread panicked".to_string())?;
+    inside?;
+    run("ip", &["addr", "add", &format!("{host_addr}/30"), "dev", &host_if])?;
+    run("ip", &["link", "set", &host_if, "up"])?;
+    Ok(())
+}
+
+/// Remove a namespace pin and its veth (errors ignored: best effort, idempotent).
+pub(crate) fn destroy(index: u32, pin: &Path) {
+    let _ = sys::umount_detach(pin);
+    let _ = fs::remove_file(pin);
+    let name = host_if_name(index);
+    if Path::new("/sys/class/net").join(&name).exists() {
+        let _ = run("ip", &["link", "del", &name]);
+    }
+}
+
+/// Remove leftover pins under `dir` and `fl<digits>` links, except indexes in `keep`.
+/// Returns how many pins were removed.
+pub(crate) fn cleanup_stale(dir: &Path, keep: &HashSet<u32>) -> usize {
+    let kept = |name: &str| name.parse::<u32>().map(|i| keep.contains(&i)).unwrap_or(false);
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if kept(&e.file_name().to_string_lossy()) {
+                continue;
+            }
+            let p = e.path();
+            let _ = sys::umount_detach(&p);
+            let _ = fs::remove_file(&p);
+            n += 1;
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/sys/class/net") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() > 2
+                && name.starts_with("fl")
+                && name[2..].bytes().all(|b| b.is_ascii_digit())
+                && !kept(&name[2..])
+            {
+                let _ = run("ip", &["link", "del", &name]);
+            }
+        }
+    }
+    n
+}
+
+struct PoolState {
+    ready: VecDeque<NetNs>,
+    release: Vec<NetNs>,
+    in_use: HashSet<u32>,
+    next: u32,
+    stop: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<PoolState>,
+    cv: Condvar,
+}
+
+/// The pool and its refill/release thread.
+pub(crate) struct NetPool {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserve a free index.
+    fn reserve(&self) -> Option<u32> {
+        let mut st = self.lock();
+        for _ in 0..MAX_INDEX {
+            let i = st.next;
+            st.next = (st.next + 1) % MAX_INDEX;
+            if !st.in_use.contains(&i) && !Path::new("/sys/class/net").join(host_if_name(i)).exists() {
+                st.in_use.insert(i);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn make(&self) -> Result<NetNs, String> {
+        let index = self.reserve().ok_or("no free 10.213.0.0/16 subnet")?;
+        let pin = self.dir.join(index.to_string());
+        match create(index, &pin) {
+            Ok(()) => Ok(NetNs { index, pin }),
+            Err(e) => {
+                destroy(index, &pin);
+                self.lock().in_use.remove(&index);
+                Err(e)
+            }
+        }
+    }
+
+    fn free(&self, ns: NetNs) {
+        destroy(ns.index, &ns.pin);
+        self.lock().in_use.remove(&ns.index);
+    }
+}
+
+impl NetPool {
+    pub fn start(dir: PathBuf) -> std::io::Result<NetPool> {
+        fs::create_dir_all(&dir)?;
+        let shared = Arc::new(Shared {
+            dir,
+            state: Mutex::new(PoolState {
+                ready: VecDeque::new(),
+                release: Vec::new(),
+                in_use: HashSet::new(),
+                next: (std::process::id() * 7) % MAX_INDEX,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let s2 = shared.clone();
+        let thread =
+            std::thread::Builder::new().name("flare-netpool".into()).spawn(move || pool_thread(&s2))?;
+        Ok(NetPool { shared, thread: Some(thread) })
+    }
+
+    /// Take a ready namespace (or make one now if the pool is empty).
+    pub fn acquire(&self) -> Result<NetNs, String> {
+        let ready = {
+            let mut st = self.shared.lock();
+            let r = st.ready.pop_front();
+            self.shared.cv.notify_all();
+            r
+        };
+        match ready {
+            Some(ns) => Ok(ns),
+            None => self.shared.make(),
+        }
+    }
+
+    /// Give a used namespace back for deletion (in the background).
+    pub fn release(&self, ns: NetNs) {
+        self.shared.lock().release.push(ns);
+        self.shared.cv.notify_all();
+    }
+
+    /// Remove pins and links of namespaces this pool does not know about.
+    pub fn cleanup_stale(&self) -> usize {
+        let keep = self.shared.lock().in_use.clone();
+        cleanup_stale(&self.shared.dir, &keep)
+    }
+}
+
+fn pool_thread(s: &Shared) {
+    let mut failures = 0u32;
+    loop {
+        let (release, need, stop) = {
+            let mut st = s.lock();
+            loop {
+                let need = st.ready.len() < POOL_TARGET && failures < 5;
+                if st.stop || !st.release.is_empty() || need {
+                    break;
+                }
+                st = s.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            (std::mem::take(&mut st.release), st.ready.len() < POOL_TARGET && failures < 5, st.stop)
+        };
+        for ns in release {
+            s.free(ns);
+        }
+        if stop {
+            let ready: Vec<NetNs> = s.lock().ready.drain(..).collect();
+            for ns in ready {
+                s.free(ns);
+            }
+            return;
+        }
+        if need {
+            match s.make() {
+                Ok(ns) => {
+                    failures = 0;
+                    tracing::debug!(index = ns.index, "network namespace ready");
+                    s.lock().ready.push_back(ns);
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "could not prepare a network namespace");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NetPool {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_math() {
+        assert_eq!(addresses(0), ("10.213.0.1".into(), "10.213.0.2".into()));
+        assert_eq!(addresses(64), ("10.213.1.1".into(), "10.213.1.2".into()));
+        assert_eq!(addresses(16383), ("10.213.255.253".into(), "10.213.255.254".into()));
+    }
+}

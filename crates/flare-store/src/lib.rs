@@ -1,0 +1,617 @@
+//! Durable state of the control plane.
+//!
+//! One [`Store`] trait; [`SqliteStore`] implements it for the embedded server.
+//! Migrations run when a store is opened. Worker and container state is not
+//! stored: it is rebuilt when workers register.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use flare_proto::{ExceptionInfo, FunctionDef, GenMark, OutputStatus};
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppRow {
+    pub app_id: String,
+    pub name: String,
+    pub mode: String,
+    pub state: String,
+    pub version: i64,
+    pub created_at: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FunctionRow {
+    pub function_id: String,
+    pub app_id: String,
+    pub name: String,
+    pub def: FunctionDef,
+    pub created_at: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallRow {
+    pub call_id: String,
+    pub function_id: String,
+    pub kind: String,
+    pub num_inputs: u64,
+    pub created_at: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingInputRow {
+    pub call_id: String,
+    pub function_id: String,
+    pub idx: u64,
+    pub input_id: String,
+    pub args: Vec<u8>,
+    pub retry_count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputRow {
+    pub seq: u64,
+    pub idx: u64,
+    pub input_id: String,
+    pub status: OutputStatus,
+    pub data: Vec<u8>,
+    pub gen: Option<GenMark>,
+    pub exception: Option<ExceptionInfo>,
+    pub retry_count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogRow {
+    pub app_id: String,
+    pub seq: u64,
+    pub ts: f64,
+    pub container_id: String,
+    pub function: String,
+    pub stream: String,
+    pub data: String,
+}
+
+/// Everything the control plane persists.
+pub trait Store: Send + Sync {
+    fn put_app(&self, app: &AppRow) -> Result<()>;
+    fn set_app_state(&self, app_id: &str, state: &str) -> Result<()>;
+    fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
+    fn deployed_app_by_name(&self, name: &str) -> Result<Option<AppRow>>;
+    fn list_apps(&self) -> Result<Vec<AppRow>>;
+    /// Marks every app that is not deployed as stopped (ephemeral apps do not survive a restart).
+    fn stop_ephemeral_apps(&self) -> Result<usize>;
+
+    fn put_function(&self, f: &FunctionRow) -> Result<()>;
+    fn functions_of_app(&self, app_id: &str) -> Result<Vec<FunctionRow>>;
+
+    fn put_mount(&self, mount_id: &str, created_at: f64) -> Result<bool>;
+
+    fn put_call(&self, call: &CallRow) -> Result<()>;
+    fn get_call(&self, call_id: &str) -> Result<Option<CallRow>>;
+    /// Persists an accepted input (before the call returns to the client).
+    fn put_input(&self, input: &PendingInputRow) -> Result<()>;
+    /// Records a final (or generator) output; a final one also retires its input.
+    fn put_output(&self, call_id: &str, out: &OutputRow, final_output: bool) -> Result<()>;
+    fn outputs_after(&self, call_id: &str, after: i64, limit: usize) -> Result<Vec<OutputRow>>;
+    fn count_final_outputs(&self, call_id: &str) -> Result<u64>;
+    /// Inputs accepted but without a final output (re-queued at start-up).
+    fn pending_inputs(&self) -> Result<Vec<PendingInputRow>>;
+
+    fn append_logs(&self, logs: &[LogRow]) -> Result<()>;
+    fn logs_after(&self, app_id: &str, after: i64, limit: usize) -> Result<Vec<LogRow>>;
+    fn max_log_seq(&self, app_id: &str) -> Result<Option<u64>>;
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE apps (
+    app_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX apps_name ON apps(name, mode);
+CREATE TABLE functions (
+    function_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    def_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX functions_app ON functions(app_id, name);
+CREATE TABLE mounts (mount_id TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE calls (
+    call_id TEXT PRIMARY KEY,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    num_inputs INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE inputs (
+    call_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    input_id TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    args BLOB NOT NULL,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (call_id, idx)
+);
+CREATE INDEX inputs_pending ON inputs(done);
+CREATE TABLE outputs (
+    call_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    input_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    data BLOB NOT NULL,
+    gen TEXT,
+    exception_json TEXT,
+    retry_count INTEGER NOT NULL,
+    final INTEGER NOT NULL,
+    PRIMARY KEY (call_id, seq)
+);
+CREATE TABLE logs (
+    app_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    container_id TEXT NOT NULL,
+    function TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (app_id, seq)
+);
+"#];
+
+/// The embedded store: one SQLite file in WAL mode.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(migration = i + 1, "applied store migration");
+        }
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {
+    Ok(AppRow {
+        app_id: r.get(0)?,
+        name: r.get(1)?,
+        mode: r.get(2)?,
+        state: r.get(3)?,
+        version: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+const APP_COLS: &str = "app_id, name, mode, state, version, created_at";
+
+fn gen_str(g: Option<GenMark>) -> Option<&'static str> {
+    g.map(|g| match g {
+        GenMark::Item => "item",
+        GenMark::Done => "done",
+    })
+}
+
+fn gen_parse(s: Option<String>) -> Option<GenMark> {
+    match s.as_deref() {
+        Some("item") => Some(GenMark::Item),
+        Some("done") => Some(GenMark::Done),
+        _ => None,
+    }
+}
+
+impl Store for SqliteStore {
+    fn put_app(&self, a: &AppRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO apps (app_id, name, mode, state, version, created_at) VALUES (?1,?2,?3,?4,?5,?6)
+             ON CONFLICT(app_id) DO UPDATE SET state=excluded.state, version=excluded.version",
+            params![a.app_id, a.name, a.mode, a.state, a.version, a.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn set_app_state(&self, app_id: &str, state: &str) -> Result<()> {
+        self.conn().execute("UPDATE apps SET state=?2 WHERE app_id=?1", params![app_id, state])?;
+        Ok(())
+    }
+
+    fn get_app(&self, app_id: &str) -> Result<Option<AppRow>> {
+        let c = self.conn();
+        Ok(c.query_row(&format!("SELECT {APP_COLS} FROM apps WHERE app_id=?1"), [app_id], app_from_row)
+            .optional()?)
+    }
+
+    fn deployed_app_by_name(&self, name: &str) -> Result<Option<AppRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            &format!("SELECT {APP_COLS} FROM apps WHERE name=?1 AND mode='deployed' ORDER BY created_at DESC LIMIT 1"),
+            [name],
+            app_from_row,
+        )
+        .optional()?)
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {APP_COLS} FROM apps ORDER BY created_at"))?;
+        let rows = st.query_map([], app_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn stop_ephemeral_apps(&self) -> Result<usize> {
+        Ok(self
+            .conn()
+            .execute("UPDATE apps SET state='stopped' WHERE mode='ephemeral' AND state!='stopped'", [])?)
+    }
+
+    fn put_function(&self, f: &FunctionRow) -> Result<()> {
+        let json = serde_json::to_string(&f.def).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO functions (function_id, app_id, name, def_json, created_at) VALUES (?1,?2,?3,?4,?5)",
+            params![f.function_id, f.app_id, f.name, json, f.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn functions_of_app(&self, app_id: &str) -> Result<Vec<FunctionRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT function_id, app_id, name, def_json, created_at FROM functions WHERE app_id=?1 ORDER BY created_at",
+        )?;
+        let rows = st
+            .query_map([app_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(function_id, app_id, name, json, created_at)| {
+                let def = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(FunctionRow { function_id, app_id, name, def, created_at })
+            })
+            .collect()
+    }
+
+    fn put_mount(&self, mount_id: &str, created_at: f64) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO mounts (mount_id, created_at) VALUES (?1, ?2)",
+            params![mount_id, created_at],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn put_call(&self, call: &CallRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO calls (call_id, function_id, kind, num_inputs, created_at) VALUES (?1,?2,?3,?4,?5)",
+            params![call.call_id, call.function_id, call.kind, call.num_inputs as i64, call.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn get_call(&self, call_id: &str) -> Result<Option<CallRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT call_id, function_id, kind, num_inputs, created_at FROM calls WHERE call_id=?1",
+            [call_id],
+            |r| {
+                Ok(CallRow {
+                    call_id: r.get(0)?,
+                    function_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    num_inputs: r.get::<_, i64>(3)? as u64,
+                    created_at: r.get(4)?,
+                })
+            },
+        )
+        .optional()?)
+    }
+
+    fn put_input(&self, i: &PendingInputRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO inputs (call_id, idx, input_id, function_id, args, retry_count, done)
+             VALUES (?1,?2,?3,?4,?5,?6,0)",
+            params![i.call_id, i.idx as i64, i.input_id, i.function_id, i.args, i.retry_count],
+        )?;
+        Ok(())
+    }
+
+    fn put_output(&self, call_id: &str, o: &OutputRow, final_output: bool) -> Result<()> {
+        let exc = match &o.exception {
+            Some(e) => Some(serde_json::to_string(e).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+            None => None,
+        };
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO outputs (call_id, seq, idx, input_id, status, data, gen, exception_json, retry_count, final)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            params![
+                call_id,
+                o.seq as i64,
+                o.idx as i64,
+                o.input_id,
+                o.status.as_str(),
+                o.data,
+                gen_str(o.gen),
+                exc,
+                o.retry_count,
+                final_output as i64
+            ],
+        )?;
+        if final_output {
+            tx.execute(
+                "UPDATE inputs SET done=1, args=x'' WHERE call_id=?1 AND idx=?2",
+                params![call_id, o.idx as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn outputs_after(&self, call_id: &str, after: i64, limit: usize) -> Result<Vec<OutputRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT seq, idx, input_id, status, data, gen, exception_json, retry_count FROM outputs
+             WHERE call_id=?1 AND seq>?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = st
+            .query_map(params![call_id, after, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, u32>(7)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(seq, idx, input_id, status, data, gen, exc, retry_count)| {
+                let status = OutputStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown status {status}")))?;
+                let exception = match exc {
+                    Some(j) => {
+                        Some(serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+                    }
+                    None => None,
+                };
+                Ok(OutputRow {
+                    seq: seq as u64,
+                    idx: idx as u64,
+                    input_id,
+                    status,
+                    data,
+                    gen: gen_parse(gen),
+                    exception,
+                    retry_count,
+                })
+            })
+            .collect()
+    }
+
+    fn count_final_outputs(&self, call_id: &str) -> Result<u64> {
+        let c = self.conn();
+        let n: i64 =
+            c.query_row("SELECT COUNT(*) FROM outputs WHERE call_id=?1 AND final=1", [call_id], |r| {
+                r.get(0)
+            })?;
+        Ok(n as u64)
+    }
+
+    fn pending_inputs(&self) -> Result<Vec<PendingInputRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT call_id, function_id, idx, input_id, args, retry_count FROM inputs WHERE done=0 ORDER BY rowid",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(PendingInputRow {
+                    call_id: r.get(0)?,
+                    function_id: r.get(1)?,
+                    idx: r.get::<_, i64>(2)? as u64,
+                    input_id: r.get(3)?,
+                    args: r.get(4)?,
+                    retry_count: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn append_logs(&self, logs: &[LogRow]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO logs (app_id, seq, ts, container_id, function, stream, data) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            )?;
+            for l in logs {
+                st.execute(params![
+                    l.app_id,
+                    l.seq as i64,
+                    l.ts,
+                    l.container_id,
+                    l.function,
+                    l.stream,
+                    l.data
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn logs_after(&self, app_id: &str, after: i64, limit: usize) -> Result<Vec<LogRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT app_id, seq, ts, container_id, function, stream, data FROM logs
+             WHERE app_id=?1 AND seq>?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = st
+            .query_map(params![app_id, after, limit as i64], |r| {
+                Ok(LogRow {
+                    app_id: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    ts: r.get(2)?,
+                    container_id: r.get(3)?,
+                    function: r.get(4)?,
+                    stream: r.get(5)?,
+                    data: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn max_log_seq(&self, app_id: &str) -> Result<Option<u64>> {
+        let c = self.conn();
+        let v: Option<i64> =
+            c.query_row("SELECT MAX(seq) FROM logs WHERE app_id=?1", [app_id], |r| r.get(0))?;
+        Ok(v.map(|v| v as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> FunctionDef {
+        serde_json::from_value(serde_json::json!({
+            "name": "f", "module": "m", "qualname": "f", "python": {"executable": "/usr/bin/python3"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn apps_functions_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            for (id, mode) in [("a1", "deployed"), ("a2", "ephemeral")] {
+                s.put_app(&AppRow {
+                    app_id: id.into(),
+                    name: "hello".into(),
+                    mode: mode.into(),
+                    state: "running".into(),
+                    version: 1,
+                    created_at: 1.0,
+                })
+                .unwrap();
+            }
+            s.put_function(&FunctionRow {
+                function_id: "fn1".into(),
+                app_id: "a1".into(),
+                name: "f".into(),
+                def: def(),
+                created_at: 2.0,
+            })
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.stop_ephemeral_apps().unwrap(), 1);
+        assert_eq!(s.deployed_app_by_name("hello").unwrap().unwrap().app_id, "a1");
+        assert_eq!(s.get_app("a2").unwrap().unwrap().state, "stopped");
+        let fns = s.functions_of_app("a1").unwrap();
+        assert_eq!(fns.len(), 1);
+        assert_eq!(fns[0].def, def());
+    }
+
+    #[test]
+    fn spawned_inputs_survive_until_output() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.put_call(&CallRow {
+            call_id: "c1".into(),
+            function_id: "fn1".into(),
+            kind: "spawn".into(),
+            num_inputs: 1,
+            created_at: 1.0,
+        })
+        .unwrap();
+        s.put_input(&PendingInputRow {
+            call_id: "c1".into(),
+            function_id: "fn1".into(),
+            idx: 0,
+            input_id: "in1".into(),
+            args: vec![1, 2, 3],
+            retry_count: 0,
+        })
+        .unwrap();
+        assert_eq!(s.pending_inputs().unwrap().len(), 1);
+        let out = OutputRow {
+            seq: 0,
+            idx: 0,
+            input_id: "in1".into(),
+            status: OutputStatus::Failure,
+            data: vec![9],
+            gen: None,
+            exception: Some(ExceptionInfo::new("builtins.ValueError", "bad")),
+            retry_count: 1,
+        };
+        s.put_output("c1", &out, true).unwrap();
+        assert!(s.pending_inputs().unwrap().is_empty());
+        assert_eq!(s.outputs_after("c1", -1, 10).unwrap(), vec![out]);
+        assert_eq!(s.count_final_outputs("c1").unwrap(), 1);
+        assert_eq!(s.get_call("c1").unwrap().unwrap().kind, "spawn");
+    }
+
+    #[test]
+    fn logs_page() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let logs: Vec<LogRow> = (0..5)
+            .map(|i| LogRow {
+                app_id: "a".into(),
+                seq: i,
+                ts: 0.0,
+                container_id: "c".into(),
+                function: "f".into(),
+                stream: "stdout".into(),
+                data: format!("line {i}\n"),
+            })
+            .collect();
+        s.append_logs(&logs).unwrap();
+        let page = s.logs_after("a", 1, 2).unwrap();
+        assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(s.max_log_seq("a").unwrap(), Some(4));
+    }
+}

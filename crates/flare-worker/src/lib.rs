@@ -1,0 +1,729 @@
+//! The worker agent: starts containers for the control plane, feeds them inputs over
+//! their fd-3 socket, relays outputs, logs and exits, and enforces input timeouts.
+//!
+//! The agent talks to the control plane only through [`ToWorker`] / [`FromWorker`]
+//! messages, so the embedded server (channels) and a remote worker share this code.
+
+pub mod frame;
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flare_proto::{
+    ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, GenMark, InputMsg, LogStream, OutputMsg,
+    OutputStatus, ToWorker,
+};
+use flare_runtime::{Bind, ContainerSpec, Limits, Network, Rootfs, Runtime};
+use serde::Deserialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Time a container gets to exit after a graceful stop before it is killed.
+const GRACE: Duration = Duration::from_secs(3);
+/// Bytes of stderr kept to explain a container that died while starting.
+const STDERR_TAIL: usize = 4096;
+/// Where the worker's API socket appears inside containers.
+const API_SOCKET_IN_CONTAINER: &str = "/__flare/api.sock";
+/// Where the SDK appears inside containers (on PYTHONPATH).
+const SDK_IN_CONTAINER: &str = "/__flare/flare";
+
+/// How a worker is set up.
+pub struct WorkerConfig {
+    pub id: String,
+    /// FLARE_HOME: mounts are read from `home/mounts`, container dirs live in `home/worker`.
+    pub home: PathBuf,
+    pub runtime: Arc<Runtime>,
+    /// The API served on each container's socket (calls from inside containers).
+    pub api: axum::Router,
+}
+
+/// Resources a worker offers.
+#[derive(Clone, Debug)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+}
+
+/// What this machine has.
+pub fn host_resources() -> Resources {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(1024 * 1024);
+    Resources { cpu_millis: cpus * 1000, memory_mb: mem_kb / 1024 }
+}
+
+enum Cmd {
+    Inputs(Vec<InputMsg>),
+    Stop { graceful: bool },
+}
+
+type Registry = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>>;
+
+/// Starts the worker; returns the channel the control plane sends on.
+pub fn start(
+    cfg: WorkerConfig,
+    events: mpsc::UnboundedSender<FromWorker>,
+) -> mpsc::UnboundedSender<ToWorker> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    let cfg = Arc::new(cfg);
+    let registry: Registry = Arc::default();
+    if let Some(reason) = cfg.runtime.nat_available() {
+        tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
+    }
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                ToWorker::Start(a) => {
+                    let (ctx, crx) = mpsc::unbounded_channel();
+                    registry.lock().unwrap_or_else(|p| p.into_inner()).insert(a.container_id.clone(), ctx);
+                    let cfg = cfg.clone();
+                    let events = events.clone();
+                    let registry = registry.clone();
+                    tokio::spawn(async move {
+                        let id = a.container_id.clone();
+                        let report = run_container(&cfg, a, crx, &events).await;
+                        registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        let _ = events.send(FromWorker::Exited { container_id: id, report });
+                    });
+                }
+                ToWorker::Inputs { container_id, inputs } => {
+                    let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(c) = reg.get(&container_id) {
+                        let _ = c.send(Cmd::Inputs(inputs));
+                    }
+                }
+                ToWorker::Stop { container_id, graceful } => {
+                    let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(c) = reg.get(&container_id) {
+                        let _ = c.send(Cmd::Stop { graceful });
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// System paths the host-environment root already exposes.
+const HOST_SYSTEM_PREFIXES: &[&str] =
+    &["/usr/", "/lib/", "/lib64/", "/lib32/", "/bin/", "/sbin/", "/etc/", "/opt/"];
+
+/// The smallest set of host directories that expose a Python environment read-only:
+/// the interpreter's prefix (two levels above the executable) and every existing
+/// `sys.path` directory, minus what the host root already has and nested duplicates.
+pub fn python_roots(executable: &str, paths: &[String]) -> Vec<PathBuf> {
+    let mut cands: Vec<PathBuf> = Vec::new();
+    if let Some(prefix) = Path::new(executable).parent().and_then(|p| p.parent()) {
+        cands.push(prefix.to_path_buf());
+    }
+    for p in paths {
+        let p = Path::new(p);
+        if p.is_absolute() && p.is_dir() {
+            cands.push(p.to_path_buf());
+        }
+    }
+    cands.retain(|p| {
+        let s = format!("{}/", p.display());
+        p != Path::new("/") && !HOST_SYSTEM_PREFIXES.iter().any(|pre| s.starts_with(pre))
+    });
+    cands.sort();
+    cands.dedup();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for c in cands {
+        if !out.iter().any(|o| c.starts_with(o)) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn build_spec(
+    cfg: &WorkerConfig,
+    a: &ContainerAssignment,
+    api_socket: &Path,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    sock: OwnedFd,
+) -> std::io::Result<ContainerSpec> {
+    let def = &a.def;
+    let mut binds = Vec::new();
+    let roots = python_roots(&def.python.executable, &def.python.paths);
+    if let Some(m) = &def.mount_id {
+        let mdir = cfg.home.join("mounts").join(m);
+        if !mdir.is_dir() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("mount {m} is missing")));
+        }
+        // Python environments under /root (e.g. pyenv) are bound on top of the code
+        // mount, which is read-only: their mountpoints must exist in it already.
+        for r in &roots {
+            if let Ok(rel) = r.strip_prefix("/root") {
+                if !rel.as_os_str().is_empty() {
+                    std::fs::create_dir_all(mdir.join(rel))?;
+                }
+            }
+        }
+        binds.push(Bind { src: mdir, dst: "/root".into(), readonly: true });
+    }
+    for r in roots {
+        binds.push(Bind { src: r.clone(), dst: r, readonly: true });
+    }
+    if !def.python.sdk_path.is_empty() {
+        binds.push(Bind {
+            src: def.python.sdk_path.clone().into(),
+            dst: SDK_IN_CONTAINER.into(),
+            readonly: true,
+        });
+    }
+    binds.push(Bind { src: api_socket.to_path_buf(), dst: API_SOCKET_IN_CONTAINER.into(), readonly: false });
+
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOME".into(), "/root".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("PYTHONUNBUFFERED".into(), "1".into()),
+        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
+    ];
+    for (k, v) in &def.config.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    // Platform variables win over user ones.
+    let pythonpath = match def.config.env.get("PYTHONPATH") {
+        Some(user) => format!("/__flare:{user}"),
+        None => "/__flare".into(),
+    };
+    for (k, v) in [
+        ("PYTHONPATH", pythonpath),
+        ("FLARE_CONTAINER_ID", a.container_id.clone()),
+        ("FLARE_APP_ID", a.app_id.clone()),
+        ("FLARE_APP_NAME", a.app_name.clone()),
+        ("FLARE_FUNCTION_NAME", def.name.clone()),
+        ("FLARE_SERVER_URL", format!("unix://{API_SOCKET_IN_CONTAINER}")),
+        ("FLARE_IS_REMOTE", "1".into()),
+    ] {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v));
+    }
+    let network = if def.config.block_network || cfg.runtime.nat_available().is_some() {
+        Network::Isolated
+    } else {
+        Network::Nat
+    };
+    Ok(ContainerSpec {
+        id: a.container_id.clone(),
+        hostname: "flare".into(),
+        argv: vec![def.python.executable.clone(), "-m".into(), "flare._runner".into()],
+        env,
+        cwd: "/root".into(),
+        rootfs: Rootfs::Host,
+        binds,
+        limits: Limits {
+            cpu_millicores: def.config.cpu.map(|c| (c * 1000.0).round() as u64),
+            memory_bytes: def.config.memory.map(|m| m * 1024 * 1024),
+            pids_max: None,
+        },
+        network,
+        stdout,
+        stderr,
+        extra_fds: vec![(sock, 3)],
+    })
+}
+
+#[derive(Deserialize)]
+struct OutputHeader {
+    outputs: Vec<OutputItem>,
+}
+
+#[derive(Deserialize)]
+struct OutputItem {
+    input_id: String,
+    status: String,
+    #[serde(default)]
+    gen: Option<GenMark>,
+    len: usize,
+    #[serde(default)]
+    exception: Option<ExceptionInfo>,
+}
+
+#[derive(Deserialize)]
+struct InitFailureHeader {
+    exception: ExceptionInfo,
+}
+
+fn init_frame(a: &ContainerAssignment) -> Bytes {
+    let d = &a.def;
+    let header = serde_json::json!({
+        "function": {
+            "name": d.name,
+            "module": d.module,
+            "qualname": d.qualname,
+            "serialized": d.serialized,
+            "is_generator": d.is_generator,
+            "is_async": d.is_async,
+            "max_inputs": d.config.max_inputs,
+        }
+    });
+    let body = d.pickled.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+    frame::encode(frame::INIT, header.to_string().as_bytes(), &body)
+}
+
+fn inputs_frame(inputs: &[InputMsg]) -> Bytes {
+    let items: Vec<serde_json::Value> = inputs
+        .iter()
+        .map(|i| serde_json::json!({"input_id": i.input_id, "call_id": i.call_id, "idx": i.idx, "len": i.args.len()}))
+        .collect();
+    let header = serde_json::json!({ "inputs": items }).to_string();
+    let total: usize = inputs.iter().map(|i| i.args.len()).sum();
+    let mut body = Vec::with_capacity(total);
+    for i in inputs {
+        body.extend_from_slice(&i.args);
+    }
+    frame::encode(frame::INPUTS, header.as_bytes(), &body)
+}
+
+fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, String> {
+    let h: OutputHeader =
+        serde_json::from_slice(&f.header).map_err(|e| format!("bad OUTPUTS header: {e}"))?;
+    let lens: Vec<usize> = h.outputs.iter().map(|o| o.len).collect();
+    let bodies = frame::split_body(&f.body, &lens).map_err(|e| e.to_string())?;
+    h.outputs
+        .into_iter()
+        .zip(bodies)
+        .map(|(o, data)| {
+            let status =
+                OutputStatus::parse(&o.status).ok_or_else(|| format!("unknown status {:?}", o.status))?;
+            Ok(OutputMsg { input_id: o.input_id, status, gen: o.gen, data, exception: o.exception })
+        })
+        .collect()
+}
+
+/// Keeps the tail of a stream and turns chunks into text without splitting characters.
+struct LogDecoder {
+    pending: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl LogDecoder {
+    fn new() -> Self {
+        LogDecoder { pending: Vec::new(), tail: Vec::new() }
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> String {
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > STDERR_TAIL {
+            let cut = self.tail.len() - STDERR_TAIL;
+            self.tail.drain(..cut);
+        }
+        self.pending.extend_from_slice(chunk);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.pending.len(),
+        };
+        let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+        self.pending.drain(..valid);
+        text
+    }
+
+    fn tail_text(&self) -> String {
+        String::from_utf8_lossy(&self.tail).into_owned()
+    }
+}
+
+struct Pipe {
+    rx: tokio::net::unix::pipe::Receiver,
+    dec: LogDecoder,
+    stream: LogStream,
+    eof: bool,
+}
+
+impl Pipe {
+    fn new(fd: OwnedFd, stream: LogStream) -> std::io::Result<Self> {
+        Ok(Pipe {
+            rx: tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?,
+            dec: LogDecoder::new(),
+            stream,
+            eof: false,
+        })
+    }
+
+    fn emit(&mut self, n: usize, buf: &[u8], cid: &str, events: &mpsc::UnboundedSender<FromWorker>) {
+        if n == 0 {
+            self.eof = true;
+            return;
+        }
+        let text = self.dec.push(&buf[..n]);
+        if !text.is_empty() {
+            let _ = events.send(FromWorker::Log {
+                container_id: cid.to_string(),
+                stream: self.stream,
+                data: text,
+            });
+        }
+    }
+
+    /// Forwards whatever is readable right now without waiting.
+    fn drain_now(&mut self, buf: &mut [u8], cid: &str, events: &mpsc::UnboundedSender<FromWorker>) {
+        while !self.eof {
+            match self.rx.try_read(buf) {
+                Ok(n) => self.emit(n, buf, cid, events),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Runs one container from start to cleanup; returns how it ended.
+async fn run_container(
+    cfg: &Arc<WorkerConfig>,
+    a: ContainerAssignment,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    events: &mpsc::UnboundedSender<FromWorker>,
+) -> ExitReport {
+    let cid = a.container_id.clone();
+    let dir = cfg.home.join("worker").join("containers").join(&cid);
+    let fail = |msg: String| ExitReport { start_error: Some(msg), ..Default::default() };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return fail(format!("could not create container dir: {e}"));
+    }
+    let result = run_container_in(cfg, &a, &dir, &mut cmds, events).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(r) => r,
+        Err(msg) => {
+            tracing::warn!(container = %cid, error = %msg, "container failed to start");
+            fail(msg)
+        }
+    }
+}
+
+async fn run_container_in(
+    cfg: &Arc<WorkerConfig>,
+    a: &ContainerAssignment,
+    dir: &Path,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    events: &mpsc::UnboundedSender<FromWorker>,
+) -> Result<ExitReport, String> {
+    let cid = a.container_id.clone();
+    let t0 = std::time::Instant::now();
+    // Calls from inside the container reach the API through this socket only.
+    let api_path = dir.join("api.sock");
+    let listener = tokio::net::UnixListener::bind(&api_path).map_err(|e| format!("api socket: {e}"))?;
+    let api_task = tokio::spawn(axum::serve(listener, cfg.api.clone()).into_future());
+    let _api_guard = AbortOnDrop(api_task);
+
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let spec =
+        build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs)).map_err(|e| e.to_string())?;
+    let rt = cfg.runtime.clone();
+    let mut container = tokio::task::spawn_blocking(move || rt.spawn(spec))
+        .await
+        .map_err(|e| format!("spawn task: {e}"))?
+        .map_err(|e| format!("could not start the container: {e}"))?;
+    tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
+
+    let memory_limit = container.memory_limit();
+    let pidfd = container.pidfd().try_clone_to_owned().map_err(|e| format!("pidfd: {e}"))?;
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; its raw
+    // fd stays the same open pidfd for that whole time.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| format!("pidfd: {e}"))?;
+    let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| format!("pipe: {e}"))?;
+    let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| format!("pipe: {e}"))?;
+
+    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = sock.into_split();
+    // Writer: frames to the container, in order, without blocking the event loop.
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(async move {
+        while let Some(b) = wrx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _writer_guard = AbortOnDrop(writer);
+    // Reader: frames from the container.
+    let (ftx, mut frx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, &mut rd);
+        loop {
+            match frame::read(&mut rd).await {
+                Ok(Some(f)) => {
+                    if ftx.send(Ok(f)).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = ftx.send(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+    let _ = wtx.send(init_frame(a));
+
+    let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
+    let start_limit = timeout.max(Duration::from_secs(60));
+    let start_deadline = Instant::now() + start_limit;
+    let mut ready = false;
+    let mut init_failed = false;
+    let mut deadlines: HashMap<String, Instant> = HashMap::new();
+    let mut stop_deadline: Option<Instant> = None;
+    let mut report = ExitReport { memory_limit, ..Default::default() };
+    let mut frames_open = true;
+    let mut cmds_open = true;
+    let mut obuf = vec![0u8; 64 * 1024];
+    let mut ebuf = vec![0u8; 64 * 1024];
+    let mut killed = false;
+
+    loop {
+        let next_deadline = deadlines
+            .values()
+            .copied()
+            .chain(stop_deadline)
+            .chain(if ready || killed { None } else { Some(start_deadline) })
+            .min();
+        tokio::select! {
+            f = frx.recv(), if frames_open => match f {
+                Some(Ok(f)) => match f.kind {
+                    frame::READY => {
+                        ready = true;
+                        tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
+                        let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
+                    }
+                    frame::INIT_FAILURE => {
+                        init_failed = true;
+                        let exception = serde_json::from_slice::<InitFailureHeader>(&f.header)
+                            .map(|h| h.exception)
+                            .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})")));
+                        out.drain_now(&mut obuf, &cid, events);
+                        err.drain_now(&mut ebuf, &cid, events);
+                        let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
+                    }
+                    frame::OUTPUTS => match parse_outputs(&f) {
+                        Ok(outputs) => {
+                            for o in &outputs {
+                                if o.gen != Some(GenMark::Item) {
+                                    deadlines.remove(&o.input_id);
+                                }
+                            }
+                            // Prints made before the result go out before it.
+                            out.drain_now(&mut obuf, &cid, events);
+                            err.drain_now(&mut ebuf, &cid, events);
+                            let _ = events.send(FromWorker::Outputs { container_id: cid.clone(), outputs });
+                        }
+                        Err(e) => {
+                            tracing::error!(container = %cid, error = %e, "protocol error; stopping container");
+                            let _ = container.kill();
+                            killed = true;
+                        }
+                    },
+                    other => {
+                        tracing::error!(container = %cid, kind = other, "unexpected frame; stopping container");
+                        let _ = container.kill();
+                        killed = true;
+                    }
+                },
+                Some(Err(e)) => {
+                    if killed || report.requested {
+                        tracing::debug!(container = %cid, error = %e, "socket closed while stopping");
+                    } else {
+                        tracing::error!(container = %cid, error = %e, "bad frame; stopping container");
+                    }
+                    let _ = container.kill();
+                    killed = true;
+                }
+                None => frames_open = false,
+            },
+            c = cmds.recv(), if cmds_open => match c {
+                Some(Cmd::Inputs(inputs)) => {
+                    let now = Instant::now();
+                    for i in &inputs {
+                        let t = Duration::from_millis(i.timeout_ms.max(1));
+                        deadlines.insert(i.input_id.clone(), now + t);
+                    }
+                    let _ = wtx.send(inputs_frame(&inputs));
+                }
+                Some(Cmd::Stop { graceful }) => {
+                    report.requested = true;
+                    if graceful && ready {
+                        let _ = wtx.send(frame::encode(frame::SHUTDOWN, b"{}", b""));
+                        stop_deadline.get_or_insert(Instant::now() + GRACE);
+                    } else {
+                        let _ = container.kill();
+                        killed = true;
+                    }
+                }
+                None => {
+                    cmds_open = false;
+                    report.requested = true;
+                    let _ = container.kill();
+                    killed = true;
+                }
+            },
+            r = out.rx.read(&mut obuf), if !out.eof => {
+                let n = r.unwrap_or(0);
+                out.emit(n, &obuf, &cid, events);
+            }
+            r = err.rx.read(&mut ebuf), if !err.eof => {
+                let n = r.unwrap_or(0);
+                err.emit(n, &ebuf, &cid, events);
+            }
+            _ = pidfd.readable() => break,
+            _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => {
+                let now = Instant::now();
+                if let Some((id, _)) = deadlines.iter().filter(|(_, d)| **d <= now).min_by_key(|(_, d)| **d) {
+                    report.timed_out_input = Some(id.clone());
+                    tracing::info!(container = %cid, input = %id, "input timed out; killing its container");
+                    let _ = container.kill();
+                    killed = true;
+                    deadlines.clear();
+                } else if stop_deadline.is_some_and(|d| d <= now) {
+                    let _ = container.kill();
+                    killed = true;
+                    stop_deadline = None;
+                } else if !ready && !killed && start_deadline <= now {
+                    report.start_error = Some(format!("container did not become ready within {} s", start_limit.as_secs()));
+                    let _ = container.kill();
+                    killed = true;
+                }
+            }
+        }
+    }
+    // Everything in the container is gone with its init; the pipes reach EOF.
+    let drain = async {
+        while !out.eof {
+            let n = out.rx.read(&mut obuf).await.unwrap_or(0);
+            out.emit(n, &obuf, &cid, events);
+        }
+        while !err.eof {
+            let n = err.rx.read(&mut ebuf).await.unwrap_or(0);
+            err.emit(n, &ebuf, &cid, events);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    let info = container.try_wait().ok().flatten();
+    if let Some(info) = info {
+        report.code = info.code;
+        report.signal = info.signal;
+        report.oom_killed = info.oom_killed;
+    }
+    if !ready && !init_failed && report.start_error.is_none() && !report.requested {
+        let status = match (report.code, report.signal) {
+            (_, Some(s)) => format!("killed by signal {s}"),
+            (Some(c), _) => format!("exit code {c}"),
+            _ => "unknown status".into(),
+        };
+        let tail = err.dec.tail_text();
+        report.start_error = Some(if report.oom_killed {
+            format!(
+                "container ran out of memory (OOM) while starting (limit {} MiB)",
+                memory_limit.unwrap_or(0) / (1024 * 1024)
+            )
+        } else if tail.trim().is_empty() {
+            format!("container exited before it was ready ({status})")
+        } else {
+            format!(
+                "container exited before it was ready ({status}); its stderr ended with:\n{}",
+                tail.trim_end()
+            )
+        });
+    }
+    let cid2 = cid.clone();
+    let cleanup = tokio::task::spawn_blocking(move || container.cleanup()).await;
+    match cleanup {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(container = %cid2, error = %e, "container cleanup incomplete"),
+        Err(e) => tracing::warn!(container = %cid2, error = %e, "container cleanup task failed"),
+    }
+    tracing::debug!(container = %cid, ?report, "container done");
+    Ok(report)
+}
+
+async fn sleep_until_opt(d: Option<Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_roots_collapse_and_skip_system_dirs() {
+        let d = tempfile_dir();
+        let venv = d.join("venv");
+        let sp = venv.join("lib/python3.11/site-packages");
+        std::fs::create_dir_all(&sp).unwrap();
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        let exe = venv.join("bin/python3").display().to_string();
+        let roots = python_roots(
+            &exe,
+            &[
+                sp.display().to_string(),
+                "/usr/lib/python3.11".into(),
+                "/nonexistent".into(),
+                "relative".into(),
+            ],
+        );
+        assert_eq!(roots, vec![venv.clone()]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("flare-worker-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn log_decoder_keeps_characters_whole() {
+        let mut d = LogDecoder::new();
+        let s = "héllo".as_bytes();
+        assert_eq!(d.push(&s[..2]), "h");
+        assert_eq!(d.push(&s[2..]), "éllo");
+        assert_eq!(d.tail_text(), "héllo");
+    }
+}
