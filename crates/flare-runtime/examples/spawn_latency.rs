@@ -59,7 +59,9 @@ fn main() -> Result<(), RuntimeError> {
             total.push((t2 - t0).as_secs_f64() * 1e3);
         }
         if nat {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(
+                std::env::var("GAP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(100),
+            ));
         }
     }
     spawn.sort_by(|a, b| a.partial_cmp(b).unwrap());

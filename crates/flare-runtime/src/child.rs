@@ -350,13 +350,13 @@ fn loopback_up() -> R<()> {
 fn setup_and_run(plan: &mut ChildPlan) -> R<std::convert::Infallible> {
     // SAFETY: (whole function) raw syscalls on pointers owned by `plan`; no allocation.
     unsafe {
-        if plan.net_fd >= 0 {
-            check(libc::setns(plan.net_fd, libc::CLONE_NEWNET), Step::Setns)?;
-        }
         for &fd in &plan.cgroup_fds {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(fail(Step::CgroupJoin, 0));
             }
+        }
+        if plan.net_fd >= 0 {
+            check(libc::setns(plan.net_fd, libc::CLONE_NEWNET), Step::Setns)?;
         }
         check(
             libc::mount(

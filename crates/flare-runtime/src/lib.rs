@@ -235,6 +235,7 @@ impl Runtime {
         }
         let cgroups = CgroupLayout::detect(&cfg.cgroup_parent)?;
         cgroups.setup_parent()?;
+        let dynmods = cgroup::favor_dynmods(Path::new(cgroup::DYNMODS_MOUNT));
         let containers = cfg.state_dir.join("containers");
         fs::create_dir_all(&containers).ctx(|| format!("create {}", containers.display()))?;
         let skeleton = cfg.state_dir.join("skeleton");
@@ -261,6 +262,7 @@ impl Runtime {
             host_dirs = ?host_dirs,
             nat = ?nat.as_ref().err(),
             seccomp_instructions = seccomp.len(),
+            fast_cgroup_join = ?dynmods,
             "container runtime ready"
         );
         Ok(Runtime {

@@ -214,3 +214,14 @@ impl Drop for Stack {
         }
     }
 }
+
+/// Raise the calling thread's nice value (lower its priority); threads and processes it
+/// starts inherit it. Best effort: failures are ignored.
+pub(crate) fn lower_thread_priority(nice: i32) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority on our own thread id; on Linux PRIO_PROCESS with a tid affects that thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}

@@ -1,0 +1,46 @@
+"""The apps that bench/bench.py runs on Flare.
+
+Kept apart from bench.py and free of everything but ``import flare`` so that what a
+container imports at start-up is as small as a user's trivial function module: the
+cold-start number then measures the platform, not the benchmark's own imports.
+Each benchmark gets its own app so that, e.g., the 8 warm containers of the memory
+benchmark never exist while cold starts are being timed.
+"""
+
+from __future__ import annotations
+
+import flare
+
+MEMORY_CONTAINERS = 8
+
+# Cold start: scaledown_window=0 makes the container exit as soon as it is idle
+# (the control plane's 100 ms tick), so every timed call starts from zero containers.
+cold_app = flare.App("bench-cold")
+
+
+@cold_app.function(scaledown_window=0)
+def cold_noop(x: int) -> int:
+    return x
+
+
+# Warm round trips and .map: default settings, as a user would write them.
+warm_app = flare.App("bench-warm")
+
+
+@warm_app.function()
+def echo(x: int) -> int:
+    return x
+
+
+@warm_app.function()
+def ident(x: int) -> int:
+    return x
+
+
+# Memory: a floor of warm, idle containers.
+memory_app = flare.App("bench-memory")
+
+
+@memory_app.function(min_containers=MEMORY_CONTAINERS)
+def idle(x: int) -> int:
+    return x

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything Flare needs on a fresh Debian/Ubuntu machine (as root) and builds it:
+# system packages (iproute2, iptables for container NAT), the flared binary (cargo, release),
+# and the Python SDK + CLI (pip, editable) with the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "Error: Flare's embedded server runs containers and must be set up as root." >&2
+  exit 1
+fi
+
+need=()
+for pkg in iproute2 iptables; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  log "apt-get install ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "Error: cargo not found; install a Rust toolchain (rustup) first." >&2
+  exit 1
+fi
+log "cargo build --release -p flared"
+cargo build --release -p flared
+
+PY="${FLARE_PYTHON:-$(command -v python3)}"
+# Resolve version-manager shims to the real interpreter (faster start, stable sys.executable).
+PY="$("$PY" -c 'import sys; print(sys.executable)')"
+log "pip install -e python (using $PY)"
+"$PY" -m pip install -q --disable-pip-version-check -e 'python[test]'
+
+# Put the CLI on PATH even when the interpreter's bin dir is not (pyenv and friends).
+bindir="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+if ! command -v flare >/dev/null 2>&1 || [ "$(command -v flare)" != "$bindir/flare" ]; then
+  ln -sf "$bindir/flare" /usr/local/bin/flare
+fi
+ln -sf "$PWD/target/release/flared" /usr/local/bin/flared
+log "ready: $(flare --version)"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh) and runs every test: Rust unit and privileged
+# integration tests, Python unit tests, and end-to-end tests against a live flared.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY="$("${FLARE_PYTHON:-python3}" -c 'import sys; print(sys.executable)')"
+
+status=0
+echo "== cargo test --release --workspace"
+cargo test --release --workspace -- --test-threads=2 || status=1
+
+echo "== pytest python/tests tests/e2e"
+"$PY" -m pytest -q -p no:cacheprovider python/tests tests/e2e || status=1
+exit $status
