@@ -522,7 +522,7 @@ fn build_plan(inner: &Inner, spec: &ContainerSpec, dir: &Path) -> Result<ChildPl
         Some(c"overlay".into()),
         cpath(&rootfs)?,
         Some("overlay"),
-        0,
+        libc::MS_NOSUID | libc::MS_NODEV,
         Some(&data),
     ));
     if matches!(spec.rootfs, Rootfs::Host) {

@@ -164,32 +164,21 @@ pub(crate) fn destroy(index: u32, pin: &Path) {
     }
 }
 
-/// Remove leftover pins under `dir` and `fl<digits>` links, except indexes in `keep`.
+/// Remove leftover pins under `dir` and their `fl<n>` links, except indexes in `keep`.
 /// Returns how many pins were removed.
 pub(crate) fn cleanup_stale(dir: &Path, keep: &HashSet<u32>) -> usize {
-    let kept = |name: &str| name.parse::<u32>().map(|i| keep.contains(&i)).unwrap_or(false);
+    // Only namespaces pinned in this runtime's own dir are ours: other runtimes on the
+    // host (another server, a test) keep their links.
     let mut n = 0;
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
-            if kept(&e.file_name().to_string_lossy()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(index) = name.parse::<u32>() else { continue };
+            if keep.contains(&index) {
                 continue;
             }
-            let p = e.path();
-            let _ = sys::umount_detach(&p);
-            let _ = fs::remove_file(&p);
+            destroy(index, &e.path());
             n += 1;
-        }
-    }
-    if let Ok(rd) = fs::read_dir("/sys/class/net") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.len() > 2
-                && name.starts_with("fl")
-                && name[2..].bytes().all(|b| b.is_ascii_digit())
-                && !kept(&name[2..])
-            {
-                let _ = run("ip", &["link", "del", &name]);
-            }
         }
     }
     n

@@ -239,6 +239,7 @@ print('mount', r, ctypes.get_errno())\n\
 r = libc.unshare(0x10000000)\n\
 print('unshare', r, ctypes.get_errno())\n\
 try:\n    os.chroot('/')\n    print('chroot ok')\nexcept OSError as e:\n    print('chroot', e.errno)\n\
+try:\n    os.mknod('/disk', 0o600 | 0o060000, os.makedev(254, 0))\n    print('mknod ok')\nexcept OSError as e:\n    print('mknod', e.errno)\n\
 for l in open('/proc/self/status'):\n    if l.startswith(('CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp:')):\n        print(l.strip().replace('\\t', ' '))\n";
     let out = run(&rt, &[PYTHON, "-c", script], |s| s.binds.push(pyenv_bind()));
     assert_eq!(out.exit.code, Some(0), "{}", out.stderr);
@@ -246,8 +247,10 @@ for l in open('/proc/self/status'):\n    if l.startswith(('CapEff', 'CapBnd', 'C
     assert_eq!(l[0], "mount -1 1");
     assert_eq!(l[1], "unshare -1 1");
     assert_eq!(l[2], "chroot ok");
-    assert!(l.contains(&"CapEff: 00000000a80425fb"), "{l:?}");
-    assert!(l.contains(&"CapBnd: 00000000a80425fb"), "{l:?}");
+    // No CAP_MKNOD: a node for the host's disk cannot be created.
+    assert_eq!(l[3], "mknod 1");
+    assert!(l.contains(&"CapEff: 00000000a00425fb"), "{l:?}");
+    assert!(l.contains(&"CapBnd: 00000000a00425fb"), "{l:?}");
     assert!(l.contains(&"CapAmb: 0000000000000000"), "{l:?}");
     assert!(l.contains(&"NoNewPrivs: 1"), "{l:?}");
     assert!(l.contains(&"Seccomp: 2"), "{l:?}");
