@@ -69,6 +69,30 @@ pub fn router(cp: ControlPlane) -> Router {
         .with_state(cp)
 }
 
+/// The subset of the API served on each container's socket: what code running in a
+/// container needs to call functions (look them up, call, read outputs, cancel). App
+/// management (create, deploy, stop, logs, mounts) is not reachable from containers.
+pub fn container_router(cp: ControlPlane) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/apps/by-name/{name}/functions/{fname}", get(function_by_app_name))
+        .route("/v1/apps/{app_id}/functions/{name}", get(function_by_app_id))
+        .route("/v1/functions/{function_id}/stats", get(function_stats))
+        .route("/v1/functions/{function_id}/calls", post(create_call))
+        .route("/v1/calls/{call_id}", get(call_info))
+        .route("/v1/calls/{call_id}/inputs", post(add_inputs))
+        .route("/v1/calls/{call_id}/outputs", get(outputs))
+        .route("/v1/calls/{call_id}/cancel", post(cancel_call))
+        .fallback(|| async {
+            HttpError(ApiError {
+                code: ErrorCode::NotFound,
+                message: "not available from inside a container".into(),
+            })
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(cp)
+}
+
 async fn health(State(cp): State<ControlPlane>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),

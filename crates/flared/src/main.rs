@@ -107,7 +107,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             id: "local".into(),
             home: home.clone(),
             runtime: runtime.clone(),
-            api: router.clone(),
+            api: api::container_router(cp.clone()),
         },
         events_tx,
     );
