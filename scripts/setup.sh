@@ -34,7 +34,8 @@ PY="${FLARE_PYTHON:-$(command -v python3)}"
 # Resolve version-manager shims to the real interpreter (faster start, stable sys.executable).
 PY="$("$PY" -c 'import sys; print(sys.executable)')"
 log "pip install -e python (using $PY)"
-"$PY" -m pip install -q --disable-pip-version-check -e 'python[test]'
+# compat mode: a plain .pth entry instead of an import finder that costs ~10 ms per interpreter start (containers included)
+"$PY" -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e 'python[test]'
 
 # Put the CLI on PATH even when the interpreter's bin dir is not (pyenv and friends).
 bindir="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"

@@ -1,0 +1,56 @@
+"""Flare: self-hostable serverless compute for Python.
+
+``import flare`` runs at every container cold start, so this module imports nothing
+eagerly: public names are resolved on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from . import exception as exception
+    from ._config import Retries as Retries, concurrent as concurrent
+    from ._context import (
+        current_function_call_id as current_function_call_id,
+        current_input_id as current_input_id,
+        is_local as is_local,
+    )
+    from ._functions import Function as Function, FunctionCall as FunctionCall
+    from ._output import enable_output as enable_output
+    from .app import App as App
+    from .exception import Error as Error
+
+_LAZY = {
+    "App": ("flare.app", "App"),
+    "Function": ("flare._functions", "Function"),
+    "FunctionCall": ("flare._functions", "FunctionCall"),
+    "Retries": ("flare._config", "Retries"),
+    "concurrent": ("flare._config", "concurrent"),
+    "is_local": ("flare._context", "is_local"),
+    "current_input_id": ("flare._context", "current_input_id"),
+    "current_function_call_id": ("flare._context", "current_function_call_id"),
+    "enable_output": ("flare._output", "enable_output"),
+    "Error": ("flare.exception", "Error"),
+    "exception": ("flare.exception", None),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'flare' has no attribute {name!r}") from None
+    import importlib
+
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

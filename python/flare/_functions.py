@@ -1,0 +1,693 @@
+"""``flare.Function`` and ``flare.FunctionCall``.
+
+This module is imported inside every container (user modules decorate functions at
+import time), so it imports nothing heavy at module level; the client machinery
+(HTTP, threads, serialization) is imported when a method that needs it runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import exception
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+
+    from ._transport import Client
+    from .app import App
+
+_CALL_WAIT_MS = 25000
+_POLL_WAIT_MS = 25000
+_FIRST_BATCH = 100
+_MAX_BATCH = 1000
+_MAX_BATCH_BYTES = 4 << 20
+
+
+class _Method:
+    """A blocking method with an ``.aio`` async variant (``f.remote(x)``, ``await f.remote.aio(x)``)."""
+
+    __slots__ = ("_sync", "aio")
+
+    def __init__(self, sync: Callable[..., Any], aio: Callable[..., Any]) -> None:
+        self._sync = sync
+        self.aio = aio
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sync(*args, **kwargs)
+
+
+def _client() -> Client:
+    from ._transport import get_client
+
+    return get_client()
+
+
+def _output_value(output: dict[str, Any], name: str) -> Any:
+    from ._serialization import deserialize, exception_from_output, unb64
+
+    if output.get("status") == "success":
+        data = output.get("data")
+        return deserialize(unb64(data)) if data else None
+    raise exception_from_output(output, name)
+
+
+def _poll_outputs(client: Client, call_id: str, after: int, wait_ms: int, limit: int | None = None) -> dict[str, Any]:
+    path = f"/v1/calls/{call_id}/outputs?after={after}&wait_ms={wait_ms}"
+    if limit:
+        path += f"&limit={limit}"
+    result: dict[str, Any] = client.request("GET", path, timeout=wait_ms / 1000 + 60)
+    return result
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    import asyncio
+    import functools
+
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+async def _aiter_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Run a blocking iterator in a thread and yield its items on the event loop."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: tuple[int, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # loop closed
+            stop.set()
+
+    def produce() -> None:
+        try:
+            it = make_iter()
+            try:
+                for item in it:
+                    put((0, item))
+                    if stop.is_set():
+                        break
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            put((1, e))
+        else:
+            put((2, None))
+
+    threading.Thread(target=produce, name="flare-aio-bridge", daemon=True).start()
+    try:
+        while True:
+            kind, value = await q.get()
+            if kind == 0:
+                yield value
+            elif kind == 1:
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+
+
+def _sync_iter_from_async(aiterable: Any, loop: Any) -> Iterator[Any]:
+    """A blocking iterator over an async iterable that is consumed on ``loop``."""
+    import asyncio
+    import queue
+
+    q: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+
+    async def pump() -> None:
+        try:
+            async for item in aiterable:
+                q.put((0, item))
+        except BaseException as e:  # noqa: BLE001
+            q.put((1, e))
+        else:
+            q.put((2, None))
+
+    task = loop.create_task(pump())  # called on the running loop (from an .aio method)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+    def gen() -> Iterator[Any]:
+        while True:
+            kind, value = q.get()
+            if kind == 0:
+                yield value
+            elif kind == 1:
+                raise value
+            else:
+                return
+
+    return gen()
+
+
+_background_tasks: set[Any] = set()
+
+
+class Function:
+    """A function that runs in Flare containers. Made by ``@app.function()``."""
+
+    _is_flare_function = True
+
+    def __init__(
+        self,
+        raw_f: Callable[..., Any] | None,
+        app: App | None,
+        tag: str,
+        config: dict[str, Any],
+        serialized: bool = False,
+    ) -> None:
+        self._raw_f = raw_f
+        self.__flare_raw_f__ = raw_f
+        self._app = app
+        self._tag = tag
+        self._config = config
+        self._serialized = serialized
+        code = getattr(raw_f, "__code__", None)
+        flags = code.co_flags if code is not None else 0
+        self._is_generator = bool(flags & 0x220)  # CO_GENERATOR | CO_ASYNC_GENERATOR
+        self._is_async = bool(flags & 0x280)  # CO_COROUTINE | CO_ASYNC_GENERATOR
+        self._function_id: str | None = None
+        self._from_name: tuple[str, str] | None = None
+        if raw_f is not None:
+            self.__name__ = getattr(raw_f, "__name__", tag)
+            self.__qualname__ = getattr(raw_f, "__qualname__", tag)
+            self.__module__ = getattr(raw_f, "__module__", __name__)
+            self.__doc__ = getattr(raw_f, "__doc__", None)
+        self.remote = _Method(self._remote, self._remote_aio)
+        self.remote_gen = _Method(self._remote_gen, self._remote_gen_aio)
+        self.map = _Method(self._map, self._map_aio)
+        self.starmap = _Method(self._starmap, self._starmap_aio)
+        self.for_each = _Method(self._for_each, self._for_each_aio)
+        self.spawn = _Method(self._spawn, self._spawn_aio)
+        self.spawn_map = _Method(self._spawn_map, self._spawn_map_aio)
+
+    # ------------------------------------------------------------------ identity
+
+    def __repr__(self) -> str:
+        return f"Function({self._tag!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore_function, (self._tag, self._function_id, self._from_name, self._is_generator, self._is_async))
+
+    @property
+    def object_id(self) -> str | None:
+        return self._function_id
+
+    @property
+    def tag(self) -> str:
+        return self._tag
+
+    @property
+    def is_generator(self) -> bool:
+        return self._is_generator
+
+    def get_raw_f(self) -> Callable[..., Any]:
+        if self._raw_f is None:
+            raise exception.InvalidError(f"Function {self._tag!r} was looked up by name; its code is not available here")
+        return self._raw_f
+
+    @classmethod
+    def from_name(cls, app_name: str, name: str, *, environment_name: str | None = None) -> Function:
+        """A reference to function ``name`` of the deployed app ``app_name`` (resolved on first use)."""
+        f = cls(None, None, name, {})
+        f._from_name = (app_name, name)
+        return f
+
+    def hydrate(self) -> Function:
+        """Resolve the function's id now (``from_name`` references resolve lazily otherwise)."""
+        self._hydrate()
+        return self
+
+    def _hydrate(self) -> str:
+        fid = self._function_id
+        if fid is not None:
+            return fid
+        from urllib.parse import quote
+
+        client = _client()
+        if self._from_name is not None:
+            app_name, name = self._from_name
+            info = client.request("GET", f"/v1/apps/by-name/{quote(app_name, safe='')}/functions/{quote(name, safe='')}")
+        elif os.environ.get("FLARE_IS_REMOTE") == "1" and os.environ.get("FLARE_APP_ID"):
+            app_id = os.environ["FLARE_APP_ID"]
+            info = client.request("GET", f"/v1/apps/{app_id}/functions/{quote(self._tag, safe='')}")
+        else:
+            raise exception.ExecutionError(
+                f"Function {self._tag!r} has not been hydrated: its app is not running. "
+                "Call it inside `with app.run():`, from a `flare run` entrypoint, or use Function.from_name() "
+                "for a deployed app."
+            )
+        self._is_generator = bool(info.get("is_generator", self._is_generator))
+        self._is_async = bool(info.get("is_async", self._is_async))
+        self._function_id = info["function_id"]
+        return self._function_id  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ local
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function in this process."""
+        return self.get_raw_f()(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.local(*args, **kwargs)
+
+    # ------------------------------------------------------------------ remote
+
+    def _remote(self, *args: Any, **kwargs: Any) -> Any:
+        from ._serialization import b64, serialize_args
+
+        if self._is_generator:
+            raise exception.InvalidError(
+                f"{self._tag} is a generator function: call it with .remote_gen() (and iterate the result)"
+            )
+        payload = serialize_args(args, kwargs)
+        fid = self._hydrate()
+        if self._is_generator:
+            raise exception.InvalidError(f"{self._tag} is a generator function: call it with .remote_gen()")
+        client = _client()
+        body = ('{"kind":"call","inputs":[{"args":"%s"}],"more":false,"wait_ms":%d}' % (b64(payload), _CALL_WAIT_MS)).encode()
+        resp = client.request("POST", f"/v1/functions/{fid}/calls", body, timeout=_CALL_WAIT_MS / 1000 + 60)
+        outputs = resp.get("outputs")
+        if outputs:
+            return _output_value(outputs[0], self._tag)
+        call_id = resp["call_id"]
+        after = -1
+        while True:
+            r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
+            if r["outputs"]:
+                return _output_value(r["outputs"][0], self._tag)
+            after = r.get("next", after)
+
+    async def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
+        return await _in_thread(self._remote, *args, **kwargs)
+
+    def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        from ._serialization import b64, serialize_args
+
+        payload = serialize_args(args, kwargs)
+        fid = self._hydrate()
+        if not self._is_generator:
+            raise exception.InvalidError(f"{self._tag} is not a generator function: call it with .remote()")
+        return self._gen_iter(fid, b64(payload))
+
+    def _gen_iter(self, fid: str, args_b64: str) -> Iterator[Any]:
+        client = _client()
+        body = ('{"kind":"gen","inputs":[{"args":"%s"}],"more":false,"wait_ms":0}' % args_b64).encode()
+        resp = client.request("POST", f"/v1/functions/{fid}/calls", body)
+        call_id = resp["call_id"]
+        finished = False
+        try:
+            pending = sorted(resp.get("outputs") or [], key=lambda o: o["seq"])
+            after = pending[-1]["seq"] if pending else -1
+            while True:
+                for o in pending:
+                    if o.get("gen") == "item" and o.get("status") == "success":
+                        yield _output_value(o, self._tag)
+                    elif o.get("gen") == "done" and o.get("status") == "success":
+                        finished = True
+                        return
+                    else:
+                        finished = True
+                        raise _exception_of(o, self._tag)
+                r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
+                pending = sorted(r["outputs"], key=lambda o: o["seq"])
+                after = r.get("next", after)
+                if not pending and r.get("done"):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                _cancel_quietly(client, call_id)
+
+    def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        return _aiter_in_thread(lambda: self._remote_gen(*args, **kwargs))
+
+    # ------------------------------------------------------------------ spawn
+
+    def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        from ._serialization import b64, serialize_args
+
+        payload = serialize_args(args, kwargs)
+        fid = self._hydrate()
+        if self._is_generator:
+            raise exception.InvalidError(f"{self._tag} is a generator function: it cannot be spawned; use .remote_gen()")
+        body = ('{"kind":"spawn","inputs":[{"args":"%s"}],"more":false,"wait_ms":0}' % b64(payload)).encode()
+        resp = _client().request("POST", f"/v1/functions/{fid}/calls", body)
+        return FunctionCall(resp["call_id"], "spawn", self._tag)
+
+    async def _spawn_aio(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        return await _in_thread(self._spawn, *args, **kwargs)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ map
+
+    def _check_mappable(self) -> str:
+        fid = self._hydrate()
+        if self._is_generator:
+            raise exception.InvalidError(f"{self._tag} is a generator function: .map() is not supported for generators")
+        return fid
+
+    def _map(
+        self,
+        *iterables: Iterable[Any],
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Run the function over ``zip(*iterables)`` in parallel; yields results (in input order by default)."""
+        if not iterables:
+            raise exception.InvalidError("map() needs at least one iterable")
+        fid = self._check_mappable()
+        return _MapRun(self, fid, zip(*iterables), kwargs or {}, False).results(order_outputs, return_exceptions)
+
+    def _starmap(
+        self,
+        iterable: Iterable[Any],
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Like map(), but each item is a tuple of positional arguments."""
+        fid = self._check_mappable()
+        return _MapRun(self, fid, iter(iterable), kwargs or {}, True).results(order_outputs, return_exceptions)
+
+    def _for_each(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
+        """Run the function over the inputs for its side effects, discarding results."""
+        for _ in self._map(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+            pass
+
+    def _spawn_map(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None) -> FunctionCall:
+        """Submit all inputs and return without waiting; the FunctionCall's get() returns the result list."""
+        if not iterables:
+            raise exception.InvalidError("spawn_map() needs at least one iterable")
+        fid = self._check_mappable()
+        run = _MapRun(self, fid, zip(*iterables), kwargs or {}, False)
+        run.send_all()
+        if run.error is not None:
+            raise run.error
+        assert run.call_id is not None
+        return FunctionCall(run.call_id, "map", self._tag)
+
+    # async variants: the blocking machinery runs in a thread, items are bridged to the loop.
+
+    def _aio_inputs(self, iterables: tuple[Any, ...]) -> tuple[Any, ...]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return tuple(_sync_iter_from_async(it, loop) if hasattr(it, "__aiter__") else it for it in iterables)
+
+    def _map_aio(
+        self,
+        *iterables: Any,
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[Any]:
+        async def gen() -> AsyncIterator[Any]:
+            its = self._aio_inputs(iterables)
+            async for item in _aiter_in_thread(
+                lambda: self._map(*its, kwargs=kwargs, order_outputs=order_outputs, return_exceptions=return_exceptions)
+            ):
+                yield item
+
+        return gen()
+
+    def _starmap_aio(
+        self,
+        iterable: Any,
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[Any]:
+        async def gen() -> AsyncIterator[Any]:
+            (it,) = self._aio_inputs((iterable,))
+            async for item in _aiter_in_thread(
+                lambda: self._starmap(it, kwargs=kwargs, order_outputs=order_outputs, return_exceptions=return_exceptions)
+            ):
+                yield item
+
+        return gen()
+
+    async def _for_each_aio(self, *iterables: Any, kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
+        async for _ in self._map_aio(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+            pass
+
+    async def _spawn_map_aio(self, *iterables: Any, kwargs: dict[str, Any] | None = None) -> FunctionCall:
+        its = self._aio_inputs(iterables)
+        return await _in_thread(self._spawn_map, *its, kwargs=kwargs)  # type: ignore[no-any-return]
+
+
+def _restore_function(
+    tag: str, function_id: str | None, from_name: tuple[str, str] | None, is_generator: bool, is_async: bool
+) -> Function:
+    f = Function(None, None, tag, {})
+    f._function_id = function_id
+    f._from_name = from_name
+    f._is_generator = is_generator
+    f._is_async = is_async
+    return f
+
+
+def _exception_of(output: dict[str, Any], name: str) -> BaseException:
+    from ._serialization import exception_from_output
+
+    return exception_from_output(output, name)
+
+
+def _cancel_quietly(client: Client, call_id: str) -> None:
+    try:
+        client.request("POST", f"/v1/calls/{call_id}/cancel", {"terminate_containers": False}, timeout=10)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+class _MapRun:
+    """One ``.map()`` call: a sender thread streams input batches, the caller polls outputs."""
+
+    def __init__(self, function: Function, function_id: str, items: Iterator[Any], kwargs: dict[str, Any], star: bool) -> None:
+        import threading
+
+        self.function = function
+        self.function_id = function_id
+        self.items = items
+        self.kwargs = kwargs
+        self.star = star
+        self.call_id: str | None = None
+        self.error: BaseException | None = None
+        self.created = threading.Event()
+        self.sender_done = threading.Event()
+        self.sent_all = False
+        self.stop = False
+        self.num_sent = 0
+
+    def _post(self, client: Client, batch: list[str], more: bool) -> None:
+        inputs = ",".join(batch)
+        if self.call_id is None:
+            body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more else "false")).encode()
+            resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
+            self.call_id = resp["call_id"]
+            self.created.set()
+        else:
+            body = ('{"inputs":[%s],"more":%s}' % (inputs, "true" if more else "false")).encode()
+            client.request("POST", f"/v1/calls/{self.call_id}/inputs", body)
+        self.num_sent += len(batch)
+
+    def send_all(self) -> None:
+        from ._serialization import b64, serialize_args
+
+        client = _client()
+        kwargs = self.kwargs
+        star = self.star
+        batch: list[str] = []
+        size = 0
+        limit = _FIRST_BATCH
+        try:
+            for item in self.items:
+                if self.stop:
+                    return
+                args = tuple(item) if star else item
+                data = b64(serialize_args(args, kwargs))
+                batch.append('{"args":"%s"}' % data)
+                size += len(data)
+                if len(batch) >= limit or size >= _MAX_BATCH_BYTES:
+                    self._post(client, batch, True)
+                    batch = []
+                    size = 0
+                    limit = _MAX_BATCH
+            if not self.stop:
+                self._post(client, batch, False)
+                self.sent_all = True
+        except BaseException as e:  # noqa: BLE001 - reported to the consumer
+            self.error = e
+            if self.call_id is not None:
+                _cancel_quietly(client, self.call_id)
+        finally:
+            self.created.set()
+            self.sender_done.set()
+
+    def _sender_main(self) -> None:
+        try:
+            self.send_all()
+        finally:
+            _client().close()
+
+    def results(self, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
+        import threading
+
+        threading.Thread(target=self._sender_main, name="flare-map-sender", daemon=True).start()
+        return self._results(order_outputs, return_exceptions)
+
+    def _results(self, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
+        import time
+
+        from ._serialization import deserialize, exception_from_output, unb64
+
+        name = self.function._tag
+        client = _client()
+        finished = False
+        try:
+            self.created.wait()
+            if self.call_id is None:
+                assert self.error is not None
+                raise self.error
+            call_id = self.call_id
+            after = -1
+            buffered: dict[int, tuple[bool, Any]] = {}
+            next_idx = 0
+            while True:
+                r = _poll_outputs(client, call_id, after, 1000 if not self.sent_all else _POLL_WAIT_MS)
+                after = r.get("next", after)
+                for o in r["outputs"]:
+                    if o.get("status") == "success":
+                        data = o.get("data")
+                        ok, value = True, deserialize(unb64(data)) if data else None
+                    else:
+                        ok, value = False, exception_from_output(o, name)
+                        if not return_exceptions:
+                            raise value
+                    if order_outputs:
+                        buffered[o["idx"]] = (ok, value)
+                        while next_idx in buffered:
+                            yield buffered.pop(next_idx)[1]
+                            next_idx += 1
+                    else:
+                        yield value
+                if self.error is not None:
+                    raise self.error
+                if 0 < len(r["outputs"]) < 200 and not r.get("done"):
+                    # Outputs are trickling in: let a few milliseconds' worth accumulate
+                    # instead of paying one HTTP round trip per handful of outputs.
+                    time.sleep(0.004)
+                if r.get("done"):
+                    # The server only says done after our last batch (more=false) was accepted.
+                    self.sender_done.wait()
+                    if self.error is not None:
+                        raise self.error
+                    for idx in sorted(buffered):
+                        yield buffered[idx][1]
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.stop = True
+                if self.call_id is not None:
+                    _cancel_quietly(client, self.call_id)
+
+
+class FunctionCall:
+    """A handle on a spawned call (``f.spawn(...)``, ``f.spawn_map(...)``)."""
+
+    gather: _Method  # FunctionCall.gather(*calls) / await FunctionCall.gather.aio(*calls), set below
+
+    def __init__(self, call_id: str, kind: str | None = None, function_name: str = "") -> None:
+        self._call_id = call_id
+        self._kind = kind
+        self._function_name = function_name
+        self.get = _Method(self._get, self._get_aio)
+        self.cancel = _Method(self._cancel, self._cancel_aio)
+
+    def __repr__(self) -> str:
+        return f"FunctionCall({self._call_id!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FunctionCall, (self._call_id, self._kind, self._function_name))
+
+    @property
+    def object_id(self) -> str:
+        return self._call_id
+
+    @staticmethod
+    def from_id(function_call_id: str) -> FunctionCall:
+        return FunctionCall(function_call_id)
+
+    def _get(self, timeout: float | None = None) -> Any:
+        """The result; raises flare.exception.TimeoutError if not ready within ``timeout`` seconds."""
+        import time
+
+        client = _client()
+        if self._kind is None:
+            info = client.request("GET", f"/v1/calls/{self._call_id}")
+            self._kind = info.get("kind") or "spawn"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = -1
+        outputs: list[dict[str, Any]] = []
+        while True:
+            if deadline is None:
+                wait_ms = _POLL_WAIT_MS
+            else:
+                wait_ms = max(0, min(_POLL_WAIT_MS, int((deadline - time.monotonic()) * 1000)))
+            r = _poll_outputs(client, self._call_id, after, wait_ms)
+            outputs.extend(r["outputs"])
+            after = r.get("next", after)
+            if r.get("done"):
+                break
+            if self._kind in ("call", "spawn") and outputs:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise exception.TimeoutError(f"FunctionCall {self._call_id} did not finish within {timeout}s")
+        if self._kind == "map":
+            outputs.sort(key=lambda o: o["idx"])
+            return [_output_value(o, self._function_name) for o in outputs]
+        if self._kind == "gen":
+            outputs.sort(key=lambda o: o["seq"])
+            items = []
+            for o in outputs:
+                if o.get("status") != "success":
+                    raise _exception_of(o, self._function_name)
+                if o.get("gen") == "item":
+                    items.append(_output_value(o, self._function_name))
+            return items
+        if not outputs:
+            raise exception.ExecutionError(f"FunctionCall {self._call_id} finished without an output")
+        return _output_value(outputs[0], self._function_name)
+
+    async def _get_aio(self, timeout: float | None = None) -> Any:
+        return await _in_thread(self._get, timeout)
+
+    def _cancel(self, terminate_containers: bool = False) -> None:
+        """Cancel the call: pending inputs are dropped, running ones stopped."""
+        _client().request("POST", f"/v1/calls/{self._call_id}/cancel", {"terminate_containers": bool(terminate_containers)})
+
+    async def _cancel_aio(self, terminate_containers: bool = False) -> None:
+        await _in_thread(self._cancel, terminate_containers)
+
+
+
+def _gather(*calls: FunctionCall) -> list[Any]:
+    """Wait for several FunctionCalls; their results in order (raises the first failure)."""
+    return [c.get() for c in calls]
+
+
+async def _gather_aio(*calls: FunctionCall) -> list[Any]:
+    import asyncio
+
+    return list(await asyncio.gather(*(c.get.aio() for c in calls)))
+
+
+FunctionCall.gather = _Method(_gather, _gather_aio)  # type: ignore[attr-defined]

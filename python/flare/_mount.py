@@ -1,0 +1,140 @@
+"""Shipping the user's code: the mount (local modules) and the container's Python setup."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_SDK_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _excluded_roots() -> list[str]:
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, _SDK_DIR}
+    return [os.path.realpath(r) for r in roots if r]
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _is_local_file(path: str, entry_dir: str, excluded: list[str]) -> bool:
+    if not _under(path, entry_dir):
+        return False
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    for root in excluded:
+        if _under(path, root) and not _under(entry_dir, root):
+            return False
+        if _under(path, root) and root == _SDK_DIR:
+            return False
+    # Anything inside a virtualenv (a directory with pyvenv.cfg above it, below entry_dir).
+    d = os.path.dirname(path)
+    while _under(d, entry_dir) and d != entry_dir:
+        if os.path.exists(os.path.join(d, "pyvenv.cfg")):
+            return False
+        d = os.path.dirname(d)
+    return True
+
+
+def module_name_for(file: str, entry_dir: str) -> str:
+    """The dotted name under which the module at ``file`` imports from the mount root."""
+    rel = os.path.relpath(os.path.realpath(file), entry_dir)
+    if rel.endswith(".py"):
+        rel = rel[:-3]
+    parts = rel.split(os.sep)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def collect_files(entry_file: str) -> list[dict[str, Any]]:
+    """The entry file plus every imported local module under its directory."""
+    from ._serialization import b64
+
+    entry_file = os.path.realpath(entry_file)
+    entry_dir = os.path.dirname(entry_file)
+    excluded = _excluded_roots()
+    paths = {entry_file}
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        real = os.path.realpath(f)
+        if _is_local_file(real, entry_dir, excluded):
+            paths.add(real)
+    files = []
+    for real in sorted(paths):
+        try:
+            st = os.stat(real)
+            with open(real, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        rel = os.path.relpath(real, entry_dir).replace(os.sep, "/")
+        files.append({"path": rel, "data": b64(data), "mode": st.st_mode & 0o777})
+        pyc = _compile(real, rel)
+        if pyc is not None:
+            # Unchecked-hash .pyc next to the source: the container imports without
+            # compiling (the mount is read-only, so it could never cache it itself).
+            files.append(pyc)
+    return files
+
+
+def _compile(real: str, rel: str) -> dict[str, Any] | None:
+    import importlib.util
+    import py_compile
+    import tempfile
+
+    from ._serialization import b64
+
+    cache_rel = importlib.util.cache_from_source(rel)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "x.pyc")
+        try:
+            py_compile.compile(
+                real, cfile=out, dfile="/root/" + rel, doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
+            with open(out, "rb") as fh:
+                data = fh.read()
+        except (py_compile.PyCompileError, OSError, SyntaxError):
+            return None
+    return {"path": cache_rel.replace(os.sep, "/"), "data": b64(data), "mode": 0o644}
+
+
+def python_info(entry_dir: str | None) -> dict[str, Any]:
+    entry = os.path.realpath(entry_dir) if entry_dir else None
+    paths: list[str] = []
+    for p in sys.path:
+        p = os.path.realpath(p or os.getcwd())
+        if p == entry or not os.path.isdir(p) or p in paths:
+            continue
+        paths.append(p)
+    return {"executable": sys.executable, "paths": paths, "sdk_path": _SDK_DIR}
+
+
+_sdk_compiled = False
+
+
+def ensure_sdk_compiled() -> None:
+    """Byte-compile the SDK once (it is bound read-only into containers)."""
+    global _sdk_compiled
+    if _sdk_compiled:
+        return
+    _sdk_compiled = True
+    import importlib.util
+
+    marker = importlib.util.cache_from_source(os.path.join(_SDK_DIR, "_runner.py"))
+    if os.path.exists(marker):
+        return
+    try:
+        import compileall
+
+        compileall.compile_dir(_SDK_DIR, quiet=2, maxlevels=0)
+    except Exception:  # noqa: BLE001 - read-only install: containers compile in memory
+        pass

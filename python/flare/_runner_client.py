@@ -1,0 +1,132 @@
+"""The worker side of the container protocol, for tests and benchmarks.
+
+Starts ``python -m flare._runner`` with one end of a socketpair as fd 3 and speaks
+the framing of docs/PROTOCOL.md section 2. (The real worker is the Rust agent.)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import time
+
+from ._runner import CANCEL, INIT, INPUTS, SHUTDOWN, FrameReader, encode_frame, write_all
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class RunnerProcess:
+    def __init__(self, env: dict[str, str] | None = None, python: str | None = None) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sdk_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = sdk_parent + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.setdefault("FLARE_IS_REMOTE", "1")
+        if env:
+            full_env.update(env)
+        # posix_spawn dup2s the child end onto fd 3 (and the log files onto 1 and 2);
+        # every other fd is close-on-exec, so the runner sees exactly fds 0-3.
+        self._out = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()
+        argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", "flare._runner"]
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self.pid = os.posix_spawn(
+                argv[0],
+                argv,
+                full_env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, self._out.fileno(), 1),
+                    (os.POSIX_SPAWN_DUP2, self._err.fileno(), 2),
+                    (os.POSIX_SPAWN_DUP2, child.fileno(), 3),
+                ],
+            )
+        finally:
+            os.close(devnull)
+        self.returncode: int | None = None
+        child.close()
+        self.sock = parent
+        self.fd = parent.fileno()
+        self.reader = FrameReader(self.fd)
+        self._queued: list[tuple[int, dict[str, Any], memoryview]] = []
+
+    def send(self, typ: int, header: dict[str, Any], body: list[bytes] | tuple[bytes, ...] = ()) -> None:
+        write_all(self.fd, encode_frame(typ, header, body))
+
+    def init(self, function: dict[str, Any], pickled: bytes = b"") -> None:
+        self.send(INIT, {"function": function}, [pickled] if pickled else [])
+
+    def send_inputs(self, items: list[tuple[str, tuple[Any, ...], dict[str, Any]]], call_id: str = "fc-test", start_idx: int = 0) -> None:
+        headers = []
+        bodies = []
+        for i, (input_id, args, kwargs) in enumerate(items):
+            data = pickle.dumps((args, kwargs), 4)
+            headers.append({"input_id": input_id, "call_id": call_id, "idx": start_idx + i, "len": len(data)})
+            bodies.append(data)
+        self.send(INPUTS, {"inputs": headers}, bodies)
+
+    def cancel(self, input_ids: list[str]) -> None:
+        self.send(CANCEL, {"input_ids": input_ids})
+
+    def shutdown(self) -> None:
+        self.send(SHUTDOWN, {})
+
+    def recv(self) -> tuple[int, dict[str, Any], memoryview] | None:
+        """Next frame, or None at EOF."""
+        if not self._queued:
+            self._queued = self.reader.read_frames()
+            if not self._queued:
+                return None
+        return self._queued.pop(0)
+
+    def outputs(self, n: int) -> list[tuple[dict[str, Any], bytes]]:
+        """Collect ``n`` outputs (across OUTPUTS frames) as (header, payload)."""
+        out: list[tuple[dict[str, Any], bytes]] = []
+        while len(out) < n:
+            frame = self.recv()
+            if frame is None:
+                raise EOFError(f"runner closed the socket after {len(out)} of {n} outputs")
+            typ, header, body = frame
+            if typ != 12:
+                raise AssertionError(f"unexpected frame type {typ}: {header}")
+            off = 0
+            for item in header["outputs"]:
+                out.append((item, bytes(body[off : off + item["len"]])))
+                off += item["len"]
+        return out
+
+    def wait(self, timeout: float = 10) -> int:
+        deadline = time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+                break
+            time.sleep(0.002)
+        return self.returncode
+
+    def logs(self) -> tuple[bytes, bytes]:
+        self._out.seek(0)
+        self._err.seek(0)
+        return self._out.read(), self._err.read()
+
+    def close(self, timeout: float = 10) -> tuple[int, bytes, bytes]:
+        """Close our end of the socket, wait for the runner to exit: (rc, stdout, stderr)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        rc = self.wait(timeout)
+        out, err = self.logs()
+        return rc, out, err

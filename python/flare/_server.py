@@ -1,0 +1,167 @@
+"""Finding, starting and stopping the embedded ``flared server``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from . import exception
+from ._transport import DEFAULT_SERVER_URL, Client, configured_server_url, get_client, how_to_start_hint
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:7878"
+
+
+def flare_home() -> str:
+    return os.environ.get("FLARE_HOME") or os.path.join(os.path.expanduser("~"), ".flare")
+
+
+def _package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def find_flared() -> str:
+    """Locate the ``flared`` binary ($FLARE_BIN, the package, PATH, the dev checkout)."""
+    candidates: list[str] = []
+    env_bin = os.environ.get("FLARE_BIN")
+    if env_bin:
+        if os.path.isfile(env_bin) and os.access(env_bin, os.X_OK):
+            return env_bin
+        raise exception.ExecutionError(f"FLARE_BIN={env_bin} is not an executable file")
+    packaged = os.path.join(_package_dir(), "bin", "flared")
+    candidates.append(packaged)
+    if os.path.isfile(packaged) and os.access(packaged, os.X_OK):
+        return packaged
+    on_path = shutil.which("flared")
+    if on_path:
+        return on_path
+    candidates.append("flared on PATH")
+    repo = os.path.dirname(os.path.dirname(_package_dir()))
+    dev = os.path.join(repo, "target", "release", "flared")
+    candidates.append(dev)
+    if os.path.isfile(dev) and os.access(dev, os.X_OK):
+        return dev
+    raise exception.ExecutionError(
+        "Could not find the flared binary. Looked at: $FLARE_BIN (unset), "
+        + ", ".join(candidates)
+        + ". Install the flare wheel that bundles it, put flared on PATH, "
+        "or build it with `cargo build --release -p flared`."
+    )
+
+
+def health(client: Client, timeout: float = 2.0) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = client.request("GET", "/v1/health", timeout=timeout)
+        return result
+    except exception.ConnectionError:
+        client.close()
+        return None
+
+
+def _pid_path() -> str:
+    return os.path.join(flare_home(), "flared.pid")
+
+
+def _log_path() -> str:
+    return os.path.join(flare_home(), "flared.log")
+
+
+def _tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
+    """Start ``flared server`` in the background (setsid) and wait for /v1/health."""
+    import fcntl
+    import subprocess
+
+    home = flare_home()
+    os.makedirs(home, exist_ok=True)
+    client = get_client("http://" + listen)
+    with open(os.path.join(home, "flared.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `flare run`s at once start one server
+        if health(client) is not None:
+            return client
+        binary = find_flared()
+        log = open(_log_path(), "ab")
+        try:
+            proc = subprocess.Popen(
+                [binary, "server", "--home", home, "--listen", listen],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            log.close()
+        with open(_pid_path(), "w") as f:
+            f.write(f"{proc.pid}\n")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if health(client, timeout=1.0) is not None:
+                return client
+            if proc.poll() is not None:
+                raise exception.ConnectionError(
+                    f"flared exited with status {proc.returncode} while starting (log: {_log_path()}):\n{_tail(_log_path())}"
+                )
+            time.sleep(0.05)
+        raise exception.ConnectionError(
+            f"flared did not become healthy within {wait:.0f}s (log: {_log_path()}):\n{_tail(_log_path())}"
+        )
+
+
+def ensure_server() -> Client:
+    """A client for a live server; starts the embedded one when none is configured."""
+    url = configured_server_url()
+    if url is not None:
+        client = get_client(url)
+        if health(client, timeout=5.0) is None:
+            raise exception.ConnectionError(f"No Flare server answers at {url}. " + how_to_start_hint(url))
+        return client
+    client = get_client(DEFAULT_SERVER_URL)
+    if health(client, timeout=2.0) is not None:
+        return client
+    return start_server(DEFAULT_LISTEN)
+
+
+def stop_server(timeout: float = 30.0) -> bool:
+    """Stop the background server started by ``flare`` (from its pid file)."""
+    import signal
+
+    try:
+        with open(_pid_path()) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        os.unlink(_pid_path())
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        os.unlink(_pid_path())
+    except OSError:
+        pass
+    return True

@@ -1,0 +1,185 @@
+"""HTTP/JSON transport to the Flare API (stdlib only).
+
+One keep-alive ``http.client`` connection per thread; ``http://host:port`` and
+``unix:///path/to.sock`` base URLs; error bodies mapped to ``flare.exception`` classes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+
+from . import exception
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:7878"
+
+_ERROR_CLASSES: dict[str, type[exception.Error]] = {
+    "not_found": exception.NotFoundError,
+    "invalid_argument": exception.InvalidError,
+    "conflict": exception.ConflictError,
+    "failed_precondition": exception.InvalidError,
+    "internal": exception.ServerError,
+    "unavailable": exception.ExecutionError,
+}
+
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def configured_server_url() -> str | None:
+    return os.environ.get("FLARE_SERVER_URL") or None
+
+
+def server_url() -> str:
+    return configured_server_url() or DEFAULT_SERVER_URL
+
+
+def how_to_start_hint(url: str) -> str:
+    return (
+        f"Start one with `flare server start` (or `flared server --listen 127.0.0.1:7878`), "
+        f"or point FLARE_SERVER_URL at a running server (currently {url})."
+    )
+
+
+class Client:
+    """A client for one base URL. Thread-safe: each thread uses its own connection."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._local = threading.local()
+        if self.url.startswith("unix://"):
+            self._unix_path: str | None = self.url[len("unix://") :]
+            self._host = "localhost"
+            self._port = 0
+        elif self.url.startswith("http://"):
+            self._unix_path = None
+            hostport = self.url[len("http://") :].split("/", 1)[0]
+            host, _, port = hostport.rpartition(":")
+            if not host:
+                host, port = hostport, "80"
+            self._host = host.strip("[]")
+            self._port = int(port)
+        else:
+            raise exception.InvalidError(f"Unsupported server URL {url!r}: use http://HOST:PORT or unix:///PATH")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._unix_path is not None:
+                conn = _UnixHTTPConnection(self._unix_path, self.timeout)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """Send a request with a JSON body (dict) or pre-encoded bytes; return the decoded JSON."""
+        if body is None:
+            data = None
+            headers = {}
+        else:
+            data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+            headers = {"Content-Type": "application/json"}
+        for attempt in (0, 1):
+            conn = self._connection()
+            fresh = conn.sock is None
+            try:
+                if fresh:
+                    conn.connect()
+                if timeout is not None and conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                elif conn.sock is not None:
+                    conn.sock.settimeout(self.timeout)
+                conn.request(method, path, data, headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                status = resp.status
+                if resp.will_close:
+                    conn.close()
+            except _STALE as e:
+                conn.close()
+                if fresh or attempt:
+                    raise exception.ConnectionError(
+                        f"Lost the connection to the Flare server at {self.url}: {e}"
+                    ) from None
+                continue  # a kept-alive connection the server had closed: retry once on a new one
+            except (ConnectionRefusedError, FileNotFoundError, socket.gaierror) as e:
+                conn.close()
+                raise exception.ConnectionError(
+                    f"Could not connect to the Flare server at {self.url} ({e.strerror or e}). "
+                    + how_to_start_hint(self.url)
+                ) from None
+            except socket.timeout:
+                conn.close()
+                raise exception.ConnectionError(f"The Flare server at {self.url} did not answer in time") from None
+            except OSError as e:
+                conn.close()
+                raise exception.ConnectionError(f"Error talking to the Flare server at {self.url}: {e}") from None
+            break
+        if 200 <= status < 300:
+            return json.loads(raw) if raw else {}
+        raise _error_from_response(status, raw, method, path)
+
+
+def _error_from_response(status: int, raw: bytes, method: str, path: str) -> exception.Error:
+    code = None
+    message = raw.decode(errors="replace")[:2000]
+    try:
+        err = json.loads(raw)["error"]
+        code = err.get("code")
+        message = err.get("message", message)
+    except Exception:  # noqa: BLE001 - non-JSON error body
+        pass
+    cls = _ERROR_CLASSES.get(code or "")
+    if cls is None:
+        cls = {404: exception.NotFoundError, 400: exception.InvalidError, 409: exception.ConflictError}.get(
+            status, exception.ServerError
+        )
+    if cls is exception.ServerError:
+        message = f"{method} {path} failed with HTTP {status}: {message}"
+    return cls(message)
+
+
+_clients: dict[str, Client] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(url: str | None = None) -> Client:
+    """The shared client for ``url`` (default: FLARE_SERVER_URL or the local default)."""
+    url = url or server_url()
+    client = _clients.get(url)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(url)
+            if client is None:
+                client = _clients[url] = Client(url)
+    return client

@@ -1,0 +1,384 @@
+"""``flare.App``: groups functions, runs them ephemerally (``app.run()``) or deploys them.
+
+Imported inside containers when the user's module runs ``flare.App(...)`` and the
+decorators, so only ``os``/``sys`` at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import exception
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from ._config import Retries
+    from ._functions import Function
+    from ._transport import Client
+
+
+class LocalEntrypoint:
+    """A function run on the caller's machine by ``flare run`` (``@app.local_entrypoint()``)."""
+
+    def __init__(self, raw_f: Callable[..., Any], app: App, name: str) -> None:
+        self.raw_f = raw_f
+        self.app = app
+        self.name = name
+        self.__name__ = getattr(raw_f, "__name__", name)
+        self.__doc__ = getattr(raw_f, "__doc__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.raw_f(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LocalEntrypoint({self.name!r})"
+
+
+def _caller_file(depth: int = 2) -> str | None:
+    try:
+        f = sys._getframe(depth).f_globals.get("__file__")
+    except ValueError:
+        return None
+    return os.path.abspath(f) if isinstance(f, str) else None
+
+
+class App:
+    """A group of functions deployed and run together (mirrors ``modal.App``)."""
+
+    def __init__(self, name: str | None = None, *, description: str | None = None) -> None:
+        self._name = name
+        self._description = description
+        self._functions: dict[str, Function] = {}
+        self._local_entrypoints: dict[str, LocalEntrypoint] = {}
+        self._app_id: str | None = None
+        self._entry_file = _caller_file()
+        self._running = False
+        self._runtime: _AppRuntime | None = None
+        if os.environ.get("FLARE_IS_REMOTE") == "1" and os.environ.get("FLARE_APP_NAME") in (name, None):
+            self._app_id = os.environ.get("FLARE_APP_ID")
+
+    def __repr__(self) -> str:
+        return f"App({self._name!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore_app, (self._name, self._app_id))
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def app_id(self) -> str | None:
+        return self._app_id
+
+    @property
+    def registered_functions(self) -> dict[str, Function]:
+        return dict(self._functions)
+
+    @property
+    def registered_entrypoints(self) -> dict[str, LocalEntrypoint]:
+        return dict(self._local_entrypoints)
+
+    # ------------------------------------------------------------------ decorators
+
+    def function(
+        self,
+        _f: Callable[..., Any] | None = None,
+        *,
+        image: Any = None,
+        cpu: float | None = None,
+        memory: int | None = None,
+        gpu: Any = None,
+        timeout: int = 300,
+        retries: int | Retries | None = None,
+        env: dict[str, str] | None = None,
+        min_containers: int = 0,
+        max_containers: int | None = None,
+        buffer_containers: int = 0,
+        scaledown_window: int = 60,
+        serialized: bool = False,
+        name: str | None = None,
+        block_network: bool = False,
+    ) -> Any:
+        """Decorator turning a function into a ``flare.Function`` that runs in containers."""
+        if image is not None:
+            raise exception.InvalidError(
+                "Custom images are not supported yet: functions run on the caller's Python environment. "
+                "Remove image=... from @app.function()."
+            )
+        if gpu is not None:
+            raise exception.InvalidError("GPUs are not supported yet: remove gpu=... from @app.function().")
+        if cpu is not None and not (isinstance(cpu, (int, float)) and 0.25 <= cpu <= 64):
+            raise exception.InvalidError(f"cpu must be a number of cores between 0.25 and 64, got {cpu!r}")
+        if memory is not None and not (isinstance(memory, int) and memory > 0):
+            raise exception.InvalidError(f"memory must be a positive int (MiB), got {memory!r}")
+        if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
+            raise exception.InvalidError(f"timeout must be an int number of seconds between 1 and 86400, got {timeout!r}")
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise exception.InvalidError("env must map str to str")
+        for label, value in (("min_containers", min_containers), ("buffer_containers", buffer_containers), ("scaledown_window", scaledown_window)):
+            if not isinstance(value, int) or value < 0:
+                raise exception.InvalidError(f"{label} must be an int >= 0, got {value!r}")
+        if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
+            raise exception.InvalidError(f"max_containers must be an int >= 1, got {max_containers!r}")
+        from ._config import retries_to_dict
+
+        retries_dict = retries_to_dict(retries)
+
+        def decorator(f: Callable[..., Any]) -> Function:
+            from ._functions import Function
+
+            if isinstance(f, Function):
+                raise exception.InvalidError("@app.function() is applied twice to the same function")
+            if not callable(f):
+                raise exception.InvalidError(f"@app.function() must decorate a function, not {type(f).__name__}")
+            if self._running:
+                raise exception.InvalidError("functions must be defined before app.run() starts")
+            tag = name or getattr(f, "__qualname__", None) or getattr(f, "__name__", None)
+            if not tag:
+                raise exception.InvalidError("cannot determine the function's name: pass name=...")
+            if "<locals>" in tag and name is None:
+                tag = f.__name__
+            max_inputs, target_inputs = getattr(f, "__flare_concurrency__", (1, None))
+            config = {
+                "cpu": float(cpu) if cpu is not None else None,
+                "memory": memory,
+                "timeout": timeout,
+                "retries": retries_dict,
+                "env": dict(env or {}),
+                "min_containers": min_containers,
+                "max_containers": max_containers,
+                "buffer_containers": buffer_containers,
+                "scaledown_window": scaledown_window,
+                "max_inputs": max_inputs,
+                "target_inputs": target_inputs,
+                "block_network": bool(block_network),
+            }
+            # Functions nested in other functions cannot be imported by name in the
+            # container: ship them pickled by value instead.
+            auto_serialize = "<locals>" in (getattr(f, "__qualname__", "") or "")
+            fn = Function(f, self, tag, config, serialized=serialized or auto_serialize)
+            if tag in self._functions and self._functions[tag]._raw_f is not f:
+                raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
+            self._functions[tag] = fn
+            return fn
+
+        if _f is not None:
+            return decorator(_f)
+        return decorator
+
+    def local_entrypoint(self, _f: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+        """Decorator for the function ``flare run`` calls on the local machine."""
+
+        def decorator(f: Callable[..., Any]) -> LocalEntrypoint:
+            tag = name or f.__name__
+            if tag in self._local_entrypoints:
+                raise exception.InvalidError(f"App {self._name!r} already has a local entrypoint named {tag!r}")
+            ep = LocalEntrypoint(f, self, tag)
+            self._local_entrypoints[tag] = ep
+            return ep
+
+        if _f is not None:
+            return decorator(_f)
+        return decorator
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, *, show_output: bool | None = None) -> _RunContext:
+        """Context manager: start an ephemeral app with these functions; stop it on exit."""
+        return _RunContext(self, show_output)
+
+    def deploy(self, name: str | None = None) -> App:
+        """Deploy (or redeploy) this app under ``name``; its functions stay available by name."""
+        from ._server import ensure_server
+
+        deploy_name = name or self._name
+        if not deploy_name:
+            raise exception.InvalidError("a deployed app needs a name: flare.App('name') or deploy(name=...)")
+        client = ensure_server()
+        _publish(self, client, deploy_name, "deployed")
+        return self
+
+    def _default_name(self) -> str:
+        if self._name:
+            return self._name
+        if self._entry_file:
+            return os.path.splitext(os.path.basename(self._entry_file))[0]
+        return "app"
+
+
+def _restore_app(name: str | None, app_id: str | None) -> App:
+    app = App.__new__(App)
+    app._name = name
+    app._description = None
+    app._functions = {}
+    app._local_entrypoints = {}
+    app._app_id = app_id
+    app._entry_file = None
+    app._running = False
+    app._runtime = None
+    return app
+
+
+def _entry_file(app: App) -> str | None:
+    if app._entry_file and os.path.isfile(app._entry_file):
+        return app._entry_file
+    for fn in app._functions.values():
+        mod = sys.modules.get(getattr(fn._raw_f, "__module__", "") or "")
+        f = getattr(mod, "__file__", None)
+        if f and os.path.isfile(f):
+            return os.path.abspath(f)
+    return None
+
+
+def _function_def(fn: Function, entry_dir: str | None, mount_id: str | None) -> dict[str, Any]:
+    from ._mount import module_name_for, python_info
+    from ._serialization import b64
+
+    raw = fn._raw_f
+    module: str | None = None
+    qualname: str | None = None
+    pickled: str | None = None
+    if fn._serialized:
+        import cloudpickle
+
+        try:
+            pickled = b64(cloudpickle.dumps(raw, protocol=4))
+        except Exception as e:  # noqa: BLE001
+            raise exception.SerializationError(f"Could not serialize function {fn._tag!r}: {type(e).__name__}: {e}") from None
+    else:
+        mod_name = getattr(raw, "__module__", None) or ""
+        mod = sys.modules.get(mod_name)
+        file = getattr(mod, "__file__", None)
+        if file and entry_dir and os.path.realpath(file).startswith(entry_dir + os.sep):
+            module = module_name_for(file, entry_dir)
+        elif mod_name and mod_name != "__main__":
+            module = mod_name  # importable from the exposed sys.path entries
+        else:
+            raise exception.InvalidError(
+                f"Function {fn._tag!r} is defined in a module that cannot be imported in the container; "
+                "use @app.function(serialized=True)"
+            )
+        qualname = raw.__qualname__
+    return {
+        "name": fn._tag,
+        "module": module,
+        "qualname": qualname,
+        "serialized": fn._serialized,
+        "pickled": pickled,
+        "mount_id": mount_id,
+        "is_generator": fn._is_generator,
+        "is_async": fn._is_async,
+        "python": python_info(entry_dir),
+        "config": dict(fn._config),
+    }
+
+
+def _publish(app: App, client: Client, name: str, mode: str) -> str:
+    """Create the app on the server, upload the mount, register the functions."""
+    from ._mount import collect_files, ensure_sdk_compiled
+
+    ensure_sdk_compiled()
+    body: dict[str, Any] = {"name": name, "mode": mode}
+    if app._description:
+        body["description"] = app._description
+    resp = client.request("POST", "/v1/apps", body)
+    app_id: str = resp["app_id"]
+    app._app_id = app_id
+    entry = _entry_file(app)
+    entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
+    mount_id = None
+    if entry:
+        mount_id = client.request("POST", "/v1/mounts", {"files": collect_files(entry)})["mount_id"]
+    defs = [_function_def(fn, entry_dir, mount_id) for fn in app._functions.values()]
+    if defs:
+        registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
+        ids = {r["name"]: r["function_id"] for r in registered}
+        for fn in app._functions.values():
+            fn._function_id = ids.get(fn._tag)
+    return app_id
+
+
+class _AppRuntime:
+    """Heartbeats and log streaming of a running ephemeral app."""
+
+    def __init__(self, client: Client, app_id: str, show_output: bool) -> None:
+        import threading
+
+        self.client = client
+        self.app_id = app_id
+        self.stop_event = threading.Event()
+        self.heartbeat = threading.Thread(target=self._heartbeat_main, name="flare-heartbeat", daemon=True)
+        self.heartbeat.start()
+        self.logs = None
+        if show_output:
+            from ._output import LogStreamer
+
+            self.logs = LogStreamer(client, app_id)
+            self.logs.start()
+
+    def _heartbeat_main(self) -> None:
+        from .exception import Error
+
+        try:
+            while not self.stop_event.wait(10.0):
+                try:
+                    self.client.request("POST", f"/v1/apps/{self.app_id}/heartbeat", {}, timeout=10)
+                except Error:
+                    pass  # transient; the server tolerates 60 s without one
+        finally:
+            self.client.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        try:
+            self.client.request("POST", f"/v1/apps/{self.app_id}/stop", {}, timeout=120)
+        finally:
+            if self.logs is not None:
+                self.logs.drain()
+
+
+class _RunContext:
+    def __init__(self, app: App, show_output: bool | None) -> None:
+        self.app = app
+        self.show_output = show_output
+
+    def __enter__(self) -> App:
+        from ._output import output_enabled
+        from ._server import ensure_server
+
+        app = self.app
+        if app._running:
+            raise exception.InvalidError(f"App {app._name!r} is already running")
+        client = ensure_server()
+        app._running = True
+        try:
+            app_id = _publish(app, client, app._default_name(), "ephemeral")
+            show = output_enabled() if self.show_output is None else self.show_output
+            app._runtime = _AppRuntime(client, app_id, show)
+        except BaseException:
+            app._running = False
+            if app._app_id is not None:
+                try:
+                    client.request("POST", f"/v1/apps/{app._app_id}/stop", {}, timeout=60)
+                except Exception:  # noqa: BLE001
+                    pass
+                app._app_id = None
+            raise
+        return app
+
+    def __exit__(self, *exc: Any) -> None:
+        app = self.app
+        runtime = app._runtime
+        app._runtime = None
+        app._running = False
+        try:
+            if runtime is not None:
+                runtime.stop()
+        finally:
+            app._app_id = None
+            for fn in app._functions.values():
+                fn._function_id = None
