@@ -533,6 +533,16 @@ impl ControlPlane {
             finish_input(st, self.store(), &qi, out);
         }
         schedule(st, &fid);
+        // The freed capacity may be what another function's backlog is waiting for.
+        let waiting: Vec<String> = st
+            .functions
+            .values()
+            .filter(|f| f.id != fid && !f.queue.is_empty())
+            .map(|f| f.id.clone())
+            .collect();
+        for other in waiting {
+            schedule(st, &other);
+        }
     }
 
     /// Periodic work: delayed retries, heartbeats, scale-down, warm floors, call eviction.
@@ -1455,6 +1465,7 @@ fn schedule(st: &mut State, fid: &str) {
         memory_mb: cfg.memory.unwrap_or(DEFAULT_MEMORY_MB),
     };
     let app_name = st.apps.get(&f.app_id).map(|a| a.row.name.clone()).unwrap_or_default();
+    let mut make_room = false;
     for _ in 0..n {
         let views: Vec<scheduler::WorkerView> = st
             .workers
@@ -1475,6 +1486,7 @@ fn schedule(st: &mut State, fid: &str) {
             .collect();
         let Some(wi) = scheduler::place(&views, req) else {
             tracing::debug!(function = %f.name, "no worker has room for another container");
+            make_room = true;
             break;
         };
         let w = &mut st.workers[wi];
@@ -1511,6 +1523,73 @@ fn schedule(st: &mut State, fid: &str) {
             },
         );
         f.containers.insert(cid);
+    }
+    if make_room {
+        evict_idle_for(st, fid, req);
+    }
+}
+
+/// Stops idle containers of other functions (oldest idle first, never below their
+/// `min_containers`) so that a container of `fid` fits on some worker. Capacity held by
+/// containers already stopping counts as free, so repeated calls do not over-evict.
+fn evict_idle_for(st: &mut State, fid: &str, req: scheduler::Request) {
+    for wi in 0..st.workers.len() {
+        let w = &st.workers[wi];
+        if !w.accepting {
+            continue;
+        }
+        let wid = w.link.id.clone();
+        let (mut cpu_free, mut mem_free) =
+            (w.link.cpu_millis.saturating_sub(w.cpu_used), w.link.memory_mb.saturating_sub(w.mem_used));
+        for c in st.containers.values().filter(|c| c.worker_id == wid && c.state == CState::Stopping) {
+            cpu_free += c.cpu;
+            mem_free += c.mem;
+        }
+        if cpu_free >= req.cpu_millis && mem_free >= req.memory_mb {
+            return; // room is already on its way
+        }
+        let mut idle: Vec<(Instant, String, String)> = st
+            .containers
+            .values()
+            .filter(|c| {
+                c.worker_id == wid
+                    && c.function_id != fid
+                    && c.state == CState::Ready
+                    && c.inflight.is_empty()
+            })
+            .map(|c| (c.idle_since, c.id.clone(), c.function_id.clone()))
+            .collect();
+        idle.sort();
+        let mut chosen = Vec::new();
+        let mut live_left: HashMap<String, usize> = HashMap::new();
+        for (_, cid, ofid) in idle {
+            let Some(of) = st.functions.get(&ofid) else { continue };
+            let min = of.def.config.min_containers as usize;
+            let live = *live_left.entry(ofid.clone()).or_insert_with(|| {
+                of.containers
+                    .iter()
+                    .filter(|c| st.containers.get(*c).is_some_and(|c| c.state != CState::Stopping))
+                    .count()
+            });
+            if of.active && live <= min {
+                continue;
+            }
+            live_left.insert(ofid, live - 1);
+            let c = &st.containers[&cid];
+            cpu_free += c.cpu;
+            mem_free += c.mem;
+            chosen.push(cid);
+            if cpu_free >= req.cpu_millis && mem_free >= req.memory_mb {
+                break;
+            }
+        }
+        if cpu_free >= req.cpu_millis && mem_free >= req.memory_mb {
+            for cid in chosen {
+                tracing::debug!(container = %cid, "stopping an idle container to make room");
+                stop_container(st, &cid, true);
+            }
+            return;
+        }
     }
 }
 

@@ -152,3 +152,37 @@ async fn spawned_inputs_survive_a_restart() {
     assert!(done);
     assert_eq!(outs[0].data.as_ref().unwrap().0, Bytes::from_static(b"ok"));
 }
+
+#[tokio::test]
+async fn idle_containers_of_other_functions_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cp = ControlPlane::new(store, dir.path()).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Room for exactly one default-sized container.
+    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 125, memory_mb: 8192 });
+    let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fns = cp.register_functions(&app.app_id, vec![def("f"), def("g")]).unwrap();
+    let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
+    cp.create_call(&f, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
+    });
+    // f's container is now idle and holds the worker's only slot; g needs it.
+    cp.create_call(&g, CallKind::Call, vec![Bytes::from_static(b"y")], false).unwrap();
+    let ToWorker::Stop { container_id, graceful } = rx.recv().await.unwrap() else {
+        panic!("expected a stop")
+    };
+    assert_eq!(container_id, a.container_id);
+    assert!(graceful);
+    cp.on_worker_event(FromWorker::Exited {
+        container_id,
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let ToWorker::Start(b) = rx.recv().await.unwrap() else { panic!("expected g to start") };
+    assert_eq!(b.function_id, g);
+}
