@@ -276,14 +276,23 @@ class Function:
         resp = client.request("POST", f"/v1/functions/{fid}/calls", body, timeout=_CALL_WAIT_MS / 1000 + 60)
         outputs = resp.get("outputs")
         if outputs:
+            self._catch_up_logs(resp)
             return _output_value(outputs[0], self._tag)
         call_id = resp["call_id"]
         after = -1
         while True:
             r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
             if r["outputs"]:
+                self._catch_up_logs(r)
                 return _output_value(r["outputs"][0], self._tag)
             after = r.get("next", after)
+
+    def _catch_up_logs(self, resp: dict[str, Any]) -> None:
+        """Prints the function made before returning reach the terminal before its result."""
+        from . import _output
+
+        if _output._streamers and self._app is not None:
+            _output.catch_up(self._app._app_id, resp.get("log_seq"))
 
     async def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
         return await _in_thread(self._remote, *args, **kwargs)
@@ -563,6 +572,8 @@ class _MapRun:
             while True:
                 r = _poll_outputs(client, call_id, after, 1000 if not self.sent_all else _POLL_WAIT_MS)
                 after = r.get("next", after)
+                if r["outputs"]:
+                    self.function._catch_up_logs(r)
                 for o in r["outputs"]:
                     if o.get("status") == "success":
                         data = o.get("data")

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from ._transport import Client
 
 _enabled = 0
+# Log streamers of the apps this process runs, by app id (see catch_up()).
+_streamers: dict[str, LogStreamer] = {}
 
 
 def output_enabled() -> bool:
@@ -68,12 +70,21 @@ class LogStreamer:
         self.app_id = app_id
         self.after: int | None = None  # None: from the first record
         self.lock = threading.Lock()
+        self.printed = threading.Condition(self.lock)
         self.stopped = False
         self.show_system = _show_system()
         self.thread = threading.Thread(target=self._main, name="flare-logs", daemon=True)
 
     def start(self) -> None:
+        _streamers[self.app_id] = self
         self.thread.start()
+
+    def wait_printed(self, seq: int, timeout: float) -> None:
+        """Block (at most ``timeout`` s) until records up to ``seq`` have been written."""
+        with self.printed:
+            self.printed.wait_for(
+                lambda: self.stopped or (self.after is not None and self.after >= seq), timeout=timeout
+            )
 
     def _fetch(self, after: int | None, wait_ms: int) -> dict[str, Any]:
         return logs_page(self.client, self.app_id, after, wait_ms)
@@ -98,14 +109,17 @@ class LogStreamer:
                         return  # drain() took over
                     _write_records(r.get("logs") or [], self.show_system)
                     self.after = r.get("next", after)
+                    self.printed.notify_all()
         finally:
             self.client.close()
 
     def drain(self) -> None:
         """Stop the thread and print every record still stored (call after the app stopped)."""
+        _streamers.pop(self.app_id, None)
         with self.lock:
             self.stopped = True
             after = self.after
+            self.printed.notify_all()
         from .exception import Error
 
         for _ in range(1000):
@@ -118,6 +132,16 @@ class LogStreamer:
                 return
             _write_records(logs, self.show_system)
             after = r.get("next", after)
+
+
+def catch_up(app_id: str | None, log_seq: int | None, timeout: float = 0.5) -> None:
+    """Let the app's log streamer print up to ``log_seq`` before a result is handed over,
+    so a remote function's prints appear before the value it returned."""
+    if log_seq is None or log_seq < 0 or not app_id:
+        return
+    streamer = _streamers.get(app_id)
+    if streamer is not None:
+        streamer.wait_printed(log_seq, timeout)
 
 
 def logs_page(client: Client, app_id: str, after: int | None, wait_ms: int) -> dict[str, Any]:

@@ -395,6 +395,11 @@ pub struct CallCreated {
     pub call_id: String,
     pub outputs: Vec<Output>,
     pub done: bool,
+    /// Seq of the last log record of the function's app when this response was made
+    /// (-1: none): a client that streams logs can wait until it has printed that far, so
+    /// prints made before a result appear before it.
+    #[serde(default = "minus_one")]
+    pub log_seq: i64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -402,6 +407,9 @@ pub struct OutputsPage {
     pub outputs: Vec<Output>,
     pub next: i64,
     pub done: bool,
+    /// As in [`CallCreated::log_seq`].
+    #[serde(default = "minus_one")]
+    pub log_seq: i64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

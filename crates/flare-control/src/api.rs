@@ -231,7 +231,8 @@ async fn create_call(State(cp): State<ControlPlane>, Path(fid): Path<String>, bo
     } else {
         (Vec::new(), false)
     };
-    Ok(Json(CallCreated { call_id, outputs, done }))
+    let log_seq = if outputs.is_empty() { -1 } else { cp.log_position(&call_id) };
+    Ok(Json(CallCreated { call_id, outputs, done, log_seq }))
 }
 
 async fn add_inputs(
@@ -254,7 +255,8 @@ async fn outputs(
     let (outputs, done) =
         wait_outputs(&cp, &call_id, q.after, Duration::from_millis(q.wait_ms), limit).await?;
     let next = outputs.last().map(|o| o.seq as i64).unwrap_or(q.after);
-    Ok(Json(OutputsPage { outputs, next, done }))
+    let log_seq = if outputs.is_empty() { -1 } else { cp.log_position(&call_id) };
+    Ok(Json(OutputsPage { outputs, next, done, log_seq }))
 }
 
 async fn cancel_call(State(cp): State<ControlPlane>, Path(call_id): Path<String>, body: Bytes) -> R<Empty> {

@@ -1058,6 +1058,17 @@ impl ControlPlane {
         Ok((outs, call.done(), call.notify.subscribe()))
     }
 
+    /// Seq of the last log record of the app a call belongs to (-1 if none yet).
+    pub fn log_position(&self, call_id: &str) -> i64 {
+        let st = self.lock();
+        st.calls
+            .get(call_id)
+            .and_then(|c| st.functions.get(&c.function_id))
+            .and_then(|f| st.apps.get(&f.app_id))
+            .map(|a| a.next_log_seq as i64 - 1)
+            .unwrap_or(-1)
+    }
+
     pub fn call_info(&self, call_id: &str) -> ApiResult<flare_api::CallInfo> {
         let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
         let st = self.lock();
