@@ -1,4 +1,4 @@
-"""Function configuration helpers: ``Retries`` and ``@flare.concurrent``."""
+"""Function configuration helpers: ``Retries``, ``@flare.concurrent`` and ``gpu=`` parsing."""
 
 from __future__ import annotations
 
@@ -65,6 +65,69 @@ def retries_to_dict(retries: int | Retries | None) -> dict[str, Any] | None:
         # Like Modal: an int means that many retries with a fixed 1 s delay.
         return Retries(max_retries=retries, backoff_coefficient=1.0, initial_delay=1.0).to_dict()
     raise InvalidError(f"retries must be an int or flare.Retries, not {type(retries).__name__}")
+
+
+_MAX_GPU_COUNT = 8
+_GPU_TYPE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _parse_gpu_spec(spec: object) -> dict[str, Any]:
+    """One ``TYPE`` or ``TYPE:COUNT`` spec (``"H100"``, ``"a100-80gb:2"``, ``"any"``) ->
+    ``{"type": "A100-80GB", "count": 2}``. Same rules as the control plane's parser."""
+    from .exception import InvalidError
+
+    if not isinstance(spec, str):
+        raise InvalidError(
+            f"invalid gpu {spec!r}: expected a string like \"H100\" or \"A100-80GB:2\", "
+            f"or a list of such strings, not {type(spec).__name__}"
+        )
+    kind, sep, count_s = spec.strip().partition(":")
+    kind = kind.strip().upper()
+    if not kind:
+        raise InvalidError(f"invalid gpu {spec!r}: missing GPU type (expected e.g. \"H100\" or \"H100:2\")")
+    bad = [c for c in kind if c not in _GPU_TYPE_CHARS]
+    if bad:
+        raise InvalidError(
+            f"invalid gpu {spec!r}: unexpected character {bad[0]!r} in the GPU type "
+            "(use letters, digits, '-', '_' or '.', e.g. \"A100-80GB\")"
+        )
+    count = 1
+    if sep:
+        count_s = count_s.strip()
+        if not (count_s.isascii() and count_s.isdigit()):
+            raise InvalidError(f"invalid gpu {spec!r}: the count after ':' must be an integer from 1 to {_MAX_GPU_COUNT}")
+        count = int(count_s)
+        if not 1 <= count <= _MAX_GPU_COUNT:
+            raise InvalidError(f"invalid gpu {spec!r}: the GPU count must be from 1 to {_MAX_GPU_COUNT}, got {count}")
+    return {"type": kind, "count": count}
+
+
+def parse_gpu(gpu: object) -> list[dict[str, Any]]:
+    """``gpu=`` of ``@app.function`` (Modal's syntax) -> the alternatives in order of
+    preference, as sent in ``config.gpu``: ``None`` -> ``[]``; ``"H100:2"`` ->
+    ``[{"type": "H100", "count": 2}]``; ``["H100", "A100-80GB"]`` -> both, in order
+    (the first one free anywhere is used)."""
+    from .exception import InvalidError
+
+    if gpu is None:
+        return []
+    if isinstance(gpu, str):
+        return [_parse_gpu_spec(gpu)]
+    if isinstance(gpu, (list, tuple)):
+        if not gpu:
+            raise InvalidError("invalid gpu []: give at least one GPU type, or gpu=None for no GPU")
+        alts = [_parse_gpu_spec(s) for s in gpu]
+        seen: set[tuple[str, int]] = set()
+        for a in alts:
+            key = (a["type"], a["count"])
+            if key in seen:
+                raise InvalidError(f"invalid gpu {list(gpu)!r}: {a['type']}:{a['count']} is listed twice")
+            seen.add(key)
+        return alts
+    raise InvalidError(
+        f"invalid gpu {gpu!r}: expected a string like \"H100\" or \"A100-80GB:2\", "
+        f"or a list of such strings, not {type(gpu).__name__}"
+    )
 
 
 def concurrent(*, max_inputs: int, target_inputs: int | None = None) -> Callable[[F], F]:

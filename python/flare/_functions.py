@@ -187,6 +187,8 @@ class Function:
         self.for_each = _Method(self._for_each, self._for_each_aio)
         self.spawn = _Method(self._spawn, self._spawn_aio)
         self.spawn_map = _Method(self._spawn_map, self._spawn_map_aio)
+        self.update_autoscaler = _Method(self._update_autoscaler, self._update_autoscaler_aio)
+        self.get_current_stats = _Method(self._get_current_stats, self._get_current_stats_aio)
 
     # ------------------------------------------------------------------ identity
 
@@ -338,6 +340,51 @@ class Function:
     def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         return _aiter_in_thread(lambda: self._remote_gen(*args, **kwargs))
 
+    # ------------------------------------------------------------------ autoscaler
+
+    def _update_autoscaler(
+        self,
+        *,
+        min_containers: int | None = None,
+        max_containers: int | None = None,
+        buffer_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> None:
+        """Change the autoscaler of the running or deployed function now, without a redeploy
+        (``f.update_autoscaler(min_containers=2)``); parameters left as ``None`` keep their
+        value. Like Modal, the override lasts until the app is deployed again."""
+        fields = {
+            "min_containers": min_containers,
+            "max_containers": max_containers,
+            "buffer_containers": buffer_containers,
+            "scaledown_window": scaledown_window,
+        }
+        for label, value in fields.items():
+            if value is None:
+                continue
+            low = 1 if label == "max_containers" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise exception.InvalidError(f"{label} must be an int >= {low}, got {value!r}")
+        if min_containers is not None and max_containers is not None and min_containers > max_containers:
+            raise exception.InvalidError(
+                f"min_containers ({min_containers}) must not exceed max_containers ({max_containers})"
+            )
+        body = {k: v for k, v in fields.items() if v is not None}
+        fid = self._hydrate()
+        _client().request("POST", f"/v1/functions/{fid}/autoscaler", body)
+
+    async def _update_autoscaler_aio(self, **kwargs: Any) -> None:
+        await _in_thread(self._update_autoscaler, **kwargs)
+
+    def _get_current_stats(self) -> FunctionStats:
+        """Backlog and containers of the function right now (like Modal's ``FunctionStats``)."""
+        fid = self._hydrate()
+        info = _client().request("GET", f"/v1/functions/{fid}/stats")
+        return FunctionStats._from_json(info)
+
+    async def _get_current_stats_aio(self) -> FunctionStats:
+        return await _in_thread(self._get_current_stats)  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------ spawn
 
     def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
@@ -450,6 +497,52 @@ class Function:
     async def _spawn_map_aio(self, *iterables: Any, kwargs: dict[str, Any] | None = None) -> FunctionCall:
         its = self._aio_inputs(iterables)
         return await _in_thread(self._spawn_map, *its, kwargs=kwargs)  # type: ignore[no-any-return]
+
+
+class FunctionStats:
+    """A function's queue and containers at one moment (``Function.get_current_stats()``).
+
+    - ``backlog``: inputs waiting for a container;
+    - ``num_total_runners``: containers alive (starting, running or idle);
+    - ``num_running_inputs``: inputs being executed now.
+    """
+
+    __slots__ = ("backlog", "num_total_runners", "num_running_inputs")
+
+    def __init__(self, backlog: int, num_total_runners: int, num_running_inputs: int = 0) -> None:
+        self.backlog = backlog
+        self.num_total_runners = num_total_runners
+        self.num_running_inputs = num_running_inputs
+
+    @classmethod
+    def _from_json(cls, info: dict[str, Any]) -> FunctionStats:
+        def num(*keys: str) -> int:
+            for k in keys:
+                v = info.get(k)
+                if v is not None:
+                    return int(v)
+            return 0
+
+        return cls(
+            backlog=num("backlog"),
+            num_total_runners=num("num_total_runners", "containers"),
+            num_running_inputs=num("num_running_inputs", "in_flight"),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FunctionStats):
+            return NotImplemented
+        return (self.backlog, self.num_total_runners, self.num_running_inputs) == (
+            other.backlog,
+            other.num_total_runners,
+            other.num_running_inputs,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"FunctionStats(backlog={self.backlog}, num_total_runners={self.num_total_runners}, "
+            f"num_running_inputs={self.num_running_inputs})"
+        )
 
 
 def _restore_function(

@@ -109,8 +109,6 @@ class App:
                 "Custom images are not supported yet: functions run on the caller's Python environment. "
                 "Remove image=... from @app.function()."
             )
-        if gpu is not None:
-            raise exception.InvalidError("GPUs are not supported yet: remove gpu=... from @app.function().")
         if cpu is not None and not (isinstance(cpu, (int, float)) and 0.25 <= cpu <= 64):
             raise exception.InvalidError(f"cpu must be a number of cores between 0.25 and 64, got {cpu!r}")
         if memory is not None and not (isinstance(memory, int) and memory > 0):
@@ -124,8 +122,9 @@ class App:
                 raise exception.InvalidError(f"{label} must be an int >= 0, got {value!r}")
         if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
             raise exception.InvalidError(f"max_containers must be an int >= 1, got {max_containers!r}")
-        from ._config import retries_to_dict
+        from ._config import parse_gpu, retries_to_dict
 
+        gpu_list = parse_gpu(gpu)
         retries_dict = retries_to_dict(retries)
 
         def decorator(f: Callable[..., Any]) -> Function:
@@ -156,6 +155,7 @@ class App:
                 "max_inputs": max_inputs,
                 "target_inputs": target_inputs,
                 "block_network": bool(block_network),
+                "gpu": gpu_list,
             }
             # Functions nested in other functions cannot be imported by name in the
             # container: ship them pickled by value instead.

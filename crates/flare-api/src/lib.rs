@@ -461,6 +461,58 @@ pub struct ContainerList {
     pub containers: Vec<ContainerInfo>,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub address: String,
+    pub state: String,
+    pub cpu_millis: u64,
+    pub cpu_millis_used: u64,
+    pub memory_mb: u64,
+    pub memory_mb_used: u64,
+    pub gpus: BTreeMap<String, u32>,
+    pub gpus_used: BTreeMap<String, u32>,
+    pub containers: u32,
+    pub joined_at: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// Run-time changes to a function's autoscaler (`Function.update_autoscaler`); absent
+/// fields keep their values.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UpdateAutoscaler {
+    #[serde(default)]
+    pub min_containers: Option<u32>,
+    #[serde(default)]
+    pub max_containers: Option<u32>,
+    #[serde(default)]
+    pub buffer_containers: Option<u32>,
+    #[serde(default)]
+    pub scaledown_window: Option<u64>,
+}
+
+/// Whether code inside a container may make this API request (through its worker's
+/// socket): looking functions up, calling them, reading outputs, cancelling calls.
+pub fn container_may_call(method: &str, path: &str) -> bool {
+    let p: Vec<&str> = path.split('?').next().unwrap_or("").trim_start_matches('/').split('/').collect();
+    match (method, p.as_slice()) {
+        ("GET", ["v1", "health"]) => true,
+        ("GET", ["v1", "apps", "by-name", _, "functions", _]) => true,
+        ("GET", ["v1", "apps", _, "functions", _]) => true,
+        ("GET", ["v1", "functions", _, "stats"]) => true,
+        ("POST", ["v1", "functions", _, "calls"]) => true,
+        ("GET", ["v1", "calls", _]) => true,
+        ("POST", ["v1", "calls", _, "inputs"]) => true,
+        ("GET", ["v1", "calls", _, "outputs"]) => true,
+        ("POST", ["v1", "calls", _, "cancel"]) => true,
+        _ => false,
+    }
+}
+
 /// Empty JSON object response.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Empty {}
@@ -526,6 +578,16 @@ mod tests {
         {
             assert!(paths.contains_key(p), "{p}");
         }
+    }
+
+    #[test]
+    fn container_paths() {
+        assert!(container_may_call("POST", "/v1/functions/fu-1/calls"));
+        assert!(container_may_call("GET", "/v1/calls/fc-1/outputs?after=3&wait_ms=10"));
+        assert!(!container_may_call("POST", "/v1/apps"));
+        assert!(!container_may_call("POST", "/v1/apps/ap-1/stop"));
+        assert!(!container_may_call("GET", "/v1/mounts/mo-1"));
+        assert!(!container_may_call("DELETE", "/v1/calls/fc-1"));
     }
 
     #[test]

@@ -58,12 +58,15 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps/{app_id}/functions/{name}", get(function_by_app_id))
         .route("/v1/mounts", post(create_mount))
         .route("/v1/functions/{function_id}/stats", get(function_stats))
+        .route("/v1/functions/{function_id}/autoscaler", post(update_autoscaler))
         .route("/v1/functions/{function_id}/calls", post(create_call))
         .route("/v1/calls/{call_id}", get(call_info))
         .route("/v1/calls/{call_id}/inputs", post(add_inputs))
         .route("/v1/calls/{call_id}/outputs", get(outputs))
         .route("/v1/calls/{call_id}/cancel", post(cancel_call))
         .route("/v1/containers", get(containers))
+        .route("/v1/workers", get(workers))
+        .route("/v1/mounts/{mount_id}", get(read_mount))
         .fallback(|| async { HttpError(ApiError::not_found("no such API path")) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(cp)
@@ -271,4 +274,22 @@ async fn call_info(State(cp): State<ControlPlane>, Path(call_id): Path<String>) 
 
 async fn containers(State(cp): State<ControlPlane>) -> R<ContainerList> {
     Ok(Json(ContainerList { containers: cp.list_containers() }))
+}
+
+async fn workers(State(cp): State<ControlPlane>) -> R<WorkerList> {
+    Ok(Json(WorkerList { workers: cp.list_workers() }))
+}
+
+async fn read_mount(State(cp): State<ControlPlane>, Path(mount_id): Path<String>) -> R<CreateMount> {
+    let cp2 = cp.clone();
+    let files = tokio::task::spawn_blocking(move || cp2.read_mount(&mount_id))
+        .await
+        .map_err(|e| HttpError(ApiError::internal(e.to_string())))??;
+    Ok(Json(CreateMount { files }))
+}
+
+async fn update_autoscaler(State(cp): State<ControlPlane>, Path(fid): Path<String>, body: Bytes) -> R<Empty> {
+    let req: UpdateAutoscaler = if body.is_empty() { UpdateAutoscaler::default() } else { parse(&body)? };
+    cp.update_autoscaler(&fid, req)?;
+    Ok(Json(Empty {}))
 }

@@ -6,6 +6,7 @@
 //! [`flare_proto::ToWorker`] messages and answer with [`flare_proto::FromWorker`].
 
 pub mod api;
+pub mod grpc;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -28,6 +29,8 @@ const PLATFORM_RETRIES: u32 = 3;
 const MAX_STARTING_PER_FUNCTION: u32 = 2;
 /// Log records kept in memory per app (older ones are read from the store).
 const LOG_RING: usize = 20_000;
+/// A remote worker with no heartbeat for this long is treated as dead.
+pub const WORKER_TIMEOUT: Duration = Duration::from_secs(6);
 /// An ephemeral app with no heartbeat for this long is stopped.
 const EPHEMERAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Done calls that nobody has read for this long leave memory.
@@ -53,13 +56,41 @@ pub struct WorkerLink {
     pub tx: mpsc::UnboundedSender<ToWorker>,
     pub cpu_millis: u64,
     pub memory_mb: u64,
+    /// GPUs by type (upper-case) and count.
+    pub gpus: BTreeMap<String, u32>,
+    /// Identifies this connection of the worker; events of older sessions are ignored.
+    pub session: String,
+    /// In-process workers share the server's fate and need no heartbeats.
+    pub remote: bool,
+    /// Where the worker connects from, for display.
+    pub address: String,
+}
+
+impl WorkerLink {
+    /// An in-process worker (the embedded server's).
+    pub fn local(id: &str, tx: mpsc::UnboundedSender<ToWorker>, cpu_millis: u64, memory_mb: u64) -> Self {
+        WorkerLink {
+            id: id.to_string(),
+            tx,
+            cpu_millis,
+            memory_mb,
+            gpus: BTreeMap::new(),
+            session: "local".into(),
+            remote: false,
+            address: "in-process".into(),
+        }
+    }
 }
 
 struct WorkerRt {
     link: WorkerLink,
     cpu_used: u64,
     mem_used: u64,
+    gpus_used: BTreeMap<String, u32>,
     accepting: bool,
+    draining: bool,
+    last_seen: Instant,
+    joined_at: f64,
 }
 
 #[derive(Clone)]
@@ -93,6 +124,8 @@ struct FnRt {
     delayed: Vec<(Instant, QueuedInput)>,
     containers: HashSet<String>,
     active: bool,
+    /// Why the function's next container cannot be placed, while it cannot.
+    waiting: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -124,6 +157,7 @@ struct ContainerRt {
     idle_since: Instant,
     cpu: u64,
     mem: u64,
+    gpu: Option<flare_proto::GpuRequest>,
     /// Inputs killed with this container because the user asked (cancel): no output for them.
     cancelled: HashSet<String>,
 }
@@ -260,6 +294,7 @@ impl ControlPlane {
                         delayed: Vec::new(),
                         containers: HashSet::new(),
                         active: true,
+                        waiting: None,
                     },
                 );
             }
@@ -320,15 +355,161 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Adds a worker; it receives containers from now on.
+    /// Adds a worker; it receives containers from now on. A worker that registers again
+    /// (a new session) first loses everything of its old session: those containers are
+    /// fenced off (their late events are ignored) and their inputs run again elsewhere.
     pub fn add_worker(&self, link: WorkerLink) {
         let mut st = self.lock();
-        tracing::info!(worker = %link.id, cpu_millis = link.cpu_millis, memory_mb = link.memory_mb, "worker registered");
-        st.workers.push(WorkerRt { link, cpu_used: 0, mem_used: 0, accepting: true });
+        let st = &mut *st;
+        if st.workers.iter().any(|w| w.link.id == link.id) {
+            self.worker_lost_locked(st, &link.id, "it registered again (new session)");
+        }
+        tracing::info!(
+            worker = %link.id, session = %link.session, cpu_millis = link.cpu_millis,
+            memory_mb = link.memory_mb, gpus = ?link.gpus, "worker registered"
+        );
+        st.workers.push(WorkerRt {
+            link,
+            cpu_used: 0,
+            mem_used: 0,
+            gpus_used: BTreeMap::new(),
+            accepting: true,
+            draining: false,
+            last_seen: Instant::now(),
+            joined_at: now_ts(),
+        });
         let ids: Vec<String> = st.functions.keys().cloned().collect();
         for id in ids {
-            schedule(&mut st, &id);
+            schedule(st, &id);
         }
+    }
+
+    /// A heartbeat of a worker's session; `draining` stops new work from going there.
+    pub fn worker_heartbeat(&self, worker_id: &str, session: &str, draining: bool) -> bool {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(w) = st.workers.iter_mut().find(|w| w.link.id == worker_id && w.link.session == session)
+        else {
+            return false;
+        };
+        w.last_seen = Instant::now();
+        if draining && !w.draining {
+            tracing::info!(worker = %worker_id, "worker draining: no new containers or inputs");
+            w.draining = true;
+            w.accepting = false;
+            let idle: Vec<String> = st
+                .containers
+                .values()
+                .filter(|c| c.worker_id == worker_id && c.inflight.is_empty())
+                .map(|c| c.id.clone())
+                .collect();
+            for cid in idle {
+                stop_container(st, &cid, true);
+            }
+            let fids: Vec<String> = st.functions.keys().cloned().collect();
+            for fid in fids {
+                schedule(st, &fid);
+            }
+        }
+        true
+    }
+
+    /// An event from a worker's session; dropped if that session is no longer current or
+    /// the container is not (or no longer) that worker's.
+    pub fn worker_event(&self, worker_id: &str, session: &str, ev: FromWorker) {
+        {
+            let mut st = self.lock();
+            let Some(w) = st.workers.iter_mut().find(|w| w.link.id == worker_id) else { return };
+            if w.link.session != session {
+                return;
+            }
+            w.last_seen = Instant::now();
+            let cid = match &ev {
+                FromWorker::Ready { container_id }
+                | FromWorker::InitFailed { container_id, .. }
+                | FromWorker::Outputs { container_id, .. }
+                | FromWorker::Log { container_id, .. }
+                | FromWorker::Exited { container_id, .. } => container_id,
+            };
+            if st.containers.get(cid).is_some_and(|c| c.worker_id != worker_id) {
+                return;
+            }
+        }
+        self.on_worker_event(ev);
+    }
+
+    /// A worker's session ended or timed out: its containers are gone; inputs they were
+    /// running go back to the front of their queues without using the user's retries.
+    pub fn worker_disconnected(&self, worker_id: &str, session: &str, why: &str) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if st.workers.iter().any(|w| w.link.id == worker_id && w.link.session == session) {
+            self.worker_lost_locked(st, worker_id, why);
+        }
+    }
+
+    fn worker_lost_locked(&self, st: &mut State, worker_id: &str, why: &str) {
+        let Some(pos) = st.workers.iter().position(|w| w.link.id == worker_id) else { return };
+        let w = st.workers.remove(pos);
+        let cids: Vec<String> =
+            st.containers.values().filter(|c| c.worker_id == worker_id).map(|c| c.id.clone()).collect();
+        tracing::warn!(worker = %worker_id, containers = cids.len(), %why, "worker lost");
+        let mut fids = HashSet::new();
+        for cid in cids {
+            let Some(c) = st.containers.remove(&cid) else { continue };
+            fids.insert(c.function_id.clone());
+            if let Some(f) = st.functions.get_mut(&c.function_id) {
+                f.containers.remove(&cid);
+            }
+            for (input_id, qi) in c.inflight {
+                if c.cancelled.contains(&input_id) {
+                    continue;
+                }
+                if qi.platform_retries < PLATFORM_RETRIES {
+                    let mut again = qi;
+                    again.platform_retries += 1;
+                    if let Some(f) = st.functions.get_mut(&c.function_id) {
+                        f.queue.push_front(again);
+                    }
+                } else {
+                    let exc = ExceptionInfo::new(
+                        "flare.exception.ExecutionError",
+                        format!(
+                            "the input was lost with its worker {PLATFORM_RETRIES} times (last: worker {worker_id}: {why})"
+                        ),
+                    );
+                    let out = platform_output(&qi, OutputStatus::InternalFailure, exc);
+                    finish_input(st, self.store(), &qi, out);
+                }
+            }
+        }
+        drop(w);
+        self.inner.containers_changed.send_modify(|v| *v += 1);
+        let all: Vec<String> = st.functions.keys().cloned().collect();
+        for fid in all {
+            schedule(st, &fid);
+        }
+    }
+
+    /// Workers as the API shows them.
+    pub fn list_workers(&self) -> Vec<flare_api::WorkerInfo> {
+        let st = self.lock();
+        st.workers
+            .iter()
+            .map(|w| flare_api::WorkerInfo {
+                worker_id: w.link.id.clone(),
+                address: w.link.address.clone(),
+                state: if w.draining { "draining".into() } else { "ready".into() },
+                cpu_millis: w.link.cpu_millis,
+                cpu_millis_used: w.cpu_used,
+                memory_mb: w.link.memory_mb,
+                memory_mb_used: w.mem_used,
+                gpus: w.link.gpus.clone(),
+                gpus_used: w.gpus_used.clone(),
+                containers: st.containers.values().filter(|c| c.worker_id == w.link.id).count() as u32,
+                joined_at: w.joined_at,
+            })
+            .collect()
     }
 
     /// Feeds worker events into the state; run this on the worker's event stream.
@@ -457,6 +638,11 @@ impl ControlPlane {
         if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == c.worker_id) {
             w.cpu_used = w.cpu_used.saturating_sub(c.cpu);
             w.mem_used = w.mem_used.saturating_sub(c.mem);
+            if let Some(g) = &c.gpu {
+                if let Some(used) = w.gpus_used.get_mut(&g.kind) {
+                    *used = used.saturating_sub(g.count);
+                }
+            }
         }
         let fid = c.function_id.clone();
         if let Some(f) = st.functions.get_mut(&fid) {
@@ -586,6 +772,32 @@ impl ControlPlane {
                 stop_container(st, &id, true);
             }
             schedule(st, fid);
+        }
+        // Remote workers that stopped heartbeating are gone (a cut-off network looks like this).
+        let silent: Vec<String> = st
+            .workers
+            .iter()
+            .filter(|w| w.link.remote && now.duration_since(w.last_seen) > WORKER_TIMEOUT)
+            .map(|w| w.link.id.clone())
+            .collect();
+        for wid in silent {
+            self.worker_lost_locked(st, &wid, &format!("no heartbeat for {} s", WORKER_TIMEOUT.as_secs()));
+        }
+        // Draining workers: containers stop as soon as they are idle.
+        let draining: Vec<String> =
+            st.workers.iter().filter(|w| w.draining).map(|w| w.link.id.clone()).collect();
+        if !draining.is_empty() {
+            let idle: Vec<String> = st
+                .containers
+                .values()
+                .filter(|c| {
+                    draining.contains(&c.worker_id) && c.inflight.is_empty() && c.state != CState::Stopping
+                })
+                .map(|c| c.id.clone())
+                .collect();
+            for cid in idle {
+                stop_container(st, &cid, true);
+            }
         }
         // Ephemeral apps whose client went away.
         let dead: Vec<String> = st
@@ -717,6 +929,7 @@ impl ControlPlane {
                             delayed: Vec::new(),
                             containers: HashSet::new(),
                             active: true,
+                            waiting: None,
                         },
                     );
                 }
@@ -896,8 +1109,99 @@ impl ControlPlane {
                 inputs_in_flight: c.inflight.len() as u32,
             })
             .collect();
+        // Containers a function needs but no worker can take yet, with the reason.
+        for f in st.functions.values() {
+            if let (Some(reason), true) = (&f.waiting, !f.queue.is_empty()) {
+                v.push(flare_api::ContainerInfo {
+                    container_id: "-".into(),
+                    app_id: f.app_id.clone(),
+                    function: f.name.clone(),
+                    state: format!("waiting: {reason}"),
+                    age_s: 0.0,
+                    inputs_in_flight: 0,
+                });
+            }
+        }
         v.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
         v
+    }
+
+    /// Changes a function's autoscaler settings at run time.
+    pub fn update_autoscaler(&self, fid: &str, u: flare_api::UpdateAutoscaler) -> ApiResult<()> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let f = st
+            .functions
+            .get_mut(fid)
+            .ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
+        let mut cfg = f.def.config.clone();
+        if let Some(v) = u.min_containers {
+            cfg.min_containers = v;
+        }
+        if let Some(v) = u.max_containers {
+            cfg.max_containers = Some(v);
+        }
+        if let Some(v) = u.buffer_containers {
+            cfg.buffer_containers = v;
+        }
+        if let Some(v) = u.scaledown_window {
+            cfg.scaledown_window = v;
+        }
+        if let Some(max) = cfg.max_containers {
+            if max == 0 || max < cfg.min_containers {
+                return Err(ApiError::invalid(format!(
+                    "max_containers={max} must be >= 1 and >= min_containers={}",
+                    cfg.min_containers
+                )));
+            }
+        }
+        f.def.config = cfg;
+        let row = FunctionRow {
+            function_id: f.id.clone(),
+            app_id: f.app_id.clone(),
+            name: f.name.clone(),
+            def: f.def.clone(),
+            created_at: now_ts(),
+        };
+        self.store().put_function(&row).map_err(store_err)?;
+        schedule(st, fid);
+        Ok(())
+    }
+
+    /// The files of a mount (workers on other machines fetch mounts with this).
+    pub fn read_mount(&self, mount_id: &str) -> ApiResult<Vec<flare_api::MountFile>> {
+        use std::os::unix::fs::PermissionsExt;
+        if flare_api::validate_relative_path(mount_id).is_err() || mount_id.contains('/') {
+            return Err(ApiError::invalid(format!("invalid mount id {mount_id:?}")));
+        }
+        let root = self.mounts_dir().join(mount_id);
+        if !root.is_dir() {
+            return Err(ApiError::not_found(format!("mount {mount_id} not found")));
+        }
+        let mut files = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd =
+                std::fs::read_dir(&dir).map_err(|e| ApiError::internal(format!("reading mount: {e}")))?;
+            for e in rd.flatten() {
+                let p = e.path();
+                let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+                if meta.is_dir() {
+                    stack.push(p);
+                } else if meta.is_file() {
+                    let rel = p.strip_prefix(&root).expect("under root").to_string_lossy().into_owned();
+                    let data =
+                        std::fs::read(&p).map_err(|e| ApiError::internal(format!("reading mount: {e}")))?;
+                    files.push(flare_api::MountFile {
+                        path: rel,
+                        data: B64(Bytes::from(data)),
+                        mode: meta.permissions().mode() & 0o777,
+                    });
+                }
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
     }
 
     /// Creates a call with its first inputs; returns the call id and a receiver of output counts.
@@ -1418,6 +1722,9 @@ fn schedule(st: &mut State, fid: &str) {
             if c.state != CState::Ready || c.fn_version != f.version {
                 continue;
             }
+            if st.workers.iter().any(|w| w.link.id == c.worker_id && w.draining) {
+                continue;
+            }
             let free = max_inputs.saturating_sub(c.inflight.len());
             if free == 0 {
                 continue;
@@ -1474,6 +1781,8 @@ fn schedule(st: &mut State, fid: &str) {
     let req = scheduler::Request {
         cpu_millis: cfg.cpu.map(|c| (c * 1000.0) as u64).unwrap_or(DEFAULT_CPU_MILLIS),
         memory_mb: cfg.memory.unwrap_or(DEFAULT_MEMORY_MB),
+        gpu: cfg.gpu.clone(),
+        image: None,
     };
     let app_name = st.apps.get(&f.app_id).map(|a| a.row.name.clone()).unwrap_or_default();
     let mut make_room = false;
@@ -1487,6 +1796,9 @@ fn schedule(st: &mut State, fid: &str) {
                 cpu_millis_used: w.cpu_used,
                 memory_mb_total: w.link.memory_mb,
                 memory_mb_used: w.mem_used,
+                gpus_total: w.link.gpus.clone(),
+                gpus_used: w.gpus_used.clone(),
+                images: Default::default(),
                 same_function: f
                     .containers
                     .iter()
@@ -1495,14 +1807,22 @@ fn schedule(st: &mut State, fid: &str) {
                 accepting: w.accepting,
             })
             .collect();
-        let Some(wi) = scheduler::place(&views, req) else {
-            tracing::debug!(function = %f.name, "no worker has room for another container");
+        let Some(placement) = scheduler::place(&views, &req) else {
+            let reason = scheduler::unplaceable_reason(&views, &req);
+            if f.waiting.as_deref() != Some(reason.as_str()) {
+                tracing::info!(function = %f.name, %reason, "container waiting for a worker");
+                f.waiting = Some(reason);
+            }
             make_room = true;
             break;
         };
-        let w = &mut st.workers[wi];
+        f.waiting = None;
+        let w = &mut st.workers[placement.worker];
         w.cpu_used += req.cpu_millis;
         w.mem_used += req.memory_mb;
+        if let Some(g) = &placement.gpu {
+            *w.gpus_used.entry(g.kind.clone()).or_insert(0) += g.count;
+        }
         let cid = new_id("ct");
         let assignment = ContainerAssignment {
             container_id: cid.clone(),
@@ -1530,20 +1850,21 @@ fn schedule(st: &mut State, fid: &str) {
                 idle_since: now,
                 cpu: req.cpu_millis,
                 mem: req.memory_mb,
+                gpu: placement.gpu.clone(),
                 cancelled: HashSet::new(),
             },
         );
         f.containers.insert(cid);
     }
-    if make_room {
-        evict_idle_for(st, fid, req);
+    if make_room && req.gpu.is_empty() {
+        evict_idle_for(st, fid, &req);
     }
 }
 
 /// Stops idle containers of other functions (oldest idle first, never below their
 /// `min_containers`) so that a container of `fid` fits on some worker. Capacity held by
 /// containers already stopping counts as free, so repeated calls do not over-evict.
-fn evict_idle_for(st: &mut State, fid: &str, req: scheduler::Request) {
+fn evict_idle_for(st: &mut State, fid: &str, req: &scheduler::Request) {
     for wi in 0..st.workers.len() {
         let w = &st.workers[wi];
         if !w.accepting {

@@ -28,7 +28,7 @@ async fn harness() -> Harness {
     let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let cp = ControlPlane::new(store, dir.path()).unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 2000, memory_mb: 8192 });
+    cp.add_worker(WorkerLink::local("w1", tx, 2000, 8192));
     Harness { cp, rx, _dir: dir }
 }
 
@@ -140,7 +140,7 @@ async fn spawned_inputs_survive_a_restart() {
     let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let cp = ControlPlane::new(store, dir.path()).unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 2000, memory_mb: 8192 });
+    cp.add_worker(WorkerLink::local("w1", tx, 2000, 8192));
     let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
     cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
     let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
@@ -160,7 +160,7 @@ async fn idle_containers_of_other_functions_make_room() {
     let cp = ControlPlane::new(store, dir.path()).unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Room for exactly one default-sized container.
-    cp.add_worker(WorkerLink { id: "w1".into(), tx, cpu_millis: 125, memory_mb: 8192 });
+    cp.add_worker(WorkerLink::local("w1", tx, 125, 8192));
     let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
     let fns = cp.register_functions(&app.app_id, vec![def("f"), def("g")]).unwrap();
     let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
@@ -185,4 +185,11 @@ async fn idle_containers_of_other_functions_make_room() {
     });
     let ToWorker::Start(b) = rx.recv().await.unwrap() else { panic!("expected g to start") };
     assert_eq!(b.function_id, g);
+}
+
+#[tokio::test]
+async fn routers_build() {
+    let h = harness().await;
+    let _ = crate::api::router(h.cp.clone());
+    let _ = crate::api::container_router(h.cp.clone());
 }

@@ -104,6 +104,19 @@ pub struct FunctionConfig {
     pub target_inputs: Option<u32>,
     #[serde(default)]
     pub block_network: bool,
+    /// GPUs the container needs: alternatives in order of preference (Modal's
+    /// `gpu="H100:2"` or `gpu=["H100", "A100-80GB"]`); empty = no GPU.
+    #[serde(default)]
+    pub gpu: Vec<GpuRequest>,
+}
+
+/// A GPU type and how many of it one container needs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct GpuRequest {
+    /// Upper-case type name as workers declare it (e.g. "H100", "A100-80GB"); "ANY" matches any type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub count: u32,
 }
 
 fn default_timeout() -> u64 {
@@ -307,5 +320,259 @@ mod tests {
         assert_eq!(r.delay(1), 1.0);
         assert_eq!(r.delay(2), 2.0);
         assert_eq!(r.delay(3), 3.0);
+    }
+}
+
+/// The gRPC form of the worker session (`proto/worker.proto`) and conversions between it
+/// and the in-process messages above.
+pub mod wire {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("flare.worker.v1");
+}
+
+/// A message that could not be converted from its wire form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+fn exc_to_wire(e: ExceptionInfo) -> wire::ExceptionInfo {
+    wire::ExceptionInfo { r#type: e.type_name, message: e.message, traceback: e.traceback }
+}
+
+fn exc_from_wire(e: wire::ExceptionInfo) -> ExceptionInfo {
+    ExceptionInfo { type_name: e.r#type, message: e.message, traceback: e.traceback }
+}
+
+fn stream_str(s: LogStream) -> &'static str {
+    match s {
+        LogStream::Stdout => "stdout",
+        LogStream::Stderr => "stderr",
+        LogStream::System => "system",
+    }
+}
+
+impl ToWorker {
+    pub fn into_wire(self) -> wire::ControlMessage {
+        use wire::control_message::Msg;
+        let msg = match self {
+            ToWorker::Start(a) => Msg::Start(wire::Start {
+                container_id: a.container_id,
+                app_id: a.app_id,
+                app_name: a.app_name,
+                function_id: a.function_id,
+                def_json: serde_json::to_string(&a.def).expect("FunctionDef serializes"),
+            }),
+            ToWorker::Inputs { container_id, inputs } => Msg::Inputs(wire::Inputs {
+                container_id,
+                inputs: inputs
+                    .into_iter()
+                    .map(|i| wire::Input {
+                        input_id: i.input_id,
+                        call_id: i.call_id,
+                        idx: i.idx,
+                        args: i.args,
+                        timeout_ms: i.timeout_ms,
+                    })
+                    .collect(),
+            }),
+            ToWorker::Stop { container_id, graceful } => Msg::Stop(wire::Stop { container_id, graceful }),
+        };
+        wire::ControlMessage { msg: Some(msg) }
+    }
+
+    /// `Ok(None)` for session messages that are not container commands (Registered).
+    pub fn from_wire(m: wire::ControlMessage) -> Result<Option<ToWorker>, WireError> {
+        use wire::control_message::Msg;
+        Ok(Some(match m.msg.ok_or_else(|| WireError("empty control message".into()))? {
+            Msg::Registered(_) => return Ok(None),
+            Msg::Start(s) => ToWorker::Start(ContainerAssignment {
+                container_id: s.container_id,
+                app_id: s.app_id,
+                app_name: s.app_name,
+                function_id: s.function_id,
+                def: serde_json::from_str(&s.def_json)
+                    .map_err(|e| WireError(format!("bad function definition: {e}")))?,
+            }),
+            Msg::Inputs(i) => ToWorker::Inputs {
+                container_id: i.container_id,
+                inputs: i
+                    .inputs
+                    .into_iter()
+                    .map(|i| InputMsg {
+                        input_id: i.input_id,
+                        call_id: i.call_id,
+                        idx: i.idx,
+                        args: i.args,
+                        timeout_ms: i.timeout_ms,
+                    })
+                    .collect(),
+            },
+            Msg::Stop(s) => ToWorker::Stop { container_id: s.container_id, graceful: s.graceful },
+        }))
+    }
+}
+
+impl FromWorker {
+    pub fn into_wire(self) -> wire::WorkerMessage {
+        use wire::worker_message::Msg;
+        let msg = match self {
+            FromWorker::Ready { container_id } => Msg::Ready(wire::Ready { container_id }),
+            FromWorker::InitFailed { container_id, exception } => {
+                Msg::InitFailed(wire::InitFailed { container_id, exception: Some(exc_to_wire(exception)) })
+            }
+            FromWorker::Outputs { container_id, outputs } => Msg::Outputs(wire::Outputs {
+                container_id,
+                outputs: outputs
+                    .into_iter()
+                    .map(|o| wire::Output {
+                        input_id: o.input_id,
+                        status: o.status.as_str().into(),
+                        gen: match o.gen {
+                            None => String::new(),
+                            Some(GenMark::Item) => "item".into(),
+                            Some(GenMark::Done) => "done".into(),
+                        },
+                        data: o.data,
+                        exception: o.exception.map(exc_to_wire),
+                    })
+                    .collect(),
+            }),
+            FromWorker::Log { container_id, stream, data } => {
+                Msg::Log(wire::Log { container_id, stream: stream_str(stream).into(), data })
+            }
+            FromWorker::Exited { container_id, report } => Msg::Exited(wire::Exited {
+                container_id,
+                code: report.code,
+                signal: report.signal,
+                oom_killed: report.oom_killed,
+                memory_limit: report.memory_limit,
+                timed_out_input: report.timed_out_input.unwrap_or_default(),
+                start_error: report.start_error.unwrap_or_default(),
+                requested: report.requested,
+            }),
+        };
+        wire::WorkerMessage { msg: Some(msg) }
+    }
+
+    /// Converts a container event; session messages (Register, Heartbeat) are not events.
+    pub fn from_wire(m: wire::worker_message::Msg) -> Result<FromWorker, WireError> {
+        use wire::worker_message::Msg;
+        let none_if_empty = |s: String| if s.is_empty() { None } else { Some(s) };
+        Ok(match m {
+            Msg::Register(_) | Msg::Heartbeat(_) => return Err(WireError("not a container event".into())),
+            Msg::Ready(r) => FromWorker::Ready { container_id: r.container_id },
+            Msg::InitFailed(f) => FromWorker::InitFailed {
+                container_id: f.container_id,
+                exception: f.exception.map(exc_from_wire).unwrap_or_default(),
+            },
+            Msg::Outputs(o) => FromWorker::Outputs {
+                container_id: o.container_id,
+                outputs: o
+                    .outputs
+                    .into_iter()
+                    .map(|o| {
+                        Ok(OutputMsg {
+                            input_id: o.input_id,
+                            status: OutputStatus::parse(&o.status)
+                                .ok_or_else(|| WireError(format!("unknown output status {:?}", o.status)))?,
+                            gen: match o.gen.as_str() {
+                                "" => None,
+                                "item" => Some(GenMark::Item),
+                                "done" => Some(GenMark::Done),
+                                other => return Err(WireError(format!("unknown generator mark {other:?}"))),
+                            },
+                            data: o.data,
+                            exception: o.exception.map(exc_from_wire),
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?,
+            },
+            Msg::Log(l) => FromWorker::Log {
+                container_id: l.container_id,
+                stream: match l.stream.as_str() {
+                    "stderr" => LogStream::Stderr,
+                    "system" => LogStream::System,
+                    _ => LogStream::Stdout,
+                },
+                data: l.data,
+            },
+            Msg::Exited(e) => FromWorker::Exited {
+                container_id: e.container_id,
+                report: ExitReport {
+                    code: e.code,
+                    signal: e.signal,
+                    oom_killed: e.oom_killed,
+                    memory_limit: e.memory_limit,
+                    timed_out_input: none_if_empty(e.timed_out_input),
+                    start_error: none_if_empty(e.start_error),
+                    requested: e.requested,
+                },
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    #[test]
+    fn events_roundtrip_through_the_wire_form() {
+        let ev = FromWorker::Outputs {
+            container_id: "ct-1".into(),
+            outputs: vec![OutputMsg {
+                input_id: "in-1".into(),
+                status: OutputStatus::Failure,
+                gen: Some(GenMark::Item),
+                data: Bytes::from_static(b"x"),
+                exception: Some(ExceptionInfo::new("builtins.ValueError", "bad")),
+            }],
+        };
+        let back = FromWorker::from_wire(ev.into_wire().msg.unwrap()).unwrap();
+        let FromWorker::Outputs { container_id, outputs } = back else { panic!() };
+        assert_eq!(container_id, "ct-1");
+        assert_eq!(outputs[0].status, OutputStatus::Failure);
+        assert_eq!(outputs[0].gen, Some(GenMark::Item));
+        assert_eq!(outputs[0].exception.as_ref().unwrap().message, "bad");
+        let ex = FromWorker::Exited {
+            container_id: "c".into(),
+            report: ExitReport { code: Some(1), timed_out_input: Some("in".into()), ..Default::default() },
+        };
+        let FromWorker::Exited { report, .. } = FromWorker::from_wire(ex.into_wire().msg.unwrap()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(report.code, Some(1));
+        assert_eq!(report.signal, None);
+        assert_eq!(report.timed_out_input.as_deref(), Some("in"));
+        assert_eq!(report.start_error, None);
+    }
+
+    #[test]
+    fn commands_roundtrip_through_the_wire_form() {
+        let def: FunctionDef = serde_json::from_value(serde_json::json!({
+            "name": "f", "module": "m", "qualname": "f", "python": {"executable": "/usr/bin/python3"}
+        }))
+        .unwrap();
+        let start = ToWorker::Start(ContainerAssignment {
+            container_id: "c".into(),
+            app_id: "a".into(),
+            app_name: "n".into(),
+            function_id: "f".into(),
+            def: def.clone(),
+        });
+        let Some(ToWorker::Start(a)) = ToWorker::from_wire(start.into_wire()).unwrap() else { panic!() };
+        assert_eq!(a.def, def);
+        let reg = wire::ControlMessage {
+            msg: Some(wire::control_message::Msg::Registered(wire::Registered::default())),
+        };
+        assert!(ToWorker::from_wire(reg).unwrap().is_none());
     }
 }

@@ -5,6 +5,8 @@
 //! messages, so the embedded server (channels) and a remote worker share this code.
 
 pub mod frame;
+pub mod http;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -42,6 +44,9 @@ pub struct WorkerConfig {
     pub runtime: Arc<Runtime>,
     /// The API served on each container's socket (calls from inside containers).
     pub api: axum::Router,
+    /// Where to fetch mounts this machine does not have (a remote worker: the control
+    /// plane's URL); `None` when the control plane shares `home`.
+    pub mount_source: Option<http::HttpClient>,
 }
 
 /// Resources a worker offers.
@@ -73,14 +78,26 @@ enum Cmd {
 
 type Registry = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>>;
 
-/// Starts the worker; returns the channel the control plane sends on.
-pub fn start(
-    cfg: WorkerConfig,
-    events: mpsc::UnboundedSender<FromWorker>,
-) -> mpsc::UnboundedSender<ToWorker> {
+/// A started worker: the channel the control plane sends on, and what it runs.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub tx: mpsc::UnboundedSender<ToWorker>,
+    registry: Registry,
+}
+
+impl WorkerHandle {
+    /// Ids of the containers running (or starting, or exiting) on this worker.
+    pub fn container_ids(&self) -> Vec<String> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+}
+
+/// Starts the worker; returns its handle.
+pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> WorkerHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     let cfg = Arc::new(cfg);
     let registry: Registry = Arc::default();
+    let handle = WorkerHandle { tx: tx.clone(), registry: registry.clone() };
     if let Some(reason) = cfg.runtime.nat_available() {
         tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
     }
@@ -115,7 +132,7 @@ pub fn start(
             }
         }
     });
-    tx
+    handle
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -438,6 +455,9 @@ async fn run_container_in(
     let api_task = tokio::spawn(axum::serve(listener, cfg.api.clone()).into_future());
     let _api_guard = AbortOnDrop(api_task);
 
+    if let (Some(m), Some(src)) = (&a.def.mount_id, &cfg.mount_source) {
+        ensure_mount(&cfg.home.join("mounts"), m, src).await?;
+    }
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -670,6 +690,47 @@ async fn run_container_in(
     }
     tracing::debug!(container = %cid, ?report, "container done");
     Ok(report)
+}
+
+/// Fetches a mount from the control plane into `mounts/<id>` unless it is there already
+/// (written to a temporary dir, then renamed, so a half-written mount is never used).
+async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> Result<(), String> {
+    if mount_id.is_empty() || mount_id.contains('/') || mount_id.starts_with('.') {
+        return Err(format!("invalid mount id {mount_id:?}"));
+    }
+    let dir = mounts.join(mount_id);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let body = src
+        .get(&format!("/v1/mounts/{mount_id}"))
+        .await
+        .map_err(|e| format!("fetching mount {mount_id}: {e}"))?;
+    let m: flare_api::CreateMount =
+        serde_json::from_slice(&body).map_err(|e| format!("fetching mount {mount_id}: bad response: {e}"))?;
+    m.validate().map_err(|e| format!("fetching mount {mount_id}: {}", e.message))?;
+    let tmp = mounts.join(format!(".tmp-{mount_id}-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        for f in &m.files {
+            let p = tmp.join(&f.path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&p, &f.data.0)?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o755 | 0o444))?;
+        }
+        match std::fs::rename(&tmp, &dir) {
+            Err(_) if dir.is_dir() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(())
+            }
+            r => r,
+        }
+    };
+    tokio::task::block_in_place(write).map_err(|e| format!("storing mount {mount_id}: {e}"))
 }
 
 async fn sleep_until_opt(d: Option<Instant>) {

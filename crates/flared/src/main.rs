@@ -1,18 +1,24 @@
 //! `flared`: the Flare daemon.
 //!
-//! `flared server` runs the control plane and one in-process worker with SQLite and a
-//! local data dir under `FLARE_HOME`: the embedded default that `flare run` starts.
+//! - `flared server`: the control plane and one in-process worker, SQLite and a local data
+//!   dir under `FLARE_HOME`: the embedded default that `flare run` starts. With
+//!   `--worker-token` it also accepts remote workers.
+//! - `flared control`: the control plane alone; workers join over gRPC on the API's port.
+//! - `flared worker --control URL --token T`: a worker agent on its own machine.
+//!   `flared worker drain` asks the worker of a data dir to finish its work and leave.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use flare_control::{api, ControlPlane, WorkerLink};
+use flare_control::{api, grpc, ControlPlane, WorkerLink};
 use flare_runtime::{Runtime, RuntimeConfig};
 use flare_store::SqliteStore;
 use tokio::sync::mpsc;
@@ -28,28 +34,98 @@ struct Cli {
 enum Cmd {
     /// Control plane and one worker in one process (the embedded default).
     Server(ServerArgs),
+    /// The control plane alone: API, scheduler, state; workers join it over the network.
+    Control(ControlArgs),
+    /// A worker agent that joins a control plane (or `drain` to make one leave).
+    Worker(WorkerArgs),
+}
+
+#[derive(clap::Args)]
+struct CommonArgs {
+    /// Data directory (state database, mounts, logs, container state).
+    #[arg(long, env = "FLARE_HOME")]
+    home: Option<PathBuf>,
+    /// Address of the HTTP API (remote workers use the same port).
+    #[arg(long, default_value = "127.0.0.1:7878", env = "FLARE_LISTEN")]
+    listen: SocketAddr,
 }
 
 #[derive(clap::Args)]
 struct ServerArgs {
-    /// Data directory (state database, mounts, logs, container state).
-    #[arg(long, env = "FLARE_HOME")]
-    home: Option<PathBuf>,
-    /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:7878", env = "FLARE_LISTEN")]
-    listen: SocketAddr,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Give containers no outbound network, even when NAT could be set up.
     #[arg(long, env = "FLARE_NO_NAT")]
     no_nat: bool,
+    /// Also accept remote workers that present this token.
+    #[arg(long, env = "FLARE_WORKER_TOKEN")]
+    worker_token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The token workers must present to join.
+    #[arg(long, env = "FLARE_WORKER_TOKEN")]
+    worker_token: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkerAction {
+    /// Run the worker (the default).
+    Run,
+    /// Ask the worker using --home to stop taking work, finish, and leave.
+    Drain,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[arg(value_enum, default_value = "run")]
+    action: WorkerAction,
+    /// The control plane's URL, e.g. http://10.0.0.1:7878.
+    #[arg(long, env = "FLARE_CONTROL_URL")]
+    control: Option<String>,
+    /// The control plane's worker token.
+    #[arg(long, env = "FLARE_WORKER_TOKEN")]
+    token: Option<String>,
+    /// Data directory of this worker (mount cache, container state).
+    #[arg(long, env = "FLARE_HOME")]
+    home: Option<PathBuf>,
+    /// Worker id (default: the host name plus the data dir).
+    #[arg(long)]
+    id: Option<String>,
+    /// GPUs this machine offers, e.g. `--gpu H100:8` (repeatable); for machines where
+    /// they cannot be discovered, and to test placement.
+    #[arg(long = "gpu")]
+    gpus: Vec<String>,
+    /// CPU (cores) offered to containers (default: all).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory (MiB) offered to containers (default: all).
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Give containers no outbound network.
+    #[arg(long, env = "FLARE_NO_NAT")]
+    no_nat: bool,
+    /// Address shown for this worker in `flare worker list`.
+    #[arg(long, default_value = "")]
+    address: String,
 }
 
 fn default_home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root")).join(".flare")
 }
 
-/// Holds an exclusive lock on `home/flared.lock` for the life of the process.
-fn lock_home(home: &Path) -> Result<std::fs::File> {
-    let path = home.join("flared.lock");
+fn prepare_home(home: Option<PathBuf>) -> Result<PathBuf> {
+    let home = home.unwrap_or_else(default_home);
+    std::fs::create_dir_all(home.join("mounts")).with_context(|| format!("creating {}", home.display()))?;
+    Ok(home.canonicalize()?)
+}
+
+/// Holds an exclusive lock on `home/<name>.lock` for the life of the process.
+fn lock_home(home: &Path, name: &str) -> Result<std::fs::File> {
+    let path = home.join(format!("{name}.lock"));
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -59,12 +135,18 @@ fn lock_home(home: &Path) -> Result<std::fs::File> {
     // SAFETY: flock on an fd we own; non-blocking exclusive lock.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        bail!("another flared server is already using {} (stop it with `flare server stop`)", home.display());
+        bail!("another {name} is already using {} (stop it first)", home.display());
     }
     Ok(f)
 }
 
-/// A cgroup parent name unique to this data dir, so two servers never clean up each other.
+fn write_pid(home: &Path, name: &str) -> Result<PathBuf> {
+    let p = home.join(format!("{name}.pid"));
+    std::fs::File::create(&p)?.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+    Ok(p)
+}
+
+/// A cgroup parent name unique to this data dir, so two daemons never clean up each other.
 fn cgroup_parent(home: &Path) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in home.as_os_str().as_encoded_bytes() {
@@ -74,19 +156,19 @@ fn cgroup_parent(home: &Path) -> String {
     format!("flare-{:08x}", h as u32)
 }
 
-async fn server(args: ServerArgs) -> Result<()> {
-    let home = args.home.unwrap_or_else(default_home);
-    std::fs::create_dir_all(home.join("mounts")).with_context(|| format!("creating {}", home.display()))?;
-    let home = home.canonicalize()?;
-    let _lock = lock_home(&home)?;
-    if !nix_is_root() {
-        bail!("flared server must run as root: containers need namespaces, mounts and cgroups");
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} must run as root: containers need namespaces, mounts and cgroups");
     }
+    Ok(())
+}
 
+fn start_runtime(home: &Path, no_nat: bool) -> Result<Arc<Runtime>> {
     let runtime = Runtime::new(RuntimeConfig {
         state_dir: home.join("run"),
-        cgroup_parent: cgroup_parent(&home),
-        enable_nat: !args.no_nat,
+        cgroup_parent: cgroup_parent(home),
+        enable_nat: !no_nat,
     })
     .context("starting the container runtime")?;
     match runtime.cleanup_stale() {
@@ -94,43 +176,35 @@ async fn server(args: ServerArgs) -> Result<()> {
         Ok(n) => tracing::info!(removed = n, "cleaned up containers left by a previous run"),
         Err(e) => tracing::warn!(error = %e, "could not clean up a previous run"),
     }
-    let runtime = Arc::new(runtime);
+    Ok(Arc::new(runtime))
+}
 
+fn open_control(home: &Path) -> Result<ControlPlane> {
     let store = SqliteStore::open(&home.join("state.db")).context("opening the state database")?;
-    let cp = ControlPlane::new(Arc::new(store), &home).context("loading state")?;
+    ControlPlane::new(Arc::new(store), home).context("loading state")
+}
+
+/// The API router, plus the worker hub on the same port when a token is set.
+fn api_router(cp: &ControlPlane, worker_token: Option<String>) -> axum::Router {
     let router = api::router(cp.clone());
+    match worker_token {
+        Some(token) if !token.is_empty() => {
+            use tonic::server::NamedService;
+            type Hub = flare_proto::wire::worker_hub_server::WorkerHubServer<grpc::Hub>;
+            router.route_service(&format!("/{}/{{*method}}", Hub::NAME), grpc::service(cp.clone(), token))
+        }
+        _ => router,
+    }
+}
 
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let res = flare_worker::host_resources();
-    let worker_tx = flare_worker::start(
-        flare_worker::WorkerConfig {
-            id: "local".into(),
-            home: home.clone(),
-            runtime: runtime.clone(),
-            api: api::container_router(cp.clone()),
-        },
-        events_tx,
-    );
-    tokio::spawn(cp.clone().run_worker_events(events_rx));
-    cp.add_worker(WorkerLink {
-        id: "local".into(),
-        tx: worker_tx,
-        cpu_millis: res.cpu_millis,
-        memory_mb: res.memory_mb,
-    });
-
-    let listener = tokio::net::TcpListener::bind(args.listen)
+async fn serve_api(listen: SocketAddr, router: axum::Router) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {} (is another server running?)", args.listen))?;
-    let pid_path = home.join("flared.pid");
-    std::fs::File::create(&pid_path)?.write_all(format!("{}\n", std::process::id()).as_bytes())?;
-    tracing::info!(listen = %args.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), "flared server ready");
+        .with_context(|| format!("listening on {listen} (is another server running?)"))?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("serving the API")
+}
 
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the API")?;
-
+async fn stop_containers(cp: &ControlPlane) {
     tracing::info!("shutting down: stopping containers");
     cp.shutdown();
     let mut rx = cp.subscribe_containers();
@@ -141,13 +215,161 @@ async fn server(args: ServerArgs) -> Result<()> {
             break;
         }
     }
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
+    let home = prepare_home(args.common.home)?;
+    let _lock = lock_home(&home, "flared")?;
+    require_root("flared server")?;
+    let runtime = start_runtime(&home, args.no_nat)?;
+    let cp = open_control(&home)?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let res = flare_worker::host_resources();
+    let worker = flare_worker::start(
+        flare_worker::WorkerConfig {
+            id: "local".into(),
+            home: home.clone(),
+            runtime: runtime.clone(),
+            api: api::container_router(cp.clone()),
+            mount_source: None,
+        },
+        events_tx,
+    );
+    tokio::spawn(cp.clone().run_worker_events(events_rx));
+    cp.add_worker(WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb));
+    let pid_path = write_pid(&home, "flared")?;
+    tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
+    serve_api(args.common.listen, api_router(&cp, args.worker_token)).await?;
+    stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
 }
 
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+async fn control(args: ControlArgs) -> Result<()> {
+    if args.worker_token.is_empty() {
+        bail!("--worker-token (or FLARE_WORKER_TOKEN) must not be empty: workers join with it");
+    }
+    let home = prepare_home(args.common.home)?;
+    let _lock = lock_home(&home, "flared")?;
+    let cp = open_control(&home)?;
+    let pid_path = write_pid(&home, "flared")?;
+    tracing::info!(listen = %args.common.listen, home = %home.display(), "flared control ready; waiting for workers");
+    serve_api(args.common.listen, api_router(&cp, Some(args.worker_token))).await?;
+    stop_containers(&cp).await;
+    let _ = std::fs::remove_file(&pid_path);
+    Ok(())
+}
+
+fn parse_gpus(specs: &[String]) -> Result<BTreeMap<String, u32>> {
+    let mut gpus = BTreeMap::new();
+    for s in specs {
+        let (kind, count) = match s.split_once(':') {
+            Some((k, c)) => (k, c.parse::<u32>().with_context(|| format!("--gpu {s}: bad count"))?),
+            None => (s.as_str(), 1),
+        };
+        if kind.is_empty() || count == 0 {
+            bail!("--gpu {s}: expected TYPE or TYPE:COUNT, e.g. H100:8");
+        }
+        *gpus.entry(kind.to_ascii_uppercase()).or_insert(0) += count;
+    }
+    Ok(gpus)
+}
+
+async fn worker(args: WorkerArgs) -> Result<()> {
+    let home = prepare_home(args.home)?;
+    if args.action == WorkerAction::Drain {
+        return drain(&home).await;
+    }
+    let control = args.control.context("--control URL (or FLARE_CONTROL_URL) is required")?;
+    let token = args.token.context("--token (or FLARE_WORKER_TOKEN) is required")?;
+    let _lock = lock_home(&home, "flared-worker")?;
+    require_root("flared worker")?;
+    let gpus = parse_gpus(&args.gpus)?;
+    let mut res = flare_worker::host_resources();
+    if let Some(cpu) = args.cpu {
+        res.cpu_millis = (cpu * 1000.0) as u64;
+    }
+    if let Some(m) = args.memory {
+        res.memory_mb = m;
+    }
+    let id = args.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), &cgroup_parent(&home)[6..])
+    });
+    let client = flare_worker::http::HttpClient::new(&control).map_err(anyhow::Error::msg)?;
+    let runtime = start_runtime(&home, args.no_nat)?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let handle = flare_worker::start(
+        flare_worker::WorkerConfig {
+            id: id.clone(),
+            home: home.clone(),
+            runtime,
+            api: flare_worker::http::proxy_router(client.clone()),
+            mount_source: Some(client),
+        },
+        events_tx,
+    );
+    let draining = Arc::new(AtomicBool::new(false));
+    let pid_path = write_pid(&home, "flared-worker")?;
+    {
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
+            while usr1.recv().await.is_some() {
+                tracing::info!("drain requested");
+                draining.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    tracing::info!(%id, %control, cpu_millis = res.cpu_millis, memory_mb = res.memory_mb, ?gpus, "flared worker starting");
+    let cfg = flare_worker::remote::RemoteConfig {
+        control_url: control,
+        token,
+        worker_id: id,
+        resources: res,
+        gpus,
+        address: args.address,
+        draining,
+    };
+    let result = tokio::select! {
+        r = flare_worker::remote::run(cfg, handle.clone(), events_rx) => r.map_err(anyhow::Error::msg),
+        _ = shutdown_signal() => Ok(()),
+    };
+    for cid in handle.container_ids() {
+        let _ = handle.tx.send(flare_proto::ToWorker::Stop { container_id: cid, graceful: false });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !handle.container_ids().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(&pid_path);
+    result
+}
+
+/// Signals the worker of `home` to drain and waits for it to leave.
+async fn drain(home: &Path) -> Result<()> {
+    let pid_path = home.join("flared-worker.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_path)
+        .with_context(|| {
+            format!("no worker is running with data dir {} (no {})", home.display(), pid_path.display())
+        })?
+        .trim()
+        .parse()
+        .context("corrupt pid file")?;
+    // SAFETY: kill with a pid read from our own pid file and a valid signal number.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        bail!("worker process {pid} is not running");
+    }
+    eprintln!("draining worker (pid {pid}): running inputs finish, then it leaves");
+    loop {
+        // SAFETY: signal 0 only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            eprintln!("worker left");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn shutdown_signal() {
@@ -176,5 +398,7 @@ fn main() -> Result<()> {
         .context("starting the async runtime")?;
     match cli.cmd {
         Cmd::Server(args) => rt.block_on(server(args)),
+        Cmd::Control(args) => rt.block_on(control(args)),
+        Cmd::Worker(args) => rt.block_on(worker(args)),
     }
 }
