@@ -44,3 +44,31 @@ memory_app = flare.App("bench-memory")
 @memory_app.function(min_containers=MEMORY_CONTAINERS)
 def idle(x: int) -> int:
     return x
+
+# Scale-out: bursts of one-second inputs on a function scaled to zero. A small cpu
+# reservation lets one 2-core machine hold the whole burst at once.
+burst_app = flare.App("bench-burst")
+
+
+def _container_started_at() -> float:
+    """Wall-clock start of this container's init process (pid 1), from /proc (10 ms ticks):
+    now minus its age, where age = system uptime - its start time since boot."""
+    import os
+    import time
+
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    with open("/proc/1/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+@burst_app.function(scaledown_window=1, cpu=0.0625)
+def sleep_one(i: int) -> tuple[float, float, str]:
+    import os
+    import time
+
+    started = time.time()
+    time.sleep(1.0)
+    return _container_started_at(), started, os.environ.get("FLARE_CONTAINER_ID", "")

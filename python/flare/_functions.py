@@ -275,19 +275,61 @@ class Function:
             raise exception.InvalidError(f"{self._tag} is a generator function: call it with .remote_gen()")
         client = _client()
         body = ('{"kind":"call","inputs":[{"args":"%s"}],"more":false,"wait_ms":%d}' % (b64(payload), _CALL_WAIT_MS)).encode()
-        resp = client.request("POST", f"/v1/functions/{fid}/calls", body, timeout=_CALL_WAIT_MS / 1000 + 60)
-        outputs = resp.get("outputs")
-        if outputs:
-            self._catch_up_logs(resp)
-            return _output_value(outputs[0], self._tag)
-        call_id = resp["call_id"]
-        after = -1
+        return self._call_until_output(client, fid, body)
+
+    def _call_until_output(self, client: Client, fid: str, body: bytes) -> Any:
+        """Submit one input and wait for its output. If the server goes away (a restarted
+        control plane forgets in-memory calls), wait up to ``_RECONNECT_WINDOW`` seconds for it
+        to come back and submit the input again."""
+        import time
+
+        deadline: float | None = None
         while True:
-            r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
-            if r["outputs"]:
-                self._catch_up_logs(r)
-                return _output_value(r["outputs"][0], self._tag)
-            after = r.get("next", after)
+            try:
+                resp = client.request("POST", f"/v1/functions/{fid}/calls", body, timeout=_CALL_WAIT_MS / 1000 + 60)
+            except exception.ConnectionError as e:
+                if deadline is None:
+                    if not getattr(e, "request_sent", False):
+                        raise  # never reached the server: nothing to recover
+                    deadline = time.monotonic() + _RECONNECT_WINDOW
+                _await_server(client, deadline, e)
+                continue
+            outputs = resp.get("outputs")
+            if outputs:
+                self._catch_up_logs(resp)
+                return _output_value(outputs[0], self._tag)
+            call_id = resp["call_id"]
+            after = -1
+            try:
+                while True:
+                    r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
+                    if r["outputs"]:
+                        self._catch_up_logs(r)
+                        return _output_value(r["outputs"][0], self._tag)
+                    after = r.get("next", after)
+            except (exception.ConnectionError, exception.NotFoundError) as e:
+                if deadline is None:
+                    deadline = time.monotonic() + _RECONNECT_WINDOW
+                _await_server(client, deadline, e)
+                try:
+                    client.request("GET", f"/v1/calls/{call_id}", timeout=10)
+                except exception.NotFoundError:
+                    continue  # forgotten: submit the input again
+                except exception.ConnectionError:
+                    pass
+                # still known (a transient failure): keep polling the same call
+                while True:
+                    try:
+                        r = _poll_outputs(client, call_id, after, _POLL_WAIT_MS)
+                    except exception.NotFoundError:
+                        break
+                    except exception.ConnectionError as e2:
+                        _await_server(client, deadline, e2)
+                        continue
+                    if r["outputs"]:
+                        self._catch_up_logs(r)
+                        return _output_value(r["outputs"][0], self._tag)
+                    after = r.get("next", after)
 
     def _catch_up_logs(self, resp: dict[str, Any]) -> None:
         """Prints the function made before returning reach the terminal before its result."""
@@ -569,8 +611,73 @@ def _cancel_quietly(client: Client, call_id: str) -> None:
         pass
 
 
+_RECONNECT_WINDOW = 60.0
+
+
+def _await_server(client: Client, deadline: float, error: BaseException) -> None:
+    """Wait (with backoff) until the server answers /v1/health; re-raise ``error`` at ``deadline``."""
+    import time
+
+    delay = 0.1
+    while True:
+        try:
+            client.request("GET", "/v1/health", timeout=5)
+            return
+        except exception.ConnectionError:
+            pass
+        now = time.monotonic()
+        if now >= deadline:
+            raise error
+        time.sleep(min(delay, max(0.0, deadline - now)))
+        delay = min(delay * 2, 2.0)
+
+
+class _InputLedger:
+    """Which original inputs of a ``.map()`` still wait for their final output, and how the
+    indexes of each server-side call map back to the original ones.
+
+    A control plane that restarts forgets in-memory calls: the map client then submits the
+    pending inputs again as a new call, whose index ``i`` is original index ``maps[new][i]``.
+    An output counts once: ``resolve`` returns the original index the first time only.
+    """
+
+    __slots__ = ("pending", "maps")
+
+    def __init__(self) -> None:
+        self.pending: dict[int, str] = {}  # original index -> serialized input (JSON fragment)
+        self.maps: dict[str, list[int]] = {}  # call id -> original index of each of its inputs
+
+    def add(self, call_id: str, items: list[tuple[int, str]]) -> None:
+        m = self.maps.setdefault(call_id, [])
+        for orig, frag in items:
+            self.pending[orig] = frag
+            m.append(orig)
+
+    def resolve(self, call_id: str, idx: int) -> int | None:
+        """The original index of output ``idx`` of ``call_id``, or None if it was already delivered."""
+        m = self.maps.get(call_id)
+        if m is None or not 0 <= idx < len(m):
+            return None
+        orig = m[idx]
+        if self.pending.pop(orig, None) is None:
+            return None
+        return orig
+
+    def resubmission(self) -> list[tuple[int, str]]:
+        """The inputs to submit again (still pending), in original order."""
+        return sorted(self.pending.items())
+
+    def rebind(self, new_call_id: str, items: list[tuple[int, str]]) -> None:
+        self.maps[new_call_id] = [orig for orig, _ in items]
+
+
 class _MapRun:
-    """One ``.map()`` call: a sender thread streams input batches, the caller polls outputs."""
+    """One ``.map()`` call: a sender thread streams input batches, the caller polls outputs.
+
+    Survives a control-plane restart: when the server is unreachable, or forgets the call
+    (404 after having known it), the inputs still without a final output are submitted again
+    as a new call (waiting up to ``_RECONNECT_WINDOW`` seconds for the server to return).
+    """
 
     def __init__(self, function: Function, function_id: str, items: Iterator[Any], kwargs: dict[str, Any], star: bool) -> None:
         import threading
@@ -585,20 +692,99 @@ class _MapRun:
         self.created = threading.Event()
         self.sender_done = threading.Event()
         self.sent_all = False
+        self.final_posted = False  # the batch with more=false was handed to the server (maybe)
         self.stop = False
         self.num_sent = 0
+        self.ledger = _InputLedger()
+        self.state_lock = threading.Lock()  # ledger and call_id
+        self.call_lock = threading.RLock()  # serializes posts and recoveries
 
-    def _post(self, client: Client, batch: list[str], more: bool) -> None:
-        inputs = ",".join(batch)
-        if self.call_id is None:
-            body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more else "false")).encode()
-            resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
-            self.call_id = resp["call_id"]
-            self.created.set()
-        else:
+    def _post(self, client: Client, batch: list[tuple[int, str]], more: bool) -> None:
+        with self.call_lock:
+            if more is False:
+                self.final_posted = True
+            call_id = self.call_id
+            if call_id is None:
+                inputs = ",".join(frag for _, frag in batch)
+                body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more else "false")).encode()
+                resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
+                with self.state_lock:
+                    self.ledger.add(resp["call_id"], batch)
+                    self.call_id = resp["call_id"]
+                self.created.set()
+                self.num_sent += len(batch)
+                return
+            with self.state_lock:
+                self.ledger.add(call_id, batch)
+                known = len(self.ledger.maps[call_id]) - len(batch)
+            inputs = ",".join(frag for _, frag in batch)
             body = ('{"inputs":[%s],"more":%s}' % (inputs, "true" if more else "false")).encode()
-            client.request("POST", f"/v1/calls/{self.call_id}/inputs", body)
-        self.num_sent += len(batch)
+            try:
+                client.request("POST", f"/v1/calls/{call_id}/inputs", body)
+            except (exception.ConnectionError, exception.NotFoundError) as e:
+                # Resubmits everything pending, this batch included, or (call still known)
+                # re-posts whatever part of it the server did not record.
+                self._recover(client, call_id, e, unposted_from=known, more=more)
+            self.num_sent += len(batch)
+
+    def _recover(
+        self,
+        client: Client,
+        failed_call_id: str,
+        error: BaseException,
+        unposted_from: int | None = None,
+        more: bool | None = None,
+    ) -> None:
+        """The server failed us on ``failed_call_id``: wait for it, then carry on with that call
+        if it still exists, else submit the pending inputs again as a new call."""
+        import time
+
+        deadline = time.monotonic() + _RECONNECT_WINDOW
+        with self.call_lock:
+            if self.call_id != failed_call_id:
+                return  # another thread already recovered
+            while True:
+                _await_server(client, deadline, error)
+                try:
+                    info = client.request("GET", f"/v1/calls/{failed_call_id}", timeout=10)
+                except exception.ConnectionError:
+                    continue
+                except exception.NotFoundError:
+                    info = None
+                if info is not None:
+                    # A transient failure: the call is still there.
+                    if unposted_from is not None:
+                        with self.state_lock:
+                            m = self.ledger.maps[failed_call_id]
+                            have = int(info.get("num_inputs", len(m)))
+                            rest = [self.ledger.pending[o] for o in m[have:] if o in self.ledger.pending]
+                        if have < len(m):
+                            body = ('{"inputs":[%s],"more":%s}' % (",".join(rest), "true" if more else "false")).encode()
+                            try:
+                                client.request("POST", f"/v1/calls/{failed_call_id}/inputs", body)
+                            except exception.ConnectionError:
+                                continue
+                            except exception.NotFoundError:
+                                pass  # forgotten after all: resubmit below
+                            else:
+                                return
+                        else:
+                            return
+                    else:
+                        return
+                with self.state_lock:
+                    items = self.ledger.resubmission()
+                more_after = not self.final_posted
+                inputs = ",".join(frag for _, frag in items)
+                body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more_after else "false")).encode()
+                try:
+                    resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
+                except exception.ConnectionError:
+                    continue
+                with self.state_lock:
+                    self.ledger.rebind(resp["call_id"], items)
+                    self.call_id = resp["call_id"]
+                return
 
     def send_all(self) -> None:
         from ._serialization import b64, serialize_args
@@ -606,16 +792,18 @@ class _MapRun:
         client = _client()
         kwargs = self.kwargs
         star = self.star
-        batch: list[str] = []
+        batch: list[tuple[int, str]] = []
         size = 0
         limit = _FIRST_BATCH
+        n = 0
         try:
             for item in self.items:
                 if self.stop:
                     return
                 args = tuple(item) if star else item
                 data = b64(serialize_args(args, kwargs))
-                batch.append('{"args":"%s"}' % data)
+                batch.append((n, '{"args":"%s"}' % data))
+                n += 1
                 size += len(data)
                 if len(batch) >= limit or size >= _MAX_BATCH_BYTES:
                     self._post(client, batch, True)
@@ -663,11 +851,25 @@ class _MapRun:
             buffered: dict[int, tuple[bool, Any]] = {}
             next_idx = 0
             while True:
-                r = _poll_outputs(client, call_id, after, 1000 if not self.sent_all else _POLL_WAIT_MS)
+                with self.state_lock:
+                    if self.call_id != call_id:  # re-submitted (by the sender or by us)
+                        call_id = self.call_id
+                        after = -1
+                try:
+                    r = _poll_outputs(client, call_id, after, 1000 if not self.sent_all else _POLL_WAIT_MS)
+                except (exception.ConnectionError, exception.NotFoundError) as e:
+                    if self.error is not None:
+                        raise self.error from None
+                    self._recover(client, call_id, e)
+                    continue
                 after = r.get("next", after)
                 if r["outputs"]:
                     self.function._catch_up_logs(r)
                 for o in r["outputs"]:
+                    with self.state_lock:
+                        orig = self.ledger.resolve(call_id, o["idx"])
+                    if orig is None:
+                        continue  # already delivered (a late output of a re-run input)
                     if o.get("status") == "success":
                         data = o.get("data")
                         ok, value = True, deserialize(unb64(data)) if data else None
@@ -676,7 +878,7 @@ class _MapRun:
                         if not return_exceptions:
                             raise value
                     if order_outputs:
-                        buffered[o["idx"]] = (ok, value)
+                        buffered[orig] = (ok, value)
                         while next_idx in buffered:
                             yield buffered.pop(next_idx)[1]
                             next_idx += 1
@@ -689,10 +891,17 @@ class _MapRun:
                     # instead of paying one HTTP round trip per handful of outputs.
                     time.sleep(0.004)
                 if r.get("done"):
+                    with self.state_lock:
+                        current = self.call_id == call_id
+                    if not current:
+                        continue
                     # The server only says done after our last batch (more=false) was accepted.
                     self.sender_done.wait()
                     if self.error is not None:
                         raise self.error
+                    with self.state_lock:
+                        if self.call_id != call_id:
+                            continue
                     for idx in sorted(buffered):
                         yield buffered[idx][1]
                     finished = True

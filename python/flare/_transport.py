@@ -109,6 +109,16 @@ class Client:
         else:
             data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
             headers = {"Content-Type": "application/json"}
+        try:
+            return self._request(method, path, data, headers, timeout)
+        except exception.ConnectionError as e:
+            # Whether the request may have reached the server (callers that recover from a
+            # restarted server resubmit then; a server that was never reachable is reported).
+            e.request_sent = self._local.__dict__.pop("sent", False)  # type: ignore[attr-defined]
+            raise
+
+    def _request(self, method: str, path: str, data: bytes | None, headers: dict[str, str], timeout: float | None) -> Any:
+        self._local.sent = False
         for attempt in (0, 1):
             conn = self._connection()
             fresh = conn.sock is None
@@ -119,6 +129,7 @@ class Client:
                     conn.sock.settimeout(timeout)
                 elif conn.sock is not None:
                     conn.sock.settimeout(self.timeout)
+                self._local.sent = True
                 conn.request(method, path, data, headers)
                 resp = conn.getresponse()
                 raw = resp.read()

@@ -89,7 +89,7 @@ class App:
         _f: Callable[..., Any] | None = None,
         *,
         image: Any = None,
-        cpu: float | None = None,
+        cpu: float | tuple[float, float] | None = None,
         memory: int | None = None,
         gpu: Any = None,
         timeout: int = 300,
@@ -109,8 +109,16 @@ class App:
                 "Custom images are not supported yet: functions run on the caller's Python environment. "
                 "Remove image=... from @app.function()."
             )
-        if cpu is not None and not (isinstance(cpu, (int, float)) and 0.25 <= cpu <= 64):
-            raise exception.InvalidError(f"cpu must be a number of cores between 0.25 and 64, got {cpu!r}")
+        # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
+        cpu_limit: float | None = None
+        if isinstance(cpu, tuple):
+            if len(cpu) != 2:
+                raise exception.InvalidError(f"cpu=(request, limit) needs two numbers, got {cpu!r}")
+            cpu, cpu_limit = cpu
+            if not (isinstance(cpu_limit, (int, float)) and isinstance(cpu, (int, float)) and cpu_limit >= cpu):
+                raise exception.InvalidError(f"cpu limit must be a number >= the request, got {cpu_limit!r}")
+        if cpu is not None and not (isinstance(cpu, (int, float)) and 0.0625 <= cpu <= 64):
+            raise exception.InvalidError(f"cpu must be a number of cores between 0.0625 and 64, got {cpu!r}")
         if memory is not None and not (isinstance(memory, int) and memory > 0):
             raise exception.InvalidError(f"memory must be a positive int (MiB), got {memory!r}")
         if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
@@ -144,6 +152,7 @@ class App:
             max_inputs, target_inputs = getattr(f, "__flare_concurrency__", (1, None))
             config = {
                 "cpu": float(cpu) if cpu is not None else None,
+                "cpu_limit": float(cpu_limit) if cpu_limit is not None else None,
                 "memory": memory,
                 "timeout": timeout,
                 "retries": retries_dict,

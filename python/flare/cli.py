@@ -226,14 +226,14 @@ def cmd_app(args: argparse.Namespace, rest: list[str]) -> int:
     client = _client()
     if args.app_cmd == "list":
         apps = client.request("GET", "/v1/apps")["apps"]
-        rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS")]
+        rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS (containers/backlog)")]
         for a in apps:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.get("created_at", 0)))
-            fns = ", ".join(f"{f['name']}({f.get('containers', 0)})" for f in a.get("functions", []))
+            fns = ", ".join(
+                f"{f['name']}({f.get('containers', 0)}/{f.get('backlog', 0)})" for f in a.get("functions", [])
+            )
             rows.append((a["app_id"], a["name"], a.get("state", ""), str(a.get("version", "")), created, fns))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        _print_table(rows)
         return 0
     if args.app_cmd == "stop":
         app = _find_app(client, args.name)
@@ -252,6 +252,69 @@ def cmd_app(args: argparse.Namespace, rest: list[str]) -> int:
             out.flush()
         return 0
     raise UserError("usage: flare app list|stop NAME|logs NAME [--follow]")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _age(seconds: Any) -> str:
+    s = float(seconds or 0)
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m{s % 60:02.0f}s"
+    if s < 86400:
+        return f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m"
+    return f"{s // 86400:.0f}d{s % 86400 // 3600:02.0f}h"
+
+
+def cmd_container(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.container_cmd != "list":
+        raise UserError("usage: flare container list")
+    client = _client()
+    containers = client.request("GET", "/v1/containers")["containers"]
+    names = {a["app_id"]: a["name"] for a in client.request("GET", "/v1/apps")["apps"]}
+    rows = [("CONTAINER ID", "APP", "FUNCTION", "WORKER", "STATE", "AGE")]
+    for c in containers:
+        app_id = c.get("app_id", "")
+        waiting = str(c.get("state", "")).startswith("waiting")
+        rows.append((
+            c.get("container_id") or "-",
+            names.get(app_id, app_id),
+            c.get("function", ""),
+            str(c.get("worker_id") or c.get("worker") or "-"),
+            str(c.get("state", "")),
+            "-" if waiting else _age(c.get("age_s")),
+        ))
+    _print_table(rows)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.worker_cmd != "list":
+        raise UserError("usage: flare worker list")
+    workers = _client().request("GET", "/v1/workers")["workers"]
+    rows = [("WORKER ID", "ADDRESS", "STATE", "CPU", "MEMORY (MiB)", "GPUS", "CONTAINERS")]
+    for w in workers:
+        cpu = f"{w.get('cpu_millis_used', 0) / 1000:g}/{w.get('cpu_millis', 0) / 1000:g}"
+        mem = f"{w.get('memory_mb_used', 0)}/{w.get('memory_mb', 0)}"
+        gpus_total = w.get("gpus") or {}
+        gpus_used = w.get("gpus_used") or {}
+        gpus = ", ".join(f"{t} {gpus_used.get(t, 0)}/{n}" for t, n in sorted(gpus_total.items())) or "-"
+        rows.append((
+            str(w.get("worker_id", "")),
+            str(w.get("address") or "-"),
+            str(w.get("state", "")),
+            cpu,
+            mem,
+            gpus,
+            str(w.get("containers", 0)),
+        ))
+    _print_table(rows)
+    return 0
 
 
 def cmd_server(args: argparse.Namespace, rest: list[str]) -> int:
@@ -310,6 +373,14 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("name")
     logs.add_argument("--follow", "-f", action="store_true")
 
+    container = sub.add_parser("container", help="inspect containers")
+    container_sub = container.add_subparsers(dest="container_cmd", metavar="SUBCOMMAND")
+    container_sub.add_parser("list", help="list live containers (and calls waiting for a place to run)")
+
+    worker = sub.add_parser("worker", help="inspect workers")
+    worker_sub = worker.add_subparsers(dest="worker_cmd", metavar="SUBCOMMAND")
+    worker_sub.add_parser("list", help="list workers with their resources")
+
     server = sub.add_parser("server", help="manage the local flared server")
     server_sub = server.add_subparsers(dest="server_cmd", metavar="SUBCOMMAND")
     start = server_sub.add_parser("start", help="start flared in the background")
@@ -343,7 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"run": cmd_run, "deploy": cmd_deploy, "app": cmd_app, "server": cmd_server}
+    handlers = {
+        "run": cmd_run,
+        "deploy": cmd_deploy,
+        "app": cmd_app,
+        "container": cmd_container,
+        "worker": cmd_worker,
+        "server": cmd_server,
+    }
     try:
         return handlers[args.command](args, rest)
     except UserError as e:

@@ -245,6 +245,13 @@ pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
             return Err(ApiError::invalid(format!("cpu={cpu} out of range (0.0625 to 64 cores)")));
         }
     }
+    if let Some(limit) = c.cpu_limit {
+        if limit < c.cpu.unwrap_or(0.0625) || limit > 1024.0 {
+            return Err(ApiError::invalid(format!(
+                "cpu limit {limit} must be >= the cpu request and <= 1024"
+            )));
+        }
+    }
     if let Some(m) = c.memory {
         if !(16..=1024 * 1024).contains(&m) {
             return Err(ApiError::invalid(format!("memory={m} MiB out of range (16 MiB to 1 TiB)")));

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 /// Inputs a platform fault may re-run before the input fails, beyond the user's retries.
 const PLATFORM_RETRIES: u32 = 3;
 /// Containers of one function starting at the same time.
-const MAX_STARTING_PER_FUNCTION: u32 = 2;
+const MAX_STARTING_PER_FUNCTION: u32 = 8;
 /// Log records kept in memory per app (older ones are read from the store).
 const LOG_RING: usize = 20_000;
 /// A remote worker with no heartbeat for this long is treated as dead.

@@ -76,11 +76,19 @@ impl RetryPolicy {
     }
 }
 
+/// Cores a container may use above its `cpu=` request when no limit is given.
+pub const CPU_BURST_CORES: f64 = 16.0;
+
 /// Resource and scaling configuration of a function.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FunctionConfig {
+    /// Cores reserved for each container (placement); containers may use more.
     #[serde(default)]
     pub cpu: Option<f64>,
+    /// Hard cap on cores (`cpu=(request, limit)`); without it the cap is the request plus
+    /// [`CPU_BURST_CORES`], as on Modal.
+    #[serde(default)]
+    pub cpu_limit: Option<f64>,
     /// MiB.
     #[serde(default)]
     pub memory: Option<u64>,

@@ -261,7 +261,11 @@ fn build_spec(
         rootfs: Rootfs::Host,
         binds,
         limits: Limits {
-            cpu_millicores: def.config.cpu.map(|c| (c * 1000.0).round() as u64),
+            cpu_millicores: def
+                .config
+                .cpu_limit
+                .or(def.config.cpu.map(|c| c + flare_proto::CPU_BURST_CORES))
+                .map(|c| (c * 1000.0).round() as u64),
             memory_bytes: def.config.memory.map(|m| m * 1024 * 1024),
             pids_max: None,
         },
