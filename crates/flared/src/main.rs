@@ -38,6 +38,8 @@ enum Cmd {
     Control(ControlArgs),
     /// A worker agent that joins a control plane (or `drain` to make one leave).
     Worker(WorkerArgs),
+    /// Print the GPUs this machine offers (as NVML reports them), as JSON.
+    Gpus,
 }
 
 #[derive(clap::Args)]
@@ -95,8 +97,8 @@ struct WorkerArgs {
     /// Worker id (default: the host name plus the data dir).
     #[arg(long)]
     id: Option<String>,
-    /// GPUs this machine offers, e.g. `--gpu H100:8` (repeatable); for machines where
-    /// they cannot be discovered, and to test placement.
+    /// GPUs this machine offers, e.g. `--gpu H100:8` (repeatable); replaces what NVML
+    /// discovers (for machines where it cannot, and to test placement).
     #[arg(long = "gpu")]
     gpus: Vec<String>,
     /// CPU (cores) offered to containers (default: all).
@@ -236,7 +238,9 @@ async fn server(args: ServerArgs) -> Result<()> {
         events_tx,
     );
     tokio::spawn(cp.clone().run_worker_events(events_rx));
-    cp.add_worker(WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb));
+    let mut link = WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb);
+    link.gpus = discovered_gpus();
+    cp.add_worker(link);
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
     serve_api(args.common.listen, api_router(&cp, args.worker_token)).await?;
@@ -284,7 +288,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     let token = args.token.context("--token (or FLARE_WORKER_TOKEN) is required")?;
     let _lock = lock_home(&home, "flared-worker")?;
     require_root("flared worker")?;
-    let gpus = parse_gpus(&args.gpus)?;
+    let gpus = if args.gpus.is_empty() { discovered_gpus() } else { parse_gpus(&args.gpus)? };
     let mut res = flare_worker::host_resources();
     if let Some(cpu) = args.cpu {
         res.cpu_millis = (cpu * 1000.0) as u64;
@@ -347,6 +351,20 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     result
 }
 
+/// GPUs found through NVML (none, with the reason logged, where there are none).
+fn discovered_gpus() -> BTreeMap<String, u32> {
+    match flare_worker::gpu::discover() {
+        Ok(g) => {
+            tracing::info!(gpus = ?g, "GPUs discovered");
+            g
+        }
+        Err(why) => {
+            tracing::info!(%why, "no GPUs discovered");
+            BTreeMap::new()
+        }
+    }
+}
+
 /// Signals the worker of `home` to drain and waits for it to leave.
 async fn drain(home: &Path) -> Result<()> {
     let pid_path = home.join("flared-worker.pid");
@@ -400,5 +418,12 @@ fn main() -> Result<()> {
         Cmd::Server(args) => rt.block_on(server(args)),
         Cmd::Control(args) => rt.block_on(control(args)),
         Cmd::Worker(args) => rt.block_on(worker(args)),
+        Cmd::Gpus => match flare_worker::gpu::discover() {
+            Ok(g) => {
+                println!("{}", serde_json::to_string(&g)?);
+                Ok(())
+            }
+            Err(why) => bail!("no GPUs: {why}"),
+        },
     }
 }
