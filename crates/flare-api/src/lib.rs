@@ -458,6 +458,9 @@ pub struct ContainerInfo {
     pub container_id: String,
     pub app_id: String,
     pub function: String,
+    /// The worker running it ("" while waiting for one).
+    #[serde(default)]
+    pub worker_id: String,
     pub state: String,
     pub age_s: f64,
     pub inputs_in_flight: u32,
