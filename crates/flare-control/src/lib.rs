@@ -270,13 +270,12 @@ impl ControlPlane {
 
     fn load(&self) -> Result<(), ControlError> {
         let store = self.store();
-        let stopped = store.stop_ephemeral_apps()?;
-        if stopped > 0 {
-            tracing::info!(stopped, "ephemeral apps of the previous run marked stopped");
-        }
         let mut st = self.lock();
+        // Every app that was not stopped comes back, ephemeral ones included: a client
+        // that is still there (a `flare run` in the middle of a `.map`) heartbeats again
+        // and carries on; one that is gone lets the app time out like any lost client.
         for app in store.list_apps()? {
-            if app.mode != "deployed" || app.state == "stopped" {
+            if app.state == "stopped" {
                 continue;
             }
             let mut functions = BTreeMap::new();

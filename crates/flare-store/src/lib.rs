@@ -88,8 +88,6 @@ pub trait Store: Send + Sync {
     fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
     fn deployed_app_by_name(&self, name: &str) -> Result<Option<AppRow>>;
     fn list_apps(&self) -> Result<Vec<AppRow>>;
-    /// Marks every app that is not deployed as stopped (ephemeral apps do not survive a restart).
-    fn stop_ephemeral_apps(&self) -> Result<usize>;
 
     fn put_function(&self, f: &FunctionRow) -> Result<()>;
     fn functions_of_app(&self, app_id: &str) -> Result<Vec<FunctionRow>>;
@@ -274,12 +272,6 @@ impl Store for SqliteStore {
         let mut st = c.prepare(&format!("SELECT {APP_COLS} FROM apps ORDER BY created_at"))?;
         let rows = st.query_map([], app_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
-    }
-
-    fn stop_ephemeral_apps(&self) -> Result<usize> {
-        Ok(self
-            .conn()
-            .execute("UPDATE apps SET state='stopped' WHERE mode='ephemeral' AND state!='stopped'", [])?)
     }
 
     fn put_function(&self, f: &FunctionRow) -> Result<()> {
@@ -549,9 +541,8 @@ mod tests {
             .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.stop_ephemeral_apps().unwrap(), 1);
         assert_eq!(s.deployed_app_by_name("hello").unwrap().unwrap().app_id, "a1");
-        assert_eq!(s.get_app("a2").unwrap().unwrap().state, "stopped");
+        assert_eq!(s.get_app("a2").unwrap().unwrap().state, "running");
         let fns = s.functions_of_app("a1").unwrap();
         assert_eq!(fns.len(), 1);
         assert_eq!(fns[0].def, def());
