@@ -200,6 +200,36 @@ pub fn validate_relative_path(p: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Writes a mount's files into `dir` atomically: into the sibling temporary dir `tmp`
+/// first, then renamed, so a half-written mount is never seen. Another writer finishing
+/// the same (content-addressed) mount first is fine. Files become read-only.
+pub fn write_mount_dir<'a>(
+    dir: &std::path::Path,
+    tmp: &std::path::Path,
+    files: impl IntoIterator<Item = &'a MountFile>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp)?;
+    for f in files {
+        validate_relative_path(&f.path)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.message))?;
+        let p = tmp.join(&f.path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, &f.data.0)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o755 | 0o444))?;
+    }
+    match std::fs::rename(tmp, dir) {
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MountCreated {
     pub mount_id: String,

@@ -959,26 +959,7 @@ impl ControlPlane {
             return Ok(id);
         }
         let tmp = self.mounts_dir().join(format!(".tmp-{}", new_id("m")));
-        let write = || -> std::io::Result<()> {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::create_dir_all(&tmp)?;
-            for f in &sorted {
-                let p = tmp.join(&f.path);
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::fs::write(&p, &f.data.0)?;
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o755 | 0o444))?;
-            }
-            match std::fs::rename(&tmp, &dir) {
-                Ok(()) => Ok(()),
-                Err(_) if dir.is_dir() => {
-                    let _ = std::fs::remove_dir_all(&tmp);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        };
+        let write = || flare_api::write_mount_dir(&dir, &tmp, sorted.iter().copied());
         write().map_err(|e| ApiError::internal(format!("could not store mount: {e}")))?;
         self.store().put_mount(&id, now_ts()).map_err(store_err)?;
         Ok(id)

@@ -715,26 +715,7 @@ async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> 
         serde_json::from_slice(&body).map_err(|e| format!("fetching mount {mount_id}: bad response: {e}"))?;
     m.validate().map_err(|e| format!("fetching mount {mount_id}: {}", e.message))?;
     let tmp = mounts.join(format!(".tmp-{mount_id}-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        for f in &m.files {
-            let p = tmp.join(&f.path);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(&p, &f.data.0)?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o755 | 0o444))?;
-        }
-        match std::fs::rename(&tmp, &dir) {
-            Err(_) if dir.is_dir() => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Ok(())
-            }
-            r => r,
-        }
-    };
+    let write = || flare_api::write_mount_dir(&dir, &tmp, &m.files);
     tokio::task::block_in_place(write).map_err(|e| format!("storing mount {mount_id}: {e}"))
 }
 
