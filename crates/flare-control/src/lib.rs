@@ -490,6 +490,18 @@ impl ControlPlane {
         }
     }
 
+    /// Ends every remote worker's session (control-plane shutdown): their streams close,
+    /// so the HTTP server can finish, and the workers reconnect to the next instance.
+    pub fn disconnect_remote_workers(&self, why: &str) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let remote: Vec<String> =
+            st.workers.iter().filter(|w| w.link.remote).map(|w| w.link.id.clone()).collect();
+        for id in remote {
+            self.worker_lost_locked(st, &id, why);
+        }
+    }
+
     /// Workers as the API shows them.
     pub fn list_workers(&self) -> Vec<flare_api::WorkerInfo> {
         let st = self.lock();

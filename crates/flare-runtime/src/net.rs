@@ -2,10 +2,10 @@
 //!
 //! Each pooled namespace is pinned by a bind mount at `state_dir/netns/<n>` and holds one
 //! end of a veth pair renamed `eth0` with `10.213.x.y+2/30`, default route via the host
-//! end `fl<n>` (`10.213.x.y+1/30`). One /30 per container and no bridge, so containers
+//! end `flv<n>` (`10.213.x.y+1/30`). One /30 per container and no bridge, so containers
 //! cannot talk to each other. Host-wide rules (set once): `ip_forward=1`; MASQUERADE for
-//! 10.213.0.0/16 leaving through non-`fl+` interfaces; FORWARD drops `fl+ -> fl+` and
-//! traffic to the host's own addresses; INPUT drops everything arriving from `fl+`, so a
+//! 10.213.0.0/16 leaving through non-`flv+` interfaces; FORWARD drops `flv+ -> flv+` and
+//! traffic to the host's own addresses; INPUT drops everything arriving from `flv+`, so a
 //! container cannot reach anything listening on the host (the control plane included).
 //!
 //! Set-up shells out to `ip` (iproute2) and `iptables`: it is off the hot path (a
@@ -36,7 +36,7 @@ pub(crate) struct NetNs {
 }
 
 pub(crate) fn host_if_name(index: u32) -> String {
-    format!("fl{index}")
+    format!("{IF_PREFIX}{index}")
 }
 
 /// (host address, container address) of the /30 for `index`.
@@ -45,6 +45,11 @@ pub(crate) fn addresses(index: u32) -> (String, String) {
     let (a, b) = (base / 256, base % 256);
     (format!("10.213.{a}.{}", b + 1), format!("10.213.{a}.{}", b + 2))
 }
+
+/// Host-side names of container veths: `flv<n>`. The firewall matches `flv+`, so the
+/// prefix must not be one other software uses for its interfaces (`fl` alone would catch
+/// e.g. `flannel.1`).
+const IF_PREFIX: &str = "flv";
 
 /// Run a command, returning its stderr as the error.
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
@@ -58,24 +63,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
 
 /// Run `ip -batch -` with one command per line: one process instead of one per command.
 fn ip_batch(lines: &[String]) -> Result<(), String> {
-    use std::io::Write as _;
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("ip: {e}"))?;
-    let script = lines.join("\n") + "\n";
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(|e| format!("ip -batch: {e}"))?;
-    }
-    let out = child.wait_with_output().map_err(|e| format!("ip -batch: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip -batch` failed on:\n{script}{}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
+    pipe_to("ip", &["-batch", "-"], &(lines.join("\n") + "\n"))
 }
 
 /// Check the tools and install the host rules. Returns the reason on failure.
@@ -84,45 +72,62 @@ pub(crate) fn setup_host() -> Result<(), String> {
     run("iptables", &["-V"]).map_err(|e| format!("iptables not installed or not usable ({e})"))?;
     fs::write("/proc/sys/net/ipv4/ip_forward", "1")
         .map_err(|e| format!("enable net.ipv4.ip_forward: {e}"))?;
-    let ipt = |args: &[&str]| {
-        let mut v = vec!["-w"];
-        v.extend_from_slice(args);
-        run("iptables", &v)
-    };
-    let chain = |table: &str, chain: &str, hook: &str, rules: &[&[&str]]| -> Result<(), String> {
-        // Create (ignore "exists"), flush, fill, then hook in once.
-        let _ = ipt(&["-t", table, "-N", chain]);
-        ipt(&["-t", table, "-F", chain])?;
+    // Each chain is replaced atomically (iptables-restore --noflush: declaring a chain
+    // empties it), so concurrent start-ups of several runtimes never duplicate rules.
+    let chain = |table: &str, chain: &str, hook: &str, rules: &[&str]| -> Result<(), String> {
+        let mut script = format!("*{table}\n:{chain} - [0:0]\n");
         for r in rules {
-            let mut v = vec!["-t", table, "-A", chain];
-            v.extend_from_slice(r);
-            ipt(&v)?;
+            script.push_str(&format!("-A {chain} {r}\n"));
         }
-        if ipt(&["-t", table, "-C", hook, "-j", chain]).is_err() {
-            ipt(&["-t", table, "-I", hook, "1", "-j", chain])?;
+        script.push_str("COMMIT\n");
+        pipe_to("iptables-restore", &["-w", "--noflush"], &script)?;
+        if run("iptables", &["-w", "-t", table, "-C", hook, "-j", chain]).is_err() {
+            run("iptables", &["-w", "-t", table, "-I", hook, "1", "-j", chain])?;
         }
         Ok(())
     };
-    chain(
-        "nat",
-        "FLARE-POSTROUTING",
-        "POSTROUTING",
-        &[&["-s", SUBNET, "!", "-o", "fl+", "-j", "MASQUERADE"]],
-    )?;
+    let ifs = format!("{IF_PREFIX}+");
+    chain("nat", "FLARE-POSTROUTING", "POSTROUTING", &[&format!("-s {SUBNET} ! -o {ifs} -j MASQUERADE")])?;
     chain(
         "filter",
         "FLARE-FORWARD",
         "FORWARD",
         &[
-            &["-i", "fl+", "-o", "fl+", "-j", "DROP"],
-            &["-i", "fl+", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"],
-            &["-i", "fl+", "-j", "ACCEPT"],
-            &["-o", "fl+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
-            &["-o", "fl+", "-j", "DROP"],
+            &format!("-i {ifs} -o {ifs} -j DROP"),
+            &format!("-i {ifs} -m addrtype --dst-type LOCAL -j DROP"),
+            &format!("-i {ifs} -j ACCEPT"),
+            &format!("-o {ifs} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+            &format!("-o {ifs} -j DROP"),
         ],
     )?;
-    chain("filter", "FLARE-INPUT", "INPUT", &[&["-i", "fl+", "-j", "DROP"], &["-s", SUBNET, "-j", "DROP"]])?;
+    chain(
+        "filter",
+        "FLARE-INPUT",
+        "INPUT",
+        &[&format!("-i {ifs} -j DROP"), &format!("-s {SUBNET} -j DROP")],
+    )?;
     Ok(())
+}
+
+/// Runs a command with `input` on its stdin; its stderr is the error.
+fn pipe_to(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).map_err(|e| format!("{cmd}: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{cmd}` failed on:\n{input}{}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// Create and configure namespace `index` pinned at `pin`.

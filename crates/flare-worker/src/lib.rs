@@ -714,7 +714,10 @@ async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> 
     let m: flare_api::CreateMount =
         serde_json::from_slice(&body).map_err(|e| format!("fetching mount {mount_id}: bad response: {e}"))?;
     m.validate().map_err(|e| format!("fetching mount {mount_id}: {}", e.message))?;
-    let tmp = mounts.join(format!(".tmp-{mount_id}-{}", std::process::id()));
+    // Unique per fetch: containers of one function often fetch the same mount at once.
+    static FETCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FETCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = mounts.join(format!(".tmp-{mount_id}-{}-{n}", std::process::id()));
     let write = || flare_api::write_mount_dir(&dir, &tmp, &m.files);
     tokio::task::block_in_place(write).map_err(|e| format!("storing mount {mount_id}: {e}"))
 }

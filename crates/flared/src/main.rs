@@ -199,11 +199,31 @@ fn api_router(cp: &ControlPlane, worker_token: Option<String>) -> axum::Router {
     }
 }
 
-async fn serve_api(listen: SocketAddr, router: axum::Router) -> Result<()> {
+/// Serves the API until SIGTERM/SIGINT. Worker sessions are long-lived streams, so on the
+/// signal they are ended first, and open connections get at most 5 s to finish.
+async fn serve_api(listen: SocketAddr, router: axum::Router, cp: &ControlPlane) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (is another server running?)"))?;
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("serving the API")
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let cp2 = cp.clone();
+    let stopping2 = stopping.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        cp2.disconnect_remote_workers("the control plane is shutting down");
+        stopping2.notify_one();
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        r = server => r.context("serving the API"),
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => {
+            tracing::warn!("connections still open 5 s after the shutdown signal; closing anyway");
+            Ok(())
+        }
+    }
 }
 
 async fn stop_containers(cp: &ControlPlane) {
@@ -243,7 +263,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     cp.add_worker(link);
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
-    serve_api(args.common.listen, api_router(&cp, args.worker_token)).await?;
+    serve_api(args.common.listen, api_router(&cp, args.worker_token), &cp).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
@@ -258,7 +278,7 @@ async fn control(args: ControlArgs) -> Result<()> {
     let cp = open_control(&home)?;
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), "flared control ready; waiting for workers");
-    serve_api(args.common.listen, api_router(&cp, Some(args.worker_token))).await?;
+    serve_api(args.common.listen, api_router(&cp, Some(args.worker_token)), &cp).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
