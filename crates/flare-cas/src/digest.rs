@@ -38,7 +38,8 @@ impl Digest {
 
     /// Parse the bare hex part (no tag), as used in store file names.
     pub fn from_hex(hex_part: &str) -> Result<Digest, CasError> {
-        let bad = |reason: &str| CasError::InvalidDigest { input: hex_part.to_owned(), reason: reason.into() };
+        let bad =
+            |reason: &str| CasError::InvalidDigest { input: hex_part.to_owned(), reason: reason.into() };
         if hex_part.len() != 64 {
             return Err(bad("expected 64 hex characters"));
         }
@@ -147,10 +148,7 @@ mod tests {
         assert_eq!(json, format!("\"{s}\""));
         assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
         // Known BLAKE3 test vector for the empty input.
-        assert_eq!(
-            Digest::of(b"").hex(),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
+        assert_eq!(Digest::of(b"").hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
     }
 
     #[test]
