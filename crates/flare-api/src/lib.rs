@@ -539,18 +539,18 @@ pub struct UpdateAutoscaler {
 /// socket): looking functions up, calling them, reading outputs, cancelling calls.
 pub fn container_may_call(method: &str, path: &str) -> bool {
     let p: Vec<&str> = path.split('?').next().unwrap_or("").trim_start_matches('/').split('/').collect();
-    match (method, p.as_slice()) {
-        ("GET", ["v1", "health"]) => true,
-        ("GET", ["v1", "apps", "by-name", _, "functions", _]) => true,
-        ("GET", ["v1", "apps", _, "functions", _]) => true,
-        ("GET", ["v1", "functions", _, "stats"]) => true,
-        ("POST", ["v1", "functions", _, "calls"]) => true,
-        ("GET", ["v1", "calls", _]) => true,
-        ("POST", ["v1", "calls", _, "inputs"]) => true,
-        ("GET", ["v1", "calls", _, "outputs"]) => true,
-        ("POST", ["v1", "calls", _, "cancel"]) => true,
-        _ => false,
-    }
+    matches!(
+        (method, p.as_slice()),
+        ("GET", ["v1", "health"])
+            | ("GET", ["v1", "apps", "by-name", _, "functions", _])
+            | ("GET", ["v1", "apps", _, "functions", _])
+            | ("GET", ["v1", "functions", _, "stats"])
+            | ("POST", ["v1", "functions", _, "calls"])
+            | ("GET", ["v1", "calls", _])
+            | ("POST", ["v1", "calls", _, "inputs"])
+            | ("GET", ["v1", "calls", _, "outputs"])
+            | ("POST", ["v1", "calls", _, "cancel"])
+    )
 }
 
 /// Empty JSON object response.

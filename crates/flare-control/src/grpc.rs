@@ -96,11 +96,10 @@ impl WorkerHub for Hub {
             let why = loop {
                 match inbound.message().await {
                     Ok(Some(m)) => match m.msg {
-                        Some(Msg::Heartbeat(h)) => {
-                            if !cp.worker_heartbeat(&worker_id, &session, h.draining) {
-                                break "session superseded".to_string();
-                            }
+                        Some(Msg::Heartbeat(h)) if !cp.worker_heartbeat(&worker_id, &session, h.draining) => {
+                            break "session superseded".to_string();
                         }
+                        Some(Msg::Heartbeat(_)) => {}
                         Some(Msg::Register(_)) => break "Register sent twice".to_string(),
                         Some(other) => match FromWorker::from_wire(other) {
                             Ok(ev) => cp.worker_event(&worker_id, &session, ev),

@@ -633,7 +633,7 @@ impl ControlPlane {
         if qi.retry_count >= policy.max_retries || !f.active {
             return false;
         }
-        if st.calls.get(&qi.call_id).is_none() {
+        if !st.calls.contains_key(&qi.call_id) {
             return false;
         }
         let mut next = qi.clone();

@@ -266,6 +266,9 @@ pub struct ExitReport {
 }
 
 /// Control plane -> worker.
+// `Start` is much larger than the other variants, but it is sent once per container
+// start; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ToWorker {
     Start(ContainerAssignment),

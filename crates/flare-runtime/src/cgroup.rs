@@ -307,6 +307,48 @@ impl ContainerCgroup {
     }
 }
 
+/// Puts the kernel's cgroup threadgroup lock into its writer-friendly mode (the
+/// `favordynmods` cgroup option) by mounting a named, controller-less v1 hierarchy with
+/// that option at `dir`; the host's own cgroup mounts are left untouched.
+///
+/// Without it every move of a process into a cgroup waits for an RCU grace period
+/// (10-25 ms measured here, on the cold-start path); with it a container's cgroup join
+/// takes microseconds, at a small cost to fork and exit elsewhere on the host. The mount
+/// stays at one host-wide path ([`DYNMODS_MOUNT`]) for the life of the host: repeated
+/// calls and several runtimes share it. Returns false when the kernel refuses (the runtime works
+/// either way, only slower).
+pub(crate) const DYNMODS_MOUNT: &str = "/run/flare-cgroup-dynmods";
+
+pub(crate) fn favor_dynmods(dir: &Path) -> Result<bool, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let target = dir.display().to_string();
+    if mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())) {
+        return Ok(true);
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let src = std::ffi::CString::new("cgroup").expect("no NUL");
+    let fstype = std::ffi::CString::new("cgroup").expect("no NUL");
+    let data = std::ffi::CString::new("none,name=flare-dynmods,favordynmods").expect("no NUL");
+    let path = crate::sys::cpath(dir).map_err(|e| e.to_string())?;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if r == 0 {
+        Ok(true)
+    } else {
+        let e = std::io::Error::last_os_error();
+        let _ = fs::remove_dir(dir);
+        Err(format!("mount favordynmods hierarchy: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,47 +392,5 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert_eq!(cpu_quota_us(1000), 100_000);
         assert_eq!(cpu_quota_us(250), 25_000);
         assert_eq!(cpu_quota_us(1), 1000);
-    }
-}
-
-/// Puts the kernel's cgroup threadgroup lock into its writer-friendly mode (the
-/// `favordynmods` cgroup option) by mounting a named, controller-less v1 hierarchy with
-/// that option at `dir`; the host's own cgroup mounts are left untouched.
-///
-/// Without it every move of a process into a cgroup waits for an RCU grace period
-/// (10-25 ms measured here, on the cold-start path); with it a container's cgroup join
-/// takes microseconds, at a small cost to fork and exit elsewhere on the host. The mount
-/// stays at one host-wide path ([`DYNMODS_MOUNT`]) for the life of the host: repeated
-/// calls and several runtimes share it. Returns false when the kernel refuses (the runtime works
-/// either way, only slower).
-pub(crate) const DYNMODS_MOUNT: &str = "/run/flare-cgroup-dynmods";
-
-pub(crate) fn favor_dynmods(dir: &Path) -> Result<bool, String> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let target = dir.display().to_string();
-    if mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str())) {
-        return Ok(true);
-    }
-    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let src = std::ffi::CString::new("cgroup").expect("no NUL");
-    let fstype = std::ffi::CString::new("cgroup").expect("no NUL");
-    let data = std::ffi::CString::new("none,name=flare-dynmods,favordynmods").expect("no NUL");
-    let path = crate::sys::cpath(dir).map_err(|e| e.to_string())?;
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            path.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            data.as_ptr().cast(),
-        )
-    };
-    if r == 0 {
-        Ok(true)
-    } else {
-        let e = std::io::Error::last_os_error();
-        let _ = fs::remove_dir(dir);
-        Err(format!("mount favordynmods hierarchy: {e}"))
     }
 }
