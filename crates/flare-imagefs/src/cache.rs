@@ -1,0 +1,450 @@
+//! [`ChunkCache`]: the worker-local, size-bounded, LRU, restart-surviving cache of
+//! chunks shared by every image mounted on a worker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use flare_cas::{BlobStore, CasError, Digest};
+use tracing::{debug, warn};
+
+use crate::error::{io_ctx, ImageFsError, Result};
+
+/// How a chunk read was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// From the cache directory (or from memory right after this read fetched it
+    /// for another reader).
+    Hit,
+    /// This call fetched it from the blob store.
+    Fetched,
+    /// Another thread was fetching it; this call waited for that fetch.
+    Joined,
+}
+
+/// Counters of a [`ChunkCache`], since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Chunk reads served from the cache directory.
+    pub hits: u64,
+    /// Chunk reads that had to fetch (or wait for a fetch).
+    pub misses: u64,
+    /// Chunks fetched from a blob store.
+    pub fetches: u64,
+    /// Bytes fetched from blob stores.
+    pub fetched_bytes: u64,
+    /// Chunk files removed to stay under the size bound.
+    pub evictions: u64,
+    /// Cached chunk files that failed digest verification (removed and refetched).
+    pub corrupt: u64,
+    /// Chunks that could not be written to the cache (served from memory anyway).
+    pub write_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fetches: AtomicU64,
+    fetched_bytes: AtomicU64,
+    evictions: AtomicU64,
+    corrupt: AtomicU64,
+    write_errors: AtomicU64,
+}
+
+struct Meta {
+    size: u64,
+    tick: u64,
+    /// Hashed since this process opened the cache (files found by the start-up scan
+    /// are verified on their first load).
+    verified: bool,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Digest, Meta>,
+    /// tick -> digest, oldest first.
+    lru: BTreeMap<u64, Digest>,
+    total: u64,
+    tick: u64,
+}
+
+impl State {
+    fn bump(&mut self, digest: &Digest) -> Option<(u64, bool)> {
+        self.tick += 1;
+        let tick = self.tick;
+        let meta = self.entries.get_mut(digest)?;
+        self.lru.remove(&meta.tick);
+        meta.tick = tick;
+        self.lru.insert(tick, *digest);
+        Some((meta.size, meta.verified))
+    }
+
+    fn remove(&mut self, digest: &Digest) -> bool {
+        match self.entries.remove(digest) {
+            Some(meta) => {
+                self.lru.remove(&meta.tick);
+                self.total -= meta.size;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A fetch in progress, waited on by other readers of the same chunk.
+struct Inflight {
+    done: Mutex<Option<std::result::Result<Arc<Vec<u8>>, String>>>,
+    cv: Condvar,
+}
+
+/// A directory of verified chunks shared by every image on a worker:
+///
+/// ```text
+/// ROOT/chunks/ab/ab12…(64 hex)   one file per chunk (blob), named by its BLAKE3 digest
+/// ROOT/tmp/                      writes in progress; emptied at open
+/// ```
+///
+/// - **Bounded**: when the total size of chunk files passes `capacity` bytes, the least
+///   recently used chunks are deleted (never the one just added).
+/// - **Survives a restart**: [`ChunkCache::open`] rebuilds its index by scanning the
+///   directory; recency across restarts comes from file mtimes, which are refreshed
+///   when a chunk is first used by a process.
+/// - **Verified**: a chunk fetched from the store is hashed before it is used or
+///   written; a chunk file is hashed the first time this process loads it (they are
+///   written once, read-only, and only by this cache, so later loads in the same process
+///   trust it). A mismatch deletes the file and refetches.
+/// - **Atomic writes**: temp file + rename, so a reader sees a chunk whole or not at
+///   all. No fsync: a file torn by a crash fails verification and is refetched.
+/// - **De-duplicated fetches**: concurrent misses of one chunk make one store request;
+///   the others wait for it.
+pub struct ChunkCache {
+    root: PathBuf,
+    capacity: u64,
+    state: Mutex<State>,
+    inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
+    counters: Counters,
+    seq: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ChunkCache {
+    /// Open (creating if needed) the cache at `root`, bounded to `capacity` bytes of
+    /// chunk files. Scans existing chunk files into the index (unverified until first
+    /// use), removes leftover temp files and evicts down to the bound.
+    pub fn open(root: &Path, capacity: u64) -> Result<ChunkCache> {
+        let chunks = root.join("chunks");
+        let tmp = root.join("tmp");
+        for dir in [&chunks, &tmp] {
+            fs::create_dir_all(dir).map_err(io_ctx(format!("creating {}", dir.display())))?;
+        }
+        for leftover in fs::read_dir(&tmp).map_err(io_ctx(format!("listing {}", tmp.display())))?.flatten() {
+            let _ = fs::remove_file(leftover.path());
+        }
+        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        for fan in fs::read_dir(&chunks).map_err(io_ctx(format!("listing {}", chunks.display())))?.flatten() {
+            let Ok(files) = fs::read_dir(fan.path()) else { continue };
+            for file in files.flatten() {
+                let name = file.file_name();
+                let Some(digest) = name.to_str().and_then(|n| Digest::from_hex(n).ok()) else {
+                    warn!(path = %file.path().display(), "ignoring a stray file in the chunk cache");
+                    continue;
+                };
+                let Ok(md) = file.metadata() else { continue };
+                if !md.is_file() {
+                    continue;
+                }
+                found.push((md.modified().unwrap_or(SystemTime::UNIX_EPOCH), digest, md.len()));
+            }
+        }
+        found.sort();
+        let mut state = State::default();
+        for (_, digest, size) in found {
+            state.tick += 1;
+            state.entries.insert(digest, Meta { size, tick: state.tick, verified: false });
+            state.lru.insert(state.tick, digest);
+            state.total += size;
+        }
+        let cache = ChunkCache {
+            root: root.to_path_buf(),
+            capacity,
+            state: Mutex::new(state),
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            seq: AtomicU64::new(0),
+        };
+        let victims = cache.evict_locked(&mut lock(&cache.state), None);
+        cache.delete_files(victims);
+        let st = lock(&cache.state);
+        debug!(root = %root.display(), chunks = st.entries.len(), bytes = st.total, capacity, "chunk cache opened");
+        drop(st);
+        Ok(cache)
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The size bound in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of chunk files currently indexed.
+    pub fn used_bytes(&self) -> u64 {
+        lock(&self.state).total
+    }
+
+    /// Number of chunks currently indexed.
+    pub fn len(&self) -> usize {
+        lock(&self.state).entries.len()
+    }
+
+    /// Whether the cache holds no chunk.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the chunk is indexed (it may still fail verification when loaded).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        lock(&self.state).entries.contains_key(digest)
+    }
+
+    /// Where the chunk's file lives (or would live).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Counters since the cache was opened.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed),
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `len` bytes at `from` of chunk `digest` (cut short at its end), from the cache, or
+    /// fetched from `store` (verified, then cached) on a miss.
+    pub fn read(
+        &self,
+        store: &dyn BlobStore,
+        digest: &Digest,
+        from: u64,
+        len: u64,
+    ) -> Result<(Vec<u8>, Source)> {
+        if let Some(data) = self.read_cached(digest, from, len)? {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((data, Source::Hit));
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let (data, source) = self.fetch_dedup(store, digest)?;
+        Ok((slice(&data, from, len), source))
+    }
+
+    /// Make sure the chunk is in the cache (fetching it if needed), without reading it
+    /// back; for prefetching. Returns `Source::Hit` if it was already there.
+    pub fn ensure(&self, store: &dyn BlobStore, digest: &Digest) -> Result<Source> {
+        if self.contains(digest) {
+            return Ok(Source::Hit);
+        }
+        Ok(self.fetch_dedup(store, digest)?.1)
+    }
+
+    /// Serve from the cache directory; `Ok(None)` on a miss (including a chunk file
+    /// that vanished or failed verification, which is dropped from the index).
+    fn read_cached(&self, digest: &Digest, from: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        let Some((size, verified)) = lock(&self.state).bump(digest) else {
+            return Ok(None);
+        };
+        let path = self.path_of(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                warn!(%digest, "cached chunk file vanished; refetching");
+                lock(&self.state).remove(digest);
+                return Ok(None);
+            }
+            Err(e) => return Err(io_ctx(format!("opening {}", path.display()))(e)),
+        };
+        if !verified {
+            let mut data = Vec::with_capacity(size as usize);
+            (&file).read_to_end(&mut data).map_err(io_ctx(format!("reading {}", path.display())))?;
+            if Digest::of(&data) != *digest {
+                // Several readers may find the same bad file at once: only the first
+                // removes it (a good copy refetched meanwhile is verified, kept).
+                let mut st = lock(&self.state);
+                if st.entries.get(digest).is_some_and(|m| !m.verified) {
+                    st.remove(digest);
+                    let _ = fs::remove_file(&path);
+                    drop(st);
+                    warn!(%digest, path = %path.display(), "cached chunk is corrupt; removed, refetching");
+                    self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(None);
+            }
+            if let Some(meta) = lock(&self.state).entries.get_mut(digest) {
+                meta.verified = true;
+            }
+            // Refresh the mtime: it is the recency the next start-up scan sees.
+            let _ = file.set_modified(SystemTime::now());
+            return Ok(Some(slice(&data, from, len)));
+        }
+        let end = from.saturating_add(len).min(size);
+        if from >= end {
+            return Ok(Some(Vec::new()));
+        }
+        let mut buf = vec![0u8; (end - from) as usize];
+        file.read_exact_at(&mut buf, from).map_err(io_ctx(format!("reading {}", path.display())))?;
+        Ok(Some(buf))
+    }
+
+    /// Fetch the chunk once however many threads ask at the same time.
+    fn fetch_dedup(&self, store: &dyn BlobStore, digest: &Digest) -> Result<(Arc<Vec<u8>>, Source)> {
+        let (slot, leader) = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(digest) {
+                Some(slot) => (slot.clone(), false),
+                None => {
+                    let slot = Arc::new(Inflight { done: Mutex::new(None), cv: Condvar::new() });
+                    inflight.insert(*digest, slot.clone());
+                    (slot, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = lock(&slot.done);
+            while done.is_none() {
+                done = slot.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+            }
+            return match done.as_ref().expect("checked above") {
+                Ok(data) => Ok((data.clone(), Source::Joined)),
+                Err(message) => Err(ImageFsError::FetchFailed { digest: *digest, message: message.clone() }),
+            };
+        }
+        // A fetch that finished just before we became leader may have cached it.
+        let result = match self.read_cached(digest, 0, u64::MAX) {
+            Ok(Some(data)) => Ok((Arc::new(data), Source::Hit)),
+            _ => self.fetch_verified(store, digest).map(|data| {
+                let data = Arc::new(data);
+                self.insert(digest, &data);
+                (data, Source::Fetched)
+            }),
+        };
+        *lock(&slot.done) = Some(match &result {
+            Ok((data, _)) => Ok(data.clone()),
+            Err(e) => Err(e.to_string()),
+        });
+        slot.cv.notify_all();
+        lock(&self.inflight).remove(digest);
+        result
+    }
+
+    /// Get the blob from the store and check its digest; one refetch on a mismatch.
+    fn fetch_verified(&self, store: &dyn BlobStore, digest: &Digest) -> Result<Vec<u8>> {
+        for attempt in 0..2 {
+            match store.get(digest) {
+                Ok(data) if Digest::of(&data) == *digest => {
+                    self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+                    self.counters.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return Ok(data);
+                }
+                Ok(_) => warn!(%digest, attempt, "blob store returned a corrupt chunk"),
+                Err(CasError::Corrupt { .. }) if attempt == 0 => {
+                    warn!(%digest, attempt, "blob store reports the chunk corrupt; refetching")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ImageFsError::Corrupt { digest: *digest })
+    }
+
+    /// Write a verified chunk into the cache (temp file + rename) and index it,
+    /// evicting down to the bound. Failures are logged, counted and otherwise ignored:
+    /// the caller already has the bytes.
+    fn insert(&self, digest: &Digest, data: &[u8]) {
+        if let Err(e) = self.write_file(digest, data) {
+            warn!(%digest, error = %e, "could not write chunk to the cache");
+            self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let victims = {
+            let mut st = lock(&self.state);
+            if !st.entries.contains_key(digest) {
+                st.tick += 1;
+                let tick = st.tick;
+                st.entries.insert(*digest, Meta { size: data.len() as u64, tick, verified: true });
+                st.lru.insert(tick, *digest);
+                st.total += data.len() as u64;
+            }
+            self.evict_locked(&mut st, Some(digest))
+        };
+        self.delete_files(victims);
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
+        let dest = self.path_of(digest);
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o444).open(&tmp)?;
+            f.write_all(data)?;
+            drop(f);
+            fs::create_dir_all(dest.parent().expect("chunk path has a parent"))?;
+            fs::rename(&tmp, &dest)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_ctx(format!("writing {}", dest.display()))(e)
+        })
+    }
+
+    /// Drop least recently used entries until under the bound; returns their digests
+    /// (files are deleted by the caller, outside the lock).
+    fn evict_locked(&self, st: &mut State, keep: Option<&Digest>) -> Vec<Digest> {
+        let mut victims = Vec::new();
+        while st.total > self.capacity {
+            let Some((&tick, &digest)) = st.lru.iter().find(|(_, d)| Some(*d) != keep) else { break };
+            st.lru.remove(&tick);
+            if let Some(meta) = st.entries.remove(&digest) {
+                st.total -= meta.size;
+            }
+            victims.push(digest);
+        }
+        self.counters.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
+        victims
+    }
+
+    fn delete_files(&self, victims: Vec<Digest>) {
+        for digest in victims {
+            debug!(%digest, "evicting chunk");
+            if let Err(e) = fs::remove_file(self.path_of(&digest)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!(%digest, error = %e, "could not delete evicted chunk");
+                }
+            }
+        }
+    }
+}
+
+fn slice(data: &[u8], from: u64, len: u64) -> Vec<u8> {
+    let size = data.len() as u64;
+    let start = from.min(size) as usize;
+    let end = from.saturating_add(len).min(size) as usize;
+    data[start..end].to_vec()
+}

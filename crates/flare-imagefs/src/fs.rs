@@ -1,0 +1,651 @@
+//! [`ImageFs`]: the inode table built from a manifest, the FUSE operations, lazy reads,
+//! access recording and prefetch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flare_cas::{BlobStore, Digest, EntryKind, FileContent, Manifest};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
+};
+use tracing::{debug, error};
+
+use crate::cache::{ChunkCache, Source};
+use crate::error::{ImageFsError, Result};
+use crate::mount::{mount_fs, MountHandle};
+
+/// Options of an [`ImageFs`].
+#[derive(Debug, Clone)]
+pub struct ImageFsOptions {
+    /// How long the kernel may cache attributes and name lookups. The file system is
+    /// immutable, so this is long by default (one day).
+    pub ttl: Duration,
+    /// FUSE request threads (reads of different chunks proceed in parallel).
+    pub threads: usize,
+    /// Let users other than the mounting one (container processes) use the mount
+    /// (`allow_other`); the kernel still checks modes (`default_permissions`).
+    pub allow_other: bool,
+    /// Honour setuid/setgid bits (like the image materialized on disk would).
+    pub suid: bool,
+    /// Mode of the root directory (the manifest has no entry for it).
+    pub root_mode: u32,
+    /// Name shown as the mount's source in /proc/self/mountinfo.
+    pub fsname: String,
+    /// Kernel readahead window for the mount, in KiB (`None`: the kernel's 128 KiB).
+    pub read_ahead_kb: Option<u32>,
+}
+
+impl Default for ImageFsOptions {
+    fn default() -> Self {
+        ImageFsOptions {
+            ttl: Duration::from_secs(24 * 3600),
+            threads: 4,
+            allow_other: true,
+            suid: true,
+            root_mode: 0o755,
+            fsname: "flare-imagefs".to_owned(),
+            read_ahead_kb: Some(4096),
+        }
+    }
+}
+
+/// Counters of one [`ImageFs`] since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageFsStats {
+    /// `read` requests served (successfully or not).
+    pub reads: u64,
+    /// Bytes returned to readers.
+    pub bytes: u64,
+    /// Chunk reads served from the cache.
+    pub cache_hits: u64,
+    /// Chunk reads that were not in the cache (fetched, or joined another fetch).
+    pub cache_misses: u64,
+    /// Chunks this image fetched from the blob store.
+    pub fetches: u64,
+    /// Reads that failed (EIO to the reader); each is logged.
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    bytes: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    fetches: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What [`ImageFs::prefetch`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Digests asked for (after removing duplicates).
+    pub requested: usize,
+    /// Already in the cache.
+    pub cached: usize,
+    /// Fetched from the store (or joined a concurrent fetch).
+    pub fetched: usize,
+    /// Could not be fetched (logged).
+    pub failed: usize,
+}
+
+enum NodeKind {
+    Dir { children: BTreeMap<OsString, u64> },
+    File(FileContent),
+    Symlink(OsString),
+}
+
+struct Node {
+    parent: u64,
+    attr: FileAttr,
+    kind: NodeKind,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Default)]
+struct AccessLog {
+    seen: HashSet<Digest>,
+    order: Vec<Digest>,
+}
+
+pub(crate) struct Inner {
+    /// Index = inode number - 1 (the root is inode 1).
+    nodes: Vec<Node>,
+    store: Arc<dyn BlobStore>,
+    cache: Arc<ChunkCache>,
+    opts: ImageFsOptions,
+    counters: Counters,
+    access: Mutex<AccessLog>,
+    total_bytes: u64,
+}
+
+/// A read-only file system of a [`Manifest`] whose file contents are fetched lazily,
+/// chunk by chunk, from a [`BlobStore`] through a shared [`ChunkCache`].
+///
+/// All metadata (the inode table, modes, owners, mtimes, xattrs, symlink targets) is
+/// built in memory at construction; only `read` touches the cache or the store. Cheap
+/// to clone (shared state); [`ImageFs::mount`] can be called more than once.
+#[derive(Clone)]
+pub struct ImageFs {
+    inner: Arc<Inner>,
+}
+
+fn time_of(secs: i64, nsec: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec.into())
+    }
+}
+
+fn attr(ino: u64, kind: FileType, size: u64, mode: u32, uid: u32, gid: u32, mtime: SystemTime) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm: (mode & 0o7777) as u16,
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid,
+        gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl ImageFs {
+    /// Build the inode table of `manifest`. Parent directories a manifest leaves out
+    /// are created (mode 0755, root-owned). Fails if the manifest's paths are invalid,
+    /// a file's chunks do not add up, or an entry sits below a non-directory.
+    pub fn new(
+        manifest: Arc<Manifest>,
+        store: Arc<dyn BlobStore>,
+        cache: Arc<ChunkCache>,
+        opts: ImageFsOptions,
+    ) -> Result<ImageFs> {
+        manifest.validate_paths().map_err(|e| ImageFsError::InvalidManifest(e.to_string()))?;
+        let root = Node {
+            parent: 1,
+            attr: attr(1, FileType::Directory, 0, opts.root_mode, 0, 0, UNIX_EPOCH),
+            kind: NodeKind::Dir { children: BTreeMap::new() },
+            xattrs: BTreeMap::new(),
+        };
+        let mut nodes = vec![root];
+        let mut by_path: HashMap<String, u64> = HashMap::new();
+        let mut total_bytes = 0u64;
+
+        fn dir_ino(nodes: &mut Vec<Node>, by_path: &mut HashMap<String, u64>, path: &str) -> Result<u64> {
+            if path.is_empty() {
+                return Ok(1);
+            }
+            if let Some(&ino) = by_path.get(path) {
+                return match nodes[ino as usize - 1].kind {
+                    NodeKind::Dir { .. } => Ok(ino),
+                    _ => Err(ImageFsError::InvalidManifest(format!(
+                        "{path:?} has entries below it but is not a directory"
+                    ))),
+                };
+            }
+            let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let parent = dir_ino(nodes, by_path, parent_path)?;
+            let ino = nodes.len() as u64 + 1;
+            nodes.push(Node {
+                parent,
+                attr: attr(ino, FileType::Directory, 0, 0o755, 0, 0, UNIX_EPOCH),
+                kind: NodeKind::Dir { children: BTreeMap::new() },
+                xattrs: BTreeMap::new(),
+            });
+            link(nodes, parent, name, ino);
+            by_path.insert(path.to_owned(), ino);
+            Ok(ino)
+        }
+        fn link(nodes: &mut [Node], parent: u64, name: &str, ino: u64) {
+            if let NodeKind::Dir { children } = &mut nodes[parent as usize - 1].kind {
+                children.insert(OsString::from(name), ino);
+            }
+        }
+
+        for (path, entry) in &manifest.entries {
+            let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+            let parent = dir_ino(&mut nodes, &mut by_path, parent_path)?;
+            let mtime = time_of(entry.mtime, entry.mtime_nsec);
+            let (kind, ftype, size) = match &entry.kind {
+                EntryKind::Dir => (NodeKind::Dir { children: BTreeMap::new() }, FileType::Directory, 0),
+                EntryKind::File(content) => {
+                    content.validate().map_err(|e| ImageFsError::InvalidManifest(format!("{path}: {e}")))?;
+                    total_bytes += content.size;
+                    (NodeKind::File(content.clone()), FileType::RegularFile, content.size)
+                }
+                EntryKind::Symlink { target } => {
+                    (NodeKind::Symlink(OsString::from(target)), FileType::Symlink, target.len() as u64)
+                }
+            };
+            let existing = by_path.get(path.as_str()).copied();
+            let ino = match existing {
+                // An implicit directory created for an earlier child; fill in its metadata.
+                Some(ino) if matches!(kind, NodeKind::Dir { .. }) => ino,
+                Some(_) => {
+                    return Err(ImageFsError::InvalidManifest(format!(
+                        "{path:?} is both a directory and not"
+                    )))
+                }
+                None => {
+                    let ino = nodes.len() as u64 + 1;
+                    nodes.push(Node {
+                        parent,
+                        attr: attr(ino, ftype, 0, 0, 0, 0, mtime),
+                        kind,
+                        xattrs: BTreeMap::new(),
+                    });
+                    link(&mut nodes, parent, name, ino);
+                    by_path.insert(path.clone(), ino);
+                    ino
+                }
+            };
+            let node = &mut nodes[ino as usize - 1];
+            node.attr = attr(ino, ftype, size, entry.mode, entry.uid, entry.gid, mtime);
+            node.xattrs = entry.xattrs.clone();
+        }
+        // Directory link counts: 2 + number of subdirectories.
+        let mut subdirs = vec![0u32; nodes.len()];
+        for (i, node) in nodes.iter().enumerate() {
+            if i > 0 && matches!(node.kind, NodeKind::Dir { .. }) {
+                subdirs[node.parent as usize - 1] += 1;
+            }
+        }
+        for (node, n) in nodes.iter_mut().zip(subdirs) {
+            if matches!(node.kind, NodeKind::Dir { .. }) {
+                node.attr.nlink = 2 + n;
+            }
+        }
+        debug!(inodes = nodes.len(), bytes = total_bytes, "image fs built");
+        Ok(ImageFs {
+            inner: Arc::new(Inner {
+                nodes,
+                store,
+                cache,
+                opts,
+                counters: Counters::default(),
+                access: Mutex::new(AccessLog::default()),
+                total_bytes,
+            }),
+        })
+    }
+
+    /// Mount at `mountpoint` (an existing directory), served by background threads
+    /// until the returned handle is unmounted or dropped. Needs root (or
+    /// CAP_SYS_ADMIN): the mount is a direct `mount(2)` of `/dev/fuse`; without the
+    /// privilege, fuser falls back to the `fusermount3` helper if it is installed.
+    pub fn mount(&self, mountpoint: &Path) -> Result<MountHandle> {
+        mount_fs(FuseAdapter { inner: self.inner.clone() }, mountpoint, &self.inner.opts)
+    }
+
+    /// Counters since this image fs was created.
+    pub fn stats(&self) -> ImageFsStats {
+        let c = &self.inner.counters;
+        ImageFsStats {
+            reads: c.reads.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_misses: c.cache_misses.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The chunk digests read through this image fs since it was created, in the order
+    /// they were first read. Persist it per image and pass it to [`ImageFs::prefetch`]
+    /// on the next start.
+    pub fn access_log(&self) -> Vec<Digest> {
+        self.inner.access.lock().unwrap_or_else(|p| p.into_inner()).order.clone()
+    }
+
+    /// Number of inodes (including the root).
+    pub fn inode_count(&self) -> usize {
+        self.inner.nodes.len()
+    }
+
+    /// Sum of all file sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes
+    }
+
+    /// The cache this image reads through.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.inner.cache
+    }
+
+    /// Fetch `digests` into the cache with up to `parallelism` threads, skipping those
+    /// already cached. Failures are logged and counted in the report, not returned.
+    pub fn prefetch(&self, digests: &[Digest], parallelism: usize) -> PrefetchReport {
+        let mut seen = HashSet::new();
+        let todo: Vec<Digest> = digests.iter().copied().filter(|d| seen.insert(*d)).collect();
+        let next = AtomicUsize::new(0);
+        let cached = AtomicUsize::new(0);
+        let fetched = AtomicUsize::new(0);
+        let failed = AtomicUsize::new(0);
+        let workers = parallelism.clamp(1, todo.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(digest) = todo.get(i) else { break };
+                    match self.inner.cache.ensure(self.inner.store.as_ref(), digest) {
+                        Ok(Source::Hit) => cached.fetch_add(1, Ordering::Relaxed),
+                        Ok(Source::Fetched | Source::Joined) => fetched.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            error!(%digest, error = %e, "prefetch failed");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                });
+            }
+        });
+        let report = PrefetchReport {
+            requested: todo.len(),
+            cached: cached.into_inner(),
+            fetched: fetched.into_inner(),
+            failed: failed.into_inner(),
+        };
+        debug!(?report, "prefetch done");
+        report
+    }
+}
+
+impl Inner {
+    fn node(&self, ino: INodeNo) -> Option<&Node> {
+        let i = ino.0.checked_sub(1)? as usize;
+        self.nodes.get(i)
+    }
+
+    fn record(&self, digest: &Digest) {
+        let mut log = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        if log.seen.insert(*digest) {
+            log.order.push(*digest);
+        }
+    }
+
+    /// Read `size` bytes at `offset` of a file, chunk by chunk through the cache.
+    fn read_file(&self, content: &FileContent, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(size).min(content.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let first = content.chunks.partition_point(|c| c.offset + c.len <= offset);
+        for chunk in content.chunks[first..].iter().take_while(|c| c.offset < end) {
+            let from = offset.max(chunk.offset) - chunk.offset;
+            let to = end.min(chunk.offset + chunk.len) - chunk.offset;
+            self.record(&chunk.digest);
+            let (data, source) = self.cache.read(self.store.as_ref(), &chunk.digest, from, to - from)?;
+            match source {
+                Source::Hit => self.counters.cache_hits.fetch_add(1, Ordering::Relaxed),
+                Source::Fetched => {
+                    self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+                    self.counters.cache_misses.fetch_add(1, Ordering::Relaxed)
+                }
+                Source::Joined => self.counters.cache_misses.fetch_add(1, Ordering::Relaxed),
+            };
+            if data.len() as u64 != to - from {
+                return Err(ImageFsError::WrongLength {
+                    digest: chunk.digest,
+                    got: from + data.len() as u64,
+                    expected: chunk.len,
+                });
+            }
+            out.extend_from_slice(&data);
+        }
+        Ok(out)
+    }
+}
+
+/// The `fuser::Filesystem` face of an [`ImageFs`].
+pub(crate) struct FuseAdapter {
+    inner: Arc<Inner>,
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Symlink targets never change: let the kernel cache them too.
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(node) = self.inner.node(parent) else { return reply.error(Errno::ENOENT) };
+        let NodeKind::Dir { children } = &node.kind else { return reply.error(Errno::ENOTDIR) };
+        match children.get(name).and_then(|&ino| self.inner.node(INodeNo(ino))) {
+            Some(child) => reply.entry(&self.inner.opts.ttl, &child.attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inner.node(ino) {
+            Some(node) => reply.attr(&self.inner.opts.ttl, &node.attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inner.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::Symlink(target)) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::File(_)) => {}
+            Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
+            Some(NodeKind::Symlink(_)) => return reply.error(Errno::EINVAL),
+            None => return reply.error(Errno::ENOENT),
+        }
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // Contents never change: keep the page cache across opens.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let inner = &self.inner;
+        inner.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let Some(NodeKind::File(content)) = inner.node(ino).map(|n| &n.kind) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match inner.read_file(content, offset, size.into()) {
+            Ok(data) => {
+                inner.counters.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data);
+            }
+            Err(e) => {
+                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                error!(ino = ino.0, offset, size, error = %e, "lazy read failed; returning EIO");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::Dir { .. }) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(node) = self.inner.node(ino) else { return reply.error(Errno::ENOENT) };
+        let NodeKind::Dir { children } = &node.kind else { return reply.error(Errno::ENOTDIR) };
+        let dots = [
+            (ino.0, FileType::Directory, OsStr::new(".")),
+            (node.parent, FileType::Directory, OsStr::new("..")),
+        ];
+        let entries = dots.into_iter().chain(children.iter().filter_map(|(name, &child)| {
+            self.inner.node(INodeNo(child)).map(|c| (child, c.attr.kind, name.as_os_str()))
+        }));
+        for (i, (child, kind, name)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.inner.total_bytes.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.inner.nodes.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.inner.node(ino) else { return reply.error(Errno::ENOENT) };
+        let Some(value) = name.to_str().and_then(|n| node.xattrs.get(n)) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        xattr_reply(value, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.inner.node(ino) else { return reply.error(Errno::ENOENT) };
+        let mut names = Vec::new();
+        for name in node.xattrs.keys() {
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        xattr_reply(&names, size, reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.inner.node(ino).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+
+    // Everything that would change the tree: read-only. (The mount is also `ro`, so
+    // the kernel normally answers EROFS before asking.)
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, _: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _: &Request, _: INodeNo, _: &OsStr, _: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        _: &OsStr,
+        _: INodeNo,
+        _: &OsStr,
+        _: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _: &Request, _: INodeNo, _: INodeNo, _: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        _: FileHandle,
+        _: u64,
+        _: &[u8],
+        _: WriteFlags,
+        _: OpenFlags,
+        _: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, _: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _: &Request, _: INodeNo, _: &OsStr, _: &[u8], _: i32, _: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,683 @@
+//! End-to-end tests of the lazy image file system: real FUSE mounts (as root, with
+//! /dev/fuse; skipped with a printed reason otherwise) of manifests snapshotted from a
+//! temp tree, behind counting / failing / slow store wrappers.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flare_cas::{BlobInfo, BlobStore, CasError, Digest, EntryKind, LocalStore, Manifest};
+use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle, Source};
+use rand::{Rng, RngCore, SeedableRng};
+use tempfile::TempDir;
+
+/// A store wrapper that counts and records `get`s, can be told to fail, and can be slow.
+struct TestStore {
+    inner: LocalStore,
+    gets: AtomicU64,
+    fetched: Mutex<Vec<Digest>>,
+    fail: AtomicBool,
+    delay: Duration,
+}
+
+impl TestStore {
+    fn new(root: &Path) -> Arc<TestStore> {
+        Self::with_delay(root, Duration::ZERO)
+    }
+    fn with_delay(root: &Path, delay: Duration) -> Arc<TestStore> {
+        Arc::new(TestStore {
+            inner: LocalStore::open(root).unwrap(),
+            gets: AtomicU64::new(0),
+            fetched: Mutex::new(Vec::new()),
+            fail: AtomicBool::new(false),
+            delay,
+        })
+    }
+    fn gets(&self) -> u64 {
+        self.gets.load(Ordering::SeqCst)
+    }
+    fn fetched(&self) -> BTreeSet<Digest> {
+        self.fetched.lock().unwrap().iter().copied().collect()
+    }
+    fn unreachable() -> CasError {
+        CasError::Io {
+            context: "blob store".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "unreachable (test)"),
+        }
+    }
+}
+
+impl BlobStore for TestStore {
+    fn put(&self, data: &[u8]) -> flare_cas::Result<Digest> {
+        self.inner.put(data)
+    }
+    fn put_file(&self, path: &Path) -> flare_cas::Result<Digest> {
+        self.inner.put_file(path)
+    }
+    fn get(&self, digest: &Digest) -> flare_cas::Result<Vec<u8>> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Self::unreachable());
+        }
+        std::thread::sleep(self.delay);
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.fetched.lock().unwrap().push(*digest);
+        self.inner.get(digest)
+    }
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> flare_cas::Result<Vec<u8>> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Self::unreachable());
+        }
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_range(digest, offset, len)
+    }
+    fn has(&self, digest: &Digest) -> flare_cas::Result<bool> {
+        self.inner.has(digest)
+    }
+    fn touch(&self, digest: &Digest) -> flare_cas::Result<bool> {
+        self.inner.touch(digest)
+    }
+    fn stat(&self, digest: &Digest) -> flare_cas::Result<Option<BlobInfo>> {
+        self.inner.stat(digest)
+    }
+    fn list(&self) -> flare_cas::Result<Vec<Digest>> {
+        self.inner.list()
+    }
+    fn delete(&self, digest: &Digest) -> flare_cas::Result<bool> {
+        self.inner.delete(digest)
+    }
+}
+
+fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIP: not running as root (FUSE mounts need it)");
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse is missing");
+        return false;
+    }
+    true
+}
+
+/// A source tree, its manifest in a store, a cache dir and mount points.
+struct Fixture {
+    tmp: TempDir,
+    src: PathBuf,
+    store: Arc<TestStore>,
+    manifest: Arc<Manifest>,
+}
+
+const BIG: usize = 6 << 20;
+const BIG2: usize = 3 << 20;
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    fs::create_dir_all(src.join("usr/lib/python3/site")).unwrap();
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::create_dir_all(src.join("empty-dir")).unwrap();
+    let mut big = vec![0u8; BIG];
+    rng.fill_bytes(&mut big);
+    fs::write(src.join("usr/lib/big.bin"), &big).unwrap();
+    let mut big2 = vec![0u8; BIG2];
+    rng.fill_bytes(&mut big2);
+    fs::write(src.join("usr/lib/python3/other.bin"), &big2).unwrap();
+    fs::write(src.join("usr/lib/python3/site/mod.py"), b"print('hello from the image')\n").unwrap();
+    fs::write(src.join("etc/hostname"), b"flare\n").unwrap();
+    fs::write(src.join("etc/empty"), b"").unwrap();
+    let exe = src.join("usr/run.sh");
+    fs::write(&exe, b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(src.join("etc/hostname"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("../usr/lib/big.bin", src.join("etc/link")).unwrap();
+    let old = UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
+    fs::File::options().write(true).open(src.join("etc/hostname")).unwrap().set_modified(old).unwrap();
+
+    let store = TestStore::new(&tmp.path().join("store"));
+    let mut manifest = flare_cas::snapshot_dir(store.as_ref(), &src, None).unwrap();
+    manifest.entries.get_mut("etc/hostname").unwrap().xattrs.insert("user.flare".into(), b"image".to_vec());
+    let big_chunks = match &manifest.get("usr/lib/big.bin").unwrap().kind {
+        EntryKind::File(c) => c.chunks.len(),
+        _ => unreachable!(),
+    };
+    assert!(big_chunks >= 3, "big file should span several chunks, got {big_chunks}");
+    // Snapshotting read everything through the store's put path, not get.
+    assert_eq!(store.gets(), 0);
+    Fixture { tmp, src, store, manifest: Arc::new(manifest) }
+}
+
+impl Fixture {
+    fn cache(&self, name: &str) -> Arc<ChunkCache> {
+        Arc::new(ChunkCache::open(&self.tmp.path().join(name), 1 << 30).unwrap())
+    }
+    fn fs(&self, cache: &Arc<ChunkCache>) -> ImageFs {
+        ImageFs::new(self.manifest.clone(), self.store.clone(), cache.clone(), ImageFsOptions::default())
+            .unwrap()
+    }
+    fn mount(&self, fs: &ImageFs, name: &str) -> (PathBuf, MountHandle) {
+        let mnt = self.tmp.path().join(name);
+        fs::create_dir_all(&mnt).unwrap();
+        let handle = fs.mount(&mnt).unwrap();
+        (mnt, handle)
+    }
+    fn chunks_of(&self, path: &str) -> BTreeSet<Digest> {
+        match &self.manifest.get(path).unwrap().kind {
+            EntryKind::File(c) => c.chunks.iter().map(|c| c.digest).collect(),
+            _ => panic!("{path} is not a file"),
+        }
+    }
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mnt.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+fn walk(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            out.insert(rel);
+        }
+    }
+    out
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+#[test]
+fn tree_metadata_contents_and_read_only() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+
+    // Listing.
+    assert_eq!(walk(&mnt), walk(&fx.src));
+
+    // Metadata of every entry equals the source's.
+    for rel in walk(&fx.src) {
+        let a = fs::symlink_metadata(fx.src.join(&rel)).unwrap();
+        let b = fs::symlink_metadata(mnt.join(&rel)).unwrap();
+        assert_eq!(a.mode(), b.mode(), "mode of {rel}");
+        assert_eq!(a.uid(), b.uid(), "uid of {rel}");
+        assert_eq!(a.gid(), b.gid(), "gid of {rel}");
+        if !a.is_dir() {
+            assert_eq!(a.len(), b.len(), "size of {rel}");
+        }
+        if !a.file_type().is_symlink() {
+            assert_eq!((a.mtime(), a.mtime_nsec()), (b.mtime(), b.mtime_nsec()), "mtime of {rel}");
+        }
+    }
+    let host = fs::metadata(mnt.join("etc/hostname")).unwrap();
+    assert_eq!((host.mtime(), host.mtime_nsec()), (1_600_000_000, 123_456_789));
+    assert_eq!(host.mode() & 0o7777, 0o640);
+    assert_eq!(fs::metadata(mnt.join("usr/run.sh")).unwrap().mode() & 0o777, 0o755);
+
+    // Contents, whole.
+    for rel in ["usr/lib/big.bin", "usr/lib/python3/other.bin", "usr/run.sh", "etc/hostname", "etc/empty"] {
+        assert_eq!(fs::read(fx.src.join(rel)).unwrap(), fs::read(mnt.join(rel)).unwrap(), "content of {rel}");
+    }
+    assert!(fs::read(mnt.join("etc/empty")).unwrap().is_empty());
+    // Random ranges, across chunk boundaries.
+    let want = fs::read(fx.src.join("usr/lib/big.bin")).unwrap();
+    let mut f = fs::File::open(mnt.join("usr/lib/big.bin")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..200 {
+        let off = rng.gen_range(0..want.len() + 10);
+        let len = rng.gen_range(0..3 << 20);
+        f.seek(SeekFrom::Start(off as u64)).unwrap();
+        let mut got = Vec::new();
+        (&mut f).take(len as u64).read_to_end(&mut got).unwrap();
+        let end = (off + len).min(want.len());
+        let exp = if off >= want.len() { &[][..] } else { &want[off..end] };
+        assert!(got == exp, "range {off}+{len}");
+    }
+    // Symlinks.
+    assert_eq!(fs::read_link(mnt.join("etc/link")).unwrap(), PathBuf::from("../usr/lib/big.bin"));
+    assert_eq!(fs::read(mnt.join("etc/link")).unwrap().len(), BIG);
+    // Executables run.
+    let out = std::process::Command::new(mnt.join("usr/run.sh")).output().unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    // Extended attributes recorded in the manifest.
+    let path = CString::new(mnt.join("etc/hostname").as_os_str().as_bytes()).unwrap();
+    let name = CString::new("user.flare").unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: valid C strings and a buffer of the length passed.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!(&buf[..n as usize], b"image");
+    // SAFETY: as above.
+    let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast::<libc::c_char>(), buf.len()) };
+    assert_eq!(&buf[..n as usize], b"user.flare\0");
+    // statfs sees the image's size.
+    let stat = fs::metadata(&mnt).unwrap();
+    assert!(stat.is_dir());
+
+    // Read-only: every kind of write is EROFS.
+    let erofs = libc::EROFS;
+    assert_eq!(errno(&fs::write(mnt.join("etc/new"), b"x").unwrap_err()), erofs);
+    assert_eq!(errno(&fs::OpenOptions::new().write(true).open(mnt.join("etc/hostname")).unwrap_err()), erofs);
+    assert_eq!(errno(&fs::create_dir(mnt.join("d")).unwrap_err()), erofs);
+    assert_eq!(errno(&fs::remove_file(mnt.join("etc/hostname")).unwrap_err()), erofs);
+    assert_eq!(errno(&fs::rename(mnt.join("etc/hostname"), mnt.join("etc/h2")).unwrap_err()), erofs);
+    assert_eq!(
+        errno(&fs::set_permissions(mnt.join("usr/run.sh"), fs::Permissions::from_mode(0o700)).unwrap_err()),
+        erofs
+    );
+    assert_eq!(errno(&std::os::unix::fs::symlink("x", mnt.join("s")).unwrap_err()), erofs);
+
+    let stats = imagefs.stats();
+    assert!(stats.reads > 0 && stats.bytes > 0);
+    assert_eq!(stats.errors, 0);
+    handle.unmount().unwrap();
+    assert!(!mounted(&mnt));
+}
+
+#[test]
+fn lazy_fetch_cache_and_restart() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+
+    // Metadata costs no fetch at all.
+    walk(&mnt);
+    fs::metadata(mnt.join("usr/lib/big.bin")).unwrap();
+    assert_eq!(fx.store.gets(), 0, "metadata must come from memory");
+
+    // Reading one file fetches exactly its chunks.
+    let other = fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap();
+    assert_eq!(other, fs::read(fx.src.join("usr/lib/python3/other.bin")).unwrap());
+    assert_eq!(fx.store.fetched(), fx.chunks_of("usr/lib/python3/other.bin"));
+    // Reading a part of the big file fetches only the chunk(s) under that part.
+    let mut f = fs::File::open(mnt.join("usr/lib/big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact(&mut buf).unwrap();
+    let big_first = match &fx.manifest.get("usr/lib/big.bin").unwrap().kind {
+        EntryKind::File(c) => c.chunks[0].digest,
+        _ => unreachable!(),
+    };
+    let fetched = fx.store.fetched();
+    assert!(fetched.contains(&big_first));
+    assert!(
+        fetched.len()
+            < fx.chunks_of("usr/lib/python3/other.bin").len() + fx.chunks_of("usr/lib/big.bin").len()
+    );
+    let gets = fx.store.gets();
+    assert_eq!(gets as usize, fetched.len(), "each chunk fetched once");
+
+    // Second read: no new fetch (this mount: page cache or chunk cache).
+    assert_eq!(fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap(), other);
+    assert_eq!(fx.store.gets(), gets);
+    let s = imagefs.stats();
+    assert_eq!(s.fetches, gets);
+    assert_eq!(s.errors, 0);
+    handle.unmount().unwrap();
+
+    // A second image fs over the same cache (fresh page cache): served by the cache.
+    let imagefs2 = fx.fs(&cache);
+    let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
+    assert_eq!(fs::read(mnt2.join("usr/lib/python3/other.bin")).unwrap(), other);
+    assert_eq!(fx.store.gets(), gets, "cached chunks must not be fetched again");
+    assert!(imagefs2.stats().cache_hits > 0);
+    assert_eq!(imagefs2.stats().fetches, 0);
+    drop(handle2);
+    assert!(!mounted(&mnt2));
+
+    // Restart: a new ChunkCache over the same dir rebuilds its index from disk.
+    drop(imagefs2);
+    drop(imagefs);
+    drop(cache);
+    let cache = fx.cache("cache");
+    assert!(cache.len() >= fx.chunks_of("usr/lib/python3/other.bin").len());
+    let imagefs3 = fx.fs(&cache);
+    let (mnt3, handle3) = fx.mount(&imagefs3, "mnt3");
+    assert_eq!(fs::read(mnt3.join("usr/lib/python3/other.bin")).unwrap(), other);
+    assert_eq!(fx.store.gets(), gets, "after a restart, cached chunks must not be fetched");
+    assert_eq!(imagefs3.stats().fetches, 0);
+    // The rest of the big file is still lazily fetched, and correct.
+    assert_eq!(
+        fs::read(mnt3.join("usr/lib/big.bin")).unwrap(),
+        fs::read(fx.src.join("usr/lib/big.bin")).unwrap()
+    );
+    assert!(fx.store.gets() > gets);
+    handle3.unmount().unwrap();
+}
+
+#[test]
+fn corrupt_cached_chunk_is_refetched() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let want = fs::read(fx.src.join("usr/lib/python3/other.bin")).unwrap();
+    let chunks = fx.chunks_of("usr/lib/python3/other.bin");
+    {
+        let cache = fx.cache("cache");
+        let imagefs = fx.fs(&cache);
+        let report = imagefs.prefetch(&chunks.iter().copied().collect::<Vec<_>>(), 4);
+        assert_eq!(report.fetched, chunks.len());
+    }
+    let gets = fx.store.gets();
+    // Corrupt one cached chunk file on disk (flip a byte), then "restart".
+    let victim = *chunks.iter().next().unwrap();
+    let path = fx.cache("cache").path_of(&victim);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[100] ^= 0xff;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, &bytes).unwrap();
+
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    assert_eq!(
+        fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap(),
+        want,
+        "corruption must never reach a reader"
+    );
+    assert_eq!(fx.store.gets(), gets + 1, "exactly the corrupt chunk is refetched");
+    assert_eq!(cache.stats().corrupt, 1);
+    assert_eq!(imagefs.stats().errors, 0);
+    // The repaired file is good on disk.
+    assert_eq!(Digest::of(&fs::read(&path).unwrap()), victim);
+    handle.unmount().unwrap();
+}
+
+#[test]
+fn failing_store_gives_eio_and_mount_survives() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    // Cache one file without reading it through the mount (no page cache involved).
+    let cached = fx.chunks_of("usr/lib/python3/other.bin");
+    imagefs.prefetch(&cached.iter().copied().collect::<Vec<_>>(), 2);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    fx.store.fail.store(true, Ordering::SeqCst);
+
+    let err = fs::read(mnt.join("usr/lib/big.bin")).unwrap_err();
+    assert_eq!(errno(&err), libc::EIO, "unexpected error {err}");
+    let err = fs::read(mnt.join("etc/hostname")).unwrap_err();
+    assert_eq!(errno(&err), libc::EIO);
+    assert!(imagefs.stats().errors >= 2);
+    // The mount and the process are fine: metadata, and cached files, still work.
+    assert_eq!(walk(&mnt), walk(&fx.src));
+    assert_eq!(
+        fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap(),
+        fs::read(fx.src.join("usr/lib/python3/other.bin")).unwrap()
+    );
+    // The store comes back: the same reads now succeed.
+    fx.store.fail.store(false, Ordering::SeqCst);
+    assert_eq!(fs::read(mnt.join("etc/hostname")).unwrap(), b"flare\n");
+    handle.unmount().unwrap();
+    assert!(!mounted(&mnt));
+}
+
+#[test]
+fn access_log_and_prefetch_warm_a_new_cache() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache-a");
+    let imagefs = fx.fs(&cache);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    // A "start" that reads a few files.
+    fs::read(mnt.join("usr/lib/python3/site/mod.py")).unwrap();
+    fs::read(mnt.join("etc/hostname")).unwrap();
+    let mut f = fs::File::open(mnt.join("usr/lib/big.bin")).unwrap();
+    let mut buf = vec![0u8; 1000];
+    f.read_exact(&mut buf).unwrap();
+    drop(f);
+    handle.unmount().unwrap();
+    let log = imagefs.access_log();
+    let first_two: Vec<Digest> = ["usr/lib/python3/site/mod.py", "etc/hostname"]
+        .iter()
+        .map(|p| *fx.chunks_of(p).iter().next().unwrap())
+        .collect();
+    assert_eq!(&log[..2], &first_two[..], "log is in first-read order");
+    assert!(log.len() >= 3);
+    let unique: BTreeSet<_> = log.iter().collect();
+    assert_eq!(unique.len(), log.len(), "no duplicates");
+
+    // Next start: an empty cache on another worker, warmed from the log.
+    let cache_b = fx.cache("cache-b");
+    let imagefs_b = fx.fs(&cache_b);
+    let before = fx.store.gets();
+    let report = imagefs_b.prefetch(&log, 4);
+    assert_eq!(report.requested, log.len());
+    assert_eq!(report.fetched, log.len());
+    assert_eq!(report.failed, 0);
+    assert_eq!(fx.store.gets() - before, log.len() as u64);
+    // Prefetching again is a no-op.
+    assert_eq!(imagefs_b.prefetch(&log, 4).cached, log.len());
+    let (mnt_b, handle_b) = fx.mount(&imagefs_b, "mnt-b");
+    let gets = fx.store.gets();
+    fs::read(mnt_b.join("usr/lib/python3/site/mod.py")).unwrap();
+    fs::read(mnt_b.join("etc/hostname")).unwrap();
+    let mut f = fs::File::open(mnt_b.join("usr/lib/big.bin")).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    drop(f);
+    assert_eq!(fx.store.gets(), gets, "the prefetched start fetches nothing");
+    assert_eq!(imagefs_b.stats().fetches, 0);
+    handle_b.unmount().unwrap();
+}
+
+#[test]
+fn unmount_leaves_nothing_even_when_busy() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+
+    // Drop unmounts.
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    assert!(mounted(&mnt));
+    drop(handle);
+    assert!(!mounted(&mnt));
+
+    // Unmount with a file still open: lazy detach, connection aborted, no hang.
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    let mut open = fs::File::open(mnt.join("etc/hostname")).unwrap();
+    let cwd_holder = fs::read_dir(mnt.join("usr")).unwrap();
+    let started = std::time::Instant::now();
+    handle.unmount().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!mounted(&mnt));
+    // The open file now fails instead of hanging.
+    let mut s = String::new();
+    let _ = open.read_to_string(&mut s);
+    drop(cwd_holder);
+
+    // A mount whose image fs is gone (session ended underneath) is cleaned up too.
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    assert!(flare_imagefs::force_unmount(&mnt).unwrap());
+    assert!(!mounted(&mnt));
+    handle.unmount().unwrap();
+    assert!(!flare_imagefs::force_unmount(&mnt).unwrap());
+}
+
+#[test]
+fn overlay_with_image_as_lower() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    let (lower, handle) = fx.mount(&imagefs, "lower");
+    let scratch = fx.tmp.path().join("scratch");
+    let merged = fx.tmp.path().join("merged");
+    fs::create_dir_all(&scratch).unwrap();
+    fs::create_dir_all(&merged).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    run(&["mount", "-t", "tmpfs", "tmpfs", &s(&scratch)]);
+    fs::create_dir_all(scratch.join("upper")).unwrap();
+    fs::create_dir_all(scratch.join("work")).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        s(&lower),
+        s(&scratch.join("upper")),
+        s(&scratch.join("work"))
+    );
+    run(&["mount", "-t", "overlay", "overlay", "-o", &opts, &s(&merged)]);
+
+    // Read lower files through the overlay.
+    assert_eq!(fs::read(merged.join("etc/hostname")).unwrap(), b"flare\n");
+    assert_eq!(
+        fs::read(merged.join("usr/lib/big.bin")).unwrap(),
+        fs::read(fx.src.join("usr/lib/big.bin")).unwrap()
+    );
+    // Write a new file and modify a lower one (copy-up).
+    fs::write(merged.join("etc/new.txt"), b"written in the container").unwrap();
+    let mut f = fs::OpenOptions::new().append(true).open(merged.join("etc/hostname")).unwrap();
+    f.write_all(b"more\n").unwrap();
+    drop(f);
+    assert_eq!(fs::read(merged.join("etc/new.txt")).unwrap(), b"written in the container");
+    assert_eq!(fs::read(merged.join("etc/hostname")).unwrap(), b"flare\nmore\n");
+    assert_eq!(fs::read(scratch.join("upper/etc/hostname")).unwrap(), b"flare\nmore\n");
+    // The image itself is untouched.
+    assert_eq!(fs::read(lower.join("etc/hostname")).unwrap(), b"flare\n");
+    assert!(!lower.join("etc/new.txt").exists());
+
+    run(&["umount", &s(&merged)]);
+    run(&["umount", &s(&scratch)]);
+    handle.unmount().unwrap();
+    assert!(!mounted(&lower));
+}
+
+// ---- ChunkCache alone (no FUSE needed) ----
+
+fn store_with_blobs(dir: &Path, n: usize, size: usize) -> (Arc<TestStore>, Vec<(Digest, Vec<u8>)>) {
+    let store = TestStore::new(dir);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+    let blobs = (0..n)
+        .map(|_| {
+            let mut data = vec![0u8; size];
+            rng.fill_bytes(&mut data);
+            (store.put(&data).unwrap(), data)
+        })
+        .collect();
+    (store, blobs)
+}
+
+#[test]
+fn cache_evicts_least_recently_used_and_survives_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, blobs) = store_with_blobs(&tmp.path().join("store"), 4, 1000);
+    let root = tmp.path().join("cache");
+    let cache = ChunkCache::open(&root, 3000).unwrap();
+    for (d, data) in &blobs[..3] {
+        let (got, source) = cache.read(store.as_ref(), d, 0, u64::MAX).unwrap();
+        assert_eq!(&got, data);
+        assert_eq!(source, Source::Fetched);
+    }
+    assert_eq!(cache.used_bytes(), 3000);
+    // Use blob 0 again, so blob 1 is now the least recently used.
+    let (got, source) = cache.read(store.as_ref(), &blobs[0].0, 10, 20).unwrap();
+    assert_eq!((got.as_slice(), source), (&blobs[0].1[10..30], Source::Hit));
+    cache.read(store.as_ref(), &blobs[3].0, 0, 5).unwrap();
+    assert!(!cache.contains(&blobs[1].0), "LRU entry evicted");
+    assert!(!cache.path_of(&blobs[1].0).exists(), "its file deleted");
+    for i in [0, 2, 3] {
+        assert!(cache.contains(&blobs[i].0));
+    }
+    assert_eq!(cache.used_bytes(), 3000);
+    assert_eq!(cache.stats().evictions, 1);
+    drop(cache);
+
+    // Reopen with a smaller bound: index rebuilt from disk, trimmed to fit.
+    let cache = ChunkCache::open(&root, 2000).unwrap();
+    assert_eq!(cache.len(), 2);
+    assert!(cache.used_bytes() <= 2000);
+    let gets = store.gets();
+    for (d, data) in &blobs {
+        if cache.contains(d) {
+            assert_eq!(&cache.read(store.as_ref(), d, 0, u64::MAX).unwrap().0, data);
+        }
+    }
+    assert_eq!(store.gets(), gets);
+    // Leftover temp files from a crash are cleaned at open.
+    fs::write(root.join("tmp/partial"), b"torn").unwrap();
+    drop(cache);
+    ChunkCache::open(&root, 2000).unwrap();
+    assert!(!root.join("tmp/partial").exists());
+}
+
+#[test]
+fn concurrent_misses_fetch_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::with_delay(&tmp.path().join("store"), Duration::from_millis(100));
+    let data = vec![42u8; 100_000];
+    let digest = store.put(&data).unwrap();
+    let cache = Arc::new(ChunkCache::open(&tmp.path().join("cache"), 1 << 20).unwrap());
+    let sources: Vec<Source> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let cache = cache.clone();
+                let store = store.clone();
+                s.spawn(move || {
+                    let (got, source) = cache.read(store.as_ref(), &digest, i * 10, 10).unwrap();
+                    assert_eq!(got, vec![42u8; 10]);
+                    source
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(store.gets(), 1, "one fetch for eight concurrent readers: {sources:?}");
+    assert_eq!(sources.iter().filter(|s| **s == Source::Fetched).count(), 1);
+}
+
+#[test]
+fn corrupt_store_is_an_error_not_bad_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::new(&tmp.path().join("store"));
+    let digest = store.put(b"some chunk").unwrap();
+    // Corrupt the blob inside the store.
+    let path = store.inner.path_of(&digest);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, b"some chonk").unwrap();
+    let cache = ChunkCache::open(&tmp.path().join("cache"), 1 << 20).unwrap();
+    let err = cache.read(store.as_ref(), &digest, 0, 10).unwrap_err();
+    assert!(!cache.contains(&digest));
+    eprintln!("corrupt store error: {err}");
+    // Unreachable store: a clear error, nothing cached.
+    store.fail.store(true, Ordering::SeqCst);
+    let d2 = Digest::of(b"other");
+    assert!(cache.read(store.as_ref(), &d2, 0, 1).is_err());
+    let _ = SystemTime::now();
+}
