@@ -221,7 +221,19 @@ def dumps_result(value: Any) -> bytes:
 # ------------------------------------------------------------------------- loading
 
 
+def extend_sys_path() -> None:
+    """Add the caller's import paths that this interpreter lacks (e.g. PYTHONPATH entries:
+    the worker binds them read-only at the same paths and lists them in FLARE_SYS_PATH)."""
+    extra = os.environ.get("FLARE_SYS_PATH")
+    if not extra:
+        return
+    for p in extra.split(os.pathsep):
+        if p and p not in sys.path and os.path.isdir(p):
+            sys.path.append(p)
+
+
 def load_function(info: dict[str, Any], body: memoryview) -> Callable[..., Any]:
+    extend_sys_path()
     if info.get("serialized"):
         import pickle
 

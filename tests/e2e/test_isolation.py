@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .conftest import Server, load_app
+from .conftest import PYTHON_DIR, Server, load_app, run_cli, write_app
 
 
 def _get(server: Server, path: str) -> Any:
@@ -161,3 +161,29 @@ def test_cold_containers_leave_nothing_behind(server: Server, tmp_path: Path) ->
     assert len(after["cgroups"]) <= len(before["cgroups"]), (before["cgroups"], after["cgroups"])
     leftover = after["descendants"] - before["descendants"]
     assert not leftover, f"processes left behind: {leftover}"
+
+
+def test_callers_extra_import_paths_work_in_containers(server: Server, tmp_path: Path) -> None:
+    # A module importable by the caller only through PYTHONPATH (outside the app's
+    # directory, so not uploaded with it) imports inside the container too.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "extramod_e2e.py").write_text("VALUE = 'from-extra-path'\n")
+    appdir = tmp_path / "app"
+    appdir.mkdir()
+    path = write_app(appdir, """
+        import flare
+        app = flare.App()
+
+        @app.function()
+        def which():
+            import extramod_e2e
+            return extramod_e2e.VALUE
+
+        @app.local_entrypoint()
+        def main():
+            print("got", which.remote())
+    """)
+    r = run_cli("run", str(path), env={"PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{extra}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "got from-extra-path" in r.stdout

@@ -244,6 +244,9 @@ fn build_spec(
         ("FLARE_FUNCTION_NAME", def.name.clone()),
         ("FLARE_SERVER_URL", format!("unix://{API_SOCKET_IN_CONTAINER}")),
         ("FLARE_IS_REMOTE", "1".into()),
+        // The caller's import paths (bound read-only above); the runner adds those the
+        // container's interpreter does not already have.
+        ("FLARE_SYS_PATH", def.python.paths.join(":")),
     ] {
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
