@@ -90,8 +90,10 @@ def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
     home = flare_home()
     os.makedirs(home, exist_ok=True)
     client = get_client("http://" + listen)
-    with open(os.path.join(home, "flared.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two `flare run`s at once start one server
+    # Two `flare run`s at once start one server. (Not flared.lock: flared holds that one
+    # for as long as it runs, and would refuse to start while we held it.)
+    with open(os.path.join(home, "autostart.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if health(client) is not None:
             return client
         binary = find_flared()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 import flare
 from flare import exception
 
-from .conftest import REPO, Server, load_app, run_cli, unique, write_app
+from .conftest import PYTHON_DIR, REPO, Server, load_app, run_cli, unique, write_app
 
 # --------------------------------------------------------------------------- CLI
 
@@ -525,3 +527,40 @@ def test_no_server_is_a_connection_error(server: Server, tmp_path: Path, monkeyp
     r = run_cli("run", str(path), env={"FLARE_SERVER_URL": dead})
     assert r.returncode != 0
     assert r.stderr.startswith("Error:") and "flare server start" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flare_run_starts_the_embedded_server_when_none_is_configured(tmp_path: Path) -> None:
+    # The README's main path: no FLARE_SERVER_URL, nothing listening on the default port,
+    # so `flare run` starts `flared server` in the background under FLARE_HOME and uses it.
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 7878)) == 0:
+            pytest.skip("something already listens on the default port 127.0.0.1:7878")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "FLARE_SERVER_URL"}
+    env["FLARE_HOME"] = str(home)
+    env["PYTHONPATH"] = str(PYTHON_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    app = write_app(tmp_path, """
+        import flare
+        app = flare.App()
+
+        @app.function()
+        def square(x):
+            return x * x
+
+        @app.local_entrypoint()
+        def main():
+            print("result", square.remote(7))
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-m", "flare.cli", "run", str(app)],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr + (home / "flared.log").read_text()
+        assert "result 49" in r.stdout
+        assert (home / "flared.pid").exists()
+    finally:
+        stop = subprocess.run([sys.executable, "-m", "flare.cli", "server", "stop"],
+                              capture_output=True, text=True, timeout=60, env=env)
+    assert "Stopped flared" in stop.stdout, stop.stdout + stop.stderr

@@ -45,6 +45,9 @@ pub struct WorkerConfig {
     pub runtime: Arc<Runtime>,
     /// The API served on each container's socket (calls from inside containers).
     pub api: axum::Router,
+    /// A short directory for the containers' API sockets (unix socket paths are limited
+    /// to 108 bytes, which a deep `home` would exceed).
+    pub socket_dir: PathBuf,
     /// Where to fetch mounts this machine does not have (a remote worker: the control
     /// plane's URL); `None` when the control plane shares `home`.
     pub mount_source: Option<http::HttpClient>,
@@ -432,18 +435,11 @@ async fn run_container(
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> ExitReport {
     let cid = a.container_id.clone();
-    let dir = cfg.home.join("worker").join("containers").join(&cid);
-    let fail = |msg: String| ExitReport { start_error: Some(msg), ..Default::default() };
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        return fail(format!("could not create container dir: {e}"));
-    }
-    let result = run_container_in(cfg, &a, &dir, &mut cmds, events).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    match result {
+    match run_container_in(cfg, &a, &mut cmds, events).await {
         Ok(r) => r,
         Err(msg) => {
             tracing::warn!(container = %cid, error = %msg, "container failed to start");
-            fail(msg)
+            ExitReport { start_error: Some(msg), ..Default::default() }
         }
     }
 }
@@ -451,15 +447,18 @@ async fn run_container(
 async fn run_container_in(
     cfg: &Arc<WorkerConfig>,
     a: &ContainerAssignment,
-    dir: &Path,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> Result<ExitReport, String> {
     let cid = a.container_id.clone();
     let t0 = std::time::Instant::now();
     // Calls from inside the container reach the API through this socket only.
-    let api_path = dir.join("api.sock");
-    let listener = tokio::net::UnixListener::bind(&api_path).map_err(|e| format!("api socket: {e}"))?;
+    let api_path = cfg.socket_dir.join(format!("{cid}.sock"));
+    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| format!("api socket dir: {e}"))?;
+    let _ = std::fs::remove_file(&api_path);
+    let listener = tokio::net::UnixListener::bind(&api_path)
+        .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+    let _socket_guard = RemoveOnDrop(api_path.clone());
     let api_task = tokio::spawn(axum::serve(listener, cfg.api.clone()).into_future());
     let _api_guard = AbortOnDrop(api_task);
 
@@ -729,6 +728,14 @@ async fn sleep_until_opt(d: Option<Instant>) {
     match d {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

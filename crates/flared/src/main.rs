@@ -158,6 +158,11 @@ fn cgroup_parent(home: &Path) -> String {
     format!("flare-{:08x}", h as u32)
 }
 
+/// Where this daemon's containers' API sockets live: short, and unique per data dir.
+fn socket_dir(home: &Path) -> PathBuf {
+    PathBuf::from("/run/flare-sockets").join(cgroup_parent(home))
+}
+
 fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -253,6 +258,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             home: home.clone(),
             runtime: runtime.clone(),
             api: api::container_router(cp.clone()),
+            socket_dir: socket_dir(&home),
             mount_source: None,
         },
         events_tx,
@@ -329,6 +335,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             home: home.clone(),
             runtime,
             api: flare_worker::http::proxy_router(client.clone()),
+            socket_dir: socket_dir(&home),
             mount_source: Some(client),
         },
         events_tx,
