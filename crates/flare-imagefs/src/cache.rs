@@ -122,14 +122,59 @@ struct Inflight {
 /// - **Atomic writes**: temp file + rename, so a reader sees a chunk whole or not at
 ///   all. No fsync: a file torn by a crash fails verification and is refetched.
 /// - **De-duplicated fetches**: concurrent misses of one chunk make one store request;
-///   the others wait for it.
+///   the others wait for it (read-ahead fetches go through the same path).
+/// - **Open files kept**: up to [`OPEN_FILES`] verified chunk files stay open (LRU)
+///   between reads, so a hit is one `pread`; an evicted chunk's file is closed.
 pub struct ChunkCache {
     root: PathBuf,
     capacity: u64,
     state: Mutex<State>,
     inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
+    /// Open chunk files (verified ones only), so hot reads are one `pread`.
+    fds: Mutex<FdCache>,
     counters: Counters,
     seq: AtomicU64,
+}
+
+/// How many chunk files a [`ChunkCache`] keeps open between reads (LRU).
+pub const OPEN_FILES: usize = 256;
+
+/// A bounded LRU of open chunk files, keyed by digest. Holds only files that have been
+/// verified by this process; a chunk dropped from the index is dropped here too.
+#[derive(Default)]
+struct FdCache {
+    files: HashMap<Digest, (Arc<File>, u64)>,
+    lru: BTreeMap<u64, Digest>,
+    tick: u64,
+}
+
+impl FdCache {
+    fn get(&mut self, digest: &Digest) -> Option<Arc<File>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (file, t) = self.files.get_mut(digest)?;
+        self.lru.remove(t);
+        *t = tick;
+        self.lru.insert(tick, *digest);
+        Some(file.clone())
+    }
+
+    fn put(&mut self, digest: &Digest, file: Arc<File>) {
+        self.remove(digest);
+        self.tick += 1;
+        self.files.insert(*digest, (file, self.tick));
+        self.lru.insert(self.tick, *digest);
+        while self.files.len() > OPEN_FILES {
+            let Some((_, oldest)) = self.lru.pop_first() else { break };
+            self.files.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, digest: &Digest) {
+        if let Some((_, t)) = self.files.remove(digest) {
+            self.lru.remove(&t);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +223,7 @@ impl ChunkCache {
             capacity,
             state: Mutex::new(state),
             inflight: Mutex::new(HashMap::new()),
+            fds: Mutex::new(FdCache::default()),
             counters: Counters::default(),
             seq: AtomicU64::new(0),
         };
@@ -248,13 +294,29 @@ impl ChunkCache {
         from: u64,
         len: u64,
     ) -> Result<(Vec<u8>, Source)> {
-        if let Some(data) = self.read_cached(digest, from, len)? {
+        let mut out = Vec::new();
+        let source = self.read_into(store, digest, from, len, &mut out)?;
+        Ok((out, source))
+    }
+
+    /// Like [`ChunkCache::read`], appending the bytes to `out` (no extra copy on a hit:
+    /// one `pread` from a kept-open chunk file into `out`).
+    pub fn read_into(
+        &self,
+        store: &dyn BlobStore,
+        digest: &Digest,
+        from: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<Source> {
+        if self.read_cached(digest, from, len, out)? {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok((data, Source::Hit));
+            return Ok(Source::Hit);
         }
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let (data, source) = self.fetch_dedup(store, digest)?;
-        Ok((slice(&data, from, len), source))
+        out.extend_from_slice(slice(&data, from, len));
+        Ok(source)
     }
 
     /// Make sure the chunk is in the cache (fetching it if needed), without reading it
@@ -266,25 +328,53 @@ impl ChunkCache {
         Ok(self.fetch_dedup(store, digest)?.1)
     }
 
-    /// Serve from the cache directory; `Ok(None)` on a miss (including a chunk file
-    /// that vanished or failed verification, which is dropped from the index).
-    fn read_cached(&self, digest: &Digest, from: u64, len: u64) -> Result<Option<Vec<u8>>> {
+    /// Hint the kernel to start reading a cached chunk's file into the page cache
+    /// (`posix_fadvise(WILLNEED)`, asynchronous); no-op for a chunk not cached.
+    pub(crate) fn will_need(&self, digest: &Digest) {
+        let verified = match lock(&self.state).entries.get(digest) {
+            Some(meta) => meta.verified,
+            None => return,
+        };
+        let kept = if verified { lock(&self.fds).get(digest) } else { None };
+        let file = match kept {
+            Some(f) => f,
+            None => match File::open(self.path_of(digest)) {
+                Ok(f) => Arc::new(f),
+                Err(_) => return,
+            },
+        };
+        // SAFETY: fadvise on an open fd we own; it only hints the page cache.
+        unsafe {
+            libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&*file), 0, 0, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
+    /// Serve from the cache directory, appending to `out`; `Ok(false)` on a miss
+    /// (including a chunk file that vanished or failed verification, which is dropped
+    /// from the index). Verified chunks are read with `pread` from a kept-open file.
+    fn read_cached(&self, digest: &Digest, from: u64, len: u64, out: &mut Vec<u8>) -> Result<bool> {
         let Some((size, verified)) = lock(&self.state).bump(digest) else {
-            return Ok(None);
+            return Ok(false);
         };
         let path = self.path_of(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                warn!(%digest, "cached chunk file vanished; refetching");
-                lock(&self.state).remove(digest);
-                return Ok(None);
-            }
-            Err(e) => return Err(io_ctx(format!("opening {}", path.display()))(e)),
+        let open = if verified { lock(&self.fds).get(digest) } else { None };
+        let reused = open.is_some();
+        let file = match open {
+            Some(f) => f,
+            None => match File::open(&path) {
+                Ok(f) => Arc::new(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    warn!(%digest, "cached chunk file vanished; refetching");
+                    lock(&self.state).remove(digest);
+                    lock(&self.fds).remove(digest);
+                    return Ok(false);
+                }
+                Err(e) => return Err(io_ctx(format!("opening {}", path.display()))(e)),
+            },
         };
         if !verified {
             let mut data = Vec::with_capacity(size as usize);
-            (&file).read_to_end(&mut data).map_err(io_ctx(format!("reading {}", path.display())))?;
+            (&*file).read_to_end(&mut data).map_err(io_ctx(format!("reading {}", path.display())))?;
             if Digest::of(&data) != *digest {
                 // Several readers may find the same bad file at once: only the first
                 // removes it (a good copy refetched meanwhile is verified, kept).
@@ -296,22 +386,40 @@ impl ChunkCache {
                     warn!(%digest, path = %path.display(), "cached chunk is corrupt; removed, refetching");
                     self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                 }
-                return Ok(None);
+                return Ok(false);
             }
-            if let Some(meta) = lock(&self.state).entries.get_mut(digest) {
-                meta.verified = true;
+            {
+                let mut st = lock(&self.state);
+                if let Some(meta) = st.entries.get_mut(digest) {
+                    meta.verified = true;
+                    // Only files still indexed are kept open (an eviction may have
+                    // raced this load; the fd cache then simply misses).
+                    lock(&self.fds).put(digest, file.clone());
+                }
             }
             // Refresh the mtime: it is the recency the next start-up scan sees.
             let _ = file.set_modified(SystemTime::now());
-            return Ok(Some(slice(&data, from, len)));
+            out.extend_from_slice(slice(&data, from, len));
+            return Ok(true);
+        }
+        if !reused {
+            let st = lock(&self.state);
+            if st.entries.contains_key(digest) {
+                lock(&self.fds).put(digest, file.clone());
+            }
         }
         let end = from.saturating_add(len).min(size);
         if from >= end {
-            return Ok(Some(Vec::new()));
+            return Ok(true);
         }
-        let mut buf = vec![0u8; (end - from) as usize];
-        file.read_exact_at(&mut buf, from).map_err(io_ctx(format!("reading {}", path.display())))?;
-        Ok(Some(buf))
+        let start = out.len();
+        let want = (end - from) as usize;
+        out.resize(start + want, 0);
+        if let Err(e) = file.read_exact_at(&mut out[start..], from) {
+            out.truncate(start);
+            return Err(io_ctx(format!("reading {}", path.display()))(e));
+        }
+        Ok(true)
     }
 
     /// Fetch the chunk once however many threads ask at the same time.
@@ -338,8 +446,9 @@ impl ChunkCache {
             };
         }
         // A fetch that finished just before we became leader may have cached it.
-        let result = match self.read_cached(digest, 0, u64::MAX) {
-            Ok(Some(data)) => Ok((Arc::new(data), Source::Hit)),
+        let mut cached = Vec::new();
+        let result = match self.read_cached(digest, 0, u64::MAX, &mut cached) {
+            Ok(true) => Ok((Arc::new(cached), Source::Hit)),
             _ => self.fetch_verified(store, digest).map(|data| {
                 let data = Arc::new(data);
                 self.insert(digest, &data);
@@ -431,6 +540,15 @@ impl ChunkCache {
     }
 
     fn delete_files(&self, victims: Vec<Digest>) {
+        if victims.is_empty() {
+            return;
+        }
+        {
+            let mut fds = lock(&self.fds);
+            for digest in &victims {
+                fds.remove(digest);
+            }
+        }
         for digest in victims {
             debug!(%digest, "evicting chunk");
             if let Err(e) = fs::remove_file(self.path_of(&digest)) {
@@ -442,9 +560,9 @@ impl ChunkCache {
     }
 }
 
-fn slice(data: &[u8], from: u64, len: u64) -> Vec<u8> {
+fn slice(data: &[u8], from: u64, len: u64) -> &[u8] {
     let size = data.len() as u64;
     let start = from.min(size) as usize;
     let end = from.saturating_add(len).min(size) as usize;
-    data[start..end].to_vec()
+    &data[start..end]
 }

@@ -21,6 +21,7 @@ use tracing::{debug, error};
 use crate::cache::{ChunkCache, Source};
 use crate::error::{ImageFsError, Result};
 use crate::mount::{mount_fs, MountHandle};
+use crate::readahead::ReadAhead;
 
 /// Options of an [`ImageFs`].
 #[derive(Debug, Clone)]
@@ -41,6 +42,19 @@ pub struct ImageFsOptions {
     pub fsname: String,
     /// Kernel readahead window for the mount, in KiB (`None`: the kernel's 128 KiB).
     pub read_ahead_kb: Option<u32>,
+    /// Chunk-level read-ahead: at most this many chunks past the last one read are
+    /// fetched in the background (0 turns it off). It starts only when a read of the
+    /// file misses the cache and the file is read sequentially (from its first chunk,
+    /// or continuing where the last read ended); the window starts at one chunk and
+    /// doubles with each new chunk read, up to this bound. A random jump stops it.
+    /// So reading a little of a huge file fetches at most one chunk beyond what was
+    /// read, and never more than this many chunks (and `read_ahead_max_bytes`) ahead.
+    pub read_ahead_chunks: u32,
+    /// Byte bound of the chunk-level read-ahead window (whole chunks are fetched; the
+    /// first chunk past the bound is not).
+    pub read_ahead_max_bytes: u64,
+    /// Threads fetching read-ahead chunks (shared by all files of this image fs).
+    pub read_ahead_threads: usize,
 }
 
 impl Default for ImageFsOptions {
@@ -53,6 +67,9 @@ impl Default for ImageFsOptions {
             root_mode: 0o755,
             fsname: "flare-imagefs".to_owned(),
             read_ahead_kb: Some(4096),
+            read_ahead_chunks: 8,
+            read_ahead_max_bytes: 16 << 20,
+            read_ahead_threads: 4,
         }
     }
 }
@@ -68,8 +85,10 @@ pub struct ImageFsStats {
     pub cache_hits: u64,
     /// Chunk reads that were not in the cache (fetched, or joined another fetch).
     pub cache_misses: u64,
-    /// Chunks this image fetched from the blob store.
+    /// Chunks this image fetched from the blob store (reads and read-ahead).
     pub fetches: u64,
+    /// Of `fetches`, those fetched in the background by chunk-level read-ahead.
+    pub read_ahead_fetches: u64,
     /// Reads that failed (EIO to the reader); each is logged.
     pub errors: u64,
 }
@@ -125,6 +144,16 @@ pub(crate) struct Inner {
     counters: Counters,
     access: Mutex<AccessLog>,
     total_bytes: u64,
+    readahead: Arc<ReadAhead>,
+    /// Per inode (index = ino - 1): the sequential-read state of chunk read-ahead,
+    /// `next chunk expected << 32 | window` (window 0: not reading ahead).
+    ra_state: Vec<AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.readahead.shutdown();
+    }
 }
 
 /// A read-only file system of a [`Manifest`] whose file contents are fetched lazily,
@@ -272,8 +301,12 @@ impl ImageFs {
             }
         }
         debug!(inodes = nodes.len(), bytes = total_bytes, "image fs built");
+        let ra_state = (0..nodes.len()).map(|_| AtomicU64::new(0)).collect();
+        let readahead = ReadAhead::new(if opts.read_ahead_chunks > 0 { opts.read_ahead_threads } else { 0 });
         Ok(ImageFs {
             inner: Arc::new(Inner {
+                ra_state,
+                readahead,
                 nodes,
                 store,
                 cache,
@@ -301,7 +334,8 @@ impl ImageFs {
             bytes: c.bytes.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             cache_misses: c.cache_misses.load(Ordering::Relaxed),
-            fetches: c.fetches.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed) + self.inner.readahead.fetched.load(Ordering::Relaxed),
+            read_ahead_fetches: self.inner.readahead.fetched.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
         }
     }
@@ -311,6 +345,12 @@ impl ImageFs {
     /// on the next start.
     pub fn access_log(&self) -> Vec<Digest> {
         self.inner.access.lock().unwrap_or_else(|p| p.into_inner()).order.clone()
+    }
+
+    /// Block until no chunk read-ahead is queued or in flight (for tests and
+    /// benchmarks that count fetches).
+    pub fn wait_read_ahead(&self) {
+        self.inner.readahead.wait_idle();
     }
 
     /// Number of inodes (including the root).
@@ -378,37 +418,104 @@ impl Inner {
         }
     }
 
-    /// Read `size` bytes at `offset` of a file, chunk by chunk through the cache.
-    fn read_file(&self, content: &FileContent, offset: u64, size: u64) -> Result<Vec<u8>> {
+    /// Read `size` bytes at `offset` of file `ino`, chunk by chunk through the cache.
+    fn read_file(&self, ino: u64, content: &FileContent, offset: u64, size: u64) -> Result<Vec<u8>> {
         let end = offset.saturating_add(size).min(content.size);
         if offset >= end {
             return Ok(Vec::new());
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         let first = content.chunks.partition_point(|c| c.offset + c.len <= offset);
-        for chunk in content.chunks[first..].iter().take_while(|c| c.offset < end) {
+        let last = content.chunks.partition_point(|c| c.offset < end).max(first + 1) - 1;
+        let mut missed = false;
+        for (i, chunk) in content.chunks.iter().enumerate().take(last + 1).skip(first) {
             let from = offset.max(chunk.offset) - chunk.offset;
             let to = end.min(chunk.offset + chunk.len) - chunk.offset;
             self.record(&chunk.digest);
-            let (data, source) = self.cache.read(self.store.as_ref(), &chunk.digest, from, to - from)?;
+            let before = out.len();
+            let source =
+                self.cache.read_into(self.store.as_ref(), &chunk.digest, from, to - from, &mut out)?;
             match source {
                 Source::Hit => self.counters.cache_hits.fetch_add(1, Ordering::Relaxed),
                 Source::Fetched => {
+                    missed = true;
                     self.counters.fetches.fetch_add(1, Ordering::Relaxed);
                     self.counters.cache_misses.fetch_add(1, Ordering::Relaxed)
                 }
-                Source::Joined => self.counters.cache_misses.fetch_add(1, Ordering::Relaxed),
+                Source::Joined => {
+                    missed = true;
+                    self.counters.cache_misses.fetch_add(1, Ordering::Relaxed)
+                }
             };
-            if data.len() as u64 != to - from {
+            let got = (out.len() - before) as u64;
+            if got != to - from {
                 return Err(ImageFsError::WrongLength {
                     digest: chunk.digest,
-                    got: from + data.len() as u64,
+                    got: from + got,
                     expected: chunk.len,
                 });
             }
-            out.extend_from_slice(&data);
+            // Once the first chunk is in hand (and we know whether it missed), queue
+            // the rest of this read and the window after it: those fetches overlap
+            // with the rest of this read and with the reader's next ones.
+            if i == first {
+                self.read_ahead(ino, content, first, last, missed);
+            }
         }
         Ok(out)
+    }
+
+    /// Chunk-level sequential read-ahead for a read of chunks `first..=last` of file
+    /// `ino` whose first chunk was just served (see
+    /// [`ImageFsOptions::read_ahead_chunks`]): queues the read's other chunks and up to
+    /// the window's worth after `last`, skipping cached ones.
+    fn read_ahead(&self, ino: u64, content: &FileContent, first: usize, last: usize, missed: bool) {
+        let max = self.opts.read_ahead_chunks;
+        let n = content.chunks.len();
+        if max == 0 || n < 2 {
+            return;
+        }
+        let Some(state) = self.ra_state.get(ino as usize - 1) else { return };
+        let prev = state.load(Ordering::Relaxed);
+        let (next, window) = ((prev >> 32) as usize, prev as u32);
+        let fresh = prev == 0 && first == 0;
+        let sequential = fresh || first + 1 == next || first == next;
+        let advanced = fresh || last + 1 > next;
+        let new_window = if !sequential {
+            0
+        } else if !advanced {
+            window
+        } else if missed || window > 0 {
+            (window * 2).clamp(1, max)
+        } else {
+            0
+        };
+        let new_next = (last + 1).max(if sequential { next } else { 0 });
+        state.store(((new_next as u64) << 32) | u64::from(new_window), Ordering::Relaxed);
+        if sequential && advanced {
+            // Cached chunks ahead: have the local disk start reading them (chunk files
+            // are separate files, so the kernel's readahead never crosses into them).
+            for c in content.chunks[(last + 1).min(n)..].iter().take(2) {
+                self.cache.will_need(&c.digest);
+            }
+        }
+        if new_window == 0 || !advanced {
+            return;
+        }
+        let mut bytes = 0u64;
+        let todo = content.chunks[(first + 1).min(n)..]
+            .iter()
+            .take(last - first + new_window as usize)
+            .take_while(|c| {
+                bytes += c.len;
+                bytes <= self.opts.read_ahead_max_bytes
+            })
+            .filter(|c| !self.cache.contains(&c.digest))
+            .map(|c| c.digest)
+            .collect::<Vec<_>>();
+        if !todo.is_empty() {
+            self.readahead.submit(todo, &self.cache, &self.store);
+        }
     }
 }
 
@@ -478,7 +585,7 @@ impl Filesystem for FuseAdapter {
         let Some(NodeKind::File(content)) = inner.node(ino).map(|n| &n.kind) else {
             return reply.error(Errno::EINVAL);
         };
-        match inner.read_file(content, offset, size.into()) {
+        match inner.read_file(ino.0, content, offset, size.into()) {
             Ok(data) => {
                 inner.counters.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 reply.data(&data);

@@ -18,8 +18,9 @@ mod cache;
 mod error;
 mod fs;
 mod mount;
+mod readahead;
 
-pub use cache::{CacheStats, ChunkCache, Source};
+pub use cache::{CacheStats, ChunkCache, Source, OPEN_FILES};
 pub use error::{ImageFsError, Result};
 pub use fs::{ImageFs, ImageFsOptions, ImageFsStats, PrefetchReport};
 pub use mount::{force_unmount, MountHandle};

@@ -318,6 +318,8 @@ fn lazy_fetch_cache_and_restart() {
     let mut f = fs::File::open(mnt.join("usr/lib/big.bin")).unwrap();
     let mut buf = vec![0u8; 4096];
     f.read_exact(&mut buf).unwrap();
+    // Chunk read-ahead runs in the background: let it finish before counting.
+    imagefs.wait_read_ahead();
     let big_first = match &fx.manifest.get("usr/lib/big.bin").unwrap().kind {
         EntryKind::File(c) => c.chunks[0].digest,
         _ => unreachable!(),
@@ -330,6 +332,10 @@ fn lazy_fetch_cache_and_restart() {
     );
     let gets = fx.store.gets();
     assert_eq!(gets as usize, fetched.len(), "each chunk fetched once");
+    // Files nobody opened are never fetched (read-ahead stays within a file).
+    for untouched in ["usr/lib/python3/site/mod.py", "etc/hostname", "usr/run.sh"] {
+        assert!(fetched.is_disjoint(&fx.chunks_of(untouched)), "{untouched} was fetched");
+    }
 
     // Second read: no new fetch (this mount: page cache or chunk cache).
     assert_eq!(fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap(), other);
@@ -457,6 +463,7 @@ fn access_log_and_prefetch_warm_a_new_cache() {
     f.read_exact(&mut buf).unwrap();
     drop(f);
     handle.unmount().unwrap();
+    imagefs.wait_read_ahead();
     let log = imagefs.access_log();
     let first_two: Vec<Digest> = ["usr/lib/python3/site/mod.py", "etc/hostname"]
         .iter()
@@ -680,4 +687,54 @@ fn corrupt_store_is_an_error_not_bad_data() {
     let d2 = Digest::of(b"other");
     assert!(cache.read(store.as_ref(), &d2, 0, 1).is_err());
     let _ = SystemTime::now();
+}
+
+#[test]
+fn chunk_read_ahead_is_bounded_and_stays_in_the_file() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    // The kernel's own 128 KiB readahead stays within the first chunk (>= 256 KiB).
+    let opts = ImageFsOptions { read_ahead_kb: None, ..ImageFsOptions::default() };
+    let imagefs = ImageFs::new(fx.manifest.clone(), fx.store.clone(), cache.clone(), opts).unwrap();
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    let chunks = match &fx.manifest.get("usr/lib/big.bin").unwrap().kind {
+        EntryKind::File(c) => c.chunks.iter().map(|c| c.digest).collect::<Vec<_>>(),
+        _ => unreachable!(),
+    };
+    // A small read at the start of a multi-chunk file: its chunk, plus a read-ahead
+    // window of one chunk (it doubles only as the reader moves on).
+    let mut f = fs::File::open(mnt.join("usr/lib/big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact(&mut buf).unwrap();
+    imagefs.wait_read_ahead();
+    assert_eq!(fx.store.fetched(), chunks[..2].iter().copied().collect::<BTreeSet<_>>());
+    assert_eq!(imagefs.stats().read_ahead_fetches, 1);
+    // Reading on to the end fetches the rest once each, and reads stay correct.
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).unwrap();
+    buf.extend_from_slice(&rest);
+    assert_eq!(buf, fs::read(fx.src.join("usr/lib/big.bin")).unwrap());
+    imagefs.wait_read_ahead();
+    assert_eq!(fx.store.gets() as usize, chunks.len(), "each chunk fetched once");
+    assert_eq!(fx.store.fetched(), chunks.iter().copied().collect::<BTreeSet<_>>());
+    // Nothing else was touched.
+    assert!(fx.store.fetched().is_disjoint(&fx.chunks_of("usr/lib/python3/other.bin")));
+    handle.unmount().unwrap();
+
+    // Off: only what is read is fetched.
+    let cache2 = fx.cache("cache2");
+    let opts = ImageFsOptions { read_ahead_kb: None, read_ahead_chunks: 0, ..ImageFsOptions::default() };
+    let imagefs2 = ImageFs::new(fx.manifest.clone(), fx.store.clone(), cache2, opts).unwrap();
+    let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
+    let gets = fx.store.gets();
+    let mut f = fs::File::open(mnt2.join("usr/lib/big.bin")).unwrap();
+    f.read_exact(&mut buf[..4096]).unwrap();
+    imagefs2.wait_read_ahead();
+    assert_eq!(fx.store.gets(), gets + 1);
+    assert_eq!(imagefs2.stats().read_ahead_fetches, 0);
+    drop(f);
+    handle2.unmount().unwrap();
 }
