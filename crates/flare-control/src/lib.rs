@@ -23,6 +23,8 @@ use flare_proto::{
 use flare_store::{AppRow, CallRow, FunctionRow, LogRow, OutputRow, PendingInputRow, Store};
 use tokio::sync::{mpsc, watch};
 
+/// Containers of a function that may fail to start in a row before its queue fails.
+const START_FAILURE_LIMIT: u32 = 3;
 /// Inputs a platform fault may re-run before the input fails, beyond the user's retries.
 const PLATFORM_RETRIES: u32 = 3;
 /// Containers of one function starting at the same time.
@@ -126,6 +128,8 @@ struct FnRt {
     active: bool,
     /// Why the function's next container cannot be placed, while it cannot.
     waiting: Option<String>,
+    /// Containers that died before becoming ready, in a row.
+    start_failures: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -294,6 +298,7 @@ impl ControlPlane {
                         containers: HashSet::new(),
                         active: true,
                         waiting: None,
+                        start_failures: 0,
                     },
                 );
             }
@@ -541,6 +546,9 @@ impl ControlPlane {
                     c.idle_since = Instant::now();
                 }
                 let fid = c.function_id.clone();
+                if let Some(f) = st.functions.get_mut(&fid) {
+                    f.start_failures = 0;
+                }
                 tracing::debug!(container = %container_id, ms = c.started_at.elapsed().as_millis() as u64, "container ready");
                 schedule(st, &fid);
             }
@@ -664,9 +672,23 @@ impl ControlPlane {
             .memory_limit
             .map(|b| format!("{} MiB", b / (1024 * 1024)))
             .unwrap_or_else(|| "the machine's memory".into());
-        // A container that never became ready takes its function's queue down with it,
-        // so that a broken image or module never loops.
-        if c.state == CState::Starting && !report.requested {
+        // A container that dies before it is ready (without reporting an import error,
+        // which fails the queue at once) may have hit a passing platform fault: the
+        // function gets a few more tries, then its queue fails, so nothing loops.
+        let start_failures = if c.state == CState::Starting && !report.requested {
+            st.functions.get_mut(&fid).map(|f| {
+                f.start_failures += 1;
+                f.start_failures
+            })
+        } else {
+            None
+        };
+        if let Some(n) = start_failures.filter(|n| *n < START_FAILURE_LIMIT && !report.oom_killed) {
+            tracing::warn!(container = %container_id, failures = n, error = ?report.start_error, "container failed to start; trying again");
+        } else if start_failures.is_some() {
+            if let Some(f) = st.functions.get_mut(&fid) {
+                f.start_failures = 0;
+            }
             let msg = report.start_error.clone().unwrap_or_else(|| {
                 if report.oom_killed {
                     format!("container ran out of memory (OOM) while starting: limit {limit_text}")
@@ -941,6 +963,7 @@ impl ControlPlane {
                             containers: HashSet::new(),
                             active: true,
                             waiting: None,
+                            start_failures: 0,
                         },
                     );
                 }

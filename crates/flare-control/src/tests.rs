@@ -193,3 +193,26 @@ async fn routers_build() {
     let _ = crate::api::router(h.cp.clone());
     let _ = crate::api::container_router(h.cp.clone());
 }
+
+#[tokio::test]
+async fn containers_dying_before_ready_are_retried_then_fail_the_queue() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+    let (call_id, _) = h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let report = || ExitReport { code: Some(1), start_error: Some("could not start".into()), ..Default::default() };
+    // A passing fault: the next container is started, the input still waits.
+    for _ in 0..2 {
+        let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!("expected a start") };
+        h.cp.on_worker_event(FromWorker::Exited { container_id: a.container_id, report: report() });
+        let (outs, done, _) = h.cp.outputs(&call_id, -1, 10).unwrap();
+        assert!(outs.is_empty() && !done);
+    }
+    // The third failure in a row fails the queue with the reason.
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!("expected a start") };
+    h.cp.on_worker_event(FromWorker::Exited { container_id: a.container_id, report: report() });
+    let (outs, done, _) = h.cp.outputs(&call_id, -1, 10).unwrap();
+    assert!(done);
+    assert_eq!(outs[0].status, OutputStatus::InitFailure);
+    assert!(outs[0].exception.as_ref().unwrap().message.contains("could not start"));
+}
