@@ -200,7 +200,8 @@ async fn containers_dying_before_ready_are_retried_then_fail_the_queue() {
     let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
     let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
     let (call_id, _) = h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
-    let report = || ExitReport { code: Some(1), start_error: Some("could not start".into()), ..Default::default() };
+    let report =
+        || ExitReport { code: Some(1), start_error: Some("could not start".into()), ..Default::default() };
     // A passing fault: the next container is started, the input still waits.
     for _ in 0..2 {
         let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!("expected a start") };
