@@ -26,7 +26,7 @@ import pytest
 
 import flare
 
-from .conftest import FLARED, load_app, run_cli, unique
+from .conftest import FLARED, _healthy, load_app, run_cli, unique
 
 TOKEN = "fleet-e2e-token"
 TAG = f"{os.getpid() % 10000}"
@@ -135,14 +135,6 @@ class Fleet:
                 return by_pid[pid]
             pid = parents.get(pid, 0)
         return None
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/v1/health", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> Any:
