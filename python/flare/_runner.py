@@ -428,15 +428,21 @@ class Runner:
             return
         self.output(inp, "success", data, gen, None, flush)
 
+    def _emit_item(self, inp: Input, item: Any) -> bool:
+        """Send one yielded value; False (after a final failure output) if it can't be pickled."""
+        try:
+            data = dumps_result(item)
+        except BaseException as e:  # noqa: BLE001
+            self.failure(inp, e, "done", True, 0)
+            return False
+        self.output(inp, "success", data, "item", None, True)
+        return True
+
     def _run_gen(self, inp: Input, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
             for item in self.func(*args, **kwargs):
-                try:
-                    data = dumps_result(item)
-                except BaseException as e:  # noqa: BLE001
-                    self.failure(inp, e, "done", True, 0)
+                if not self._emit_item(inp, item):
                     return
-                self.output(inp, "success", data, "item", None, True)
         except BaseException as e:  # noqa: BLE001
             self.failure(inp, e, "done", True)
             return
@@ -456,12 +462,8 @@ class Runner:
         if self.is_generator:
             try:
                 async for item in self.func(*args, **kwargs):
-                    try:
-                        data = dumps_result(item)
-                    except BaseException as e:  # noqa: BLE001
-                        self.failure(inp, e, "done", True, 0)
+                    if not self._emit_item(inp, item):
                         return
-                    self.output(inp, "success", data, "item", None, True)
             except BaseException as e:  # noqa: BLE001
                 self.failure(inp, e, "done", True)
                 return
