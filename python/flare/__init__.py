@@ -21,10 +21,13 @@ if TYPE_CHECKING:
     from ._output import enable_output as enable_output
     from .app import App as App
     from .exception import Error as Error
+    from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
 
 _LAZY = {
     "App": ("flare.app", "App"),
     "Function": ("flare._functions", "Function"),
+    "Image": ("flare.image", "Image"),
+    "FilePatternMatcher": ("flare.image", "FilePatternMatcher"),
     "FunctionCall": ("flare._functions", "FunctionCall"),
     "Retries": ("flare._config", "Retries"),
     "concurrent": ("flare._config", "concurrent"),

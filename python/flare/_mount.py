@@ -9,6 +9,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._blobs import BlobSet
+
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -52,10 +54,14 @@ def module_name_for(file: str, entry_dir: str) -> str:
     return ".".join(parts)
 
 
-def collect_files(entry_file: str) -> list[dict[str, Any]]:
-    """The entry file plus every imported local module under its directory."""
-    from ._serialization import b64
+def collect_files(entry_file: str, blobs: BlobSet | None = None) -> list[dict[str, Any]]:
+    """The code mount's file list (see docs/IMAGES.md): the entry file plus every imported
+    local module under its directory, each with its compiled ``.pyc``. Contents are added
+    to ``blobs`` (digest -> source) for upload."""
+    if blobs is None:
+        from ._blobs import BlobSet
 
+        blobs = BlobSet()
     entry_file = os.path.realpath(entry_file)
     entry_dir = os.path.dirname(entry_file)
     excluded = _excluded_roots()
@@ -67,30 +73,29 @@ def collect_files(entry_file: str) -> list[dict[str, Any]]:
         real = os.path.realpath(f)
         if _is_local_file(real, entry_dir, excluded):
             paths.add(real)
-    files = []
+    files: list[dict[str, Any]] = []
     for real in sorted(paths):
+        rel = os.path.relpath(real, entry_dir).replace(os.sep, "/")
         try:
             st = os.stat(real)
-            with open(real, "rb") as fh:
-                data = fh.read()
+            entry = blobs.file_entry(rel, real, st.st_mode & 0o777)
         except OSError:
             continue
-        rel = os.path.relpath(real, entry_dir).replace(os.sep, "/")
-        files.append({"path": rel, "data": b64(data), "mode": st.st_mode & 0o777})
+        files.append(entry)
         pyc = _compile(real, rel)
         if pyc is not None:
             # Unchecked-hash .pyc next to the source: the container imports without
             # compiling (the mount is read-only, so it could never cache it itself).
-            files.append(pyc)
-    return files
+            cache_rel, data = pyc
+            files.append(blobs.bytes_entry(cache_rel, data, 0o644))
+    dirs = sorted({"/".join(f["path"].split("/")[:i]) for f in files for i in range(1, f["path"].count("/") + 1)})
+    return [{"path": d, "kind": "dir", "mode": 0o755} for d in dirs] + files
 
 
-def _compile(real: str, rel: str) -> dict[str, Any] | None:
+def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
     import importlib.util
     import py_compile
     import tempfile
-
-    from ._serialization import b64
 
     cache_rel = importlib.util.cache_from_source(rel)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +109,7 @@ def _compile(real: str, rel: str) -> dict[str, Any] | None:
                 data = fh.read()
         except (py_compile.PyCompileError, OSError, SyntaxError):
             return None
-    return {"path": cache_rel.replace(os.sep, "/"), "data": b64(data), "mode": 0o644}
+    return cache_rel.replace(os.sep, "/"), data
 
 
 def python_info(entry_dir: str | None) -> dict[str, Any]:

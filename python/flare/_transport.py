@@ -16,7 +16,7 @@ from . import exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Iterator
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:7878"
 
@@ -85,13 +85,15 @@ class Client:
         else:
             raise exception.InvalidError(f"Unsupported server URL {url!r}: use http://HOST:PORT or unix:///PATH")
 
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        if self._unix_path is not None:
+            return _UnixHTTPConnection(self._unix_path, timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._unix_path is not None:
-                conn = _UnixHTTPConnection(self._unix_path, self.timeout)
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            conn = self._new_connection(self.timeout)
             self._local.conn = conn
         return conn
 
@@ -101,14 +103,23 @@ class Client:
             conn.close()
             self._local.conn = None
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        """Send a request with a JSON body (dict) or pre-encoded bytes; return the decoded JSON."""
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None, content_type: str | None = None
+    ) -> Any:
+        """Send a request with a JSON body (dict), pre-encoded bytes or a binary file opened for
+        reading (sent from its start, so a retried request resends it whole); return the decoded
+        JSON. ``content_type`` overrides ``application/json`` for bytes and file bodies."""
         if body is None:
             data = None
             headers = {}
         else:
-            data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
-            headers = {"Content-Type": "application/json"}
+            if isinstance(body, bytes) or hasattr(body, "read"):
+                data = body
+            else:
+                data = json.dumps(body, separators=(",", ":")).encode()
+            headers = {"Content-Type": content_type or "application/json"}
+            if hasattr(body, "read"):
+                headers["Content-Length"] = str(_remaining_length(body))
         try:
             return self._request(method, path, data, headers, timeout)
         except exception.ConnectionError as e:
@@ -117,9 +128,12 @@ class Client:
             e.request_sent = self._local.__dict__.pop("sent", False)  # type: ignore[attr-defined]
             raise
 
-    def _request(self, method: str, path: str, data: bytes | None, headers: dict[str, str], timeout: float | None) -> Any:
+    def _request(self, method: str, path: str, data: Any, headers: dict[str, str], timeout: float | None) -> Any:
         self._local.sent = False
+        start = data.tell() if hasattr(data, "read") else None
         for attempt in (0, 1):
+            if start is not None:
+                data.seek(start)
             conn = self._connection()
             fresh = conn.sock is None
             try:
@@ -159,6 +173,48 @@ class Client:
         if 200 <= status < 300:
             return json.loads(raw) if raw else {}
         raise _error_from_response(status, raw, method, path)
+
+    def stream_ndjson(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Iterator[Any]:
+        """Send a JSON request and yield each JSON line of a streamed ``application/x-ndjson``
+        answer as it arrives. Uses a connection of its own, closed when the stream ends;
+        ``timeout`` bounds the wait for each line (None: no bound)."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn = self._new_connection(self.timeout)
+        try:
+            try:
+                conn.connect()
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                conn.request(method, path, data, headers)
+                resp = conn.getresponse()
+                if not 200 <= resp.status < 300:
+                    raise _error_from_response(resp.status, resp.read(), method, path)
+                while True:
+                    line = resp.readline()
+                    if not line:
+                        return
+                    line = line.strip()
+                    if line:
+                        yield json.loads(line)
+            except (ConnectionRefusedError, FileNotFoundError, socket.gaierror) as e:
+                raise exception.ConnectionError(
+                    f"Could not connect to the Flare server at {self.url} ({e.strerror or e}). "
+                    + how_to_start_hint(self.url)
+                ) from None
+            except socket.timeout:
+                raise exception.ConnectionError(f"The Flare server at {self.url} did not answer in time") from None
+            except (http.client.HTTPException, OSError) as e:
+                raise exception.ConnectionError(f"Lost the connection to the Flare server at {self.url}: {e}") from None
+        finally:
+            conn.close()
+
+
+def _remaining_length(fh: Any) -> int:
+    pos = fh.tell()
+    end = fh.seek(0, os.SEEK_END)
+    fh.seek(pos)
+    return int(end - pos)
 
 
 def _error_from_response(status: int, raw: bytes, method: str, path: str) -> exception.Error:

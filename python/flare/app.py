@@ -15,9 +15,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+    from ._blobs import BlobSet
     from ._config import Retries
     from ._functions import Function
     from ._transport import Client
+    from .image import Image
 
 
 class LocalEntrypoint:
@@ -48,9 +50,12 @@ def _caller_file(depth: int = 2) -> str | None:
 class App:
     """A group of functions deployed and run together (mirrors ``modal.App``)."""
 
-    def __init__(self, name: str | None = None, *, description: str | None = None) -> None:
+    def __init__(self, name: str | None = None, *, image: Image | None = None, description: str | None = None) -> None:
         self._name = name
         self._description = description
+        self._image = _check_image(image)
+        # Images given to @app.function(image=...), by function tag.
+        self._function_images: dict[str, Image] = {}
         self._functions: dict[str, Function] = {}
         self._local_entrypoints: dict[str, LocalEntrypoint] = {}
         self._app_id: str | None = None
@@ -75,6 +80,11 @@ class App:
         return self._app_id
 
     @property
+    def image(self) -> Image | None:
+        """The default image of the app's functions (``App(image=...)``)."""
+        return self._image
+
+    @property
     def registered_functions(self) -> dict[str, Function]:
         return dict(self._functions)
 
@@ -88,7 +98,7 @@ class App:
         self,
         _f: Callable[..., Any] | None = None,
         *,
-        image: Any = None,
+        image: Image | None = None,
         cpu: float | tuple[float, float] | None = None,
         memory: int | None = None,
         gpu: Any = None,
@@ -104,11 +114,7 @@ class App:
         block_network: bool = False,
     ) -> Any:
         """Decorator turning a function into a ``flare.Function`` that runs in containers."""
-        if image is not None:
-            raise exception.InvalidError(
-                "Custom images are not supported yet: functions run on the caller's Python environment. "
-                "Remove image=... from @app.function()."
-            )
+        image = _check_image(image)
         # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
         cpu_limit: float | None = None
         if isinstance(cpu, tuple):
@@ -173,6 +179,10 @@ class App:
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn
+            if image is not None:
+                self._function_images[tag] = image
+            else:
+                self._function_images.pop(tag, None)
             return fn
 
         if _f is not None:
@@ -207,9 +217,14 @@ class App:
         deploy_name = name or self._name
         if not deploy_name:
             raise exception.InvalidError("a deployed app needs a name: flare.App('name') or deploy(name=...)")
+        from ._output import output_enabled
+
         client = ensure_server()
-        _publish(self, client, deploy_name, "deployed")
+        _publish(self, client, deploy_name, "deployed", output_enabled())
         return self
+
+    def _image_for(self, tag: str) -> Image | None:
+        return self._function_images.get(tag) or self._image
 
     def _default_name(self) -> str:
         if self._name:
@@ -219,10 +234,24 @@ class App:
         return "app"
 
 
+def _check_image(image: Any) -> Image | None:
+    if image is None:
+        return None
+    from .image import Image
+
+    if not isinstance(image, Image):
+        raise exception.InvalidError(
+            f"image= must be a flare.Image (e.g. flare.Image.debian_slim().pip_install(...)), not {type(image).__name__}"
+        )
+    return image
+
+
 def _restore_app(name: str | None, app_id: str | None) -> App:
     app = App.__new__(App)
     app._name = name
     app._description = None
+    app._image = None
+    app._function_images = {}
     app._functions = {}
     app._local_entrypoints = {}
     app._app_id = app_id
@@ -243,7 +272,9 @@ def _entry_file(app: App) -> str | None:
     return None
 
 
-def _function_def(fn: Function, entry_dir: str | None, mount_id: str | None) -> dict[str, Any]:
+def _function_def(
+    fn: Function, entry_dir: str | None, mount_id: str | None, image_id: str | None = None
+) -> dict[str, Any]:
     from ._mount import module_name_for, python_info
     from ._serialization import b64
 
@@ -272,7 +303,7 @@ def _function_def(fn: Function, entry_dir: str | None, mount_id: str | None) -> 
                 "use @app.function(serialized=True)"
             )
         qualname = raw.__qualname__
-    return {
+    fdef: dict[str, Any] = {
         "name": fn._tag,
         "module": module,
         "qualname": qualname,
@@ -284,31 +315,68 @@ def _function_def(fn: Function, entry_dir: str | None, mount_id: str | None) -> 
         "python": python_info(entry_dir),
         "config": dict(fn._config),
     }
+    if image_id is not None:
+        fdef["image_id"] = image_id
+    return fdef
 
 
-def _publish(app: App, client: Client, name: str, mode: str) -> str:
-    """Create the app on the server, upload the mount, register the functions."""
+def _publish(app: App, client: Client, name: str, mode: str, show_output: bool = False) -> str:
+    """Build the functions' images, create the app on the server, upload the code mount,
+    register the functions."""
+    from ._blobs import BlobSet
     from ._mount import collect_files, ensure_sdk_compiled
 
     ensure_sdk_compiled()
+    # Images first: a failed build leaves no half-registered app behind.
+    images = {tag: img for tag in app._functions if (img := app._image_for(tag)) is not None}
+    image_ids: dict[int, str] = {}
+    if images:
+        from .image import build_images
+
+        image_ids = build_images(client, list(images.values()), show_output)
+    entry = _entry_file(app)
+    entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
+    blobs = BlobSet()
+    entries = collect_files(entry, blobs) if entry else None
     body: dict[str, Any] = {"name": name, "mode": mode}
     if app._description:
         body["description"] = app._description
     resp = client.request("POST", "/v1/apps", body)
     app_id: str = resp["app_id"]
     app._app_id = app_id
-    entry = _entry_file(app)
-    entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
     mount_id = None
-    if entry:
-        mount_id = client.request("POST", "/v1/mounts", {"files": collect_files(entry)})["mount_id"]
-    defs = [_function_def(fn, entry_dir, mount_id) for fn in app._functions.values()]
+    if entries is not None:
+        mount_id = _create_mount(client, entries, blobs)
+    defs = []
+    for fn in app._functions.values():
+        img = images.get(fn._tag)
+        defs.append(_function_def(fn, entry_dir, mount_id, image_ids[id(img)] if img is not None else None))
     if defs:
         registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}
         for fn in app._functions.values():
             fn._function_id = ids.get(fn._tag)
     return app_id
+
+
+def _create_mount(client: Client, entries: list[dict[str, Any]], blobs: BlobSet) -> str:
+    """Upload the code mount's files (only those the server lacks) and create it."""
+    try:
+        blobs.upload(client)
+    except exception.NotFoundError:
+        # A server from before content-addressed uploads: send the files inline.
+        from ._serialization import b64
+
+        files = []
+        for e in entries:
+            if e["kind"] == "file":
+                src = blobs.sources[e["digest"]]
+                if isinstance(src, str):
+                    with open(src, "rb") as fh:
+                        src = fh.read()
+                files.append({"path": e["path"], "data": b64(src), "mode": e["mode"]})
+        return str(client.request("POST", "/v1/mounts", {"files": files})["mount_id"])
+    return str(client.request("POST", "/v1/mounts", {"entries": entries})["mount_id"])
 
 
 class _AppRuntime:
@@ -365,8 +433,8 @@ class _RunContext:
         client = ensure_server()
         app._running = True
         try:
-            app_id = _publish(app, client, app._default_name(), "ephemeral")
             show = output_enabled() if self.show_output is None else self.show_output
+            app_id = _publish(app, client, app._default_name(), "ephemeral", show)
             app._runtime = _AppRuntime(client, app_id, show)
         except BaseException:
             app._running = False

@@ -1,4 +1,4 @@
-"""The ``flare`` command line: run, deploy, app list|stop|logs, server start|stop|status."""
+"""The ``flare`` command line: run, deploy, app list|stop|logs, image list|inspect, server start|stop|status."""
 
 from __future__ import annotations
 
@@ -198,7 +198,10 @@ def cmd_deploy(args: argparse.Namespace, rest: list[str]) -> int:
     name = args.name or app.name
     if not name:
         raise UserError("the app has no name", "use flare.App(\"name\") or `flare deploy FILE --name NAME`")
-    app.deploy(name)
+    from ._output import enable_output
+
+    with enable_output():  # shows image builds
+        app.deploy(name)
     print(f"Deployed app {name!r} ({app.app_id}) with functions: {', '.join(app._functions) or '(none)'}")
     return 0
 
@@ -317,6 +320,94 @@ def cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _bytes(n: Any) -> str:
+    size = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # unreachable
+
+
+def _when(ts: Any) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts or 0))) if ts else "-"
+
+
+def _count(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return str(len(value))
+    return "-" if value is None else str(value)
+
+
+def cmd_image(args: argparse.Namespace, rest: list[str]) -> int:
+    client = _client()
+    if args.image_cmd == "list":
+        images = client.request("GET", "/v1/images")["images"]
+        rows: list[tuple[str, ...]] = [("IMAGE ID", "CREATED", "LAYERS", "SIZE", "PYTHON", "DESCRIPTION")]
+        for im in images:
+            rows.append((
+                str(im.get("image_id", "")),
+                _when(im.get("created_at")),
+                _count(im.get("layers")),
+                _bytes(im.get("total_bytes")),
+                str(im.get("python") or "-"),
+                str(im.get("description") or ""),
+            ))
+        _print_table(rows)
+        return 0
+    if args.image_cmd == "inspect":
+        from urllib.parse import quote
+
+        im = client.request("GET", f"/v1/images/{quote(args.image_id, safe='')}")
+        if args.json:
+            import json
+
+            print(json.dumps(im, indent=2, sort_keys=True))
+            return 0
+        print(f"Image {im.get('image_id', args.image_id)}")
+        print(f"Python: {im.get('python') or '(none)'}")
+        layer_rows: list[tuple[str, ...]] = [("#", "DESCRIPTION", "FILES", "SIZE", "ADDED", "BUILD")]
+        for layer in im.get("layers") or []:
+            secs = layer.get("build_seconds")
+            layer_rows.append((
+                str(layer.get("index", "")),
+                str(layer.get("description", "")),
+                _count(layer.get("files")),
+                _bytes(layer.get("total_bytes")),
+                _bytes(layer.get("added_bytes")),
+                "-" if secs is None else f"{float(secs):.1f}s",
+            ))
+        print("Layers:")
+        _print_table(layer_rows)
+        env = im.get("env") or {}
+        items = env.items() if isinstance(env, dict) else (str(e).partition("=")[::2] for e in env)
+        print("Env:" + ("" if env else " (none)"))
+        for k, v in sorted(items):
+            print(f"  {k}={v}")
+        print(f"Workdir: {im.get('workdir') or '(default)'}")
+        mounts = im.get("mounts") or []
+        print("Mounts:" + ("" if mounts else " (none)"))
+        for m in mounts:
+            if isinstance(m, dict):
+                detail = [f"{_count(m.get('entries', m.get('files')))} entries"] if ("entries" in m or "files" in m) else []
+                if m.get("total_bytes") is not None:
+                    detail.append(_bytes(m.get("total_bytes")))
+                print(f"  {m.get('dest', '?')}" + (f" ({', '.join(detail)})" if detail else ""))
+            else:
+                print(f"  {m}")
+        print(f"Files: {_count(im.get('files'))}")
+        print(f"Total size: {_bytes(im.get('total_bytes'))}")
+        shared = [s for s in im.get("shared") or [] if s.get("bytes")]
+        total_shared = sum(int(s.get("bytes") or 0) for s in shared)
+        print(f"Shared with other images: {_bytes(total_shared)}" + ("" if shared else " (none)"))
+        for s in sorted(shared, key=lambda s: -int(s.get("bytes") or 0)):
+            print(f"  {s.get('image_id')}: {_bytes(s.get('bytes'))}")
+        return 0
+    raise UserError("usage: flare image list|inspect IMAGE_ID")
+
+
 def cmd_server(args: argparse.Namespace, rest: list[str]) -> int:
     from . import _server
     from ._transport import get_client, server_url
@@ -381,6 +472,13 @@ def _parser() -> argparse.ArgumentParser:
     worker_sub = worker.add_subparsers(dest="worker_cmd", metavar="SUBCOMMAND")
     worker_sub.add_parser("list", help="list workers with their resources")
 
+    image = sub.add_parser("image", help="inspect built images")
+    image_sub = image.add_subparsers(dest="image_cmd", metavar="SUBCOMMAND")
+    image_sub.add_parser("list", help="list built images")
+    inspect = image_sub.add_parser("inspect", help="show an image's layers, env, mounts and sizes")
+    inspect.add_argument("image_id")
+    inspect.add_argument("--json", action="store_true", help="print the server's JSON answer")
+
     server = sub.add_parser("server", help="manage the local flared server")
     server_sub = server.add_subparsers(dest="server_cmd", metavar="SUBCOMMAND")
     start = server_sub.add_parser("start", help="start flared in the background")
@@ -420,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "app": cmd_app,
         "container": cmd_container,
         "worker": cmd_worker,
+        "image": cmd_image,
         "server": cmd_server,
     }
     try:

@@ -77,7 +77,7 @@ def test_function_decorator_config() -> None:
         g.remote()
     with pytest.raises(exception.InvalidError):
         app.function(cpu=1000)
-    with pytest.raises(exception.InvalidError, match="not supported"):
+    with pytest.raises(exception.InvalidError, match="must be a flare.Image"):
         app.function(image="debian")
     with pytest.raises(exception.InvalidError):
         flare.Retries(max_retries=99)

@@ -309,9 +309,9 @@ def test_unhydrated_function_is_a_clear_error(server: Server, tmp_path: Path) ->
         mod.f.remote()
 
 
-def test_image_is_rejected() -> None:
+def test_image_must_be_an_image() -> None:
     app = flare.App()
-    with pytest.raises(exception.InvalidError, match="images are not supported"):
+    with pytest.raises(exception.InvalidError, match="must be a flare.Image"):
         app.function(image=object())
 
 

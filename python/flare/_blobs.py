@@ -1,0 +1,236 @@
+"""Content-addressed uploads: BLAKE3 digests of local files (cached across runs) and
+sending only the blobs the server lacks (``/v1/blobs/missing``, ``PUT /v1/blobs/{digest}``).
+
+Client side only: code that runs in containers never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Union
+
+    from ._transport import Client
+
+    # A blob's content: a local file (by path) or bytes held in memory.
+    Source = Union[str, bytes]
+
+_CHUNK = 1 << 20
+# Files at least this large are hashed on several threads.
+_PARALLEL_HASH_MIN = 32 << 20
+# A file modified this recently (ns) may still change within the same mtime tick:
+# its digest is not cached (git's "racily clean" rule).
+_RACY_NS = 2_000_000_000
+_CACHE_MAX_ENTRIES = 200_000
+_MISSING_BATCH = 1000
+_UPLOAD_THREADS = 8
+
+
+def digest_bytes(data: bytes) -> str:
+    import blake3
+
+    return "blake3:" + blake3.blake3(data).hexdigest()
+
+
+def _hash_path(path: str) -> str:
+    """The digest of the file at ``path`` (read whole, in chunks)."""
+    import blake3
+
+    size = os.path.getsize(path)
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size >= _PARALLEL_HASH_MIN else blake3.blake3()
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return "blake3:" + h.hexdigest()
+
+
+def _cache_path() -> str:
+    from ._server import flare_home
+
+    return os.path.join(flare_home(), "hash-cache.json")
+
+
+class HashCache:
+    """Digests of local files keyed by (realpath, size, mtime_ns, inode), persisted as JSON
+    in the flare home directory so that unchanged files are not hashed again."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or _cache_path()
+        self._lock = threading.Lock()
+        self._entries: dict[str, list[Any]] | None = None  # realpath -> [size, mtime_ns, inode, digest]
+        self._dirty = False
+
+    def _load(self) -> dict[str, list[Any]]:
+        if self._entries is None:
+            import json
+
+            entries: dict[str, list[Any]] = {}
+            try:
+                with open(self.path, encoding="utf-8") as fh:
+                    raw = json.load(fh)
+                if isinstance(raw, dict) and raw.get("version") == 1 and isinstance(raw.get("files"), dict):
+                    entries = {k: v for k, v in raw["files"].items() if isinstance(v, list) and len(v) == 4}
+            except (OSError, ValueError):
+                pass  # no cache yet, or an unreadable one: start afresh
+            self._entries = entries
+        return self._entries
+
+    def hash_file(self, path: str) -> tuple[str, int]:
+        """``(digest, size)`` of the file at ``path`` (symlinks to it are resolved)."""
+        import time
+
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        with self._lock:
+            hit = self._load().get(real)
+        if hit is not None and hit[:3] == key:
+            return str(hit[3]), st.st_size
+        digest = _hash_path(real)
+        after = os.stat(real)
+        stable = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+        if stable and time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            with self._lock:
+                entries = self._load()
+                entries.pop(real, None)  # re-inserted last: the dict's order is least recently hashed first
+                entries[real] = key + [digest]
+                self._dirty = True
+        return digest, st.st_size
+
+    def save(self) -> None:
+        """Write the cache back (atomically; a concurrent writer's entries may be lost, which
+        only costs hashing them again)."""
+        import json
+        import tempfile
+
+        with self._lock:
+            if not self._dirty or self._entries is None:
+                return
+            entries = self._entries
+            if len(entries) > _CACHE_MAX_ENTRIES:
+                for k in list(entries)[: len(entries) - _CACHE_MAX_ENTRIES]:
+                    del entries[k]
+            data = json.dumps({"version": 1, "files": entries}, separators=(",", ":"))
+            self._dirty = False
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hash-cache-", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(data)
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError:
+            pass  # a read-only home: the cache is an optimisation only
+
+
+_cache: HashCache | None = None
+_cache_lock = threading.Lock()
+
+
+def hash_cache() -> HashCache:
+    """The process-wide cache (at ``$FLARE_HOME/hash-cache.json``)."""
+    global _cache
+    with _cache_lock:
+        if _cache is None or _cache.path != _cache_path():
+            _cache = HashCache()
+        return _cache
+
+
+class BlobSet:
+    """The blobs one publication needs: digest -> where its content comes from."""
+
+    def __init__(self, cache: HashCache | None = None) -> None:
+        self.cache = cache or hash_cache()
+        self.sources: dict[str, Source] = {}
+
+    def add_file(self, path: str) -> tuple[str, int]:
+        digest, size = self.cache.hash_file(path)
+        self.sources.setdefault(digest, path)
+        return digest, size
+
+    def add_bytes(self, data: bytes) -> tuple[str, int]:
+        digest = digest_bytes(data)
+        self.sources.setdefault(digest, data)
+        return digest, len(data)
+
+    def file_entry(self, rel: str, path: str, mode: int) -> dict[str, Any]:
+        digest, size = self.add_file(path)
+        return {"path": rel, "kind": "file", "mode": mode & 0o7777, "digest": digest, "size": size}
+
+    def bytes_entry(self, rel: str, data: bytes, mode: int = 0o644) -> dict[str, Any]:
+        digest, size = self.add_bytes(data)
+        return {"path": rel, "kind": "file", "mode": mode & 0o7777, "digest": digest, "size": size}
+
+    def upload(self, client: Client) -> int:
+        """Upload what the server lacks; save the hash cache. Returns the number of bytes sent."""
+        self.cache.save()
+        return upload(client, self.sources)
+
+
+def missing(client: Client, digests: Iterable[str]) -> list[str]:
+    """The digests (of ``digests``) that the server does not hold yet."""
+    wanted = list(dict.fromkeys(digests))
+    out: list[str] = []
+    for i in range(0, len(wanted), _MISSING_BATCH):
+        batch = wanted[i : i + _MISSING_BATCH]
+        resp = client.request("POST", "/v1/blobs/missing", {"digests": batch})
+        out.extend(str(d) for d in resp.get("missing") or [])
+    return out
+
+
+def _put(client: Client, digest: str, source: Source) -> int:
+    from . import exception
+
+    path = f"/v1/blobs/{digest}"
+    if isinstance(source, bytes):
+        resp = client.request("PUT", path, source, timeout=600, content_type="application/octet-stream")
+        size = len(source)
+    else:
+        try:
+            fh = open(source, "rb")
+        except OSError as e:
+            raise exception.InvalidError(f"Cannot read {source}: {e.strerror or e}") from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            resp = client.request("PUT", path, fh, timeout=600, content_type="application/octet-stream")
+    got = resp.get("digest") if isinstance(resp, dict) else None
+    if got is not None and got != digest:
+        raise exception.InvalidError(f"{source if isinstance(source, str) else 'data'} changed while uploading it")
+    return size
+
+
+def upload(client: Client, sources: dict[str, Source]) -> int:
+    """PUT the blobs of ``sources`` (digest -> local path or bytes) that the server is missing.
+    Returns the number of bytes sent."""
+    if not sources:
+        return 0
+    todo = [d for d in missing(client, sources) if d in sources]
+    if not todo:
+        return 0
+    if len(todo) == 1:
+        return _put(client, todo[0], sources[todo[0]])
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = min(_UPLOAD_THREADS, len(todo))
+    groups = [todo[i::n] for i in range(n)]
+
+    def send(group: list[str]) -> int:
+        try:
+            return sum(_put(client, d, sources[d]) for d in group)
+        finally:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()  # this thread's connection
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="flare-upload") as pool:
+        return sum(pool.map(send, groups))
