@@ -120,7 +120,19 @@ def python_info(entry_dir: str | None) -> dict[str, Any]:
         if p == entry or not os.path.isdir(p) or p in paths:
             continue
         paths.append(p)
-    return {"executable": sys.executable, "paths": paths, "sdk_path": _SDK_DIR}
+    return {
+        "executable": sys.executable,
+        "paths": paths,
+        "sdk_path": _SDK_DIR,
+        "cloudpickle_path": cloudpickle_dir(),
+    }
+
+
+def cloudpickle_dir() -> str:
+    """The cloudpickle package dir, bound into containers that run on an image."""
+    import cloudpickle
+
+    return os.path.dirname(os.path.realpath(cloudpickle.__file__))
 
 
 _sdk_compiled = False

@@ -607,6 +607,7 @@ class Image:
             "layers": layers,
             "mounts": mounts,
             "force_build": self._force_build or _force_build_env(),
+            "cloudpickle_path": _cloudpickle_dir(),
         }
 
 
@@ -738,3 +739,9 @@ def build_images(client: Client, images: list[Image], show_output: bool) -> dict
             )
         built[key] = image_id
     return {ident: built[key] for ident, key in key_of.items()}
+
+
+def _cloudpickle_dir() -> str:
+    from ._mount import cloudpickle_dir
+
+    return cloudpickle_dir()

@@ -175,7 +175,11 @@ fn default_mode() -> u32 {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CreateMount {
+    #[serde(default)]
     pub files: Vec<MountFile>,
+    /// A content-addressed file list (`docs/IMAGES.md`) instead of inline `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<serde_json::Value>,
 }
 
 impl CreateMount {

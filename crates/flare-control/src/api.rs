@@ -190,10 +190,16 @@ async fn register_functions(
 }
 
 async fn create_mount(State(cp): State<ControlPlane>, body: Bytes) -> R<MountCreated> {
-    let req: CreateMount = parse(&body)?;
+    let mut req: CreateMount = parse(&body)?;
     req.validate()?;
     let cp2 = cp.clone();
-    let mount_id = tokio::task::spawn_blocking(move || cp2.create_mount(req.files))
+    let mount_id = tokio::task::spawn_blocking(move || {
+        if let Some(entries) = req.entries.take() {
+            let images = cp2.image_service().ok_or_else(|| ApiError::invalid("this server has no blob store"))?;
+            req.files.extend(images.mount_files(&entries)?);
+        }
+        cp2.create_mount(req.files)
+    })
         .await
         .map_err(|e| HttpError(ApiError::internal(e.to_string())))??;
     Ok(Json(MountCreated { mount_id }))
@@ -285,7 +291,7 @@ async fn read_mount(State(cp): State<ControlPlane>, Path(mount_id): Path<String>
     let files = tokio::task::spawn_blocking(move || cp2.read_mount(&mount_id))
         .await
         .map_err(|e| HttpError(ApiError::internal(e.to_string())))??;
-    Ok(Json(CreateMount { files }))
+    Ok(Json(CreateMount { files, entries: None }))
 }
 
 async fn update_autoscaler(State(cp): State<ControlPlane>, Path(fid): Path<String>, body: Bytes) -> R<Empty> {

@@ -204,6 +204,15 @@ struct Inner {
     started_at: f64,
     log_tx: mpsc::UnboundedSender<LogRow>,
     containers_changed: watch::Sender<u64>,
+    images: std::sync::OnceLock<Arc<dyn ImageService>>,
+}
+
+/// What the control plane needs from the image service (the `flare-image` crate).
+pub trait ImageService: Send + Sync {
+    /// Turn an image id from a build into what workers need to run on it.
+    fn resolve(&self, image_id: &str) -> Result<flare_proto::ImageUse, ApiError>;
+    /// The files of a content-addressed file list (code mounts sent as digests).
+    fn mount_files(&self, entries: &serde_json::Value) -> Result<Vec<flare_api::MountFile>, ApiError>;
 }
 
 /// Handle to the control plane; cheap to clone.
@@ -232,6 +241,7 @@ impl ControlPlane {
             started_at: now_ts(),
             log_tx,
             containers_changed,
+            images: std::sync::OnceLock::new(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -250,6 +260,15 @@ impl ControlPlane {
 
     pub fn home(&self) -> &Path {
         &self.inner.home
+    }
+
+    /// Install the image service (once, at start); without one `image_id` is refused.
+    pub fn set_image_service(&self, images: Arc<dyn ImageService>) {
+        let _ = self.inner.images.set(images);
+    }
+
+    pub fn image_service(&self) -> Option<&Arc<dyn ImageService>> {
+        self.inner.images.get()
     }
 
     pub fn server_id(&self) -> &str {
@@ -914,9 +933,19 @@ impl ControlPlane {
     pub fn register_functions(
         &self,
         app_id: &str,
-        defs: Vec<FunctionDef>,
+        mut defs: Vec<FunctionDef>,
     ) -> ApiResult<Vec<(String, String)>> {
-        for d in &defs {
+        for d in &mut defs {
+            d.image = match &d.image_id {
+                None => None,
+                Some(id) => match self.inner.images.get() {
+                    Some(images) => Some(
+                        images
+                            .resolve(id).map_err(|e| ApiError { message: format!("function {:?}: {}", d.name, e.message), ..e })?,
+                    ),
+                    None => return Err(ApiError::invalid("this server has no image support")),
+                },
+            };
             if let Some(m) = &d.mount_id {
                 if !self.mounts_dir().join(m).is_dir() {
                     return Err(ApiError::invalid(format!("function {:?}: unknown mount {m}", d.name)));

@@ -151,6 +151,10 @@ pub struct PythonEnv {
     pub paths: Vec<String>,
     #[serde(default)]
     pub sdk_path: String,
+    /// The caller's cloudpickle package dir, bound into containers that run on an image
+    /// (whose own Python may not have it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cloudpickle_path: String,
 }
 
 /// A function as registered by a client.
@@ -174,6 +178,39 @@ pub struct FunctionDef {
     pub python: PythonEnv,
     #[serde(default)]
     pub config: FunctionConfig,
+    /// The image the client asked for (`im-…`, from a build); resolved by the control
+    /// plane into `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// The image the function runs on; `None`: the caller's own Python environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageUse>,
+}
+
+/// A built image as a worker needs it to start a container on it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImageUse {
+    pub image_id: String,
+    /// Digest (`blake3:…`) of the image's merged file tree manifest in the blob store.
+    pub manifest: String,
+    /// The Python interpreter inside the image (absolute path).
+    pub python: String,
+    /// Environment set by the image (`.env`, registry config), applied before the function's.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (`.workdir`); `None`: `/root`.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Local files mounted (not baked) at container start: (absolute destination, manifest digest).
+    #[serde(default)]
+    pub mounts: Vec<ImageMount>,
+}
+
+/// A file tree mounted read-only into containers of an image.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImageMount {
+    pub dest: String,
+    pub manifest: String,
 }
 
 /// Final and intermediate statuses of an input's output.

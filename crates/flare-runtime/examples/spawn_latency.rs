@@ -47,6 +47,7 @@ fn main() -> Result<(), RuntimeError> {
             stdout: devnull(),
             stderr: devnull(),
             extra_fds: vec![],
+            upper_dir: None,
         };
         let t0 = Instant::now();
         let mut c = rt.spawn(spec)?;

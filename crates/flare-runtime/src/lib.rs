@@ -111,6 +111,10 @@ pub struct ContainerSpec {
     pub stderr: OwnedFd,
     /// (fd, number it must have in the container), e.g. a unix socket as fd 3.
     pub extra_fds: Vec<(OwnedFd, RawFd)>,
+    /// Keep the root overlay's upper layer in `<dir>/upper` (work dir `<dir>/work`) on
+    /// this host directory instead of a per-container tmpfs, so that what the container
+    /// wrote survives it (image builds snapshot it as a layer). `dir` must exist.
+    pub upper_dir: Option<PathBuf>,
 }
 
 /// How the container's program ended.
@@ -480,20 +484,25 @@ fn mount_op(
 
 /// Build the list of filesystem operations and everything else the child needs.
 fn build_plan(inner: &Inner, spec: &ContainerSpec, dir: &Path) -> Result<ChildPlan, RuntimeError> {
-    let scratch = dir.join("scratch");
+    let scratch = match &spec.upper_dir {
+        Some(d) => d.clone(),
+        None => dir.join("scratch"),
+    };
     let rootfs = dir.join("rootfs");
     let mut ops: Vec<LabeledOp> = Vec::with_capacity(64);
     let r = |rel: &str| rootfs.join(rel);
     let ro_remount = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
 
-    ops.push(mount_op(
-        format!("mount tmpfs at {}", scratch.display()),
-        Some(c"tmpfs".into()),
-        cpath(&scratch)?,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=0755"),
-    ));
+    if spec.upper_dir.is_none() {
+        ops.push(mount_op(
+            format!("mount tmpfs at {}", scratch.display()),
+            Some(c"tmpfs".into()),
+            cpath(&scratch)?,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=0755"),
+        ));
+    }
     for d in ["upper", "work"] {
         ops.push(LabeledOp {
             op: Op::Mkdir { path: cpath(&scratch.join(d))?, mode: 0o755 },

@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod gpu;
 pub mod http;
+pub mod images;
 pub mod remote;
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ pub struct WorkerConfig {
     /// Where to fetch mounts this machine does not have (a remote worker: the control
     /// plane's URL); `None` when the control plane shares `home`.
     pub mount_source: Option<http::HttpClient>,
+    /// Images: lazy mounts over the blob store; `None`: functions with an image fail to start.
+    pub images: Option<Arc<images::ImageHost>>,
 }
 
 /// Resources a worker offers.
@@ -184,6 +187,15 @@ pub fn python_roots(executable: &str, paths: &[String]) -> Vec<PathBuf> {
     out
 }
 
+/// Where an image's file systems are on this worker, for one container start.
+#[derive(Default)]
+struct ImageDirs {
+    /// The image's lazily mounted root (the overlay's lower dir).
+    root: Option<PathBuf>,
+    /// Start-time mounts: (destination, materialized dir).
+    mounts: Vec<(String, PathBuf)>,
+}
+
 fn build_spec(
     cfg: &WorkerConfig,
     a: &ContainerAssignment,
@@ -191,10 +203,24 @@ fn build_spec(
     stdout: OwnedFd,
     stderr: OwnedFd,
     sock: OwnedFd,
+    image: ImageDirs,
 ) -> std::io::Result<ContainerSpec> {
     let def = &a.def;
     let mut binds = Vec::new();
-    let roots = python_roots(&def.python.executable, &def.python.paths);
+    let roots = if def.image.is_some() {
+        Vec::new()
+    } else {
+        python_roots(&def.python.executable, &def.python.paths)
+    };
+    // Each top-level entry of a start-time mount is bound at `dest/<name>`, so a mount
+    // adds to its destination dir instead of hiding what the image has there.
+    let mut image_binds: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (dest, dir) in &image.mounts {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            image_binds.push((Path::new(dest).join(e.file_name()), e.path()));
+        }
+    }
     if let Some(m) = &def.mount_id {
         let mdir = cfg.home.join("mounts").join(m);
         if !mdir.is_dir() {
@@ -209,7 +235,40 @@ fn build_spec(
                 }
             }
         }
+        // Image mounts under /root go on top of the read-only code mount: their
+        // mountpoints must exist in it already.
+        for (dst, src) in &image_binds {
+            if let Ok(rel) = dst.strip_prefix("/root") {
+                if rel.as_os_str().is_empty() {
+                    continue;
+                }
+                let p = mdir.join(rel);
+                if src.is_dir() {
+                    std::fs::create_dir_all(&p)?;
+                } else if !p.exists() {
+                    if let Some(parent) = p.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&p, b"")?;
+                }
+            }
+        }
         binds.push(Bind { src: mdir, dst: "/root".into(), readonly: true });
+    }
+    for (dst, src) in image_binds {
+        binds.push(Bind { src, dst, readonly: true });
+    }
+    if def.image.is_some() {
+        if !def.python.cloudpickle_path.is_empty() {
+            binds.push(Bind {
+                src: def.python.cloudpickle_path.clone().into(),
+                dst: "/__flare/cloudpickle".into(),
+                readonly: true,
+            });
+        }
+        if Path::new("/etc/resolv.conf").exists() {
+            binds.push(Bind { src: "/etc/resolv.conf".into(), dst: "/etc/resolv.conf".into(), readonly: true });
+        }
     }
     for r in roots {
         binds.push(Bind { src: r.clone(), dst: r, readonly: true });
@@ -230,6 +289,12 @@ fn build_spec(
         ("PYTHONUNBUFFERED".into(), "1".into()),
         ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
     ];
+    if let Some(img) = &def.image {
+        for (k, v) in &img.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+    }
     for (k, v) in &def.config.env {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
@@ -249,7 +314,7 @@ fn build_spec(
         ("FLARE_IS_REMOTE", "1".into()),
         // The caller's import paths (bound read-only above); the runner adds those the
         // container's interpreter does not already have.
-        ("FLARE_SYS_PATH", def.python.paths.join(":")),
+        ("FLARE_SYS_PATH", if def.image.is_some() { String::new() } else { def.python.paths.join(":") }),
     ] {
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
@@ -259,13 +324,22 @@ fn build_spec(
     } else {
         Network::Nat
     };
+    let (python, rootfs, cwd) = match (&def.image, image.root) {
+        (Some(img), Some(root)) => {
+            (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
+        }
+        (Some(img), None) => {
+            return Err(std::io::Error::other(format!("image {} is not mounted on this worker", img.image_id)))
+        }
+        (None, _) => (def.python.executable.clone(), Rootfs::Host, "/root".into()),
+    };
     Ok(ContainerSpec {
         id: a.container_id.clone(),
         hostname: "flare".into(),
-        argv: vec![def.python.executable.clone(), "-m".into(), "flare._runner".into()],
+        argv: vec![python, "-m".into(), "flare._runner".into()],
         env,
-        cwd: "/root".into(),
-        rootfs: Rootfs::Host,
+        cwd,
+        rootfs,
         binds,
         limits: Limits {
             cpu_millicores: def
@@ -280,6 +354,7 @@ fn build_spec(
         stdout,
         stderr,
         extra_fds: vec![(sock, 3)],
+        upper_dir: None,
     })
 }
 
@@ -468,8 +543,26 @@ async fn run_container_in(
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-    let spec =
-        build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs)).map_err(|e| e.to_string())?;
+    let image_dirs = match &a.def.image {
+        None => ImageDirs::default(),
+        Some(img) => {
+            let host = cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
+            let img = img.clone();
+            tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
+                let root = host.ensure(&img.manifest)?;
+                let mut mounts = Vec::new();
+                for m in &img.mounts {
+                    mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
+                }
+                Ok(ImageDirs { root: Some(root), mounts })
+            })
+            .await
+            .map_err(|e| format!("image task: {e}"))?
+            .map_err(|e| format!("could not mount image {}: {e}", a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("")))?
+        }
+    };
+    let spec = build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs), image_dirs)
+        .map_err(|e| e.to_string())?;
     let rt = cfg.runtime.clone();
     let mut container = tokio::task::spawn_blocking(move || rt.spawn(spec))
         .await
@@ -548,6 +641,10 @@ async fn run_container_in(
                     frame::READY => {
                         ready = true;
                         tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
+                        if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
+                            let (host, manifest) = (host.clone(), img.manifest.clone());
+                            tokio::task::spawn_blocking(move || host.record_start(&manifest));
+                        }
                         let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
                     }
                     frame::INIT_FAILURE => {

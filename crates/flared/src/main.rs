@@ -186,6 +186,50 @@ fn start_runtime(home: &Path, no_nat: bool) -> Result<Arc<Runtime>> {
     Ok(Arc::new(runtime))
 }
 
+/// The image service: the blob store, chunk cache and builder of `home`.
+struct Images {
+    builder: Arc<flare_image::Builder>,
+    host: Arc<flare_worker::images::ImageHost>,
+}
+
+impl flare_control::ImageService for Images {
+    fn resolve(&self, image_id: &str) -> Result<flare_proto::ImageUse, flare_api::ApiError> {
+        self.builder.resolve(image_id).map_err(|e| e.to_api())
+    }
+
+    fn mount_files(&self, entries: &serde_json::Value) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
+        flare_image::http::mount_files(&self.builder, entries)
+    }
+}
+
+fn chunk_cache_bytes() -> u64 {
+    std::env::var("FLARE_CHUNK_CACHE_GB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|g| (g * (1u64 << 30) as f64) as u64)
+        .unwrap_or(flare_worker::images::DEFAULT_CACHE_BYTES)
+}
+
+/// Open the blob store, the chunk cache, the builder (building with `runtime`) and the
+/// worker-side image host of `home`.
+fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
+    let store: Arc<dyn flare_cas::BlobStore> =
+        Arc::new(flare_cas::LocalStore::open(&home.join("cas")).context("opening the blob store")?);
+    let cache = Arc::new(
+        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes()).context("opening the chunk cache")?,
+    );
+    let builder = flare_image::Builder::new(flare_image::BuilderConfig {
+        home: home.to_path_buf(),
+        store: store.clone(),
+        cache: cache.clone(),
+        runtime,
+        cloudpickle_dir: None,
+    })
+    .context("starting the image builder")?;
+    let host = flare_worker::images::ImageHost::new(store, cache, &home.join("imagefs")).map_err(anyhow::Error::msg)?;
+    Ok(Images { builder: Arc::new(builder), host: Arc::new(host) })
+}
+
 fn open_control(home: &Path) -> Result<ControlPlane> {
     let store = SqliteStore::open(&home.join("state.db")).context("opening the state database")?;
     ControlPlane::new(Arc::new(store), home).context("loading state")
@@ -250,6 +294,8 @@ async fn server(args: ServerArgs) -> Result<()> {
     require_root("flared server")?;
     let runtime = start_runtime(&home, args.no_nat)?;
     let cp = open_control(&home)?;
+    let images = Arc::new(open_images(&home, Some(runtime.clone()))?);
+    cp.set_image_service(images.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let res = flare_worker::host_resources();
     let worker = flare_worker::start(
@@ -260,6 +306,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             api: api::container_router(cp.clone()),
             socket_dir: socket_dir(&home),
             mount_source: None,
+            images: Some(images.host.clone()),
         },
         events_tx,
     );
@@ -269,7 +316,8 @@ async fn server(args: ServerArgs) -> Result<()> {
     cp.add_worker(link);
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
-    serve_api(args.common.listen, api_router(&cp, args.worker_token), &cp).await?;
+    let router = api_router(&cp, args.worker_token).merge(flare_image::http::router(images.builder.clone()));
+    serve_api(args.common.listen, router, &cp).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
@@ -282,9 +330,20 @@ async fn control(args: ControlArgs) -> Result<()> {
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
     let cp = open_control(&home)?;
+    // Build steps run in containers here when this control plane runs as root.
+    let runtime = match start_runtime(&home, false) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no container runtime: image build steps will fail");
+            None
+        }
+    };
+    let images = Arc::new(open_images(&home, runtime)?);
+    cp.set_image_service(images.clone());
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), "flared control ready; waiting for workers");
-    serve_api(args.common.listen, api_router(&cp, Some(args.worker_token)), &cp).await?;
+    let router = api_router(&cp, Some(args.worker_token)).merge(flare_image::http::router(images.builder.clone()));
+    serve_api(args.common.listen, router, &cp).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
@@ -337,6 +396,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             api: flare_worker::http::proxy_router(client.clone()),
             socket_dir: socket_dir(&home),
             mount_source: Some(client),
+            images: None,
         },
         events_tx,
     );

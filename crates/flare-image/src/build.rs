@@ -1,0 +1,608 @@
+//! The builder: resolves an [`ImageSpec`] layer by layer against the layer cache and
+//! builds what is missing. A step that runs commands runs them in a flare container
+//! whose root is overlay(lower = the parent image, lazily mounted; upper = a directory
+//! on disk); the upper dir, snapshotted into the store, is the layer. Nothing is
+//! recorded for a step that fails, so a failed build leaves no half-built layer.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use flare_cas::{get_manifest, put_manifest, BlobStore, Digest, EntryKind, Hasher, Manifest};
+use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions};
+use flare_proto::{ImageMount, ImageUse};
+use flare_runtime::{Bind, ContainerSpec, Limits, Network, Rootfs, Runtime};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::files::FileIndex;
+use crate::records::{ImageConfig, ImageRecord, LayerRecord, Records};
+use crate::spec::{abs_dest, Base, ImageSpec, Layer, FUNCTION_IN_BUILD, REQUIREMENTS_IN_BUILD};
+use crate::{debian, now_ts, ImageError};
+
+/// One line of build progress, streamed to the client as NDJSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    Step { index: usize, total: usize, description: String, cached: bool },
+    Log { index: usize, text: String },
+    StepDone { index: usize, seconds: f64 },
+    Done { image_id: String, python: Option<String>, seconds: f64 },
+    Error { index: Option<usize>, message: String, log_tail: String },
+}
+
+/// Where the builder keeps things.
+pub struct BuilderConfig {
+    /// `FLARE_HOME`: records in `images/`, uploads index in `files/`, scratch in `build/`.
+    pub home: PathBuf,
+    pub store: Arc<dyn BlobStore>,
+    pub cache: Arc<ChunkCache>,
+    /// The runtime build steps run in; `None`: only steps without commands can build.
+    pub runtime: Option<Arc<Runtime>>,
+    /// The cloudpickle package directory on this host, bound into `run_function` steps.
+    pub cloudpickle_dir: Option<PathBuf>,
+}
+
+/// Builds and resolves images. Share it behind an `Arc`.
+pub struct Builder {
+    cfg: BuilderConfig,
+    files: FileIndex,
+    records: Records,
+    oci: flare_oci::Client,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Python interpreters looked for in an image, in order.
+const PYTHONS: [&str; 5] =
+    ["usr/local/bin/python3", "usr/bin/python3", "opt/conda/bin/python3", "usr/local/bin/python", "usr/bin/python"];
+
+/// The Python interpreter of a tree, if it has one.
+pub fn find_python(m: &Manifest) -> Option<String> {
+    PYTHONS
+        .iter()
+        .find(|p| matches!(m.get(p).map(|e| &e.kind), Some(EntryKind::File(_)) | Some(EntryKind::Symlink { .. })))
+        .map(|p| format!("/{p}"))
+}
+
+fn key_of(parts: &[&str]) -> String {
+    let mut h = Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().to_string()
+}
+
+/// The server's CA bundle inside build containers (see `FLARE_BUILD_CA_BUNDLE`).
+const HOST_CA_IN_BUILD: &str = "/run/flare-build/host-ca.crt";
+
+type Log<'a> = &'a mut dyn FnMut(&str);
+
+impl Builder {
+    pub fn new(cfg: BuilderConfig) -> Result<Builder, ImageError> {
+        let files = FileIndex::open(cfg.store.clone(), cfg.home.join("files"))?;
+        let records = Records::open(&cfg.home.join("images"))?;
+        let build = cfg.home.join("build");
+        // Scratch of builds that were running when the server stopped.
+        let _ = std::fs::remove_dir_all(&build);
+        std::fs::create_dir_all(&build).map_err(|e| ImageError::io(format!("creating {}", build.display()), e))?;
+        Ok(Builder { cfg, files, records, oci: flare_oci::Client::new(), locks: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn files(&self) -> &FileIndex {
+        &self.files
+    }
+
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.cfg.store
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// What a worker needs to run a function on image `image_id`.
+    pub fn resolve(&self, image_id: &str) -> Result<ImageUse, ImageError> {
+        let img = self.records.image(image_id)?.ok_or_else(|| ImageError::NotFound(format!("image {image_id} not found")))?;
+        let last = img.layers.last().ok_or_else(|| ImageError::Invalid(format!("image {image_id} has no layers")))?;
+        let layer = self.records.layer(last)?.ok_or_else(|| ImageError::NotFound(format!("layer {last} of {image_id} is gone")))?;
+        let python = layer.config.python.clone().ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "image {image_id} has no Python interpreter (looked for {}); add one, e.g. .apt_install(\"python3\")",
+                PYTHONS.iter().map(|p| format!("/{p}")).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        Ok(ImageUse {
+            image_id: image_id.to_owned(),
+            manifest: layer.manifest,
+            python,
+            env: layer.config.env,
+            workdir: layer.config.workdir,
+            mounts: img.mounts,
+        })
+    }
+
+    /// Build `spec`, sending progress to `events`; returns the image record.
+    pub async fn build(self: &Arc<Self>, spec: ImageSpec, events: mpsc::UnboundedSender<BuildEvent>) -> Result<ImageRecord, ImageError> {
+        let started = Instant::now();
+        let total = spec.layers.len() + 1;
+        let send = |e: BuildEvent| {
+            let _ = events.send(e);
+        };
+        // Base.
+        let base_desc = match &spec.base {
+            Base::DebianSlim { python_version } => {
+                format!("debian_slim python {}", python_version.as_deref().unwrap_or(debian::SUITES[0].0))
+            }
+            Base::Registry { reference, .. } => format!("from_registry {reference}"),
+            Base::LocalPython => {
+                return Err(ImageError::Invalid(
+                    "Image.from_local_python() cannot take build steps: start from Image.debian_slim() or \
+                     Image.from_registry(...) to add packages"
+                        .into(),
+                ))
+            }
+        };
+        let base_key = match &spec.base {
+            Base::DebianSlim { python_version } => {
+                let v = python_version.clone().unwrap_or_else(|| debian::SUITES[0].0.to_owned());
+                let suite = debian::suite_for(&v, Path::new("/usr/share/debootstrap/scripts"))?;
+                key_of(&["debian_slim", suite, debian::BASE_REVISION, std::env::consts::ARCH])
+            }
+            Base::Registry { reference, .. } => key_of(&["registry", reference]),
+            Base::LocalPython => unreachable!(),
+        };
+        let mut parent = self.layer_step(0, total, &base_key, None, &base_desc, spec.force_build, &events, {
+            let this = self.clone();
+            let base = spec.base.clone();
+            move |log: Log<'_>| this.build_base(&base, log)
+        })
+        .await?;
+        let mut keys = vec![parent.key.clone()];
+        for (i, layer) in spec.layers.iter().enumerate() {
+            let index = i + 1;
+            let step_json = serde_json::to_string(layer).map_err(|e| ImageError::Invalid(e.to_string()))?;
+            let key = key_of(&["layer", &parent.key, &step_json]);
+            let this = self.clone();
+            let layer2 = layer.clone();
+            let parent2 = parent.clone();
+            let ev = events.clone();
+            let cloudpickle = spec.cloudpickle_path.clone().map(PathBuf::from).filter(|p| p.is_dir());
+            parent = self
+                .layer_step(index, total, &key, Some(&parent.key), &layer.describe(), spec.force_build, &events, move |log: Log<'_>| {
+                    let _ = ev;
+                    this.build_layer(&parent2, &layer2, index, cloudpickle.as_deref(), log)
+                })
+                .await?;
+            keys.push(parent.key.clone());
+        }
+        // Mounts (not baked): file lists as manifests.
+        let mut mounts = Vec::new();
+        for m in &spec.mounts {
+            let dest = abs_dest(&m.dest)?;
+            if dest.is_empty() {
+                return Err(ImageError::Invalid("a mount cannot replace the root directory".into()));
+            }
+            let manifest = self.files.manifest("", &m.entries)?;
+            let d = put_manifest(self.cfg.store.as_ref(), &manifest)?;
+            mounts.push(ImageMount { dest: format!("/{dest}"), manifest: d.to_string() });
+        }
+        let mounts_json = serde_json::to_string(&mounts).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let id_digest = key_of(&["image", &parent.key, &mounts_json]);
+        let image_id = format!("im-{}", &id_digest.trim_start_matches("blake3:")[..24]);
+        let record = match self.records.image(&image_id)? {
+            Some(r) => r,
+            None => {
+                let description = std::iter::once(base_desc)
+                    .chain(spec.layers.iter().map(|l| l.describe()))
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                let r = ImageRecord { image_id: image_id.clone(), layers: keys, mounts, description, created_at: now_ts() };
+                self.records.put_image(&r)?;
+                r
+            }
+        };
+        send(BuildEvent::Done { image_id, python: parent.config.python.clone(), seconds: started.elapsed().as_secs_f64() });
+        Ok(record)
+    }
+
+    /// One step: a cache hit, or `run` (blocking, on a thread) under the key's lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn layer_step<F>(
+        self: &Arc<Self>,
+        index: usize,
+        total: usize,
+        key: &str,
+        parent: Option<&str>,
+        description: &str,
+        force: bool,
+        events: &mpsc::UnboundedSender<BuildEvent>,
+        run: F,
+    ) -> Result<LayerRecord, ImageError>
+    where
+        F: FnOnce(Log<'_>) -> Result<(Manifest, ImageConfig), ImageError> + Send + 'static,
+    {
+        let lock = self.lock_for(key);
+        let _guard = lock.lock().await;
+        if !force {
+            if let Some(rec) = self.records.layer(key)? {
+                if self.cfg.store.has(&rec.manifest.parse::<Digest>().map_err(|_| ImageError::Invalid("bad manifest digest".into()))?)? {
+                    let _ = events.send(BuildEvent::Step { index, total, description: description.to_owned(), cached: true });
+                    return Ok(rec);
+                }
+            }
+        }
+        let _ = events.send(BuildEvent::Step { index, total, description: description.to_owned(), cached: false });
+        let started = Instant::now();
+        let ev = events.clone();
+        let (merged, config) = tokio::task::spawn_blocking(move || {
+            let mut log = |text: &str| {
+                let _ = ev.send(BuildEvent::Log { index, text: text.to_owned() });
+            };
+            run(&mut log)
+        })
+        .await
+        .map_err(|e| ImageError::Invalid(format!("build step panicked: {e}")))??;
+        let parent_rec = match parent {
+            Some(p) => self.records.layer(p)?,
+            None => None,
+        };
+        let parent_manifest = match &parent_rec {
+            Some(p) => Some(get_manifest(self.cfg.store.as_ref(), &p.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?)?),
+            None => None,
+        };
+        let added_bytes = added_bytes(parent_manifest.as_ref(), &merged);
+        let digest = put_manifest(self.cfg.store.as_ref(), &merged)?;
+        let stats = merged.stats();
+        let seconds = started.elapsed().as_secs_f64();
+        let rec = LayerRecord {
+            key: key.to_owned(),
+            parent: parent.map(str::to_owned),
+            description: description.to_owned(),
+            manifest: digest.to_string(),
+            config,
+            files: stats.files,
+            total_bytes: stats.total_bytes,
+            added_bytes,
+            build_seconds: seconds,
+            created_at: now_ts(),
+        };
+        self.records.put_layer(&rec)?;
+        let _ = events.send(BuildEvent::StepDone { index, seconds });
+        Ok(rec)
+    }
+
+    fn build_base(&self, base: &Base, log: Log<'_>) -> Result<(Manifest, ImageConfig), ImageError> {
+        match base {
+            Base::DebianSlim { python_version } => {
+                let v = python_version.clone().unwrap_or_else(|| debian::SUITES[0].0.to_owned());
+                let suite = debian::suite_for(&v, Path::new("/usr/share/debootstrap/scripts"))?;
+                let scratch = Scratch::new(&self.cfg.home)?;
+                let root = scratch.0.join("rootfs");
+                debian::bootstrap(suite, &root, log)?;
+                log("storing the root file system\n");
+                let m = flare_cas::snapshot_dir(self.cfg.store.as_ref(), &root, None)?;
+                let python = find_python(&m);
+                let env = vec![(
+                    "PATH".to_owned(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+                )];
+                Ok((m, ImageConfig { python, env, workdir: None }))
+            }
+            Base::Registry { reference, insecure } => {
+                let r = flare_oci::ImageRef::parse(reference)?;
+                let client = if *insecure { self.oci.clone().with_plain_http(&r.registry) } else { self.oci.clone() };
+                log(&format!("pulling {r}\n"));
+                let handle = tokio::runtime::Handle::current();
+                let pulled = handle.block_on(flare_oci::pull(&client, &r, self.cfg.store.as_ref(), &flare_oci::Platform::linux_amd64()))?;
+                log(&format!(
+                    "pulled {} ({} layers, {} entries)\n",
+                    pulled.image_digest,
+                    pulled.layers.len(),
+                    pulled.manifest.entries.len()
+                ));
+                let python = find_python(&pulled.manifest);
+                let config = ImageConfig { python, env: pulled.env(), workdir: pulled.workdir().filter(|w| !w.is_empty()) };
+                Ok((pulled.manifest, config))
+            }
+            Base::LocalPython => Err(ImageError::Invalid("from_local_python has no base to build".into())),
+        }
+    }
+
+    fn build_layer(
+        &self,
+        parent: &LayerRecord,
+        layer: &Layer,
+        index: usize,
+        cloudpickle: Option<&Path>,
+        log: Log<'_>,
+    ) -> Result<(Manifest, ImageConfig), ImageError> {
+        let store = self.cfg.store.as_ref();
+        let parent_digest: Digest = parent.manifest.parse().map_err(|_| ImageError::Invalid("bad manifest digest".into()))?;
+        let mut config = parent.config.clone();
+        match layer {
+            Layer::Env { vars } => {
+                for (k, v) in vars {
+                    config.env.retain(|(ek, _)| ek != k);
+                    config.env.push((k.clone(), v.clone()));
+                }
+                return Ok((get_manifest(store, &parent_digest)?, config));
+            }
+            Layer::Workdir { path } => {
+                abs_dest(path)?;
+                config.workdir = Some(path.clone());
+                return Ok((get_manifest(store, &parent_digest)?, config));
+            }
+            Layer::Copy { dest, entries } => {
+                let prefix = abs_dest(dest)?;
+                let layer_m = self.files.manifest(&prefix, entries)?;
+                let mut merged = get_manifest(store, &parent_digest)?;
+                merged.apply_layer(&layer_m)?;
+                config.python = find_python(&merged).or(config.python);
+                return Ok((merged, config));
+            }
+            _ => {}
+        }
+        let commands = layer.commands(config.python.as_deref())?;
+        let parent_manifest = get_manifest(store, &parent_digest)?;
+        if commands.is_empty() {
+            return Ok((parent_manifest, config));
+        }
+        if parent_manifest.get("bin/sh").is_none() && parent_manifest.get("usr/bin/sh").is_none() {
+            return Err(ImageError::Invalid(format!("{}: the image has no /bin/sh to run commands with", layer.describe())));
+        }
+        let runtime = self.cfg.runtime.clone().ok_or_else(|| {
+            ImageError::Unavailable("this server cannot run build steps (no container runtime; run flared as root)".into())
+        })?;
+        let scratch = Scratch::new(&self.cfg.home)?;
+        let lower = scratch.0.join("lower");
+        let upper = scratch.0.join("layer");
+        let inputs = scratch.0.join("inputs");
+        for d in [&lower, &upper, &inputs] {
+            std::fs::create_dir_all(d).map_err(|e| ImageError::io(format!("creating {}", d.display()), e))?;
+        }
+        match layer {
+            Layer::PipInstallFromRequirements { requirements, .. } => {
+                write_input(&inputs, REQUIREMENTS_IN_BUILD, requirements.as_bytes())?;
+            }
+            Layer::RunFunction { pickled, .. } => {
+                use base64::Engine;
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(pickled)
+                    .map_err(|e| ImageError::Invalid(format!("run_function: bad base64: {e}")))?;
+                write_input(&inputs, FUNCTION_IN_BUILD, &data)?;
+            }
+            _ => {}
+        }
+        // The server's CA bundle, so steps work behind a TLS-inspecting proxy the host
+        // trusts (it is only used while building, never stored in the image).
+        let ca = std::env::var_os("FLARE_BUILD_CA_BUNDLE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+        let has_ca = !ca.as_os_str().is_empty() && std::fs::copy(&ca, inputs.join("host-ca.crt")).is_ok();
+        let fs = ImageFs::new(
+            Arc::new(parent_manifest),
+            self.cfg.store.clone(),
+            self.cfg.cache.clone(),
+            ImageFsOptions { fsname: format!("flare-build-{}", &parent_digest.hex()[..12]), ..Default::default() },
+        )?;
+        let mount = fs.mount(&lower)?;
+        let mut result = Ok(());
+        for (n, cmd) in commands.iter().enumerate() {
+            log(&format!("$ {cmd}\n"));
+            let r = self.run_in_container(
+                &runtime,
+                &lower,
+                &scratch.0,
+                &inputs,
+                &config,
+                cloudpickle,
+                has_ca,
+                cmd,
+                &format!("{index}-{n}"),
+                log,
+            );
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+        }
+        drop(mount);
+        result?;
+        let layer_m = crate::upper::snapshot_upper(store, &upper.join("upper"))?;
+        let mut merged = get_manifest(store, &parent_digest)?;
+        merged.apply_layer(&layer_m)?;
+        config.python = find_python(&merged);
+        Ok((merged, config))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_in_container(
+        &self,
+        runtime: &Runtime,
+        lower: &Path,
+        scratch: &Path,
+        inputs: &Path,
+        config: &ImageConfig,
+        cloudpickle: Option<&Path>,
+        host_ca: bool,
+        cmd: &str,
+        tag: &str,
+        log: Log<'_>,
+    ) -> Result<(), ImageError> {
+        let (out_r, out_w) = pipe()?;
+        let err_w = out_w.try_clone().map_err(|e| ImageError::io("dup", e))?;
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ("HOME".into(), "/root".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
+            ("PYTHONUNBUFFERED".into(), "1".into()),
+            ("PIP_PROGRESS_BAR".into(), "off".into()),
+        ];
+        if host_ca {
+            for k in ["PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+                env.push((k.into(), HOST_CA_IN_BUILD.into()));
+            }
+        }
+        for (k, v) in &config.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let mut binds = vec![Bind { src: inputs.to_path_buf(), dst: "/run/flare-build".into(), readonly: true }];
+        if Path::new("/etc/resolv.conf").exists() {
+            binds.push(Bind { src: "/etc/resolv.conf".into(), dst: "/etc/resolv.conf".into(), readonly: true });
+        }
+        if let Some(cp) = cloudpickle.map(Path::to_path_buf).or_else(|| self.cfg.cloudpickle_dir.clone()) {
+            binds.push(Bind { src: cp, dst: "/__flare/cloudpickle".into(), readonly: true });
+        }
+        let network = if runtime.nat_available().is_none() {
+            Network::Nat
+        } else {
+            log("warning: no outbound network for build steps on this server (NAT unavailable)\n");
+            Network::Isolated
+        };
+        let id = format!("build-{}-{tag}", uuid::Uuid::new_v4().simple());
+        let spec = ContainerSpec {
+            id,
+            hostname: "flare-build".into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.to_owned()],
+            env,
+            cwd: config.workdir.clone().unwrap_or_else(|| "/".into()),
+            rootfs: Rootfs::Dir(lower.to_path_buf()),
+            binds,
+            limits: Limits::default(),
+            network,
+            stdout: out_w,
+            stderr: err_w,
+            extra_fds: vec![],
+            upper_dir: Some(scratch.join("layer")),
+        };
+        let mut container = runtime.spawn(spec)?;
+        let mut tail = Tail::default();
+        let mut reader = std::fs::File::from(out_r);
+        let mut buf = [0u8; 16 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    // Whole UTF-8 characters only.
+                    let cut = match std::str::from_utf8(&pending) {
+                        Ok(_) => pending.len(),
+                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                        Err(_) => pending.len(),
+                    };
+                    let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
+                    pending.drain(..cut);
+                    tail.push(&text);
+                    log(&text);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let exit = container.wait()?;
+        let _ = container.cleanup();
+        if exit.code == Some(0) {
+            return Ok(());
+        }
+        let how = match (exit.code, exit.signal, exit.oom_killed) {
+            (_, _, true) => "killed: out of memory".to_owned(),
+            (Some(c), _, _) => format!("exit code {c}"),
+            (_, Some(s), _) => format!("killed by signal {s}"),
+            _ => "failed".to_owned(),
+        };
+        Err(ImageError::StepFailed { message: format!("`{cmd}` failed ({how})"), log_tail: tail.text() })
+    }
+}
+
+/// Bytes of file content in `merged` that `parent` did not have at the same path.
+fn added_bytes(parent: Option<&Manifest>, merged: &Manifest) -> u64 {
+    merged
+        .entries
+        .iter()
+        .filter_map(|(p, e)| match &e.kind {
+            EntryKind::File(c) => {
+                let same = parent.and_then(|pm| pm.get(p)).is_some_and(|pe| pe.kind == e.kind);
+                (!same).then_some(c.size)
+            }
+            _ => None,
+        })
+        .sum()
+}
+
+fn write_input(dir: &Path, in_container: &str, data: &[u8]) -> Result<(), ImageError> {
+    let name = Path::new(in_container).file_name().expect("constant has a file name");
+    let p = dir.join(name);
+    std::fs::write(&p, data).map_err(|e| ImageError::io(format!("writing {}", p.display()), e))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ImageError> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(ImageError::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The last lines of a step's output.
+#[derive(Default)]
+struct Tail {
+    lines: std::collections::VecDeque<String>,
+    partial: String,
+}
+
+impl Tail {
+    const LINES: usize = 30;
+
+    fn push(&mut self, text: &str) {
+        self.partial.push_str(text);
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            self.lines.push_back(line.trim_end().to_owned());
+            if self.lines.len() > Self::LINES {
+                self.lines.pop_front();
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut v: Vec<&str> = self.lines.iter().map(String::as_str).collect();
+        if !self.partial.is_empty() {
+            v.push(&self.partial);
+        }
+        v.join("\n")
+    }
+}
+
+/// A build's scratch directory, removed when dropped (also after a failure).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(home: &Path) -> Result<Scratch, ImageError> {
+        let p = home.join("build").join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::create_dir_all(&p).map_err(|e| ImageError::io(format!("creating {}", p.display()), e))?;
+        Ok(Scratch(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "could not remove build scratch");
+        }
+    }
+}

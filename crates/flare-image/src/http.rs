@@ -1,0 +1,232 @@
+//! The image HTTP API (`docs/IMAGES.md`): uploads by digest, builds streamed as NDJSON,
+//! listing and inspecting images. Merged into the control plane's router by `flared`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use flare_api::ApiError;
+use flare_cas::{get_manifest, shared_bytes, Digest, Manifest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::build::{BuildEvent, Builder};
+use crate::spec::{FileEntry, ImageSpec};
+use crate::ImageError;
+
+/// Largest upload (one file).
+const MAX_UPLOAD: usize = 8 << 30;
+
+struct Err(ApiError);
+
+impl From<ImageError> for Err {
+    fn from(e: ImageError) -> Self {
+        Err(e.to_api())
+    }
+}
+
+impl From<ApiError> for Err {
+    fn from(e: ApiError) -> Self {
+        Err(e)
+    }
+}
+
+impl IntoResponse for Err {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0.body())).into_response()
+    }
+}
+
+type R<T> = Result<Json<T>, Err>;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Err> {
+    serde_json::from_slice(body).map_err(|e| Err(ApiError::invalid(format!("invalid request body: {e}"))))
+}
+
+fn digest(s: &str) -> Result<Digest, Err> {
+    s.parse().map_err(|_| Err(ApiError::invalid(format!("bad digest {s:?} (expected blake3:<64 hex>)"))))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, Err> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Err(ApiError::internal(e.to_string())))?.map_err(Err::from)
+}
+
+/// The image routes.
+pub fn router(builder: Arc<Builder>) -> Router {
+    Router::new()
+        .route("/v1/blobs/missing", post(missing))
+        .route("/v1/blobs/{digest}", put(upload).get(download))
+        .route("/v1/images/build", post(build))
+        .route("/v1/images", get(list))
+        .route("/v1/images/{image_id}", get(inspect))
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD))
+        .with_state(builder)
+}
+
+#[derive(Deserialize)]
+struct Missing {
+    digests: Vec<String>,
+}
+
+async fn missing(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
+    let req: Missing = parse(&body)?;
+    let digests = req.digests.iter().map(|d| digest(d)).collect::<Result<Vec<_>, _>>()?;
+    let missing = blocking(move || {
+        let mut out = Vec::new();
+        for d in digests {
+            if !b.files().has(&d)? {
+                out.push(d.to_string());
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(json!({ "missing": missing })))
+}
+
+async fn upload(State(b): State<Arc<Builder>>, Path(d): Path<String>, body: Bytes) -> R<Value> {
+    let d = digest(&d)?;
+    let size = body.len();
+    blocking(move || b.files().put(&d, &body)).await?;
+    Ok(Json(json!({ "digest": d.to_string(), "size": size })))
+}
+
+/// A stored blob (whole file or chunk), for workers that do not share the store.
+async fn download(State(b): State<Arc<Builder>>, Path(d): Path<String>) -> Result<Response, Err> {
+    let d = digest(&d)?;
+    let data = blocking(move || b.store().get(&d).map_err(ImageError::from)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, Err> {
+    let spec: ImageSpec = parse(&body)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
+    // The build goes on if the client goes away: its layers are cached for next time.
+    tokio::spawn(async move {
+        if let std::result::Result::Err(e) = b.build(spec, tx.clone()).await {
+            let (message, log_tail) = match &e {
+                ImageError::StepFailed { message, log_tail } => (message.clone(), log_tail.clone()),
+                other => (other.to_string(), String::new()),
+            };
+            tracing::info!(error = %message, "image build failed");
+            let _ = tx.send(BuildEvent::Error { index: None, message, log_tail });
+        }
+    });
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+    let lines = tokio_stream::StreamExt::map(stream, |ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response())
+}
+
+async fn list(State(b): State<Arc<Builder>>) -> R<Value> {
+    let images = blocking(move || {
+        let mut out = Vec::new();
+        for img in b.records().images()? {
+            let last = match img.layers.last() {
+                Some(k) => b.records().layer(k)?,
+                None => None,
+            };
+            out.push(json!({
+                "image_id": img.image_id,
+                "created_at": img.created_at,
+                "description": img.description,
+                "layers": img.layers.len(),
+                "total_bytes": last.as_ref().map(|l| l.total_bytes),
+                "files": last.as_ref().map(|l| l.files),
+                "python": last.as_ref().and_then(|l| l.config.python.clone()),
+            }));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(json!({ "images": images })))
+}
+
+async fn inspect(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> R<Value> {
+    let v = blocking(move || inspect_image(&b, &id)).await?;
+    Ok(Json(v))
+}
+
+fn final_manifest(b: &Builder, layer_key: &str) -> Result<Option<Manifest>, ImageError> {
+    let Some(l) = b.records().layer(layer_key)? else { return Ok(None) };
+    let d: Digest = l.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?;
+    Ok(Some(get_manifest(b.store().as_ref(), &d)?))
+}
+
+fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
+    let img = b.records().image(id)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
+    let mut layers = Vec::new();
+    let mut last = None;
+    for (i, k) in img.layers.iter().enumerate() {
+        let l = b.records().layer(k)?.ok_or_else(|| ImageError::NotFound(format!("layer {k} of {id} is gone")))?;
+        layers.push(json!({
+            "index": i, "description": l.description, "key": l.key, "manifest": l.manifest,
+            "files": l.files, "total_bytes": l.total_bytes, "added_bytes": l.added_bytes,
+            "build_seconds": l.build_seconds, "created_at": l.created_at,
+        }));
+        last = Some(l);
+    }
+    let last = last.ok_or_else(|| ImageError::Invalid(format!("image {id} has no layers")))?;
+    let mine = final_manifest(b, &last.key)?;
+    let mut shared = Vec::new();
+    if let Some(mine) = &mine {
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        for other in b.records().images()? {
+            if other.image_id == img.image_id {
+                continue;
+            }
+            let Some(k) = other.layers.last() else { continue };
+            if seen.insert(k.clone(), ()).is_some() {
+                continue;
+            }
+            if let Some(om) = final_manifest(b, k)? {
+                let bytes = shared_bytes(mine, &om);
+                if bytes > 0 {
+                    shared.push(json!({ "image_id": other.image_id, "bytes": bytes }));
+                }
+            }
+        }
+    }
+    let unique = mine.as_ref().map(|m| m.stats().unique_bytes);
+    Ok(json!({
+        "image_id": img.image_id,
+        "description": img.description,
+        "created_at": img.created_at,
+        "python": last.config.python,
+        "env": last.config.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<String, Value>>(),
+        "workdir": last.config.workdir,
+        "mounts": img.mounts,
+        "total_bytes": last.total_bytes,
+        "unique_bytes": unique,
+        "files": last.files,
+        "layers": layers,
+        "shared": shared,
+    }))
+}
+
+/// Read a file list's files into memory for a code mount (small source files).
+pub fn mount_files(b: &Builder, entries: &Value) -> Result<Vec<flare_api::MountFile>, ApiError> {
+    let entries: Vec<FileEntry> =
+        serde_json::from_value(entries.clone()).map_err(|e| ApiError::invalid(format!("invalid entries: {e}")))?;
+    let mut out = Vec::new();
+    for e in entries {
+        if let FileEntry::File { path, mode, digest: d, size } = e {
+            flare_api::validate_relative_path(&path)?;
+            let d: Digest = d.parse().map_err(|_| ApiError::invalid(format!("bad digest {d:?}")))?;
+            let content = b.files().content(&d, size).map_err(|e| e.to_api())?;
+            let mut data = Vec::with_capacity(size as usize);
+            flare_cas::write_file_to(b.store().as_ref(), &content, &mut data).map_err(|e| ApiError::internal(e.to_string()))?;
+            out.push(flare_api::MountFile { path, data: flare_proto::B64(data.into()), mode });
+        }
+    }
+    Ok(out)
+}

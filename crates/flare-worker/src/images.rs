@@ -1,0 +1,131 @@
+//! Images on this worker: one lazy FUSE mount per image (shared by all its containers,
+//! kept while the worker runs), a chunk cache shared by all images, start-time mounts
+//! materialized once, and the record of what a start read, prefetched next time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use flare_cas::{get_manifest, materialize, BlobStore, Digest};
+use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle};
+
+/// Default size bound of the worker's chunk cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 20 << 30;
+
+struct Mounted {
+    fs: Arc<ImageFs>,
+    _handle: MountHandle,
+    path: PathBuf,
+    access_saved: bool,
+}
+
+/// The images of one worker.
+pub struct ImageHost {
+    store: Arc<dyn BlobStore>,
+    cache: Arc<ChunkCache>,
+    root: PathBuf,
+    mounts: Mutex<HashMap<Digest, Arc<Mutex<Option<Mounted>>>>>,
+}
+
+fn bad(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl ImageHost {
+    /// `root` holds the mountpoints, access logs and materialized mounts.
+    pub fn new(store: Arc<dyn BlobStore>, cache: Arc<ChunkCache>, root: &Path) -> Result<ImageHost, String> {
+        for d in ["mnt", "access", "trees"] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| format!("creating {}: {e}", root.join(d).display()))?;
+        }
+        // Mounts left by a previous run of this worker.
+        if let Ok(rd) = std::fs::read_dir(root.join("mnt")) {
+            for e in rd.flatten() {
+                let _ = flare_imagefs::force_unmount(&e.path());
+            }
+        }
+        Ok(ImageHost { store, cache, root: root.to_path_buf(), mounts: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    /// The mountpoint of image `manifest` (mounting it on first use). Blocking.
+    pub fn ensure(&self, manifest: &str) -> Result<PathBuf, String> {
+        let d: Digest = manifest.parse().map_err(|_| format!("bad image manifest digest {manifest:?}"))?;
+        let slot = {
+            let mut m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(d).or_default().clone()
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = slot.as_ref() {
+            return Ok(m.path.clone());
+        }
+        let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("image {d}: {e}"))?;
+        let fs = ImageFs::new(
+            Arc::new(tree),
+            self.store.clone(),
+            self.cache.clone(),
+            ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ..Default::default() },
+        )
+        .map_err(bad)?;
+        let fs = Arc::new(fs);
+        // What the last start of this image read: fetch it in parallel before starting.
+        let access = self.root.join("access").join(d.hex());
+        let mut access_saved = false;
+        if let Ok(text) = std::fs::read_to_string(&access) {
+            access_saved = true;
+            let digests: Vec<Digest> = text.lines().filter_map(|l| l.parse().ok()).collect();
+            let r = fs.prefetch(&digests, 8);
+            tracing::debug!(image = %d, report = ?r, "prefetched the recorded start");
+        }
+        let path = self.root.join("mnt").join(d.hex());
+        std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let handle = fs.mount(&path).map_err(bad)?;
+        *slot = Some(Mounted { fs, _handle: handle, path: path.clone(), access_saved });
+        Ok(path)
+    }
+
+    /// Save what the image's first start read (once per image and worker run).
+    pub fn record_start(&self, manifest: &str) {
+        let Ok(d) = manifest.parse::<Digest>() else { return };
+        let slot = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(&d).cloned();
+        let Some(slot) = slot else { return };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = slot.as_mut() else { return };
+        if m.access_saved {
+            return;
+        }
+        m.access_saved = true;
+        let log: Vec<String> = m.fs.access_log().iter().map(|d| d.to_string()).collect();
+        let p = self.root.join("access").join(d.hex());
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, log.join("\n")).and_then(|_| std::fs::rename(&tmp, &p)).is_err() {
+            tracing::warn!(path = %p.display(), "could not save an image's start record");
+        }
+    }
+
+    /// A directory holding file tree `manifest` (materialized once). Blocking.
+    pub fn tree(&self, manifest: &str) -> Result<PathBuf, String> {
+        let d: Digest = manifest.parse().map_err(|_| format!("bad mount manifest digest {manifest:?}"))?;
+        let dir = self.root.join("trees").join(d.hex());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("mount {d}: {e}"))?;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.root.join("trees").join(format!(".tmp-{}-{}-{n}", d.hex(), std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        materialize(self.store.as_ref(), &tree, &tmp).map_err(|e| format!("mount {d}: {e}"))?;
+        match std::fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(dir),
+            Err(_) if dir.is_dir() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(dir)
+            }
+            Err(e) => Err(format!("storing mount {d}: {e}")),
+        }
+    }
+}
