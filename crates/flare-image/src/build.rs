@@ -30,8 +30,14 @@ pub enum BuildEvent {
     Step { index: usize, total: usize, description: String, cached: bool },
     Log { index: usize, text: String },
     StepDone { index: usize, seconds: f64 },
-    Done { image_id: String, python: Option<String>, seconds: f64 },
-    Error { index: Option<usize>, message: String, log_tail: String },
+    Done { image_id: String, python: Option<String>, seconds: f64, base_key: String },
+    Error {
+        index: Option<usize>,
+        message: String,
+        log_tail: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+    },
 }
 
 /// Where the builder keeps things.
@@ -127,6 +133,7 @@ impl Builder {
             env: layer.config.env,
             workdir: layer.config.workdir,
             mounts: img.mounts,
+            host_roots: layer.config.host_roots,
         })
     }
 
@@ -143,12 +150,15 @@ impl Builder {
                 format!("debian_slim python {}", python_version.as_deref().unwrap_or(debian::SUITES[0].0))
             }
             Base::Registry { reference, .. } => format!("from_registry {reference}"),
-            Base::LocalPython => {
-                return Err(ImageError::Invalid(
-                    "Image.from_local_python() cannot take build steps: start from Image.debian_slim() or \
-                     Image.from_registry(...) to add packages"
-                        .into(),
-                ))
+            Base::LocalPython { python, .. } => {
+                if !spec.layers.is_empty() {
+                    return Err(ImageError::Invalid(
+                        "Image.from_local_python() cannot take build steps: start from Image.debian_slim() or \
+                         Image.from_registry(...) to add packages"
+                            .into(),
+                    ));
+                }
+                format!("local python {}", python.as_deref().unwrap_or("?"))
             }
         };
         let base_key = match &spec.base {
@@ -158,15 +168,37 @@ impl Builder {
                 key_of(&["debian_slim", suite, debian::BASE_REVISION, std::env::consts::ARCH])
             }
             Base::Registry { reference, .. } => key_of(&["registry", reference]),
-            Base::LocalPython => unreachable!(),
+            Base::LocalPython { key: Some(k), roots: None, .. } => {
+                let known = match self.records.layer(k)? {
+                    Some(rec) => match rec.manifest.parse::<Digest>() {
+                        Ok(d) => self.cfg.store.has(&d)?,
+                        Err(_) => false,
+                    },
+                    None => false,
+                };
+                if !known {
+                    return Err(ImageError::UnknownBase(k.clone()));
+                }
+                k.clone()
+            }
+            Base::LocalPython { python, roots: Some(roots), .. } => {
+                let json = serde_json::to_string(roots).map_err(|e| ImageError::Invalid(e.to_string()))?;
+                key_of(&["local_python", python.as_deref().unwrap_or(""), &json])
+            }
+            Base::LocalPython { .. } => {
+                return Err(ImageError::Invalid("local_python needs `roots` or a known `key`".into()))
+            }
         };
-        let mut parent = self.layer_step(0, total, &base_key, None, &base_desc, spec.force_build, &events, {
+        // A local environment sent by key is never rebuilt (its files are not in the request).
+        let force_base = spec.force_build && !matches!(spec.base, Base::LocalPython { roots: None, .. });
+        let mut parent = self.layer_step(0, total, &base_key, None, &base_desc, force_base, &events, {
             let this = self.clone();
             let base = spec.base.clone();
             move |log: Log<'_>| this.build_base(&base, log)
         })
         .await?;
         let mut keys = vec![parent.key.clone()];
+        let base_key = parent.key.clone();
         for (i, layer) in spec.layers.iter().enumerate() {
             let index = i + 1;
             let step_json = serde_json::to_string(layer).map_err(|e| ImageError::Invalid(e.to_string()))?;
@@ -210,7 +242,12 @@ impl Builder {
                 r
             }
         };
-        send(BuildEvent::Done { image_id, python: parent.config.python.clone(), seconds: started.elapsed().as_secs_f64() });
+        send(BuildEvent::Done {
+            image_id,
+            python: parent.config.python.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+            base_key,
+        });
         Ok(record)
     }
 
@@ -295,7 +332,7 @@ impl Builder {
                     "PATH".to_owned(),
                     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
                 )];
-                Ok((m, ImageConfig { python, env, workdir: None }))
+                Ok((m, ImageConfig { python, env, workdir: None, host_roots: vec![] }))
             }
             Base::Registry { reference, insecure } => {
                 let r = flare_oci::ImageRef::parse(reference)?;
@@ -310,10 +347,32 @@ impl Builder {
                     pulled.manifest.entries.len()
                 ));
                 let python = find_python(&pulled.manifest);
-                let config = ImageConfig { python, env: pulled.env(), workdir: pulled.workdir().filter(|w| !w.is_empty()) };
+                let config = ImageConfig {
+                    python,
+                    env: pulled.env(),
+                    workdir: pulled.workdir().filter(|w| !w.is_empty()),
+                    host_roots: vec![],
+                };
                 Ok((pulled.manifest, config))
             }
-            Base::LocalPython => Err(ImageError::Invalid("from_local_python has no base to build".into())),
+            Base::LocalPython { python, roots: Some(roots), .. } => {
+                let mut m = Manifest::new();
+                let mut host_roots = Vec::new();
+                let mut n = 0;
+                for r in roots {
+                    let prefix = abs_dest(&r.path)?;
+                    if prefix.is_empty() {
+                        return Err(ImageError::Invalid("the root directory cannot be an environment root".into()));
+                    }
+                    let part = self.files.manifest(&prefix, &r.entries)?;
+                    n += part.entries.len();
+                    m.apply_layer(&part)?;
+                    host_roots.push(format!("/{prefix}"));
+                }
+                log(&format!("captured {n} entries in {} dirs\n", host_roots.len()));
+                Ok((m, ImageConfig { python: python.clone(), env: vec![], workdir: None, host_roots }))
+            }
+            Base::LocalPython { .. } => Err(ImageError::Invalid("local_python needs `roots`".into())),
         }
     }
 
@@ -337,9 +396,16 @@ impl Builder {
                 return Ok((get_manifest(store, &parent_digest)?, config));
             }
             Layer::Workdir { path } => {
-                abs_dest(path)?;
-                config.workdir = Some(path.clone());
-                return Ok((get_manifest(store, &parent_digest)?, config));
+                // Like a Dockerfile's WORKDIR: the directory is created if missing.
+                let rel = abs_dest(path)?;
+                let mut merged = get_manifest(store, &parent_digest)?;
+                if !rel.is_empty() && !merged.get(&rel).is_some_and(|e| e.is_dir()) {
+                    let mut layer_m = Manifest::new();
+                    layer_m.insert(&rel, flare_cas::Entry::dir(0o755))?;
+                    merged.apply_layer(&layer_m)?;
+                }
+                config.workdir = Some(format!("/{rel}"));
+                return Ok((merged, config));
             }
             Layer::Copy { dest, entries } => {
                 let prefix = abs_dest(dest)?;

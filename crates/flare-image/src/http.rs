@@ -65,6 +65,7 @@ pub fn router(builder: Arc<Builder>) -> Router {
         .route("/v1/images/build", post(build))
         .route("/v1/images", get(list))
         .route("/v1/images/{image_id}", get(inspect))
+        .route("/v1/images/{image_id}/export", get(export))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(builder)
 }
@@ -114,8 +115,11 @@ async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, E
                 ImageError::StepFailed { message, log_tail } => (message.clone(), log_tail.clone()),
                 other => (other.to_string(), String::new()),
             };
-            tracing::info!(error = %message, "image build failed");
-            let _ = tx.send(BuildEvent::Error { index: None, message, log_tail });
+            let code = matches!(e, ImageError::UnknownBase(_)).then(|| "unknown_base".to_owned());
+            if code.is_none() {
+                tracing::info!(error = %message, "image build failed");
+            }
+            let _ = tx.send(BuildEvent::Error { index: None, message, log_tail, code });
         }
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
@@ -229,4 +233,91 @@ pub fn mount_files(b: &Builder, entries: &Value) -> Result<Vec<flare_api::MountF
         }
     }
     Ok(out)
+}
+
+/// Writes to a channel, for streaming a response body from a blocking thread.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The image's file tree as an uncompressed tar (`docker export` style).
+async fn export(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> Result<Response, Err> {
+    let b2 = b.clone();
+    let manifest = blocking(move || {
+        let use_ = b2.resolve(&id).or_else(|e| match e {
+            // An image without Python still exports.
+            ImageError::Invalid(_) => {
+                let img = b2.records().image(&id)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
+                let last = img.layers.last().cloned().unwrap_or_default();
+                let l = b2.records().layer(&last)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
+                Ok(flare_proto::ImageUse {
+                    image_id: id.clone(),
+                    manifest: l.manifest,
+                    python: String::new(),
+                    env: vec![],
+                    workdir: None,
+                    mounts: vec![],
+                    host_roots: vec![],
+                })
+            }
+            e => std::result::Result::Err(e),
+        })?;
+        let d: Digest = use_.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?;
+        Ok(get_manifest(b2.store().as_ref(), &d)?)
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        let err_tx = tx.clone();
+        if let std::result::Result::Err(e) = write_tar(&b, &manifest, ChannelWriter(tx)) {
+            tracing::warn!(error = %e, "image export failed");
+            let _ = err_tx.blocking_send(std::result::Result::Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], Body::from_stream(stream)).into_response())
+}
+
+fn write_tar(b: &Builder, m: &Manifest, out: ChannelWriter) -> Result<(), ImageError> {
+    use flare_cas::EntryKind;
+    let mut t = tar::Builder::new(out);
+    let io = |e: std::io::Error| ImageError::io("writing the tar stream", e);
+    for (path, e) in &m.entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(e.mode);
+        h.set_uid(e.uid.into());
+        h.set_gid(e.gid.into());
+        h.set_mtime(e.mtime.max(0) as u64);
+        match &e.kind {
+            EntryKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                t.append_data(&mut h, format!("{path}/"), std::io::empty()).map_err(io)?;
+            }
+            EntryKind::Symlink { target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                t.append_link(&mut h, path, target).map_err(io)?;
+            }
+            EntryKind::File(c) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(c.size);
+                let mut data = Vec::with_capacity(c.size as usize);
+                flare_cas::write_file_to(b.store().as_ref(), c, &mut data)?;
+                t.append_data(&mut h, path, data.as_slice()).map_err(io)?;
+            }
+        }
+    }
+    t.finish().map_err(io)
 }

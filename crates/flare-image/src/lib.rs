@@ -40,6 +40,8 @@ pub enum ImageError {
     Runtime(#[from] flare_runtime::RuntimeError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("unknown local environment {0}: send its file list")]
+    UnknownBase(String),
 }
 
 impl ImageError {

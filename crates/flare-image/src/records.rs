@@ -15,6 +15,10 @@ pub struct ImageConfig {
     pub python: Option<String>,
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
+    /// A captured local environment: these absolute dirs of the image are bound over the
+    /// host's system root (no image root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_roots: Vec<String>,
 }
 
 /// One cached layer: the merged tree after a step, keyed by hash(parent, step, inputs).

@@ -35,7 +35,23 @@ pub enum Base {
         #[serde(default)]
         insecure: bool,
     },
-    LocalPython,
+    /// The caller's Python environment: its directories (`roots`, absolute) on the
+    /// host's system dirs. Sent in full (`roots`) or, once the server has it, by `key`.
+    LocalPython {
+        #[serde(default)]
+        python: Option<String>,
+        #[serde(default)]
+        key: Option<String>,
+        #[serde(default)]
+        roots: Option<Vec<EnvRoot>>,
+    },
+}
+
+/// One directory of a captured Python environment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnvRoot {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
 }
 
 /// Options shared by the pip steps.

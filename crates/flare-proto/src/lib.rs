@@ -204,6 +204,10 @@ pub struct ImageUse {
     /// Local files mounted (not baked) at container start: (absolute destination, manifest digest).
     #[serde(default)]
     pub mounts: Vec<ImageMount>,
+    /// A captured local environment: the host's own root, with these absolute dirs bound
+    /// from the image (instead of the image as the root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_roots: Vec<String>,
 }
 
 /// A file tree mounted read-only into containers of an image.

@@ -207,8 +207,11 @@ fn build_spec(
 ) -> std::io::Result<ContainerSpec> {
     let def = &a.def;
     let mut binds = Vec::new();
+    let host_roots: Vec<PathBuf> =
+        def.image.as_ref().map(|i| i.host_roots.iter().map(PathBuf::from).collect()).unwrap_or_default();
+    let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
     let roots = if def.image.is_some() {
-        Vec::new()
+        host_roots.clone()
     } else {
         python_roots(&def.python.executable, &def.python.paths)
     };
@@ -258,7 +261,7 @@ fn build_spec(
     for (dst, src) in image_binds {
         binds.push(Bind { src, dst, readonly: true });
     }
-    if def.image.is_some() {
+    if on_image_root {
         if !def.python.cloudpickle_path.is_empty() {
             binds.push(Bind {
                 src: def.python.cloudpickle_path.clone().into(),
@@ -271,7 +274,12 @@ fn build_spec(
         }
     }
     for r in roots {
-        binds.push(Bind { src: r.clone(), dst: r, readonly: true });
+        // A captured environment's dirs come from the image's lazy mount.
+        let src = match (&image.root, host_roots.is_empty()) {
+            (Some(mnt), false) => mnt.join(r.strip_prefix("/").unwrap_or(&r)),
+            _ => r.clone(),
+        };
+        binds.push(Bind { src, dst: r, readonly: true });
     }
     if !def.python.sdk_path.is_empty() {
         binds.push(Bind {
@@ -314,7 +322,7 @@ fn build_spec(
         ("FLARE_IS_REMOTE", "1".into()),
         // The caller's import paths (bound read-only above); the runner adds those the
         // container's interpreter does not already have.
-        ("FLARE_SYS_PATH", if def.image.is_some() { String::new() } else { def.python.paths.join(":") }),
+        ("FLARE_SYS_PATH", if on_image_root { String::new() } else { def.python.paths.join(":") }),
     ] {
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v));
@@ -325,6 +333,7 @@ fn build_spec(
         Network::Nat
     };
     let (python, rootfs, cwd) = match (&def.image, image.root) {
+        (Some(img), Some(_)) if !img.host_roots.is_empty() => (img.python.clone(), Rootfs::Host, "/root".into()),
         (Some(img), Some(root)) => {
             (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
         }
