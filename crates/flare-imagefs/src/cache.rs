@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use flare_cas::{BlobStore, CasError, Digest};
+use flare_cas::{BlobStore, CasError, Chunk, Digest};
 use tracing::{debug, warn};
 
 use crate::error::{io_ctx, ImageFsError, Result};
@@ -44,6 +44,14 @@ pub struct CacheStats {
     pub corrupt: u64,
     /// Chunks that could not be written to the cache (served from memory anyway).
     pub write_errors: u64,
+    /// Writes that found the cache's disk full (ENOSPC/EDQUOT). Each is logged; the
+    /// cache then evicts least recently used chunks to make room and retries once
+    /// (a failed retry is a `write_errors`).
+    pub disk_full: u64,
+    /// Assembled file copies built for passthrough (see [`ChunkCache::assemble`]).
+    pub assembled: u64,
+    /// Assemblies that failed (logged; the file is then served chunk by chunk).
+    pub assemble_errors: u64,
 }
 
 #[derive(Default)]
@@ -55,6 +63,9 @@ struct Counters {
     evictions: AtomicU64,
     corrupt: AtomicU64,
     write_errors: AtomicU64,
+    disk_full: AtomicU64,
+    assembled: AtomicU64,
+    assemble_errors: AtomicU64,
 }
 
 struct Meta {
@@ -63,6 +74,8 @@ struct Meta {
     /// Hashed since this process opened the cache (files found by the start-up scan
     /// are verified on their first load).
     verified: bool,
+    /// An assembled file (under `views/`), not a chunk.
+    view: bool,
 }
 
 #[derive(Default)]
@@ -107,6 +120,8 @@ struct Inflight {
 ///
 /// ```text
 /// ROOT/chunks/ab/ab12…(64 hex)   one file per chunk (blob), named by its BLAKE3 digest
+/// ROOT/views/ab/ab12…(64 hex)    assembled copies of whole multi-chunk files, named by
+///                                [`ChunkCache::view_key`]; rebuilt per process (emptied at open)
 /// ROOT/tmp/                      writes in progress; emptied at open
 /// ```
 ///
@@ -125,6 +140,14 @@ struct Inflight {
 ///   the others wait for it (read-ahead fetches go through the same path).
 /// - **Open files kept**: up to [`OPEN_FILES`] verified chunk files stay open (LRU)
 ///   between reads, so a hit is one `pread`; an evicted chunk's file is closed.
+/// - **Disk full**: a write that fails with ENOSPC/EDQUOT evicts least recently used
+///   entries (about the chunk's size) and retries once; if that fails too, the chunk is
+///   served from memory uncached. Both are logged and counted ([`CacheStats`]).
+/// - **Assembled files**: a multi-chunk file whose chunks are all cached can be copied
+///   into one file ([`ChunkCache::assemble`], in the background), so the FUSE layer can
+///   hand the kernel one backing file (passthrough). Built only from chunks verified by
+///   this process and never trusted across a restart (the directory is emptied at
+///   open), they count toward the size bound and are evicted like chunks.
 pub struct ChunkCache {
     root: PathBuf,
     capacity: u64,
@@ -134,6 +157,21 @@ pub struct ChunkCache {
     fds: Mutex<FdCache>,
     counters: Counters,
     seq: AtomicU64,
+    /// Background assembly of whole-file copies.
+    assembly: Mutex<AssemblyQueue>,
+    assembly_idle: Condvar,
+}
+
+/// A queued [`ChunkCache::assemble`] job: the view key and the file's chunks.
+type AssemblyJob = (Digest, Vec<Chunk>);
+
+#[derive(Default)]
+struct AssemblyQueue {
+    todo: std::collections::VecDeque<AssemblyJob>,
+    /// Queued or being built.
+    pending: std::collections::HashSet<Digest>,
+    /// Whether the (single) assembly thread is running.
+    running: bool,
 }
 
 /// How many chunk files a [`ChunkCache`] keeps open between reads (LRU).
@@ -188,7 +226,13 @@ impl ChunkCache {
     pub fn open(root: &Path, capacity: u64) -> Result<ChunkCache> {
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
-        for dir in [&chunks, &tmp] {
+        let views = root.join("views");
+        // Assembled copies are never trusted across a restart: rebuilt from chunks that
+        // this process verifies.
+        if views.exists() {
+            fs::remove_dir_all(&views).map_err(io_ctx(format!("emptying {}", views.display())))?;
+        }
+        for dir in [&chunks, &tmp, &views] {
             fs::create_dir_all(dir).map_err(io_ctx(format!("creating {}", dir.display())))?;
         }
         for leftover in fs::read_dir(&tmp).map_err(io_ctx(format!("listing {}", tmp.display())))?.flatten() {
@@ -214,7 +258,7 @@ impl ChunkCache {
         let mut state = State::default();
         for (_, digest, size) in found {
             state.tick += 1;
-            state.entries.insert(digest, Meta { size, tick: state.tick, verified: false });
+            state.entries.insert(digest, Meta { size, tick: state.tick, verified: false, view: false });
             state.lru.insert(state.tick, digest);
             state.total += size;
         }
@@ -226,8 +270,10 @@ impl ChunkCache {
             fds: Mutex::new(FdCache::default()),
             counters: Counters::default(),
             seq: AtomicU64::new(0),
+            assembly: Mutex::new(AssemblyQueue::default()),
+            assembly_idle: Condvar::new(),
         };
-        let victims = cache.evict_locked(&mut lock(&cache.state), None);
+        let victims = cache.evict_locked(&mut lock(&cache.state), None, 0);
         cache.delete_files(victims);
         let st = lock(&cache.state);
         debug!(root = %root.display(), chunks = st.entries.len(), bytes = st.total, capacity, "chunk cache opened");
@@ -282,6 +328,9 @@ impl ChunkCache {
             evictions: c.evictions.load(Ordering::Relaxed),
             corrupt: c.corrupt.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
+            disk_full: c.disk_full.load(Ordering::Relaxed),
+            assembled: c.assembled.load(Ordering::Relaxed),
+            assemble_errors: c.assemble_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -422,6 +471,181 @@ impl ChunkCache {
         Ok(true)
     }
 
+    /// The key of the assembled copy of a file made of `chunks` (a digest of the chunk
+    /// list, in a domain of its own: it never equals a chunk's digest in practice).
+    pub fn view_key(chunks: &[Chunk]) -> Digest {
+        let mut list = b"flare-imagefs assembled file v1\n".to_vec();
+        for c in chunks {
+            list.extend_from_slice(format!("{} {} {}\n", c.digest.hex(), c.offset, c.len).as_bytes());
+        }
+        Digest::of(&list)
+    }
+
+    /// Where the assembled copy with this key lives (or would live).
+    pub fn view_path(&self, key: &Digest) -> PathBuf {
+        let hex = key.hex();
+        self.root.join("views").join(&hex[..2]).join(hex)
+    }
+
+    /// An open file of a cached chunk, verified by this process (verifying it now if it
+    /// was found by the start-up scan); `None` if it is not cached (or was corrupt, and
+    /// is now dropped). For handing the file to the kernel (passthrough).
+    pub(crate) fn verified_file(&self, digest: &Digest) -> Option<Arc<File>> {
+        let mut sink = Vec::new();
+        if !matches!(self.read_cached(digest, 0, 0, &mut sink), Ok(true)) {
+            return None;
+        }
+        if let Some(file) = lock(&self.fds).get(digest) {
+            return Some(file);
+        }
+        File::open(self.path_of(digest)).ok().map(Arc::new)
+    }
+
+    /// The open assembled copy with key `key`, if there is one (it counts as a use).
+    pub(crate) fn view_file(&self, key: &Digest) -> Option<Arc<File>> {
+        lock(&self.state).bump(key)?;
+        if let Some(file) = lock(&self.fds).get(key) {
+            return Some(file);
+        }
+        match File::open(self.view_path(key)) {
+            Ok(file) => {
+                let file = Arc::new(file);
+                let st = lock(&self.state);
+                if st.entries.contains_key(key) {
+                    lock(&self.fds).put(key, file.clone());
+                }
+                Some(file)
+            }
+            Err(e) => {
+                warn!(%key, error = %e, "assembled file vanished; dropping it");
+                lock(&self.state).remove(key);
+                lock(&self.fds).remove(key);
+                None
+            }
+        }
+    }
+
+    /// Whether every chunk of a file is cached (indexed).
+    pub(crate) fn contains_all(&self, chunks: &[Chunk]) -> bool {
+        let st = lock(&self.state);
+        chunks.iter().all(|c| st.entries.contains_key(&c.digest))
+    }
+
+    /// Build the assembled copy of a file made of `chunks` (all cached) under
+    /// [`ChunkCache::view_key`]: every chunk is verified by this process (hashed on its
+    /// first load, as for reads) and copied in the kernel (`copy_file_range`) into a
+    /// temp file that is then renamed into `views/`. `Ok(false)` if it already exists.
+    /// Counted in [`CacheStats::assembled`]; a failure is returned (and the temp file
+    /// removed), nothing else changes.
+    pub fn assemble(&self, chunks: &[Chunk]) -> Result<bool> {
+        let key = Self::view_key(chunks);
+        if self.contains(&key) {
+            return Ok(false);
+        }
+        let size: u64 = chunks.iter().map(|c| c.len).sum();
+        let tmp = self.tmp_path(&key);
+        let dest = self.view_path(&key);
+        let build = || -> Result<()> {
+            let out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&tmp)
+                .map_err(io_ctx(format!("creating {}", tmp.display())))?;
+            for c in chunks {
+                let Some(src) = self.verified_file(&c.digest) else {
+                    return Err(ImageFsError::Io {
+                        context: format!("assembling {key}"),
+                        source: io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("chunk {} is not cached", c.digest),
+                        ),
+                    });
+                };
+                let len = src.metadata().map_err(io_ctx(format!("stat of chunk {}", c.digest)))?.len();
+                if len != c.len {
+                    return Err(ImageFsError::WrongLength { digest: c.digest, got: len, expected: c.len });
+                }
+                copy_range(&src, &out, c.offset, c.len).map_err(io_ctx(format!(
+                    "copying chunk {} into {}",
+                    c.digest,
+                    tmp.display()
+                )))?;
+            }
+            drop(out);
+            fs::create_dir_all(dest.parent().expect("view path has a parent"))
+                .and_then(|()| fs::rename(&tmp, &dest))
+                .map_err(io_ctx(format!("renaming into {}", dest.display())))
+        };
+        if let Err(e) = build() {
+            let _ = fs::remove_file(&tmp);
+            if is_disk_full(&e) {
+                self.counters.disk_full.fetch_add(1, Ordering::Relaxed);
+            }
+            self.counters.assemble_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.index(&key, size, true);
+        self.counters.assembled.fetch_add(1, Ordering::Relaxed);
+        debug!(%key, size, chunks = chunks.len(), "assembled file");
+        Ok(true)
+    }
+
+    /// Queue [`ChunkCache::assemble`] of a file made of `chunks` for a background
+    /// thread (one per cache; it ends when the queue is empty). Skipped when the copy
+    /// exists or is queued, or when the file is over a quarter of the size bound.
+    pub(crate) fn submit_assembly(self: &Arc<Self>, chunks: &[Chunk]) {
+        let size: u64 = chunks.iter().map(|c| c.len).sum();
+        if size > self.capacity / 4 {
+            return;
+        }
+        let key = Self::view_key(chunks);
+        if self.contains(&key) {
+            return;
+        }
+        let mut q = lock(&self.assembly);
+        if !q.pending.insert(key) {
+            return;
+        }
+        q.todo.push_back((key, chunks.to_vec()));
+        if q.running {
+            return;
+        }
+        q.running = true;
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("imagefs-assemble".into()).spawn(move || loop {
+            let job = {
+                let mut q = lock(&me.assembly);
+                match q.todo.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        q.running = false;
+                        me.assembly_idle.notify_all();
+                        return;
+                    }
+                }
+            };
+            if let Err(e) = me.assemble(&job.1) {
+                warn!(key = %job.0, error = %e, "could not assemble a file for passthrough; it is served chunk by chunk");
+            }
+            lock(&me.assembly).pending.remove(&job.0);
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the assembly thread");
+            q.running = false;
+            q.todo.clear();
+            q.pending.clear();
+        }
+    }
+
+    /// Block until no assembly is queued or running (for tests and benchmarks).
+    pub fn wait_assembly(&self) {
+        let mut q = lock(&self.assembly);
+        while q.running || !q.todo.is_empty() {
+            q = self.assembly_idle.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Fetch the chunk once however many threads ask at the same time.
     fn fetch_dedup(&self, store: &dyn BlobStore, digest: &Digest) -> Result<(Arc<Vec<u8>>, Source)> {
         let (slot, leader) = {
@@ -487,28 +711,59 @@ impl ChunkCache {
     /// evicting down to the bound. Failures are logged, counted and otherwise ignored:
     /// the caller already has the bytes.
     fn insert(&self, digest: &Digest, data: &[u8]) {
-        if let Err(e) = self.write_file(digest, data) {
-            warn!(%digest, error = %e, "could not write chunk to the cache");
+        let mut result = self.write_file(digest, data);
+        if result.as_ref().is_err_and(is_disk_full) {
+            self.counters.disk_full.fetch_add(1, Ordering::Relaxed);
+            let freed = self.evict_for_space(data.len() as u64);
+            warn!(%digest, size = data.len(), freed, "chunk cache disk is full; evicted to make room, retrying");
+            if freed > 0 {
+                result = self.write_file(digest, data);
+            }
+        }
+        if let Err(e) = result {
+            warn!(%digest, error = %e, "could not write chunk to the cache; serving it uncached");
             self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.index(digest, data.len() as u64, false);
+    }
+
+    /// Add a just-written, verified entry to the index and evict down to the bound.
+    fn index(&self, key: &Digest, size: u64, view: bool) {
         let victims = {
             let mut st = lock(&self.state);
-            if !st.entries.contains_key(digest) {
+            if !st.entries.contains_key(key) {
                 st.tick += 1;
                 let tick = st.tick;
-                st.entries.insert(*digest, Meta { size: data.len() as u64, tick, verified: true });
-                st.lru.insert(tick, *digest);
-                st.total += data.len() as u64;
+                st.entries.insert(*key, Meta { size, tick, verified: true, view });
+                st.lru.insert(tick, *key);
+                st.total += size;
             }
-            self.evict_locked(&mut st, Some(digest))
+            self.evict_locked(&mut st, Some(key), 0)
         };
         self.delete_files(victims);
     }
 
-    fn write_file(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+    /// The disk under the cache is full: evict least recently used entries totalling at
+    /// least `need` bytes (fewer if the cache holds less). Returns the bytes freed.
+    fn evict_for_space(&self, need: u64) -> u64 {
+        let (victims, freed) = {
+            let mut st = lock(&self.state);
+            let before = st.total;
+            let victims = self.evict_locked(&mut st, None, need.max(1));
+            (victims, before - st.total)
+        };
+        self.delete_files(victims);
+        freed
+    }
+
+    fn tmp_path(&self, key: &Digest) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
+        self.root.join("tmp").join(format!("{}.{}.{n}", key.hex(), std::process::id()))
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let tmp = self.tmp_path(digest);
         let dest = self.path_of(digest);
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).mode(0o444).open(&tmp)?;
@@ -523,41 +778,97 @@ impl ChunkCache {
         })
     }
 
-    /// Drop least recently used entries until under the bound; returns their digests
-    /// (files are deleted by the caller, outside the lock).
-    fn evict_locked(&self, st: &mut State, keep: Option<&Digest>) -> Vec<Digest> {
+    /// Drop least recently used entries until under the bound (and, with `free` > 0,
+    /// until at least `free` bytes are dropped); returns their keys and whether each
+    /// is a view (files are deleted by the caller, outside the lock).
+    fn evict_locked(&self, st: &mut State, keep: Option<&Digest>, free: u64) -> Vec<(Digest, bool)> {
         let mut victims = Vec::new();
-        while st.total > self.capacity {
+        let mut freed = 0u64;
+        while st.total > self.capacity || freed < free {
             let Some((&tick, &digest)) = st.lru.iter().find(|(_, d)| Some(*d) != keep) else { break };
             st.lru.remove(&tick);
+            let mut view = false;
             if let Some(meta) = st.entries.remove(&digest) {
                 st.total -= meta.size;
+                freed += meta.size;
+                view = meta.view;
             }
-            victims.push(digest);
+            victims.push((digest, view));
         }
         self.counters.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
         victims
     }
 
-    fn delete_files(&self, victims: Vec<Digest>) {
+    fn delete_files(&self, victims: Vec<(Digest, bool)>) {
         if victims.is_empty() {
             return;
         }
         {
             let mut fds = lock(&self.fds);
-            for digest in &victims {
+            for (digest, _) in &victims {
                 fds.remove(digest);
             }
         }
-        for digest in victims {
-            debug!(%digest, "evicting chunk");
-            if let Err(e) = fs::remove_file(self.path_of(&digest)) {
+        for (digest, view) in victims {
+            debug!(%digest, view, "evicting");
+            let path = if view { self.view_path(&digest) } else { self.path_of(&digest) };
+            if let Err(e) = fs::remove_file(path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     warn!(%digest, error = %e, "could not delete evicted chunk");
                 }
             }
         }
     }
+}
+
+/// Copy `len` bytes from the start of `src` to `dst` at `at`, in the kernel where it
+/// can (`copy_file_range`), else through a buffer.
+fn copy_range(src: &File, dst: &File, at: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (mut off_in, mut off_out) = (0i64, at as i64);
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both fds are open for the duration of the call; the offset pointers
+        // point to live locals, so neither file's own position is used or changed.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left as usize,
+                0,
+            )
+        };
+        if n > 0 {
+            left -= n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunk file is shorter than expected"));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => break,
+            _ => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; left.min(1 << 20) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off_in as u64)?;
+        dst.write_all_at(&buf[..n], off_out as u64)?;
+        off_in += n as i64;
+        off_out += n as i64;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn is_disk_full(e: &ImageFsError) -> bool {
+    matches!(e, ImageFsError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
 }
 
 fn slice(data: &[u8], from: u64, len: u64) -> &[u8] {

@@ -5,18 +5,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flare_cas::{BlobStore, Digest, EntryKind, FileContent, Manifest};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::cache::{ChunkCache, Source};
 use crate::error::{ImageFsError, Result};
@@ -55,7 +55,33 @@ pub struct ImageFsOptions {
     pub read_ahead_max_bytes: u64,
     /// Threads fetching read-ahead chunks (shared by all files of this image fs).
     pub read_ahead_threads: usize,
+    /// Directory-locality prefetch: the first open of a file in a directory fetches,
+    /// in the background, the directory's other small files (at most this many bytes
+    /// each; 0 turns it off). A directory with fewer than
+    /// [`DIR_PREFETCH_MIN_FILES`] such files widens the scope to its parent's subtree
+    /// (never to the root's). Each scope is prefetched once, up to
+    /// `dir_prefetch_max_bytes`; large files are never prefetched, so the image stays
+    /// lazy: a start that touches a few files of a package gets the package's small
+    /// files (sources, configs, metadata) without a round trip each.
+    pub dir_prefetch_file_max: u64,
+    /// Byte budget of one directory-locality prefetch.
+    pub dir_prefetch_max_bytes: u64,
+    /// Threads fetching directory-locality prefetches (shared by the image fs).
+    pub dir_prefetch_threads: usize,
+    /// FUSE passthrough (Linux >= 6.9, needs CAP_SYS_ADMIN): an open of a file whose
+    /// content is one cached chunk, or that has an assembled copy in the cache, hands
+    /// the kernel that file, so reads bypass this process (verified chunks only). Where
+    /// the kernel refuses, opens fall back to ordinary reads.
+    pub passthrough: bool,
+    /// Multi-chunk files of at least this size, once all their chunks are cached and
+    /// the last reader closes them, are assembled into one cache file in the background
+    /// (see `ChunkCache::assemble`) so later opens can use passthrough. `u64::MAX`
+    /// turns assembly off. Costs cache space equal to the file size.
+    pub assemble_min_bytes: u64,
 }
+
+/// See [`ImageFsOptions::dir_prefetch_file_max`].
+pub const DIR_PREFETCH_MIN_FILES: usize = 4;
 
 impl Default for ImageFsOptions {
     fn default() -> Self {
@@ -70,6 +96,11 @@ impl Default for ImageFsOptions {
             read_ahead_chunks: 8,
             read_ahead_max_bytes: 16 << 20,
             read_ahead_threads: 4,
+            dir_prefetch_file_max: 64 << 10,
+            dir_prefetch_max_bytes: 1 << 20,
+            dir_prefetch_threads: 8,
+            passthrough: true,
+            assemble_min_bytes: 8 << 20,
         }
     }
 }
@@ -91,6 +122,11 @@ pub struct ImageFsStats {
     pub read_ahead_fetches: u64,
     /// Reads that failed (EIO to the reader); each is logged.
     pub errors: u64,
+    /// Of `fetches`, those fetched by directory-locality prefetch.
+    pub dir_prefetch_fetches: u64,
+    /// Opens served by FUSE passthrough (their reads bypass this process and are not
+    /// counted in `reads`/`bytes`).
+    pub passthrough_opens: u64,
 }
 
 #[derive(Default)]
@@ -101,6 +137,7 @@ struct Counters {
     cache_misses: AtomicU64,
     fetches: AtomicU64,
     errors: AtomicU64,
+    passthrough_opens: AtomicU64,
 }
 
 /// What [`ImageFs::prefetch`] did.
@@ -148,11 +185,35 @@ pub(crate) struct Inner {
     /// Per inode (index = ino - 1): the sequential-read state of chunk read-ahead,
     /// `next chunk expected << 32 | window` (window 0: not reading ahead).
     ra_state: Vec<AtomicU64>,
+    /// Directory-locality prefetch pool, and per inode whether that directory's
+    /// prefetch was done.
+    dir_prefetch: Arc<ReadAhead>,
+    dir_prefetched: Vec<AtomicBool>,
+    /// Whether the kernel accepted passthrough at init (and no backing open failed).
+    passthrough: AtomicBool,
+    /// Per inode with open handles: how they are served.
+    opens: Mutex<HashMap<u64, OpenState>>,
 }
+
+/// The open handles of one inode. The kernel refuses to mix passthrough and ordinary
+/// (page-cached) opens of an inode, and needs one backing file for all its passthrough
+/// opens, so a new open follows the mode of those still open.
+#[derive(Default)]
+struct OpenState {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<BackingId>,
+}
+
+/// File handle of an ordinary open.
+const FH_CACHED: u64 = 0;
+/// File handle of a passthrough open.
+const FH_PASSTHROUGH: u64 = 1;
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.readahead.shutdown();
+        self.dir_prefetch.shutdown();
     }
 }
 
@@ -303,8 +364,15 @@ impl ImageFs {
         debug!(inodes = nodes.len(), bytes = total_bytes, "image fs built");
         let ra_state = (0..nodes.len()).map(|_| AtomicU64::new(0)).collect();
         let readahead = ReadAhead::new(if opts.read_ahead_chunks > 0 { opts.read_ahead_threads } else { 0 });
+        let dir_prefetch =
+            ReadAhead::new(if opts.dir_prefetch_file_max > 0 { opts.dir_prefetch_threads } else { 0 });
+        let dir_prefetched = (0..nodes.len()).map(|_| AtomicBool::new(false)).collect();
         Ok(ImageFs {
             inner: Arc::new(Inner {
+                dir_prefetch,
+                dir_prefetched,
+                passthrough: AtomicBool::new(false),
+                opens: Mutex::new(HashMap::new()),
                 ra_state,
                 readahead,
                 nodes,
@@ -334,9 +402,13 @@ impl ImageFs {
             bytes: c.bytes.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             cache_misses: c.cache_misses.load(Ordering::Relaxed),
-            fetches: c.fetches.load(Ordering::Relaxed) + self.inner.readahead.fetched.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed)
+                + self.inner.readahead.fetched.load(Ordering::Relaxed)
+                + self.inner.dir_prefetch.fetched.load(Ordering::Relaxed),
             read_ahead_fetches: self.inner.readahead.fetched.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            dir_prefetch_fetches: self.inner.dir_prefetch.fetched.load(Ordering::Relaxed),
+            passthrough_opens: c.passthrough_opens.load(Ordering::Relaxed),
         }
     }
 
@@ -347,10 +419,11 @@ impl ImageFs {
         self.inner.access.lock().unwrap_or_else(|p| p.into_inner()).order.clone()
     }
 
-    /// Block until no chunk read-ahead is queued or in flight (for tests and
-    /// benchmarks that count fetches).
+    /// Block until no chunk read-ahead or directory-locality prefetch is queued or in
+    /// flight (for tests and benchmarks that count fetches).
     pub fn wait_read_ahead(&self) {
         self.inner.readahead.wait_idle();
+        self.inner.dir_prefetch.wait_idle();
     }
 
     /// Number of inodes (including the root).
@@ -409,6 +482,88 @@ impl Inner {
     fn node(&self, ino: INodeNo) -> Option<&Node> {
         let i = ino.0.checked_sub(1)? as usize;
         self.nodes.get(i)
+    }
+
+    /// Directory-locality prefetch for an open of file `ino` (see
+    /// [`ImageFsOptions::dir_prefetch_file_max`]): queues the small, uncached files of
+    /// its directory (or of its parent's subtree, when the directory has fewer than
+    /// [`DIR_PREFETCH_MIN_FILES`] of them), once per scope.
+    fn dir_prefetch(&self, ino: u64) {
+        let max_file = self.opts.dir_prefetch_file_max;
+        if max_file == 0 {
+            return;
+        }
+        let Some(node) = self.node(INodeNo(ino)) else { return };
+        let dir = node.parent;
+        let done = |d: u64| &self.dir_prefetched[d as usize - 1];
+        if done(dir).load(Ordering::Relaxed) {
+            return;
+        }
+        let small = |n: &Node| matches!(&n.kind, NodeKind::File(c) if c.size > 0 && c.size <= max_file);
+        let children = |d: u64| match &self.nodes[d as usize - 1].kind {
+            NodeKind::Dir { children } => Some(children),
+            _ => None,
+        };
+        let here = children(dir)
+            .map(|c| c.values().filter(|&&i| i != ino && small(&self.nodes[i as usize - 1])).count())
+            .unwrap_or(0);
+        let grand = self.nodes[dir as usize - 1].parent;
+        let scope = if here < DIR_PREFETCH_MIN_FILES && dir != 1 && grand != 1 { grand } else { dir };
+        done(dir).store(true, Ordering::Relaxed);
+        if scope != dir && done(scope).swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // Walk the scope (bounded), collecting uncached chunks of small files.
+        let mut todo = Vec::new();
+        let mut bytes = 0u64;
+        let mut stack = vec![scope];
+        let mut visited = 0usize;
+        'walk: while let Some(d) = stack.pop() {
+            let Some(kids) = children(d) else { continue };
+            for &child in kids.values() {
+                visited += 1;
+                if visited > 100_000 {
+                    break 'walk;
+                }
+                let n = &self.nodes[child as usize - 1];
+                match &n.kind {
+                    NodeKind::Dir { .. } => stack.push(child),
+                    NodeKind::File(c) if child != ino && small(n) => {
+                        if bytes + c.size > self.opts.dir_prefetch_max_bytes {
+                            break 'walk;
+                        }
+                        let missing: Vec<Digest> = c
+                            .chunks
+                            .iter()
+                            .filter(|c| !self.cache.contains(&c.digest))
+                            .map(|c| c.digest)
+                            .collect();
+                        if !missing.is_empty() {
+                            bytes += c.size;
+                            todo.extend(missing);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !todo.is_empty() {
+            debug!(ino, scope, chunks = todo.len(), bytes, "directory-locality prefetch");
+            self.dir_prefetch.submit(todo, &self.cache, &self.store);
+        }
+    }
+
+    /// The cache file that can back a passthrough open of `content`, if there is one:
+    /// the chunk file of a one-chunk file, or the assembled copy of a bigger one.
+    fn backing_file(&self, content: &FileContent) -> Option<Arc<std::fs::File>> {
+        match content.chunks.as_slice() {
+            [] => None,
+            [one] => self.cache.verified_file(&one.digest),
+            chunks if content.size >= self.opts.assemble_min_bytes => {
+                self.cache.view_file(&ChunkCache::view_key(chunks))
+            }
+            _ => None,
+        }
     }
 
     fn record(&self, digest: &Digest) {
@@ -528,6 +683,14 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Symlink targets never change: let the kernel cache them too.
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.inner.opts.passthrough {
+            // Backing files live on an ordinary file system (stack depth 0); depth 1
+            // still lets an overlay use this mount as a lower layer.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            debug!(passthrough = ok, "fuse init");
+            self.inner.passthrough.store(ok, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -556,17 +719,110 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.inner.node(ino).map(|n| &n.kind) {
-            Some(NodeKind::File(_)) => {}
+        let inner = &self.inner;
+        let content = match inner.node(ino).map(|n| &n.kind) {
+            Some(NodeKind::File(content)) => content,
             Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
             Some(NodeKind::Symlink(_)) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
-        }
+        };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        // Contents never change: keep the page cache across opens.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        inner.dir_prefetch(ino.0);
+        let lock = || inner.opens.lock().unwrap_or_else(|p| p.into_inner());
+        // With no handle open, passthrough if the cache has a backing file (looked up
+        // outside the lock: it may verify a chunk) and the kernel takes it.
+        let idle = lock().get(&ino.0).is_none_or(|st| st.cached == 0 && st.passthrough == 0);
+        let mut fresh = None;
+        if idle && inner.passthrough.load(Ordering::Relaxed) {
+            if let Some(file) = inner.backing_file(content) {
+                match reply.open_backing(&*file) {
+                    Ok(backing) => fresh = Some(backing),
+                    Err(e) => {
+                        inner.passthrough.store(false, Ordering::Relaxed);
+                        warn!(error = %e, "the kernel refused a passthrough backing file; serving reads ourselves from now on");
+                    }
+                }
+            }
+        }
+        // Follow the mode of the handles open now (the kernel refuses to mix them); with
+        // none, use the new backing file if there is one. (A backing id not kept is
+        // closed when dropped.)
+        let mut opens = lock();
+        let st = opens.entry(ino.0).or_default();
+        if st.cached == 0 {
+            if st.backing.is_none() {
+                st.backing = fresh.take();
+            }
+            if let Some(backing) = &st.backing {
+                st.passthrough += 1;
+                inner.counters.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                // Reads bypass us from here: log the file as read (its first chunk; all
+                // of a big file's chunks would make a later prefetch over-eager).
+                if let Some(first) = content.chunks.first() {
+                    inner.record(&first.digest);
+                }
+                // The kernel refuses KEEP_CACHE with passthrough: the page cache used is
+                // the backing file's.
+                return reply.opened_passthrough(
+                    FileHandle(FH_PASSTHROUGH),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    backing,
+                );
+            }
+        }
+        st.cached += 1;
+        drop(opens);
+        // Contents never change: keep the page cache across opens; nothing to flush.
+        reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let inner = &self.inner;
+        let mut backing = None;
+        let mut last_cached = false;
+        {
+            let mut opens = inner.opens.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = opens.get_mut(&ino.0) {
+                if fh.0 == FH_PASSTHROUGH {
+                    st.passthrough = st.passthrough.saturating_sub(1);
+                    if st.passthrough == 0 {
+                        backing = st.backing.take();
+                    }
+                } else {
+                    st.cached = st.cached.saturating_sub(1);
+                    last_cached = st.cached == 0;
+                }
+                if st.cached == 0 && st.passthrough == 0 {
+                    opens.remove(&ino.0);
+                }
+            }
+        }
+        // Closing the backing id (on drop) only drops the kernel's reference for new
+        // opens; nothing of ours is open on it any more.
+        drop(backing);
+        reply.ok();
+        // A big file now fully cached: build its one-file copy for passthrough.
+        if last_cached && inner.passthrough.load(Ordering::Relaxed) {
+            if let Some(NodeKind::File(content)) = inner.node(ino).map(|n| &n.kind) {
+                if content.chunks.len() > 1
+                    && content.size >= inner.opts.assemble_min_bytes
+                    && inner.cache.contains_all(&content.chunks)
+                {
+                    inner.cache.submit_assembly(&content.chunks);
+                }
+            }
+        }
     }
 
     fn read(

@@ -10,6 +10,15 @@
 //!   counted in [`ImageFs::stats`].
 //! - [`ImageFs::access_log`] lists the chunks read since creation in first-read order;
 //!   [`ImageFs::prefetch`] warms the cache with such a list on the next start.
+//! - Directory-locality prefetch: the first open of a file in a directory fetches the
+//!   directory's other small files in the background (bounded; see
+//!   [`ImageFsOptions::dir_prefetch_file_max`]); large files stay lazy.
+//! - FUSE passthrough (Linux >= 6.9): a file whose content is one cached, verified
+//!   chunk, or a big file with an assembled one-file copy in the cache (built in the
+//!   background once all its chunks are cached), is handed to the kernel, so its reads
+//!   bypass this process ([`ImageFsOptions::passthrough`]).
+//! - A full cache disk is not an error for readers: the cache evicts to make room, or
+//!   serves the chunk uncached; both are logged and counted in [`ChunkCache::stats`].
 //!
 //! The kernel page cache is kept across opens (`FOPEN_KEEP_CACHE`) and attributes,
 //! entries and symlinks are cached for [`ImageFsOptions::ttl`]: the tree is immutable.
@@ -22,5 +31,5 @@ mod readahead;
 
 pub use cache::{CacheStats, ChunkCache, Source, OPEN_FILES};
 pub use error::{ImageFsError, Result};
-pub use fs::{ImageFs, ImageFsOptions, ImageFsStats, PrefetchReport};
+pub use fs::{ImageFs, ImageFsOptions, ImageFsStats, PrefetchReport, DIR_PREFETCH_MIN_FILES};
 pub use mount::{force_unmount, MountHandle};

@@ -2,6 +2,8 @@
 //! chunks of a file being read into the [`ChunkCache`], so a sequential reader finds
 //! them cached (or joins their fetch) instead of paying one store round trip per chunk.
 //!
+//! The same pool type runs directory-locality prefetch (a second instance per image fs).
+//!
 //! Fetches go through [`ChunkCache::ensure`], i.e. the same de-duplicated in-flight
 //! path as reads: a reader that reaches a chunk being read ahead waits for that fetch,
 //! never a second one. Readers never wait on the queue itself.

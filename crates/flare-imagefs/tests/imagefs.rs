@@ -161,8 +161,15 @@ impl Fixture {
         Arc::new(ChunkCache::open(&self.tmp.path().join(name), 1 << 30).unwrap())
     }
     fn fs(&self, cache: &Arc<ChunkCache>) -> ImageFs {
-        ImageFs::new(self.manifest.clone(), self.store.clone(), cache.clone(), ImageFsOptions::default())
-            .unwrap()
+        self.fs_with(cache, ImageFsOptions::default())
+    }
+    /// Without directory-locality prefetch: only what is read (and chunk read-ahead
+    /// within a file) is fetched.
+    fn fs_strict(&self, cache: &Arc<ChunkCache>) -> ImageFs {
+        self.fs_with(cache, strict())
+    }
+    fn fs_with(&self, cache: &Arc<ChunkCache>, opts: ImageFsOptions) -> ImageFs {
+        ImageFs::new(self.manifest.clone(), self.store.clone(), cache.clone(), opts).unwrap()
     }
     fn mount(&self, fs: &ImageFs, name: &str) -> (PathBuf, MountHandle) {
         let mnt = self.tmp.path().join(name);
@@ -176,6 +183,10 @@ impl Fixture {
             _ => panic!("{path} is not a file"),
         }
     }
+}
+
+fn strict() -> ImageFsOptions {
+    ImageFsOptions { dir_prefetch_file_max: 0, ..ImageFsOptions::default() }
 }
 
 fn mounted(mnt: &Path) -> bool {
@@ -302,7 +313,7 @@ fn lazy_fetch_cache_and_restart() {
     }
     let fx = fixture();
     let cache = fx.cache("cache");
-    let imagefs = fx.fs(&cache);
+    let imagefs = fx.fs_strict(&cache);
     let (mnt, handle) = fx.mount(&imagefs, "mnt");
 
     // Metadata costs no fetch at all.
@@ -346,7 +357,7 @@ fn lazy_fetch_cache_and_restart() {
     handle.unmount().unwrap();
 
     // A second image fs over the same cache (fresh page cache): served by the cache.
-    let imagefs2 = fx.fs(&cache);
+    let imagefs2 = fx.fs_strict(&cache);
     let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
     assert_eq!(fs::read(mnt2.join("usr/lib/python3/other.bin")).unwrap(), other);
     assert_eq!(fx.store.gets(), gets, "cached chunks must not be fetched again");
@@ -361,7 +372,7 @@ fn lazy_fetch_cache_and_restart() {
     drop(cache);
     let cache = fx.cache("cache");
     assert!(cache.len() >= fx.chunks_of("usr/lib/python3/other.bin").len());
-    let imagefs3 = fx.fs(&cache);
+    let imagefs3 = fx.fs_strict(&cache);
     let (mnt3, handle3) = fx.mount(&imagefs3, "mnt3");
     assert_eq!(fs::read(mnt3.join("usr/lib/python3/other.bin")).unwrap(), other);
     assert_eq!(fx.store.gets(), gets, "after a restart, cached chunks must not be fetched");
@@ -385,7 +396,7 @@ fn corrupt_cached_chunk_is_refetched() {
     let chunks = fx.chunks_of("usr/lib/python3/other.bin");
     {
         let cache = fx.cache("cache");
-        let imagefs = fx.fs(&cache);
+        let imagefs = fx.fs_strict(&cache);
         let report = imagefs.prefetch(&chunks.iter().copied().collect::<Vec<_>>(), 4);
         assert_eq!(report.fetched, chunks.len());
     }
@@ -399,7 +410,7 @@ fn corrupt_cached_chunk_is_refetched() {
     fs::write(&path, &bytes).unwrap();
 
     let cache = fx.cache("cache");
-    let imagefs = fx.fs(&cache);
+    let imagefs = fx.fs_strict(&cache);
     let (mnt, handle) = fx.mount(&imagefs, "mnt");
     assert_eq!(
         fs::read(mnt.join("usr/lib/python3/other.bin")).unwrap(),
@@ -453,7 +464,7 @@ fn access_log_and_prefetch_warm_a_new_cache() {
     }
     let fx = fixture();
     let cache = fx.cache("cache-a");
-    let imagefs = fx.fs(&cache);
+    let imagefs = fx.fs_strict(&cache);
     let (mnt, handle) = fx.mount(&imagefs, "mnt");
     // A "start" that reads a few files.
     fs::read(mnt.join("usr/lib/python3/site/mod.py")).unwrap();
@@ -474,9 +485,10 @@ fn access_log_and_prefetch_warm_a_new_cache() {
     let unique: BTreeSet<_> = log.iter().collect();
     assert_eq!(unique.len(), log.len(), "no duplicates");
 
-    // Next start: an empty cache on another worker, warmed from the log.
+    // Next start: an empty cache on another worker, warmed from the log (without
+    // directory-locality prefetch, which would fetch files outside the log).
     let cache_b = fx.cache("cache-b");
-    let imagefs_b = fx.fs(&cache_b);
+    let imagefs_b = fx.fs_strict(&cache_b);
     let before = fx.store.gets();
     let report = imagefs_b.prefetch(&log, 4);
     assert_eq!(report.requested, log.len());
@@ -697,7 +709,7 @@ fn chunk_read_ahead_is_bounded_and_stays_in_the_file() {
     let fx = fixture();
     let cache = fx.cache("cache");
     // The kernel's own 128 KiB readahead stays within the first chunk (>= 256 KiB).
-    let opts = ImageFsOptions { read_ahead_kb: None, ..ImageFsOptions::default() };
+    let opts = ImageFsOptions { read_ahead_kb: None, ..strict() };
     let imagefs = ImageFs::new(fx.manifest.clone(), fx.store.clone(), cache.clone(), opts).unwrap();
     let (mnt, handle) = fx.mount(&imagefs, "mnt");
     let chunks = match &fx.manifest.get("usr/lib/big.bin").unwrap().kind {
@@ -726,7 +738,7 @@ fn chunk_read_ahead_is_bounded_and_stays_in_the_file() {
 
     // Off: only what is read is fetched.
     let cache2 = fx.cache("cache2");
-    let opts = ImageFsOptions { read_ahead_kb: None, read_ahead_chunks: 0, ..ImageFsOptions::default() };
+    let opts = ImageFsOptions { read_ahead_kb: None, read_ahead_chunks: 0, ..strict() };
     let imagefs2 = ImageFs::new(fx.manifest.clone(), fx.store.clone(), cache2, opts).unwrap();
     let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
     let gets = fx.store.gets();
@@ -736,5 +748,258 @@ fn chunk_read_ahead_is_bounded_and_stays_in_the_file() {
     assert_eq!(fx.store.gets(), gets + 1);
     assert_eq!(imagefs2.stats().read_ahead_fetches, 0);
     drop(f);
+    handle2.unmount().unwrap();
+}
+
+/// A source tree written from `(path, content)` pairs, snapshotted into a new store.
+fn tree_fixture(files: &[(&str, Vec<u8>)]) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for (path, data) in files {
+        let p = src.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, data).unwrap();
+    }
+    let store = TestStore::new(&tmp.path().join("store"));
+    let manifest = flare_cas::snapshot_dir(store.as_ref(), &src, None).unwrap();
+    Fixture { tmp, src, store, manifest: Arc::new(manifest) }
+}
+
+fn random_bytes(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rng.fill_bytes(&mut data);
+    data
+}
+
+#[test]
+fn dir_prefetch_fetches_small_files_of_the_directory_only() {
+    if !can_mount() {
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut files: Vec<(String, Vec<u8>)> =
+        (1..=6).map(|i| (format!("lib/pkg/mod{i}.py"), random_bytes(&mut rng, 2000 + i * 100))).collect();
+    files.push(("lib/pkg/data.bin".into(), random_bytes(&mut rng, 200 << 10)));
+    files.push(("lib/pkg/sub/x.py".into(), random_bytes(&mut rng, 1500)));
+    files.push(("lib/other/y.py".into(), random_bytes(&mut rng, 1500)));
+    files.push(("deep/leaf/only.py".into(), random_bytes(&mut rng, 1000)));
+    files.push(("deep/w.py".into(), random_bytes(&mut rng, 1000)));
+    files.push(("deep/other/z.py".into(), random_bytes(&mut rng, 1000)));
+    files.push(("top/alone.py".into(), random_bytes(&mut rng, 1000)));
+    files.push(("top2/t.py".into(), random_bytes(&mut rng, 1000)));
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    let fx = tree_fixture(&files);
+    let cache = fx.cache("cache");
+    let imagefs = fx.fs(&cache);
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    let chunks = |paths: &[&str]| paths.iter().flat_map(|p| fx.chunks_of(p)).collect::<BTreeSet<_>>();
+
+    // A directory with enough small files: they (and its subdirectories' ones) are
+    // fetched in the background; the big file and other directories are not.
+    assert_eq!(fs::read(mnt.join("lib/pkg/mod1.py")).unwrap(), files[0].1);
+    imagefs.wait_read_ahead();
+    let mods: Vec<String> = (1..=6).map(|i| format!("lib/pkg/mod{i}.py")).collect();
+    let mut want: Vec<&str> = mods.iter().map(String::as_str).collect();
+    want.push("lib/pkg/sub/x.py");
+    assert_eq!(fx.store.fetched(), chunks(&want));
+    assert_eq!(imagefs.stats().dir_prefetch_fetches, 6);
+    // Reading a prefetched file costs no fetch.
+    let gets = fx.store.gets();
+    for (i, path) in mods.iter().enumerate() {
+        assert_eq!(&fs::read(mnt.join(path)).unwrap(), &files[i].1);
+    }
+    assert_eq!(fs::read(mnt.join("lib/pkg/sub/x.py")).unwrap(), files[7].1);
+    assert_eq!(fx.store.gets(), gets);
+
+    // A directory with too few small files widens to its parent's subtree...
+    fs::read(mnt.join("deep/leaf/only.py")).unwrap();
+    imagefs.wait_read_ahead();
+    let fetched = fx.store.fetched();
+    assert!(fetched.is_superset(&chunks(&["deep/w.py", "deep/other/z.py"])));
+    // ...but never to the root's.
+    fs::read(mnt.join("top/alone.py")).unwrap();
+    imagefs.wait_read_ahead();
+    let fetched = fx.store.fetched();
+    assert!(fetched.is_disjoint(&chunks(&["top2/t.py", "lib/other/y.py", "lib/pkg/data.bin"])));
+    assert_eq!(imagefs.stats().errors, 0);
+    handle.unmount().unwrap();
+
+    // The byte budget bounds one prefetch.
+    let cache2 = fx.cache("cache2");
+    let opts = ImageFsOptions { dir_prefetch_max_bytes: 5000, ..ImageFsOptions::default() };
+    let imagefs2 = fx.fs_with(&cache2, opts);
+    let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
+    let before = fx.store.gets();
+    fs::read(mnt2.join("lib/pkg/mod1.py")).unwrap();
+    imagefs2.wait_read_ahead();
+    assert_eq!(imagefs2.stats().dir_prefetch_fetches, 2, "two 2 KiB files fit in 5000 bytes");
+    assert_eq!(fx.store.gets() - before, 3);
+    handle2.unmount().unwrap();
+}
+
+#[test]
+fn passthrough_serves_cached_files_and_assembled_copies() {
+    if !can_mount() {
+        return;
+    }
+    let fx = fixture();
+    let cache = fx.cache("cache");
+    // Assemble files of >= 1 MiB (the fixture's big files are 6 and 3 MiB).
+    let opts = ImageFsOptions { assemble_min_bytes: 1 << 20, ..strict() };
+    let big = fs::read(fx.src.join("usr/lib/big.bin")).unwrap();
+    let big_chunks = match &fx.manifest.get("usr/lib/big.bin").unwrap().kind {
+        EntryKind::File(c) => c.chunks.clone(),
+        _ => unreachable!(),
+    };
+    let view = cache.view_path(&ChunkCache::view_key(&big_chunks));
+
+    // First mount: nothing cached, every read goes through the image fs; once the big
+    // file has been read whole (and closed), its assembled copy is built.
+    let imagefs = fx.fs_with(&cache, opts.clone());
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+    assert_eq!(fs::read(mnt.join("etc/hostname")).unwrap(), b"flare\n");
+    assert_eq!(fs::read(mnt.join("usr/run.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(fs::read(mnt.join("usr/lib/big.bin")).unwrap(), big);
+    assert_eq!(imagefs.stats().passthrough_opens, 0);
+    handle.unmount().unwrap();
+    cache.wait_assembly();
+    assert!(cache.stats().assembled >= 1);
+    assert_eq!(fs::read(&view).unwrap(), big, "the assembled copy is the file");
+    let gets = fx.store.gets();
+
+    // Second mount: cached one-chunk files and the assembled file are passthrough.
+    let imagefs2 = fx.fs_with(&cache, opts.clone());
+    let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
+    assert_eq!(fs::read(mnt2.join("etc/hostname")).unwrap(), b"flare\n");
+    let mut a = fs::File::open(mnt2.join("usr/lib/big.bin")).unwrap();
+    // A second open while the first is open shares its backing file.
+    let mut b = fs::File::open(mnt2.join("usr/lib/big.bin")).unwrap();
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).unwrap();
+    assert!(got == big);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..50 {
+        let off = rng.gen_range(0..big.len());
+        let len = rng.gen_range(0..1 << 20);
+        b.seek(SeekFrom::Start(off as u64)).unwrap();
+        let mut part = Vec::new();
+        (&mut b).take(len as u64).read_to_end(&mut part).unwrap();
+        assert!(part == big[off..(off + len).min(big.len())], "range {off}+{len}");
+    }
+    drop((a, b));
+    // Executables run from a passthrough file (exec maps it).
+    let out = std::process::Command::new(mnt2.join("usr/run.sh")).output().unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    let s2 = imagefs2.stats();
+    assert!(s2.passthrough_opens >= 4, "{s2:?}");
+    assert_eq!(s2.reads, 0, "passthrough reads bypass the image fs: {s2:?}");
+    assert_eq!(fx.store.gets(), gets);
+    // The access log still lists what was opened (a file's first chunk).
+    let log = imagefs2.access_log();
+    assert!(log.contains(&big_chunks[0].digest));
+    assert!(log.contains(fx.chunks_of("etc/hostname").iter().next().unwrap()));
+    handle2.unmount().unwrap();
+
+    // A restart does not trust assembled copies: they are rebuilt from verified chunks.
+    drop((imagefs, imagefs2, cache));
+    let cache = fx.cache("cache");
+    assert!(!view.exists());
+    let imagefs3 = fx.fs_with(&cache, opts);
+    let (mnt3, handle3) = fx.mount(&imagefs3, "mnt3");
+    assert_eq!(fs::read(mnt3.join("usr/lib/big.bin")).unwrap(), big);
+    assert!(imagefs3.stats().reads > 0, "served chunk by chunk until reassembled");
+    handle3.unmount().unwrap();
+    cache.wait_assembly();
+    assert_eq!(fs::read(&view).unwrap(), big);
+    assert_eq!(fx.store.gets(), gets, "everything came from the cache");
+}
+
+/// Mounts a tmpfs of `size` at `path` for the test's lifetime (unmounted on drop).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let path = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string that outlives the call.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn cache_disk_full() {
+    if !can_mount() {
+        return;
+    }
+    // A ~23.5 MiB image on a cache disk (tmpfs) of 8 MiB: four 3 MiB files and one of
+    // 9 MiB (several chunks each), and forty small ones.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let mut files: Vec<(String, Vec<u8>)> =
+        (0..4).map(|i| (format!("data/big{i}.bin"), random_bytes(&mut rng, 3 << 20))).collect();
+    files.push(("data/huge.bin".into(), random_bytes(&mut rng, 9 << 20)));
+    for i in 0..40 {
+        files.push((format!("small/f{i:02}.txt"), random_bytes(&mut rng, 64 << 10)));
+    }
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    let fx = tree_fixture(&files);
+    let disk = fx.tmp.path().join("disk");
+    let _tmpfs = Tmpfs::mount(&disk, "8m");
+    // The cache's own bound is far above what the disk holds.
+    let cache = Arc::new(ChunkCache::open(&disk.join("cache"), 1 << 30).unwrap());
+    let opts = ImageFsOptions { assemble_min_bytes: 1 << 20, ..ImageFsOptions::default() };
+    let imagefs = fx.fs_with(&cache, opts.clone());
+    let (mnt, handle) = fx.mount(&imagefs, "mnt");
+
+    // Everything reads back correctly although the disk fills up: the cache evicts to
+    // make room (and assembling the 9 MiB file, which cannot fit, fails cleanly).
+    for (path, data) in &files {
+        assert!(&fs::read(mnt.join(path)).unwrap() == data, "content of {path}");
+    }
+    imagefs.wait_read_ahead();
+    cache.wait_assembly();
+    let s = cache.stats();
+    assert!(s.disk_full > 0, "the full disk was noticed: {s:?}");
+    assert!(s.evictions > 0, "{s:?}");
+    assert!(s.assemble_errors > 0, "{s:?}");
+    assert_eq!(imagefs.stats().errors, 0);
+    assert!(cache.used_bytes() <= 8 << 20);
+    handle.unmount().unwrap();
+
+    // Now fill the disk with something the cache cannot evict: fetched chunks cannot
+    // be cached at all, and are served from memory; each failure is counted.
+    // (A second tmpfs: the first one's space is freed only when the last open chunk
+    // file of the dropped cache is closed, by threads that end in their own time.)
+    drop((imagefs, cache));
+    let disk2 = fx.tmp.path().join("disk2");
+    let _tmpfs2 = Tmpfs::mount(&disk2, "8m");
+    let cache2 = Arc::new(ChunkCache::open(&disk2.join("cache"), 1 << 30).unwrap());
+    let mut ballast = fs::File::create(disk2.join("ballast")).unwrap();
+    let block = vec![7u8; 256 << 10];
+    while ballast.write_all(&block).is_ok() {}
+    drop(ballast);
+    let imagefs2 = fx.fs_with(&cache2, opts);
+    let (mnt2, handle2) = fx.mount(&imagefs2, "mnt2");
+    for (path, data) in files.iter().rev().take(6) {
+        assert!(&fs::read(mnt2.join(path)).unwrap() == data, "content of {path} on a full disk");
+    }
+    imagefs2.wait_read_ahead();
+    let s2 = cache2.stats();
+    assert!(s2.write_errors > 0 && s2.disk_full > 0, "{s2:?}");
+    assert_eq!(cache2.len(), 0);
+    assert_eq!(imagefs2.stats().errors, 0);
+    // The mount is fine: metadata and other files still read.
+    assert_eq!(walk(&mnt2), walk(&fx.src));
+    assert!(fs::read(mnt2.join("data/big0.bin")).unwrap() == files[0].1);
     handle2.unmount().unwrap();
 }
