@@ -79,6 +79,15 @@ def test_readme_example_builds_then_is_cached(server: Server, tmp_path: Path) ->
     assert info["env"]["MODE"] == "prod"
     assert info["mounts"] and info["mounts"][0]["dest"] == "/root/mylib"
 
+    # Garbage collection with no grace keeps everything images reference: still cached.
+    from .conftest import FLARED
+    gc = subprocess.run([str(FLARED), "gc", "--home", server.home, "--grace-secs", "0"],
+                        capture_output=True, text=True, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    r5 = run_cli("run", str(app_dir / "fetch.py"), timeout=120)
+    assert r5.returncode == 0, r5.stdout + r5.stderr
+    assert (r5.stdout + r5.stderr).count("(cached)") == 4
+
 
 def test_failing_pip_install_reports_log_tail_and_caches_nothing(server: Server, tmp_path: Path) -> None:
     pkg = unique("flare-no-such-package")

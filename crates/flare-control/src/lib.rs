@@ -93,6 +93,9 @@ struct WorkerRt {
     draining: bool,
     last_seen: Instant,
     joined_at: f64,
+    /// Images (manifest digests) a container has started on here: their files are in
+    /// this worker's chunk cache, so the scheduler prefers it for them.
+    images: scheduler::ImageSet,
 }
 
 #[derive(Clone)]
@@ -398,6 +401,7 @@ impl ControlPlane {
             gpus_used: BTreeMap::new(),
             accepting: true,
             draining: false,
+            images: Default::default(),
             last_seen: Instant::now(),
             joined_at: now_ts(),
         });
@@ -565,8 +569,14 @@ impl ControlPlane {
                     c.idle_since = Instant::now();
                 }
                 let fid = c.function_id.clone();
+                let wid = c.worker_id.clone();
                 if let Some(f) = st.functions.get_mut(&fid) {
                     f.start_failures = 0;
+                    if let Some(img) = &f.def.image {
+                        if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == wid) {
+                            w.images.insert(&img.manifest);
+                        }
+                    }
                 }
                 tracing::debug!(container = %container_id, ms = c.started_at.elapsed().as_millis() as u64, "container ready");
                 schedule(st, &fid);
@@ -1828,7 +1838,7 @@ fn schedule(st: &mut State, fid: &str) {
         cpu_millis: cfg.cpu.map(|c| (c * 1000.0) as u64).unwrap_or(DEFAULT_CPU_MILLIS),
         memory_mb: cfg.memory.unwrap_or(DEFAULT_MEMORY_MB),
         gpu: cfg.gpu.clone(),
-        image: None,
+        image: f.def.image.as_ref().map(|i| i.manifest.clone()),
     };
     let app_name = st.apps.get(&f.app_id).map(|a| a.row.name.clone()).unwrap_or_default();
     let mut make_room = false;
@@ -1844,7 +1854,7 @@ fn schedule(st: &mut State, fid: &str) {
                 memory_mb_used: w.mem_used,
                 gpus_total: w.link.gpus.clone(),
                 gpus_used: w.gpus_used.clone(),
-                images: Default::default(),
+                images: w.images.clone(),
                 same_function: f
                     .containers
                     .iter()

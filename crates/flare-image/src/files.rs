@@ -33,10 +33,19 @@ impl FileIndex {
 
     /// Is the whole file with this digest stored?
     pub fn has(&self, d: &Digest) -> Result<bool, ImageError> {
-        if self.index_path(d).exists() {
-            return Ok(true);
+        match std::fs::read(self.index_path(d)) {
+            Ok(json) => {
+                // Garbage collection may have swept the chunks of a file nothing used.
+                let Ok(c) = serde_json::from_slice::<FileContent>(&json) else { return Ok(false) };
+                for chunk in &c.chunks {
+                    if !self.store.touch(&chunk.digest)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Err(_) => Ok(self.store.touch(d)?),
         }
-        Ok(self.store.has(d)?)
     }
 
     /// Store an uploaded file after checking that its content has digest `expect`.

@@ -129,3 +129,85 @@ impl ImageHost {
         }
     }
 }
+
+/// The control plane's blob store seen from a worker on another machine: blobs are
+/// fetched over HTTP (`GET /v1/blobs/{digest}`) and verified here. Read-only.
+pub struct HttpBlobStore {
+    client: crate::http::HttpClient,
+    handle: tokio::runtime::Handle,
+}
+
+impl HttpBlobStore {
+    /// `handle`: the runtime that drives the HTTP client (calls block on it, so they
+    /// must come from threads outside that runtime's workers, e.g. FUSE or blocking tasks).
+    pub fn new(client: crate::http::HttpClient, handle: tokio::runtime::Handle) -> HttpBlobStore {
+        HttpBlobStore { client, handle }
+    }
+
+    fn fetch(&self, d: &Digest) -> flare_cas::Result<Option<Vec<u8>>> {
+        let path = format!("/v1/blobs/{d}");
+        match self.handle.block_on(self.client.get(&path)) {
+            Ok(body) => {
+                if Digest::of(&body) != *d {
+                    return Err(flare_cas::CasError::Corrupt { digest: *d });
+                }
+                Ok(Some(body.to_vec()))
+            }
+            Err(e) if e.starts_with("404") => Ok(None),
+            Err(e) => Err(flare_cas::CasError::Io {
+                context: format!("fetching {d} from {}", self.client.base()),
+                source: std::io::Error::other(e),
+            }),
+        }
+    }
+
+    fn read_only() -> flare_cas::CasError {
+        flare_cas::CasError::Io {
+            context: "the control plane's blob store".into(),
+            source: std::io::Error::new(std::io::ErrorKind::Unsupported, "read-only from a worker"),
+        }
+    }
+}
+
+impl BlobStore for HttpBlobStore {
+    fn put(&self, _data: &[u8]) -> flare_cas::Result<Digest> {
+        Err(Self::read_only())
+    }
+
+    fn put_file(&self, _path: &Path) -> flare_cas::Result<Digest> {
+        Err(Self::read_only())
+    }
+
+    fn get(&self, digest: &Digest) -> flare_cas::Result<Vec<u8>> {
+        self.fetch(digest)?.ok_or(flare_cas::CasError::NotFound { digest: *digest })
+    }
+
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> flare_cas::Result<Vec<u8>> {
+        let data = self.get(digest)?;
+        let size = data.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(flare_cas::CasError::OutOfRange { what: format!("blob {digest}"), offset, len, size });
+        }
+        Ok(data[offset as usize..(offset + len) as usize].to_vec())
+    }
+
+    fn has(&self, digest: &Digest) -> flare_cas::Result<bool> {
+        Ok(self.fetch(digest)?.is_some())
+    }
+
+    fn touch(&self, digest: &Digest) -> flare_cas::Result<bool> {
+        self.has(digest)
+    }
+
+    fn stat(&self, digest: &Digest) -> flare_cas::Result<Option<flare_cas::BlobInfo>> {
+        Ok(self.fetch(digest)?.map(|b| flare_cas::BlobInfo { size: b.len() as u64, modified: std::time::SystemTime::now() }))
+    }
+
+    fn list(&self) -> flare_cas::Result<Vec<Digest>> {
+        Ok(Vec::new())
+    }
+
+    fn delete(&self, _digest: &Digest) -> flare_cas::Result<bool> {
+        Err(Self::read_only())
+    }
+}

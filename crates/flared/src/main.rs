@@ -40,6 +40,18 @@ enum Cmd {
     Worker(WorkerArgs),
     /// Print the GPUs this machine offers (as NVML reports them), as JSON.
     Gpus,
+    /// Delete blobs no image, layer or mount references (safe while a server builds:
+    /// blobs written or touched within the grace period are kept).
+    Gc(GcArgs),
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    #[arg(long, env = "FLARE_HOME")]
+    home: Option<PathBuf>,
+    /// Keep unreferenced blobs younger than this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    grace_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -387,6 +399,15 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     });
     let client = flare_worker::http::HttpClient::new(&control).map_err(anyhow::Error::msg)?;
     let runtime = start_runtime(&home, args.no_nat)?;
+    // Images: blobs come from the control plane over HTTP into this machine's chunk cache.
+    let remote_store: Arc<dyn flare_cas::BlobStore> = Arc::new(flare_worker::images::HttpBlobStore::new(
+        client.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let cache = Arc::new(
+        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes()).context("opening the chunk cache")?,
+    );
+    let image_host = flare_worker::images::ImageHost::new(remote_store, cache, &home.join("imagefs")).map_err(anyhow::Error::msg)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let handle = flare_worker::start(
         flare_worker::WorkerConfig {
@@ -396,7 +417,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             api: flare_worker::http::proxy_router(client.clone()),
             socket_dir: socket_dir(&home),
             mount_source: Some(client),
-            images: None,
+            images: Some(Arc::new(image_host)),
         },
         events_tx,
     );
@@ -512,5 +533,28 @@ fn main() -> Result<()> {
             }
             Err(why) => bail!("no GPUs: {why}"),
         },
+        Cmd::Gc(args) => gc(args),
     }
+}
+
+fn gc(args: GcArgs) -> Result<()> {
+    let home = prepare_home(args.home)?;
+    let store = flare_cas::LocalStore::open(&home.join("cas")).context("opening the blob store")?;
+    let records = flare_image::records::Records::open(&home.join("images")).map_err(anyhow::Error::msg)?;
+    let mut roots: Vec<flare_cas::Digest> = Vec::new();
+    for d in records.manifest_roots().map_err(anyhow::Error::msg)? {
+        roots.push(d.parse().map_err(|_| anyhow::anyhow!("bad manifest digest {d} in a layer record"))?);
+    }
+    for img in records.images().map_err(anyhow::Error::msg)? {
+        for m in img.mounts {
+            roots.push(m.manifest.parse().map_err(|_| anyhow::anyhow!("bad mount digest {}", m.manifest))?);
+        }
+    }
+    let report = flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;
+    println!(
+        "{} blobs reachable ({} missing), {} scanned, {} deleted ({} bytes), {} young kept ({} bytes)",
+        report.reachable, report.missing, report.scanned, report.deleted, report.deleted_bytes, report.kept_young,
+        report.kept_young_bytes
+    );
+    Ok(())
 }
