@@ -905,6 +905,21 @@ impl Filesystem for FuseAdapter {
         xattr_reply(&names, size, reply);
     }
 
+    /// No ioctls (e.g. FS_IOC_GETFLAGS from `ls`/pip probing): ENOTTY, quietly.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         if self.inner.node(ino).is_none() {
             return reply.error(Errno::ENOENT);
