@@ -50,6 +50,23 @@ def _hash_path(path: str) -> str:
     return "blake3:" + h.hexdigest()
 
 
+def _hash_path_sized(path: str) -> tuple[str, int]:
+    """``(digest, size)`` of the file at ``path``, the size being what was actually read."""
+    import blake3
+
+    size = 0
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if st.st_size >= _PARALLEL_HASH_MIN else blake3.blake3()
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            h.update(chunk)
+    return "blake3:" + h.hexdigest(), size
+
+
 def _cache_path() -> str:
     from ._server import flare_home
 
@@ -102,6 +119,35 @@ class HashCache:
                 entries[real] = key + [digest]
                 self._dirty = True
         return digest, st.st_size
+
+    def lookup(self, real: str, size: int, mtime_ns: int, ino: int) -> str | None:
+        """The cached digest of the file at ``real`` (a path without symlinks in it) if its
+        (size, mtime_ns, inode) are still those cached."""
+        with self._lock:
+            hit = self._load().get(real)
+        if hit is not None and hit[0] == size and hit[1] == mtime_ns and hit[2] == ino:
+            return str(hit[3])
+        return None
+
+    def hash_known(self, real: str, size: int, mtime_ns: int, ino: int) -> tuple[str, int]:
+        """Like ``hash_file`` for a path known to have no symlink in it, whose ``lstat`` gave
+        (size, mtime_ns, inode): no ``realpath``, no stat on a cache hit. Returns
+        ``(digest, size)``, the size being that of the content hashed."""
+        import time
+
+        digest = self.lookup(real, size, mtime_ns, ino)
+        if digest is not None:
+            return digest, size
+        digest, got = _hash_path_sized(real)
+        after = os.lstat(real)
+        key = [after.st_size, after.st_mtime_ns, after.st_ino]
+        if key == [got, mtime_ns, ino] and time.time_ns() - after.st_mtime_ns > _RACY_NS:
+            with self._lock:
+                entries = self._load()
+                entries.pop(real, None)  # re-inserted last: the dict's order is least recently hashed first
+                entries[real] = key + [digest]
+                self._dirty = True
+        return digest, got
 
     def save(self) -> None:
         """Write the cache back (atomically; a concurrent writer's entries may be lost, which

@@ -336,6 +336,13 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
         image_ids = build_images(client, list(images.values()), show_output)
     entry = _entry_file(app)
     entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
+    # Functions without an image run on a copy of this Python environment, captured into
+    # the server's store (None: not captured; the worker binds the host's dirs instead).
+    local_image_id: str | None = None
+    if len(images) < len(app._functions):
+        from ._localenv import capture
+
+        local_image_id = capture(client, entry_dir, show_output)
     blobs = BlobSet()
     entries = collect_files(entry, blobs) if entry else None
     body: dict[str, Any] = {"name": name, "mode": mode}
@@ -350,7 +357,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     defs = []
     for fn in app._functions.values():
         img = images.get(fn._tag)
-        defs.append(_function_def(fn, entry_dir, mount_id, image_ids[id(img)] if img is not None else None))
+        defs.append(_function_def(fn, entry_dir, mount_id, image_ids[id(img)] if img is not None else local_image_id))
     if defs:
         registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}

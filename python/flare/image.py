@@ -19,7 +19,7 @@ from . import exception
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path, PurePosixPath
-    from typing import Any, Callable, Iterator, Sequence, Union
+    from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
     from ._blobs import BlobSet
     from ._transport import Client
@@ -653,9 +653,15 @@ def _write(text: str) -> None:
 def build(client: Client, spec: dict[str, Any], show_output: bool) -> dict[str, Any]:
     """POST the (resolved, uploaded) spec to ``/v1/images/build`` and follow the build;
     returns the ``done`` event. A failed build raises ``flare.exception.RemoteError``."""
+    return follow_build(client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT), show_output)
+
+
+def follow_build(events: Iterable[Any], show_output: bool) -> dict[str, Any]:
+    """Follow a build's event stream (printing progress when ``show_output``); returns the
+    ``done`` event. A failed build raises ``flare.exception.RemoteError``."""
     steps: dict[int, tuple[int, str]] = {}
     at_line_start = True
-    for raw in client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT):
+    for raw in events:
         if not isinstance(raw, dict):
             continue
         ev: dict[str, Any] = raw
