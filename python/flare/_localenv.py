@@ -297,7 +297,7 @@ def _file_lists(
     files = 0
     for root, recs in scans:
         entries: list[dict[str, Any]] = []
-        for rel, mode, _size, _mtime, _ino, target in recs:
+        for rel, mode, _size, mtime_ns, _ino, target in recs:
             if stat.S_ISREG(mode):
                 path = root + "/" + rel
                 got = digests.get(path)
@@ -305,7 +305,9 @@ def _file_lists(
                     continue
                 digest, size = got
                 sources.setdefault(digest, path)
-                entries.append({"path": rel, "kind": "file", "mode": mode & 0o7777, "digest": digest, "size": size})
+                # mtime: timestamp-based .pyc files stay valid against their sources.
+                entries.append({"path": rel, "kind": "file", "mode": mode & 0o7777, "digest": digest, "size": size,
+                                "mtime": mtime_ns // 1_000_000_000})
                 files += 1
             elif stat.S_ISDIR(mode):
                 entries.append({"path": rel, "kind": "dir", "mode": mode & 0o7777})

@@ -29,7 +29,9 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def spec(img: Image, blobs: BlobSet | None = None) -> dict[str, Any]:
-    return img._resolve(blobs or BlobSet())
+    out = img._resolve(blobs or BlobSet())
+    assert os.path.isdir(out.pop("cloudpickle_path"))
+    return out
 
 
 def by_path(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -442,8 +444,12 @@ def test_build_events(capsys: pytest.CaptureFixture[str]) -> None:
         build_images(client, [Image.from_registry("alpine:3.19")], show_output=False)  # type: ignore[arg-type]
 
 
-def test_publish_builds_images(tmp_path: Path) -> None:
+def test_publish_builds_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flare.app import _publish
+
+    # The function without an image keeps the host-bound environment here (capturing it
+    # is tested in test_localenv.py).
+    monkeypatch.setenv("FLARE_LOCAL_PYTHON", "bind")
 
     entry = tmp_path / "main.py"
     entry.write_text("X = 1\n")

@@ -98,9 +98,11 @@ impl FileIndex {
             let rel = normalize_path(e.path()).map_err(|err| ImageError::Invalid(format!("{:?}: {err}", e.path())))?;
             let path = if prefix.is_empty() { rel } else { format!("{prefix}/{rel}") };
             let entry = match e {
-                FileEntry::File { mode, digest, size, .. } => {
+                FileEntry::File { mode, digest, size, mtime, .. } => {
                     let d: Digest = digest.parse().map_err(|_| ImageError::Invalid(format!("bad digest {digest:?}")))?;
-                    Entry::file(self.content(&d, *size)?, mode & 0o7777)
+                    let mut e = Entry::file(self.content(&d, *size)?, mode & 0o7777);
+                    e.mtime = mtime.unwrap_or(0);
+                    e
                 }
                 FileEntry::Symlink { target, .. } => Entry::symlink(target),
                 FileEntry::Dir { mode, .. } => Entry::dir(mode & 0o7777),
@@ -147,16 +149,17 @@ mod tests {
             .manifest(
                 "app",
                 &[
-                    FileEntry::File { path: "a/s.txt".into(), mode: 0o644, digest: ds.to_string(), size: 5 },
-                    FileEntry::File { path: "big".into(), mode: 0o755, digest: db.to_string(), size: big.len() as u64 },
+                    FileEntry::File { path: "a/s.txt".into(), mode: 0o644, digest: ds.to_string(), size: 5, mtime: Some(7) },
+                    FileEntry::File { path: "big".into(), mode: 0o755, digest: db.to_string(), size: big.len() as u64, mtime: None },
                     FileEntry::Symlink { path: "l".into(), target: "/etc/passwd".into() },
                 ],
             )
             .unwrap();
-        assert!(m.get("app/a/s.txt").is_some() && m.get("app/big").is_some());
+        assert_eq!(m.get("app/a/s.txt").map(|e| e.mtime), Some(7));
+        assert!(m.get("app/big").is_some());
         let missing = Digest::of(b"nope");
         let err = idx
-            .manifest("", &[FileEntry::File { path: "x".into(), mode: 0o644, digest: missing.to_string(), size: 4 }])
+            .manifest("", &[FileEntry::File { path: "x".into(), mode: 0o644, digest: missing.to_string(), size: 4, mtime: None }])
             .unwrap_err();
         assert!(matches!(err, ImageError::MissingBlob(_)));
         assert!(idx.manifest("", &[FileEntry::Dir { path: "../x".into(), mode: 0o755 }]).is_err());

@@ -223,7 +223,7 @@ pub fn mount_files(b: &Builder, entries: &Value) -> Result<Vec<flare_api::MountF
         serde_json::from_value(entries.clone()).map_err(|e| ApiError::invalid(format!("invalid entries: {e}")))?;
     let mut out = Vec::new();
     for e in entries {
-        if let FileEntry::File { path, mode, digest: d, size } = e {
+        if let FileEntry::File { path, mode, digest: d, size, .. } = e {
             flare_api::validate_relative_path(&path)?;
             let d: Digest = d.parse().map_err(|_| ApiError::invalid(format!("bad digest {d:?}")))?;
             let content = b.files().content(&d, size).map_err(|e| e.to_api())?;

@@ -122,6 +122,9 @@ pub enum FileEntry {
         mode: u32,
         digest: String,
         size: u64,
+        /// Modification time (seconds); kept so timestamp-checked `.pyc` files stay valid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime: Option<i64>,
     },
     Symlink {
         path: String,
