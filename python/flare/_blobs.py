@@ -255,16 +255,75 @@ def _put(client: Client, digest: str, source: Source) -> int:
     return size
 
 
+_BATCH_FILE_MAX = 1 << 20
+_BATCH_BYTES = 16 << 20
+_BATCH_COUNT = 4096
+
+
+def _read(source: Source) -> bytes:
+    from . import exception
+
+    if isinstance(source, bytes):
+        return source
+    try:
+        with open(source, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise exception.InvalidError(f"Cannot read {source}: {e.strerror or e}") from None
+
+
+def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
+    """Send many small blobs in one request (``POST /v1/blobs/batch``)."""
+    import json
+
+    from . import exception
+
+    for d, data in items:
+        if digest_bytes(data) != d:
+            raise exception.InvalidError("a file changed while uploading it; run again")
+    header = json.dumps({"blobs": [{"digest": d, "size": len(data)} for d, data in items]}).encode()
+    body = b"".join([header, b"\n", *(data for _, data in items)])
+    client.request("POST", "/v1/blobs/batch", body, timeout=600, content_type="application/octet-stream")
+    return len(body) - len(header) - 1
+
+
+def _small(source: Source) -> bool:
+    if isinstance(source, bytes):
+        return len(source) <= _BATCH_FILE_MAX
+    try:
+        return os.stat(source).st_size <= _BATCH_FILE_MAX
+    except OSError:
+        return False
+
+
 def upload(client: Client, sources: dict[str, Source]) -> int:
-    """PUT the blobs of ``sources`` (digest -> local path or bytes) that the server is missing.
-    Returns the number of bytes sent."""
+    """Send the blobs of ``sources`` (digest -> local path or bytes) that the server is
+    missing: small ones in batches, big ones one PUT each. Returns the bytes sent."""
     if not sources:
         return 0
     todo = [d for d in missing(client, sources) if d in sources]
     if not todo:
         return 0
+    small = [d for d in todo if _small(sources[d])]
+    small_set = set(small)
+    big = [d for d in todo if d not in small_set]
+    sent = 0
+    batch: list[tuple[str, bytes]] = []
+    size = 0
+    for d in small:
+        data = _read(sources[d])
+        batch.append((d, data))
+        size += len(data)
+        if size >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
+            sent += _post_batch(client, batch)
+            batch, size = [], 0
+    if batch:
+        sent += _post_batch(client, batch)
+    todo = big
+    if not todo:
+        return sent
     if len(todo) == 1:
-        return _put(client, todo[0], sources[todo[0]])
+        return sent + _put(client, todo[0], sources[todo[0]])
     from concurrent.futures import ThreadPoolExecutor
 
     n = min(_UPLOAD_THREADS, len(todo))
@@ -279,4 +338,4 @@ def upload(client: Client, sources: dict[str, Source]) -> int:
                 close()  # this thread's connection
 
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="flare-upload") as pool:
-        return sum(pool.map(send, groups))
+        return sent + sum(pool.map(send, groups))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pickle
 import sys
@@ -343,6 +344,20 @@ def test_hash_cache_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert len(calls) == 5
 
 
+def split_batch(body: bytes) -> dict[str, bytes]:
+    """The blobs of a ``POST /v1/blobs/batch`` body: a JSON header line, then the bytes."""
+    head, _, data = body.partition(b"\n")
+    out: dict[str, bytes] = {}
+    at = 0
+    for item in json.loads(head)["blobs"]:
+        chunk = data[at:at + item["size"]]
+        assert digest(chunk) == item["digest"]
+        out[item["digest"]] = chunk
+        at += item["size"]
+    assert at == len(data)
+    return out
+
+
 class FakeClient:
     def __init__(self, have: set[str]) -> None:
         self.have = set(have)
@@ -362,6 +377,11 @@ class FakeClient:
             self.puts[d] = body
             self.have.add(d)
             return {"digest": d, "size": len(body)}
+        if (method, path) == ("POST", "/v1/blobs/batch"):
+            got = split_batch(body)
+            self.puts.update(got)
+            self.have.update(got)
+            return {"stored": len(got)}
         raise AssertionError(f"unexpected request {method} {path}")
 
 
@@ -527,7 +547,13 @@ def test_transport_streams_and_uploads_files(tmp_path: Path) -> None:
             self._json({"digest": digest(body), "size": len(body)})
 
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/blobs/batch":
+                for d, data in split_batch(raw).items():
+                    received[f"/v1/blobs/{d}"] = data
+                self._json({"stored": 1})
+                return
+            body = json.loads(raw)
             if self.path == "/v1/blobs/missing":
                 self._json({"missing": body["digests"]})
                 return

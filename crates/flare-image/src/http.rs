@@ -61,6 +61,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> +
 pub fn router(builder: Arc<Builder>) -> Router {
     Router::new()
         .route("/v1/blobs/missing", post(missing))
+        .route("/v1/blobs/batch", post(upload_batch))
         .route("/v1/blobs/{digest}", put(upload).get(download))
         .route("/v1/images/build", post(build))
         .route("/v1/images", get(list))
@@ -96,6 +97,52 @@ async fn upload(State(b): State<Arc<Builder>>, Path(d): Path<String>, body: Byte
     let size = body.len();
     blocking(move || b.files().put(&d, &body)).await?;
     Ok(Json(json!({ "digest": d.to_string(), "size": size })))
+}
+
+#[derive(Deserialize)]
+struct BatchHeader {
+    blobs: Vec<BatchItem>,
+}
+
+#[derive(Deserialize)]
+struct BatchItem {
+    digest: String,
+    size: usize,
+}
+
+/// Many small files in one request: a JSON header line `{"blobs": [{"digest", "size"}]}`,
+/// then the files' bytes back to back in that order. Each is verified like a PUT.
+async fn upload_batch(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
+    let nl = body
+        .iter()
+        .position(|&c| c == b'\n')
+        .ok_or_else(|| Err(ApiError::invalid("batch upload: no header line")))?;
+    let header: BatchHeader = parse(&body[..nl])?;
+    let data = body.slice(nl + 1..);
+    let total: usize = header.blobs.iter().map(|i| i.size).sum();
+    if total != data.len() {
+        return std::result::Result::Err(Err(ApiError::invalid(format!(
+            "batch upload: the header announces {total} bytes, the body has {}",
+            data.len()
+        ))));
+    }
+    let items = header
+        .blobs
+        .iter()
+        .map(|i| Ok((digest(&i.digest)?, i.size)))
+        .collect::<Result<Vec<_>, Err>>()?;
+    let n = items.len();
+    blocking(move || {
+        let mut at = 0;
+        for (d, size) in items {
+            b.files().put(&d, &data[at..at + size])?;
+            at += size;
+        }
+        b.store().flush()?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "stored": n, "bytes": total })))
 }
 
 /// A stored blob (whole file or chunk), for workers that do not share the store.
