@@ -158,7 +158,13 @@ class HashCache:
         with self._lock:
             if not self._dirty or self._entries is None:
                 return
-            entries = self._entries
+            # Merge with what is on disk now: another cache object (in this process or
+            # another) may have saved entries since this one loaded.
+            on_disk = HashCache(self.path)._load()
+            for k, v in self._entries.items():
+                on_disk.pop(k, None)
+                on_disk[k] = v
+            self._entries = entries = on_disk
             if len(entries) > _CACHE_MAX_ENTRIES:
                 for k in list(entries)[: len(entries) - _CACHE_MAX_ENTRIES]:
                     del entries[k]

@@ -91,7 +91,12 @@ def local_roots(entry_dir: str | None) -> list[str]:
     ``entry_dir`` (that dir itself is left out: it is shipped as the code mount)."""
     from ._mount import python_info
 
-    return python_roots(sys.executable, python_info(entry_dir)["paths"])
+    # The current directory (sys.path's "" under `python -m` or an interactive shell) is
+    # where the user happens to stand, not part of the environment: it can be a whole
+    # source checkout with build outputs. Local modules travel in the code mount.
+    cwd = os.path.realpath(os.getcwd())
+    paths = [p for p in python_info(entry_dir)["paths"] if os.path.realpath(p) != cwd]
+    return python_roots(sys.executable, paths)
 
 
 # ------------------------------------------------------------------ scanning
