@@ -25,10 +25,21 @@ pub struct ImageHost {
     cache: Arc<ChunkCache>,
     root: PathBuf,
     mounts: Mutex<HashMap<Digest, Arc<Mutex<Option<Mounted>>>>>,
+    /// Captured environments checked against this machine's files: do they match?
+    host_checked: Mutex<HashMap<Digest, bool>>,
 }
 
 fn bad(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// Mount options of image `d`. `FLARE_IMAGEFS_PASSTHROUGH=0` turns FUSE passthrough off.
+fn image_fs_options(d: &Digest) -> ImageFsOptions {
+    let mut o = ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ..Default::default() };
+    if std::env::var("FLARE_IMAGEFS_PASSTHROUGH").is_ok_and(|v| v == "0") {
+        o.passthrough = false;
+    }
+    o
 }
 
 impl ImageHost {
@@ -43,7 +54,13 @@ impl ImageHost {
                 let _ = flare_imagefs::force_unmount(&e.path());
             }
         }
-        Ok(ImageHost { store, cache, root: root.to_path_buf(), mounts: Mutex::new(HashMap::new()) })
+        Ok(ImageHost {
+            store,
+            cache,
+            root: root.to_path_buf(),
+            mounts: Mutex::new(HashMap::new()),
+            host_checked: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn BlobStore> {
@@ -66,7 +83,7 @@ impl ImageHost {
             Arc::new(tree),
             self.store.clone(),
             self.cache.clone(),
-            ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ..Default::default() },
+            image_fs_options(&d),
         )
         .map_err(bad)?;
         let fs = Arc::new(fs);
@@ -84,6 +101,38 @@ impl ImageHost {
         let handle = fs.mount(&path).map_err(bad)?;
         *slot = Some(Mounted { fs, _handle: handle, path: path.clone(), access_saved });
         Ok(path)
+    }
+
+    /// Whether this machine's own files under `roots` are those of captured environment
+    /// `manifest`: every entry exists with the same type, mode, size and modification
+    /// time (files) or target (symlinks) — the rule the client's hash cache uses to call
+    /// a file unchanged. Checked once per image (one `lstat` per entry), then remembered.
+    /// `FLARE_LOCAL_ENV_FROM_HOST=0` turns this off (always the lazy image mount).
+    pub fn host_matches(&self, manifest: &str, roots: &[String]) -> bool {
+        if std::env::var("FLARE_LOCAL_ENV_FROM_HOST").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        let Ok(d) = manifest.parse::<Digest>() else { return false };
+        if let Some(&known) = self.host_checked.lock().unwrap_or_else(|e| e.into_inner()).get(&d) {
+            return known;
+        }
+        let t0 = std::time::Instant::now();
+        let verdict = match get_manifest(self.store.as_ref(), &d) {
+            Ok(tree) => match first_difference(&tree, roots) {
+                None => true,
+                Some(why) => {
+                    tracing::info!(image = %d, %why, "captured environment differs from this machine's files: using the image mount");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(image = %d, error = %e, "cannot read a captured environment's manifest");
+                false
+            }
+        };
+        tracing::debug!(image = %d, verdict, ms = t0.elapsed().as_millis() as u64, "captured environment checked against the host");
+        self.host_checked.lock().unwrap_or_else(|e| e.into_inner()).insert(d, verdict);
+        verdict
     }
 
     /// Save what the image's first start read (once per image and worker run).
@@ -128,6 +177,42 @@ impl ImageHost {
             Err(e) => Err(format!("storing mount {d}: {e}")),
         }
     }
+}
+
+/// The first entry of `tree` under `roots` that this machine does not have as recorded.
+fn first_difference(tree: &flare_cas::Manifest, roots: &[String]) -> Option<String> {
+    use flare_cas::EntryKind;
+    use std::os::unix::fs::MetadataExt;
+    let rels: Vec<String> = roots.iter().map(|r| r.trim_start_matches('/').to_owned()).collect();
+    if rels.iter().any(|r| r.is_empty()) {
+        return Some("a root is /".into());
+    }
+    let mut checked = 0usize;
+    for (path, e) in &tree.entries {
+        if !rels.iter().any(|r| path == r || path.starts_with(&format!("{r}/"))) {
+            continue;
+        }
+        checked += 1;
+        let host = Path::new("/").join(path);
+        let Ok(meta) = std::fs::symlink_metadata(&host) else { return Some(format!("{} is missing", host.display())) };
+        let same = match &e.kind {
+            EntryKind::Dir => meta.is_dir(),
+            EntryKind::Symlink { target } => {
+                meta.file_type().is_symlink()
+                    && std::fs::read_link(&host).is_ok_and(|t| t.as_os_str() == std::ffi::OsStr::new(target))
+            }
+            EntryKind::File(c) => {
+                meta.is_file() && meta.len() == c.size && e.mtime != 0 && meta.mtime() == e.mtime && meta.mode() & 0o7777 == e.mode
+            }
+        };
+        if !same {
+            return Some(format!("{} changed", host.display()));
+        }
+    }
+    if checked == 0 {
+        return Some("no entries under the roots".into());
+    }
+    None
 }
 
 /// The control plane's blob store seen from a worker on another machine: blobs are

@@ -333,7 +333,7 @@ fn build_spec(
         Network::Nat
     };
     let (python, rootfs, cwd) = match (&def.image, image.root) {
-        (Some(img), Some(_)) if !img.host_roots.is_empty() => (img.python.clone(), Rootfs::Host, "/root".into()),
+        (Some(img), _) if !img.host_roots.is_empty() => (img.python.clone(), Rootfs::Host, "/root".into()),
         (Some(img), Some(root)) => {
             (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
         }
@@ -558,12 +558,18 @@ async fn run_container_in(
             let host = cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
             let img = img.clone();
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
-                let root = host.ensure(&img.manifest)?;
+                // A captured environment whose files this machine has unchanged (the
+                // caller's own machine, usually) is bound from the host: no FUSE at all.
+                let root = if !img.host_roots.is_empty() && host.host_matches(&img.manifest, &img.host_roots) {
+                    None
+                } else {
+                    Some(host.ensure(&img.manifest)?)
+                };
                 let mut mounts = Vec::new();
                 for m in &img.mounts {
                     mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
                 }
-                Ok(ImageDirs { root: Some(root), mounts })
+                Ok(ImageDirs { root, mounts })
             })
             .await
             .map_err(|e| format!("image task: {e}"))?
