@@ -157,7 +157,11 @@ async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, E
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
     // The build goes on if the client goes away: its layers are cached for next time.
     tokio::spawn(async move {
-        if let std::result::Result::Err(e) = b.build(spec, tx.clone()).await {
+        let result = b.build(spec, tx.clone()).await;
+        // A build parses big file lists and manifests; give the freed heap back so it
+        // does not stay in this process (containers are cloned from it).
+        crate::trim_heap();
+        if let std::result::Result::Err(e) = result {
             let (message, log_tail) = match &e {
                 ImageError::StepFailed { message, log_tail } => (message.clone(), log_tail.clone()),
                 other => (other.to_string(), String::new()),

@@ -9,6 +9,16 @@ use std::sync::{Arc, Mutex};
 use flare_cas::{get_manifest, materialize, BlobStore, Digest};
 use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle};
 
+/// Return freed heap memory to the system (see `flare_image::trim_heap`: containers are
+/// cloned from this process, so a heap left large by a manifest parse slows every start).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Default size bound of the worker's chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 20 << 30;
 
@@ -26,7 +36,9 @@ pub struct ImageHost {
     root: PathBuf,
     mounts: Mutex<HashMap<Digest, Arc<Mutex<Option<Mounted>>>>>,
     /// Captured environments checked against this machine's files: do they match?
-    host_checked: Mutex<HashMap<Digest, bool>>,
+    /// (One check per image: concurrent starts wait for it instead of each loading the
+    /// manifest, which would leave every container cloned meanwhile with a big heap.)
+    host_checked: Mutex<HashMap<Digest, Arc<Mutex<Option<bool>>>>>,
 }
 
 fn bad(e: impl std::fmt::Display) -> String {
@@ -99,6 +111,7 @@ impl ImageHost {
         let path = self.root.join("mnt").join(d.hex());
         std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
         let handle = fs.mount(&path).map_err(bad)?;
+        trim_heap();
         *slot = Some(Mounted { fs, _handle: handle, path: path.clone(), access_saved });
         Ok(path)
     }
@@ -113,7 +126,9 @@ impl ImageHost {
             return false;
         }
         let Ok(d) = manifest.parse::<Digest>() else { return false };
-        if let Some(&known) = self.host_checked.lock().unwrap_or_else(|e| e.into_inner()).get(&d) {
+        let slot = self.host_checked.lock().unwrap_or_else(|e| e.into_inner()).entry(d).or_default().clone();
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = *slot {
             return known;
         }
         let t0 = std::time::Instant::now();
@@ -131,7 +146,8 @@ impl ImageHost {
             }
         };
         tracing::debug!(image = %d, verdict, ms = t0.elapsed().as_millis() as u64, "captured environment checked against the host");
-        self.host_checked.lock().unwrap_or_else(|e| e.into_inner()).insert(d, verdict);
+        trim_heap();
+        *slot = Some(verdict);
         verdict
     }
 
