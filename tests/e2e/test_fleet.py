@@ -105,6 +105,9 @@ class Fleet:
              "--control", f"http://{w.host_ip}:{self.port}", "--token", TOKEN, "--home", w.home,
              "--id", w.wid, "--cpu", "1", "--memory", "4096", "--no-nat", "--address", w.ns_ip, *w.extra],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            # As if on another machine: the captured Python environment comes from the
+            # control plane's store over HTTP into a lazy mount, never from this host's files.
+            env={**os.environ, "FLARE_LOCAL_ENV_FROM_HOST": "0"},
         )
 
     def kill_worker(self, w: Worker) -> None:
@@ -315,6 +318,21 @@ def _running_container(fleet: Fleet, function: str) -> dict[str, Any]:
         return None
 
     return wait_for(find, 30, f"a container of {function} running an input")  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_remote_workers_run_the_captured_environment_from_the_store(fleet: Fleet, fleet_app: Any) -> None:
+    """The functions' default image (the caller's captured environment) reaches workers
+    from the control plane's store over HTTP: a lazy mount and chunks in their own cache."""
+    cid = fleet_app.on_a100.remote(1)
+    w = fleet.workers[fleet.worker_of_container(cid) or ""]
+    mnt = Path(w.home) / "imagefs" / "mnt"
+    mounted = [p for p in mnt.iterdir() if os.path.ismount(p)]
+    assert mounted, list(mnt.iterdir())
+    cached = sum(1 for _ in (Path(w.home) / "chunk-cache").rglob("*") if _.is_file())
+    assert cached > 10, cached
 
 
 # --------------------------------------------------------------------------- placement
