@@ -530,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(first.rstrip("."), "start a server with `flare server start`, or set FLARE_SERVER_URL to a running one")
     except (exception.NotFoundError, exception.InvalidError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except exception.ImageBuildError as e:
+        _fail(str(e))
     except exception.ExecutionError as e:
         if "flared binary" in str(e):
             _fail(str(e))

@@ -25,6 +25,10 @@ class RemoteError(Error):
     """A remote exception that could not be reconstructed locally."""
 
 
+class ImageBuildError(RemoteError):
+    """An image build step failed; the message has the step and its output's last lines."""
+
+
 class FunctionTimeoutError(Error):
     """An input ran longer than the function's ``timeout``."""
 

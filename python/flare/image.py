@@ -701,7 +701,7 @@ def follow_build(events: Iterable[Any], show_output: bool) -> dict[str, Any]:
             text = f"Image build failed: {message}{where}"
             if tail:
                 text += "\n--- last output of the step ---\n" + tail
-            raise exception.RemoteError(text)
+            raise exception.ImageBuildError(text)
     raise exception.RemoteError("The image build stream ended without a result")
 
 

@@ -323,3 +323,18 @@ def test_unknown_registry_reference_is_a_clear_error(server: Server, registry: R
     assert r.returncode != 0
     err = r.stdout + r.stderr
     assert "no/such-image" in err and ("not found" in err.lower() or "unknown" in err.lower()), err
+
+
+def test_unavailable_python_version_lists_the_available_ones(server: Server, tmp_path: Path) -> None:
+    app = write_app(tmp_path, """
+        import flare
+        app = flare.App()
+
+        @app.function(image=flare.Image.debian_slim(python_version="3.8"))
+        def f():
+            return 1
+    """)
+    r = run_cli("run", f"{app}::f", timeout=120)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "3.8" in err and "available: 3.11 (Debian bookworm)" in err, err
