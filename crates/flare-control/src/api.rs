@@ -195,13 +195,14 @@ async fn create_mount(State(cp): State<ControlPlane>, body: Bytes) -> R<MountCre
     let cp2 = cp.clone();
     let mount_id = tokio::task::spawn_blocking(move || {
         if let Some(entries) = req.entries.take() {
-            let images = cp2.image_service().ok_or_else(|| ApiError::invalid("this server has no blob store"))?;
+            let images =
+                cp2.image_service().ok_or_else(|| ApiError::invalid("this server has no blob store"))?;
             req.files.extend(images.mount_files(&entries)?);
         }
         cp2.create_mount(req.files)
     })
-        .await
-        .map_err(|e| HttpError(ApiError::internal(e.to_string())))??;
+    .await
+    .map_err(|e| HttpError(ApiError::internal(e.to_string())))??;
     Ok(Json(MountCreated { mount_id }))
 }
 

@@ -949,10 +949,10 @@ impl ControlPlane {
             d.image = match &d.image_id {
                 None => None,
                 Some(id) => match self.inner.images.get() {
-                    Some(images) => Some(
-                        images
-                            .resolve(id).map_err(|e| ApiError { message: format!("function {:?}: {}", d.name, e.message), ..e })?,
-                    ),
+                    Some(images) => Some(images.resolve(id).map_err(|e| ApiError {
+                        message: format!("function {:?}: {}", d.name, e.message),
+                        ..e
+                    })?),
                     None => return Err(ApiError::invalid("this server has no image support")),
                 },
             };

@@ -27,10 +27,26 @@ use crate::{debian, now_ts, ImageError};
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BuildEvent {
-    Step { index: usize, total: usize, description: String, cached: bool },
-    Log { index: usize, text: String },
-    StepDone { index: usize, seconds: f64 },
-    Done { image_id: String, python: Option<String>, seconds: f64, base_key: String },
+    Step {
+        index: usize,
+        total: usize,
+        description: String,
+        cached: bool,
+    },
+    Log {
+        index: usize,
+        text: String,
+    },
+    StepDone {
+        index: usize,
+        seconds: f64,
+    },
+    Done {
+        image_id: String,
+        python: Option<String>,
+        seconds: f64,
+        base_key: String,
+    },
     Error {
         index: Option<usize>,
         message: String,
@@ -62,14 +78,21 @@ pub struct Builder {
 }
 
 /// Python interpreters looked for in an image, in order.
-const PYTHONS: [&str; 5] =
-    ["usr/local/bin/python3", "usr/bin/python3", "opt/conda/bin/python3", "usr/local/bin/python", "usr/bin/python"];
+const PYTHONS: [&str; 5] = [
+    "usr/local/bin/python3",
+    "usr/bin/python3",
+    "opt/conda/bin/python3",
+    "usr/local/bin/python",
+    "usr/bin/python",
+];
 
 /// The Python interpreter of a tree, if it has one.
 pub fn find_python(m: &Manifest) -> Option<String> {
     PYTHONS
         .iter()
-        .find(|p| matches!(m.get(p).map(|e| &e.kind), Some(EntryKind::File(_)) | Some(EntryKind::Symlink { .. })))
+        .find(|p| {
+            matches!(m.get(p).map(|e| &e.kind), Some(EntryKind::File(_)) | Some(EntryKind::Symlink { .. }))
+        })
         .map(|p| format!("/{p}"))
 }
 
@@ -94,7 +117,8 @@ impl Builder {
         let build = cfg.home.join("build");
         // Scratch of builds that were running when the server stopped.
         let _ = std::fs::remove_dir_all(&build);
-        std::fs::create_dir_all(&build).map_err(|e| ImageError::io(format!("creating {}", build.display()), e))?;
+        std::fs::create_dir_all(&build)
+            .map_err(|e| ImageError::io(format!("creating {}", build.display()), e))?;
         Ok(Builder { cfg, files, records, oci: flare_oci::Client::new(), locks: Mutex::new(HashMap::new()) })
     }
 
@@ -117,9 +141,18 @@ impl Builder {
 
     /// What a worker needs to run a function on image `image_id`.
     pub fn resolve(&self, image_id: &str) -> Result<ImageUse, ImageError> {
-        let img = self.records.image(image_id)?.ok_or_else(|| ImageError::NotFound(format!("image {image_id} not found")))?;
-        let last = img.layers.last().ok_or_else(|| ImageError::Invalid(format!("image {image_id} has no layers")))?;
-        let layer = self.records.layer(last)?.ok_or_else(|| ImageError::NotFound(format!("layer {last} of {image_id} is gone")))?;
+        let img = self
+            .records
+            .image(image_id)?
+            .ok_or_else(|| ImageError::NotFound(format!("image {image_id} not found")))?;
+        let last = img
+            .layers
+            .last()
+            .ok_or_else(|| ImageError::Invalid(format!("image {image_id} has no layers")))?;
+        let layer = self
+            .records
+            .layer(last)?
+            .ok_or_else(|| ImageError::NotFound(format!("layer {last} of {image_id} is gone")))?;
         let python = layer.config.python.clone().ok_or_else(|| {
             ImageError::Invalid(format!(
                 "image {image_id} has no Python interpreter (looked for {}); add one, e.g. .apt_install(\"python3\")",
@@ -138,7 +171,11 @@ impl Builder {
     }
 
     /// Build `spec`, sending progress to `events`; returns the image record.
-    pub async fn build(self: &Arc<Self>, spec: ImageSpec, events: mpsc::UnboundedSender<BuildEvent>) -> Result<ImageRecord, ImageError> {
+    pub async fn build(
+        self: &Arc<Self>,
+        spec: ImageSpec,
+        events: mpsc::UnboundedSender<BuildEvent>,
+    ) -> Result<ImageRecord, ImageError> {
         let started = Instant::now();
         let total = spec.layers.len() + 1;
         let send = |e: BuildEvent| {
@@ -191,12 +228,13 @@ impl Builder {
         };
         // A local environment sent by key is never rebuilt (its files are not in the request).
         let force_base = spec.force_build && !matches!(spec.base, Base::LocalPython { roots: None, .. });
-        let mut parent = self.layer_step(0, total, &base_key, None, &base_desc, force_base, &events, {
-            let this = self.clone();
-            let base = spec.base.clone();
-            move |log: Log<'_>| this.build_base(&base, log)
-        })
-        .await?;
+        let mut parent = self
+            .layer_step(0, total, &base_key, None, &base_desc, force_base, &events, {
+                let this = self.clone();
+                let base = spec.base.clone();
+                move |log: Log<'_>| this.build_base(&base, log)
+            })
+            .await?;
         let mut keys = vec![parent.key.clone()];
         let base_key = parent.key.clone();
         for (i, layer) in spec.layers.iter().enumerate() {
@@ -209,10 +247,19 @@ impl Builder {
             let ev = events.clone();
             let cloudpickle = spec.cloudpickle_path.clone().map(PathBuf::from).filter(|p| p.is_dir());
             parent = self
-                .layer_step(index, total, &key, Some(&parent.key), &layer.describe(), spec.force_build, &events, move |log: Log<'_>| {
-                    let _ = ev;
-                    this.build_layer(&parent2, &layer2, index, cloudpickle.as_deref(), log)
-                })
+                .layer_step(
+                    index,
+                    total,
+                    &key,
+                    Some(&parent.key),
+                    &layer.describe(),
+                    spec.force_build,
+                    &events,
+                    move |log: Log<'_>| {
+                        let _ = ev;
+                        this.build_layer(&parent2, &layer2, index, cloudpickle.as_deref(), log)
+                    },
+                )
                 .await?;
             keys.push(parent.key.clone());
         }
@@ -237,7 +284,13 @@ impl Builder {
                     .chain(spec.layers.iter().map(|l| l.describe()))
                     .collect::<Vec<_>>()
                     .join(" | ");
-                let r = ImageRecord { image_id: image_id.clone(), layers: keys, mounts, description, created_at: now_ts() };
+                let r = ImageRecord {
+                    image_id: image_id.clone(),
+                    layers: keys,
+                    mounts,
+                    description,
+                    created_at: now_ts(),
+                };
                 self.records.put_image(&r)?;
                 r
             }
@@ -271,13 +324,27 @@ impl Builder {
         let _guard = lock.lock().await;
         if !force {
             if let Some(rec) = self.records.layer(key)? {
-                if self.cfg.store.has(&rec.manifest.parse::<Digest>().map_err(|_| ImageError::Invalid("bad manifest digest".into()))?)? {
-                    let _ = events.send(BuildEvent::Step { index, total, description: description.to_owned(), cached: true });
+                if self.cfg.store.has(
+                    &rec.manifest
+                        .parse::<Digest>()
+                        .map_err(|_| ImageError::Invalid("bad manifest digest".into()))?,
+                )? {
+                    let _ = events.send(BuildEvent::Step {
+                        index,
+                        total,
+                        description: description.to_owned(),
+                        cached: true,
+                    });
                     return Ok(rec);
                 }
             }
         }
-        let _ = events.send(BuildEvent::Step { index, total, description: description.to_owned(), cached: false });
+        let _ = events.send(BuildEvent::Step {
+            index,
+            total,
+            description: description.to_owned(),
+            cached: false,
+        });
         let started = Instant::now();
         let ev = events.clone();
         let (merged, config) = tokio::task::spawn_blocking(move || {
@@ -293,7 +360,10 @@ impl Builder {
             None => None,
         };
         let parent_manifest = match &parent_rec {
-            Some(p) => Some(get_manifest(self.cfg.store.as_ref(), &p.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?)?),
+            Some(p) => Some(get_manifest(
+                self.cfg.store.as_ref(),
+                &p.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?,
+            )?),
             None => None,
         };
         let added_bytes = added_bytes(parent_manifest.as_ref(), &merged);
@@ -336,10 +406,16 @@ impl Builder {
             }
             Base::Registry { reference, insecure } => {
                 let r = flare_oci::ImageRef::parse(reference)?;
-                let client = if *insecure { self.oci.clone().with_plain_http(&r.registry) } else { self.oci.clone() };
+                let client =
+                    if *insecure { self.oci.clone().with_plain_http(&r.registry) } else { self.oci.clone() };
                 log(&format!("pulling {r}\n"));
                 let handle = tokio::runtime::Handle::current();
-                let pulled = handle.block_on(flare_oci::pull(&client, &r, self.cfg.store.as_ref(), &flare_oci::Platform::linux_amd64()))?;
+                let pulled = handle.block_on(flare_oci::pull(
+                    &client,
+                    &r,
+                    self.cfg.store.as_ref(),
+                    &flare_oci::Platform::linux_amd64(),
+                ))?;
                 log(&format!(
                     "pulled {} ({} layers, {} entries)\n",
                     pulled.image_digest,
@@ -362,7 +438,9 @@ impl Builder {
                 for r in roots {
                     let prefix = abs_dest(&r.path)?;
                     if prefix.is_empty() {
-                        return Err(ImageError::Invalid("the root directory cannot be an environment root".into()));
+                        return Err(ImageError::Invalid(
+                            "the root directory cannot be an environment root".into(),
+                        ));
                     }
                     let part = self.files.manifest(&prefix, &r.entries)?;
                     n += part.entries.len();
@@ -385,7 +463,8 @@ impl Builder {
         log: Log<'_>,
     ) -> Result<(Manifest, ImageConfig), ImageError> {
         let store = self.cfg.store.as_ref();
-        let parent_digest: Digest = parent.manifest.parse().map_err(|_| ImageError::Invalid("bad manifest digest".into()))?;
+        let parent_digest: Digest =
+            parent.manifest.parse().map_err(|_| ImageError::Invalid("bad manifest digest".into()))?;
         let mut config = parent.config.clone();
         match layer {
             Layer::Env { vars } => {
@@ -423,10 +502,15 @@ impl Builder {
             return Ok((parent_manifest, config));
         }
         if parent_manifest.get("bin/sh").is_none() && parent_manifest.get("usr/bin/sh").is_none() {
-            return Err(ImageError::Invalid(format!("{}: the image has no /bin/sh to run commands with", layer.describe())));
+            return Err(ImageError::Invalid(format!(
+                "{}: the image has no /bin/sh to run commands with",
+                layer.describe()
+            )));
         }
         let runtime = self.cfg.runtime.clone().ok_or_else(|| {
-            ImageError::Unavailable("this server cannot run build steps (no container runtime; run flared as root)".into())
+            ImageError::Unavailable(
+                "this server cannot run build steps (no container runtime; run flared as root)".into(),
+            )
         })?;
         let scratch = Scratch::new(&self.cfg.home)?;
         let lower = scratch.0.join("lower");
@@ -458,7 +542,10 @@ impl Builder {
             Arc::new(parent_manifest),
             self.cfg.store.clone(),
             self.cfg.cache.clone(),
-            ImageFsOptions { fsname: format!("flare-build-{}", &parent_digest.hex()[..12]), ..Default::default() },
+            ImageFsOptions {
+                fsname: format!("flare-build-{}", &parent_digest.hex()[..12]),
+                ..Default::default()
+            },
         )?;
         let mount = fs.mount(&lower)?;
         let mut result = Ok(());
@@ -523,9 +610,14 @@ impl Builder {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
         }
-        let mut binds = vec![Bind { src: inputs.to_path_buf(), dst: "/run/flare-build".into(), readonly: true }];
+        let mut binds =
+            vec![Bind { src: inputs.to_path_buf(), dst: "/run/flare-build".into(), readonly: true }];
         if Path::new("/etc/resolv.conf").exists() {
-            binds.push(Bind { src: "/etc/resolv.conf".into(), dst: "/etc/resolv.conf".into(), readonly: true });
+            binds.push(Bind {
+                src: "/etc/resolv.conf".into(),
+                dst: "/etc/resolv.conf".into(),
+                readonly: true,
+            });
         }
         if let Some(cp) = cloudpickle.map(Path::to_path_buf).or_else(|| self.cfg.cloudpickle_dir.clone()) {
             binds.push(Bind { src: cp, dst: "/__flare/cloudpickle".into(), readonly: true });

@@ -77,11 +77,7 @@ pub fn bootstrap(suite: &str, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<
     let mirror = mirror();
     log(&format!("debootstrap {suite} from {mirror}\n"));
     let mut child = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "--include=python3,python3-pip,python3-venv,ca-certificates",
-            suite,
-        ])
+        .args(["--variant=minbase", "--include=python3,python3-pip,python3-venv,ca-certificates", suite])
         .arg(dest)
         .arg(&mirror)
         .stdin(Stdio::null())
@@ -90,7 +86,9 @@ pub fn bootstrap(suite: &str, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<
         .spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                ImageError::Invalid("debootstrap is not installed on the server (apt-get install debootstrap)".into())
+                ImageError::Invalid(
+                    "debootstrap is not installed on the server (apt-get install debootstrap)".into(),
+                )
             } else {
                 ImageError::io("starting debootstrap", e)
             }
@@ -138,7 +136,8 @@ fn finish_python(root: &Path) -> Result<(), ImageError> {
         for e in rd.flatten() {
             let marker = e.path().join("EXTERNALLY-MANAGED");
             if e.file_name().to_string_lossy().starts_with("python3") && marker.exists() {
-                std::fs::remove_file(&marker).map_err(|e| ImageError::io("removing EXTERNALLY-MANAGED", e))?;
+                std::fs::remove_file(&marker)
+                    .map_err(|e| ImageError::io("removing EXTERNALLY-MANAGED", e))?;
             }
         }
     }

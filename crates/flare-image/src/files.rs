@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flare_cas::{normalize_path, store_reader, BlobStore, Chunk, Digest, Entry, EntryKind, FileContent, Manifest, WHOLE_FILE_MAX};
+use flare_cas::{
+    normalize_path, store_reader, BlobStore, Chunk, Digest, Entry, EntryKind, FileContent, Manifest,
+    WHOLE_FILE_MAX,
+};
 
 use crate::spec::FileEntry;
 use crate::ImageError;
@@ -19,7 +22,8 @@ pub struct FileIndex {
 
 impl FileIndex {
     pub fn open(store: Arc<dyn BlobStore>, dir: PathBuf) -> Result<FileIndex, ImageError> {
-        std::fs::create_dir_all(&dir).map_err(|e| ImageError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ImageError::io(format!("creating {}", dir.display()), e))?;
         Ok(FileIndex { store, dir })
     }
 
@@ -95,11 +99,13 @@ impl FileIndex {
             m.insert(prefix, Entry::dir(0o755))?;
         }
         for e in entries {
-            let rel = normalize_path(e.path()).map_err(|err| ImageError::Invalid(format!("{:?}: {err}", e.path())))?;
+            let rel = normalize_path(e.path())
+                .map_err(|err| ImageError::Invalid(format!("{:?}: {err}", e.path())))?;
             let path = if prefix.is_empty() { rel } else { format!("{prefix}/{rel}") };
             let entry = match e {
                 FileEntry::File { mode, digest, size, mtime, .. } => {
-                    let d: Digest = digest.parse().map_err(|_| ImageError::Invalid(format!("bad digest {digest:?}")))?;
+                    let d: Digest =
+                        digest.parse().map_err(|_| ImageError::Invalid(format!("bad digest {digest:?}")))?;
                     let mut e = Entry::file(self.content(&d, *size)?, mode & 0o7777);
                     e.mtime = mtime.unwrap_or(0);
                     e
@@ -149,8 +155,20 @@ mod tests {
             .manifest(
                 "app",
                 &[
-                    FileEntry::File { path: "a/s.txt".into(), mode: 0o644, digest: ds.to_string(), size: 5, mtime: Some(7) },
-                    FileEntry::File { path: "big".into(), mode: 0o755, digest: db.to_string(), size: big.len() as u64, mtime: None },
+                    FileEntry::File {
+                        path: "a/s.txt".into(),
+                        mode: 0o644,
+                        digest: ds.to_string(),
+                        size: 5,
+                        mtime: Some(7),
+                    },
+                    FileEntry::File {
+                        path: "big".into(),
+                        mode: 0o755,
+                        digest: db.to_string(),
+                        size: big.len() as u64,
+                        mtime: None,
+                    },
                     FileEntry::Symlink { path: "l".into(), target: "/etc/passwd".into() },
                 ],
             )
@@ -159,7 +177,16 @@ mod tests {
         assert!(m.get("app/big").is_some());
         let missing = Digest::of(b"nope");
         let err = idx
-            .manifest("", &[FileEntry::File { path: "x".into(), mode: 0o644, digest: missing.to_string(), size: 4, mtime: None }])
+            .manifest(
+                "",
+                &[FileEntry::File {
+                    path: "x".into(),
+                    mode: 0o644,
+                    digest: missing.to_string(),
+                    size: 4,
+                    mtime: None,
+                }],
+            )
             .unwrap_err();
         assert!(matches!(err, ImageError::MissingBlob(_)));
         assert!(idx.manifest("", &[FileEntry::Dir { path: "../x".into(), mode: 0o755 }]).is_err());

@@ -38,7 +38,8 @@ impl From<ApiError> for Err {
 
 impl IntoResponse for Err {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0.body())).into_response()
     }
 }
@@ -53,8 +54,13 @@ fn digest(s: &str) -> Result<Digest, Err> {
     s.parse().map_err(|_| Err(ApiError::invalid(format!("bad digest {s:?} (expected blake3:<64 hex>)"))))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, Err> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Err(ApiError::internal(e.to_string())))?.map_err(Err::from)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, Err> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Err(ApiError::internal(e.to_string())))?
+        .map_err(Err::from)
 }
 
 /// The image routes.
@@ -126,11 +132,8 @@ async fn upload_batch(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
             data.len()
         ))));
     }
-    let items = header
-        .blobs
-        .iter()
-        .map(|i| Ok((digest(&i.digest)?, i.size)))
-        .collect::<Result<Vec<_>, Err>>()?;
+    let items =
+        header.blobs.iter().map(|i| Ok((digest(&i.digest)?, i.size))).collect::<Result<Vec<_>, Err>>()?;
     let n = items.len();
     blocking(move || {
         let mut at = 0;
@@ -222,7 +225,10 @@ fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
     let mut layers = Vec::new();
     let mut last = None;
     for (i, k) in img.layers.iter().enumerate() {
-        let l = b.records().layer(k)?.ok_or_else(|| ImageError::NotFound(format!("layer {k} of {id} is gone")))?;
+        let l = b
+            .records()
+            .layer(k)?
+            .ok_or_else(|| ImageError::NotFound(format!("layer {k} of {id} is gone")))?;
         layers.push(json!({
             "index": i, "description": l.description, "key": l.key, "manifest": l.manifest,
             "files": l.files, "total_bytes": l.total_bytes, "added_bytes": l.added_bytes,
@@ -270,8 +276,8 @@ fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
 
 /// Read a file list's files into memory for a code mount (small source files).
 pub fn mount_files(b: &Builder, entries: &Value) -> Result<Vec<flare_api::MountFile>, ApiError> {
-    let entries: Vec<FileEntry> =
-        serde_json::from_value(entries.clone()).map_err(|e| ApiError::invalid(format!("invalid entries: {e}")))?;
+    let entries: Vec<FileEntry> = serde_json::from_value(entries.clone())
+        .map_err(|e| ApiError::invalid(format!("invalid entries: {e}")))?;
     let mut out = Vec::new();
     for e in entries {
         if let FileEntry::File { path, mode, digest: d, size, .. } = e {
@@ -279,7 +285,8 @@ pub fn mount_files(b: &Builder, entries: &Value) -> Result<Vec<flare_api::MountF
             let d: Digest = d.parse().map_err(|_| ApiError::invalid(format!("bad digest {d:?}")))?;
             let content = b.files().content(&d, size).map_err(|e| e.to_api())?;
             let mut data = Vec::with_capacity(size as usize);
-            flare_cas::write_file_to(b.store().as_ref(), &content, &mut data).map_err(|e| ApiError::internal(e.to_string()))?;
+            flare_cas::write_file_to(b.store().as_ref(), &content, &mut data)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
             out.push(flare_api::MountFile { path, data: flare_proto::B64(data.into()), mode });
         }
     }
@@ -309,9 +316,15 @@ async fn export(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> Result
         let use_ = b2.resolve(&id).or_else(|e| match e {
             // An image without Python still exports.
             ImageError::Invalid(_) => {
-                let img = b2.records().image(&id)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
+                let img = b2
+                    .records()
+                    .image(&id)?
+                    .ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
                 let last = img.layers.last().cloned().unwrap_or_default();
-                let l = b2.records().layer(&last)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
+                let l = b2
+                    .records()
+                    .layer(&last)?
+                    .ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
                 Ok(flare_proto::ImageUse {
                     image_id: id.clone(),
                     manifest: l.manifest,

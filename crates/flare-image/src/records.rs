@@ -58,7 +58,8 @@ impl Records {
     pub fn open(root: &Path) -> Result<Records, ImageError> {
         for d in ["layers", "images"] {
             let p = root.join(d);
-            std::fs::create_dir_all(&p).map_err(|e| ImageError::io(format!("creating {}", p.display()), e))?;
+            std::fs::create_dir_all(&p)
+                .map_err(|e| ImageError::io(format!("creating {}", p.display()), e))?;
         }
         Ok(Records { root: root.to_path_buf() })
     }
@@ -74,7 +75,8 @@ impl Records {
         let p = self.path(kind, id)?;
         match std::fs::read(&p) {
             Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| ImageError::Invalid(format!("record {}: {e}", p.display())))?,
+                serde_json::from_slice(&b)
+                    .map_err(|e| ImageError::Invalid(format!("record {}: {e}", p.display())))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ImageError::io(format!("reading {}", p.display()), e)),
@@ -113,7 +115,9 @@ impl Records {
     pub fn images(&self) -> Result<Vec<ImageRecord>, ImageError> {
         let dir = self.root.join("images");
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))? {
+        for e in
+            std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?
+        {
             let e = e.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json") {
@@ -130,7 +134,9 @@ impl Records {
     pub fn manifest_roots(&self) -> Result<Vec<String>, ImageError> {
         let dir = self.root.join("layers");
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))? {
+        for e in
+            std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?
+        {
             let e = e.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json") {

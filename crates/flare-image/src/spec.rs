@@ -148,7 +148,9 @@ fn default_dir_mode() -> u32 {
 impl FileEntry {
     pub fn path(&self) -> &str {
         match self {
-            FileEntry::File { path, .. } | FileEntry::Symlink { path, .. } | FileEntry::Dir { path, .. } => path,
+            FileEntry::File { path, .. } | FileEntry::Symlink { path, .. } | FileEntry::Dir { path, .. } => {
+                path
+            }
         }
     }
 }

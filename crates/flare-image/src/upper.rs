@@ -6,7 +6,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use flare_cas::{store_file, BlobStore, Entry, EntryKind, FileContent, Manifest, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use flare_cas::{
+    store_file, BlobStore, Entry, EntryKind, FileContent, Manifest, OPAQUE_MARKER, WHITEOUT_PREFIX,
+};
 
 use crate::ImageError;
 
@@ -35,18 +37,21 @@ pub fn snapshot_upper(store: &dyn BlobStore, upper: &Path) -> Result<Manifest, I
         if !rel_dir.is_empty() && opaque(&dir) {
             m.insert(&format!("{rel_dir}/{OPAQUE_MARKER}"), Entry::file(FileContent::default(), 0o644))?;
         }
-        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        let rd =
+            std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
         for de in rd {
             let de = de.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
-            let name = de.file_name().to_str().map(str::to_owned).ok_or_else(|| {
-                ImageError::Invalid(format!("non-UTF-8 file name in {}", dir.display()))
-            })?;
+            let name =
+                de.file_name().to_str().map(str::to_owned).ok_or_else(|| {
+                    ImageError::Invalid(format!("non-UTF-8 file name in {}", dir.display()))
+                })?;
             let rel = if rel_dir.is_empty() { name.clone() } else { format!("{rel_dir}/{name}") };
             if BUILD_ONLY.contains(&rel.as_str()) {
                 continue;
             }
             let path = de.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(|e| ImageError::io(format!("stat {}", path.display()), e))?;
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| ImageError::io(format!("stat {}", path.display()), e))?;
             let ft = meta.file_type();
             let kind = if ft.is_char_device() && meta.rdev() == 0 {
                 let wh = if rel_dir.is_empty() {
@@ -60,9 +65,13 @@ pub fn snapshot_upper(store: &dyn BlobStore, upper: &Path) -> Result<Manifest, I
                 pending.push((path.clone(), rel.clone()));
                 EntryKind::Dir
             } else if ft.is_symlink() {
-                let t = std::fs::read_link(&path).map_err(|e| ImageError::io(format!("readlink {}", path.display()), e))?;
+                let t = std::fs::read_link(&path)
+                    .map_err(|e| ImageError::io(format!("readlink {}", path.display()), e))?;
                 EntryKind::Symlink {
-                    target: t.to_str().ok_or_else(|| ImageError::Invalid(format!("non-UTF-8 link {}", path.display())))?.to_owned(),
+                    target: t
+                        .to_str()
+                        .ok_or_else(|| ImageError::Invalid(format!("non-UTF-8 link {}", path.display())))?
+                        .to_owned(),
                 }
             } else if ft.is_file() {
                 EntryKind::File(store_file(store, &path)?)

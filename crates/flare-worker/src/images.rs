@@ -58,7 +58,8 @@ impl ImageHost {
     /// `root` holds the mountpoints, access logs and materialized mounts.
     pub fn new(store: Arc<dyn BlobStore>, cache: Arc<ChunkCache>, root: &Path) -> Result<ImageHost, String> {
         for d in ["mnt", "access", "trees"] {
-            std::fs::create_dir_all(root.join(d)).map_err(|e| format!("creating {}: {e}", root.join(d).display()))?;
+            std::fs::create_dir_all(root.join(d))
+                .map_err(|e| format!("creating {}: {e}", root.join(d).display()))?;
         }
         // Mounts left by a previous run of this worker.
         if let Ok(rd) = std::fs::read_dir(root.join("mnt")) {
@@ -91,13 +92,8 @@ impl ImageHost {
             return Ok(m.path.clone());
         }
         let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("image {d}: {e}"))?;
-        let fs = ImageFs::new(
-            Arc::new(tree),
-            self.store.clone(),
-            self.cache.clone(),
-            image_fs_options(&d),
-        )
-        .map_err(bad)?;
+        let fs = ImageFs::new(Arc::new(tree), self.store.clone(), self.cache.clone(), image_fs_options(&d))
+            .map_err(bad)?;
         let fs = Arc::new(fs);
         // What the last start of this image read: fetch it in parallel before starting.
         let access = self.root.join("access").join(d.hex());
@@ -210,7 +206,9 @@ fn first_difference(tree: &flare_cas::Manifest, roots: &[String]) -> Option<Stri
         }
         checked += 1;
         let host = Path::new("/").join(path);
-        let Ok(meta) = std::fs::symlink_metadata(&host) else { return Some(format!("{} is missing", host.display())) };
+        let Ok(meta) = std::fs::symlink_metadata(&host) else {
+            return Some(format!("{} is missing", host.display()));
+        };
         let same = match &e.kind {
             EntryKind::Dir => meta.is_dir(),
             EntryKind::Symlink { target } => {
@@ -218,7 +216,11 @@ fn first_difference(tree: &flare_cas::Manifest, roots: &[String]) -> Option<Stri
                     && std::fs::read_link(&host).is_ok_and(|t| t.as_os_str() == std::ffi::OsStr::new(target))
             }
             EntryKind::File(c) => {
-                meta.is_file() && meta.len() == c.size && e.mtime != 0 && meta.mtime() == e.mtime && meta.mode() & 0o7777 == e.mode
+                meta.is_file()
+                    && meta.len() == c.size
+                    && e.mtime != 0
+                    && meta.mtime() == e.mtime
+                    && meta.mode() & 0o7777 == e.mode
             }
         };
         if !same {
@@ -287,7 +289,12 @@ impl BlobStore for HttpBlobStore {
         let data = self.get(digest)?;
         let size = data.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(flare_cas::CasError::OutOfRange { what: format!("blob {digest}"), offset, len, size });
+            return Err(flare_cas::CasError::OutOfRange {
+                what: format!("blob {digest}"),
+                offset,
+                len,
+                size,
+            });
         }
         Ok(data[offset as usize..(offset + len) as usize].to_vec())
     }
@@ -301,7 +308,9 @@ impl BlobStore for HttpBlobStore {
     }
 
     fn stat(&self, digest: &Digest) -> flare_cas::Result<Option<flare_cas::BlobInfo>> {
-        Ok(self.fetch(digest)?.map(|b| flare_cas::BlobInfo { size: b.len() as u64, modified: std::time::SystemTime::now() }))
+        Ok(self
+            .fetch(digest)?
+            .map(|b| flare_cas::BlobInfo { size: b.len() as u64, modified: std::time::SystemTime::now() }))
     }
 
     fn list(&self) -> flare_cas::Result<Vec<Digest>> {

@@ -270,7 +270,11 @@ fn build_spec(
             });
         }
         if Path::new("/etc/resolv.conf").exists() {
-            binds.push(Bind { src: "/etc/resolv.conf".into(), dst: "/etc/resolv.conf".into(), readonly: true });
+            binds.push(Bind {
+                src: "/etc/resolv.conf".into(),
+                dst: "/etc/resolv.conf".into(),
+                readonly: true,
+            });
         }
     }
     for r in roots {
@@ -338,7 +342,10 @@ fn build_spec(
             (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
         }
         (Some(img), None) => {
-            return Err(std::io::Error::other(format!("image {} is not mounted on this worker", img.image_id)))
+            return Err(std::io::Error::other(format!(
+                "image {} is not mounted on this worker",
+                img.image_id
+            )))
         }
         (None, _) => (def.python.executable.clone(), Rootfs::Host, "/root".into()),
     };
@@ -555,12 +562,14 @@ async fn run_container_in(
     let image_dirs = match &a.def.image {
         None => ImageDirs::default(),
         Some(img) => {
-            let host = cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
+            let host =
+                cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
             let img = img.clone();
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all.
-                let root = if !img.host_roots.is_empty() && host.host_matches(&img.manifest, &img.host_roots) {
+                let root = if !img.host_roots.is_empty() && host.host_matches(&img.manifest, &img.host_roots)
+                {
                     None
                 } else {
                     Some(host.ensure(&img.manifest)?)
@@ -573,7 +582,12 @@ async fn run_container_in(
             })
             .await
             .map_err(|e| format!("image task: {e}"))?
-            .map_err(|e| format!("could not mount image {}: {e}", a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("")))?
+            .map_err(|e| {
+                format!(
+                    "could not mount image {}: {e}",
+                    a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("")
+                )
+            })?
         }
     };
     let spec = build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs), image_dirs)

@@ -209,7 +209,10 @@ impl flare_control::ImageService for Images {
         self.builder.resolve(image_id).map_err(|e| e.to_api())
     }
 
-    fn mount_files(&self, entries: &serde_json::Value) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
+    fn mount_files(
+        &self,
+        entries: &serde_json::Value,
+    ) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
         flare_image::http::mount_files(&self.builder, entries)
     }
 }
@@ -228,7 +231,8 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
     let store: Arc<dyn flare_cas::BlobStore> =
         Arc::new(flare_cas::LocalStore::open(&home.join("cas")).context("opening the blob store")?);
     let cache = Arc::new(
-        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes()).context("opening the chunk cache")?,
+        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes())
+            .context("opening the chunk cache")?,
     );
     let builder = flare_image::Builder::new(flare_image::BuilderConfig {
         home: home.to_path_buf(),
@@ -238,7 +242,8 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
         cloudpickle_dir: None,
     })
     .context("starting the image builder")?;
-    let host = flare_worker::images::ImageHost::new(store, cache, &home.join("imagefs")).map_err(anyhow::Error::msg)?;
+    let host = flare_worker::images::ImageHost::new(store, cache, &home.join("imagefs"))
+        .map_err(anyhow::Error::msg)?;
     Ok(Images { builder: Arc::new(builder), host: Arc::new(host) })
 }
 
@@ -354,7 +359,8 @@ async fn control(args: ControlArgs) -> Result<()> {
     cp.set_image_service(images.clone());
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), "flared control ready; waiting for workers");
-    let router = api_router(&cp, Some(args.worker_token)).merge(flare_image::http::router(images.builder.clone()));
+    let router =
+        api_router(&cp, Some(args.worker_token)).merge(flare_image::http::router(images.builder.clone()));
     serve_api(args.common.listen, router, &cp).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
@@ -400,14 +406,14 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     let client = flare_worker::http::HttpClient::new(&control).map_err(anyhow::Error::msg)?;
     let runtime = start_runtime(&home, args.no_nat)?;
     // Images: blobs come from the control plane over HTTP into this machine's chunk cache.
-    let remote_store: Arc<dyn flare_cas::BlobStore> = Arc::new(flare_worker::images::HttpBlobStore::new(
-        client.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    let remote_store: Arc<dyn flare_cas::BlobStore> =
+        Arc::new(flare_worker::images::HttpBlobStore::new(client.clone(), tokio::runtime::Handle::current()));
     let cache = Arc::new(
-        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes()).context("opening the chunk cache")?,
+        flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes())
+            .context("opening the chunk cache")?,
     );
-    let image_host = flare_worker::images::ImageHost::new(remote_store, cache, &home.join("imagefs")).map_err(anyhow::Error::msg)?;
+    let image_host = flare_worker::images::ImageHost::new(remote_store, cache, &home.join("imagefs"))
+        .map_err(anyhow::Error::msg)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let handle = flare_worker::start(
         flare_worker::WorkerConfig {
@@ -562,10 +568,16 @@ fn gc(args: GcArgs) -> Result<()> {
             roots.push(m.manifest.parse().map_err(|_| anyhow::anyhow!("bad mount digest {}", m.manifest))?);
         }
     }
-    let report = flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;
+    let report =
+        flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;
     println!(
         "{} blobs reachable ({} missing), {} scanned, {} deleted ({} bytes), {} young kept ({} bytes)",
-        report.reachable, report.missing, report.scanned, report.deleted, report.deleted_bytes, report.kept_young,
+        report.reachable,
+        report.missing,
+        report.scanned,
+        report.deleted,
+        report.deleted_bytes,
+        report.kept_young,
         report.kept_young_bytes
     );
     Ok(())

@@ -125,7 +125,7 @@ pub fn spec(argv: &[&str]) -> (ContainerSpec, Readers) {
         stdout: out_w,
         stderr: err_w,
         extra_fds: vec![],
-            upper_dir: None,
+        upper_dir: None,
     };
     (spec, Readers { stdout: reader(out_r), stderr: reader(err_r) })
 }
