@@ -24,5 +24,5 @@ pub use manifest::{
     MANIFEST_VERSION, OPAQUE_MARKER, WHITEOUT_PREFIX,
 };
 pub use materialize::materialize;
-pub use snapshot::{snapshot_dir, snapshot_dir_with_stats, SnapshotStats};
+pub use snapshot::{entry_from, snapshot_dir, snapshot_dir_with_stats, SnapshotStats};
 pub use store::{BlobInfo, BlobStore, Durability, LocalStore};

@@ -76,7 +76,8 @@ pub fn snapshot_dir_with_stats(
     Ok((manifest, stats))
 }
 
-fn entry_from(kind: EntryKind, meta: &Metadata) -> Entry {
+/// An entry of `kind` with the ownership, mode and mtime of `meta` (no xattrs).
+pub fn entry_from(kind: EntryKind, meta: &Metadata) -> Entry {
     Entry {
         kind,
         mode: meta.mode() & 0o7777,

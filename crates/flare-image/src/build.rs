@@ -139,8 +139,8 @@ impl Builder {
         locks.entry(key.to_owned()).or_default().clone()
     }
 
-    /// What a worker needs to run a function on image `image_id`.
-    pub fn resolve(&self, image_id: &str) -> Result<ImageUse, ImageError> {
+    /// Image `image_id`'s record and its last layer (the merged tree and config).
+    pub fn final_layer(&self, image_id: &str) -> Result<(ImageRecord, LayerRecord), ImageError> {
         let img = self
             .records
             .image(image_id)?
@@ -153,6 +153,12 @@ impl Builder {
             .records
             .layer(last)?
             .ok_or_else(|| ImageError::NotFound(format!("layer {last} of {image_id} is gone")))?;
+        Ok((img, layer))
+    }
+
+    /// What a worker needs to run a function on image `image_id`.
+    pub fn resolve(&self, image_id: &str) -> Result<ImageUse, ImageError> {
+        let (img, layer) = self.final_layer(image_id)?;
         let python = layer.config.python.clone().ok_or_else(|| {
             ImageError::Invalid(format!(
                 "image {image_id} has no Python interpreter (looked for {}); add one, e.g. .apt_install(\"python3\")",
@@ -200,8 +206,7 @@ impl Builder {
         };
         let base_key = match &spec.base {
             Base::DebianSlim { python_version } => {
-                let v = python_version.clone().unwrap_or_else(|| debian::SUITES[0].0.to_owned());
-                let suite = debian::suite_for(&v, Path::new("/usr/share/debootstrap/scripts"))?;
+                let suite = debian::suite_for_spec(python_version.as_deref())?;
                 key_of(&["debian_slim", suite, debian::BASE_REVISION, std::env::consts::ARCH])
             }
             Base::Registry { reference, .. } => key_of(&["registry", reference]),
@@ -244,7 +249,6 @@ impl Builder {
             let this = self.clone();
             let layer2 = layer.clone();
             let parent2 = parent.clone();
-            let ev = events.clone();
             let cloudpickle = spec.cloudpickle_path.clone().map(PathBuf::from).filter(|p| p.is_dir());
             parent = self
                 .layer_step(
@@ -256,7 +260,6 @@ impl Builder {
                     spec.force_build,
                     &events,
                     move |log: Log<'_>| {
-                        let _ = ev;
                         this.build_layer(&parent2, &layer2, index, cloudpickle.as_deref(), log)
                     },
                 )
@@ -390,8 +393,7 @@ impl Builder {
     fn build_base(&self, base: &Base, log: Log<'_>) -> Result<(Manifest, ImageConfig), ImageError> {
         match base {
             Base::DebianSlim { python_version } => {
-                let v = python_version.clone().unwrap_or_else(|| debian::SUITES[0].0.to_owned());
-                let suite = debian::suite_for(&v, Path::new("/usr/share/debootstrap/scripts"))?;
+                let suite = debian::suite_for_spec(python_version.as_deref())?;
                 let scratch = Scratch::new(&self.cfg.home)?;
                 let root = scratch.0.join("rootfs");
                 debian::bootstrap(suite, &root, log)?;

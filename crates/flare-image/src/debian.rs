@@ -32,6 +32,12 @@ pub fn suite_for(python_version: &str, scripts_dir: &Path) -> Result<&'static st
     )))
 }
 
+/// The suite for `debian_slim(python_version)` (default: the first of [`SUITES`]),
+/// judged by the debootstrap scripts installed on this host.
+pub fn suite_for_spec(python_version: Option<&str>) -> Result<&'static str, ImageError> {
+    suite_for(python_version.unwrap_or(SUITES[0].0), Path::new("/usr/share/debootstrap/scripts"))
+}
+
 /// The host's Debian mirror: `FLARE_DEBIAN_MIRROR`, else the first Debian `URIs:` /
 /// `deb` line of the host's apt sources, else the default mirror.
 pub fn mirror() -> String {

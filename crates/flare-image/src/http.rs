@@ -163,7 +163,7 @@ async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, E
         let result = b.build(spec, tx.clone()).await;
         // A build parses big file lists and manifests; give the freed heap back so it
         // does not stay in this process (containers are cloned from it).
-        crate::trim_heap();
+        flare_runtime::trim_heap();
         if let std::result::Result::Err(e) = result {
             let (message, log_tail) = match &e {
                 ImageError::StepFailed { message, log_tail } => (message.clone(), log_tail.clone()),
@@ -313,31 +313,9 @@ impl std::io::Write for ChannelWriter {
 async fn export(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> Result<Response, Err> {
     let b2 = b.clone();
     let manifest = blocking(move || {
-        let use_ = b2.resolve(&id).or_else(|e| match e {
-            // An image without Python still exports.
-            ImageError::Invalid(_) => {
-                let img = b2
-                    .records()
-                    .image(&id)?
-                    .ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
-                let last = img.layers.last().cloned().unwrap_or_default();
-                let l = b2
-                    .records()
-                    .layer(&last)?
-                    .ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
-                Ok(flare_proto::ImageUse {
-                    image_id: id.clone(),
-                    manifest: l.manifest,
-                    python: String::new(),
-                    env: vec![],
-                    workdir: None,
-                    mounts: vec![],
-                    host_roots: vec![],
-                })
-            }
-            e => std::result::Result::Err(e),
-        })?;
-        let d: Digest = use_.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?;
+        // Not `resolve`: an image without Python exports all the same.
+        let (_, layer) = b2.final_layer(&id)?;
+        let d: Digest = layer.manifest.parse().map_err(|_| ImageError::Invalid("bad digest".into()))?;
         Ok(get_manifest(b2.store().as_ref(), &d)?)
     })
     .await?;

@@ -68,13 +68,3 @@ impl ImageError {
 pub(crate) fn now_ts() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
-
-/// Return freed heap memory to the system. The daemon's containers are cloned from it, and
-/// clone copies page tables: a heap left large by one big build slows every later start.
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}

@@ -111,40 +111,31 @@ impl Records {
         self.write("images", &rec.image_id, rec)
     }
 
-    /// All image records, newest first.
-    pub fn images(&self) -> Result<Vec<ImageRecord>, ImageError> {
-        let dir = self.root.join("images");
+    /// Every record of `kind` (`layers` or `images`).
+    fn all<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, ImageError> {
+        let dir = self.root.join(kind);
+        let listing = |e: std::io::Error| ImageError::io(format!("listing {}", dir.display()), e);
         let mut out = Vec::new();
-        for e in
-            std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?
-        {
-            let e = e.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        for e in std::fs::read_dir(&dir).map_err(listing)? {
+            let name = e.map_err(listing)?.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json") {
-                if let Some(r) = self.image(id)? {
+                if let Some(r) = self.read(kind, id)? {
                     out.push(r);
                 }
             }
         }
-        out.sort_by(|a: &ImageRecord, b| b.created_at.total_cmp(&a.created_at));
+        Ok(out)
+    }
+
+    /// All image records, newest first.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, ImageError> {
+        let mut out: Vec<ImageRecord> = self.all("images")?;
+        out.sort_by(|a, b| b.created_at.total_cmp(&a.created_at));
         Ok(out)
     }
 
     /// Manifest digests referenced by any layer (garbage collection roots).
     pub fn manifest_roots(&self) -> Result<Vec<String>, ImageError> {
-        let dir = self.root.join("layers");
-        let mut out = Vec::new();
-        for e in
-            std::fs::read_dir(&dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?
-        {
-            let e = e.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                if let Some(r) = self.layer(id)? {
-                    out.push(r.manifest);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.all::<LayerRecord>("layers")?.into_iter().map(|r| r.manifest).collect())
     }
 }

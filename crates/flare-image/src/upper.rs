@@ -7,7 +7,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use flare_cas::{
-    store_file, BlobStore, Entry, EntryKind, FileContent, Manifest, OPAQUE_MARKER, WHITEOUT_PREFIX,
+    entry_from, store_file, BlobStore, Entry, EntryKind, FileContent, Manifest, OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
 };
 
 use crate::ImageError;
@@ -79,18 +80,7 @@ pub fn snapshot_upper(store: &dyn BlobStore, upper: &Path) -> Result<Manifest, I
                 tracing::warn!(path = %path.display(), "special file skipped in a layer");
                 continue;
             };
-            m.entries.insert(
-                rel,
-                Entry {
-                    kind,
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                    mtime: meta.mtime(),
-                    mtime_nsec: meta.mtime_nsec() as u32,
-                    xattrs: Default::default(),
-                },
-            );
+            m.entries.insert(rel, entry_from(kind, &meta));
         }
     }
     Ok(m)

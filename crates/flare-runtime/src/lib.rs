@@ -29,6 +29,28 @@ pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
 pub use child::KEPT_CAPS;
 pub use error::RuntimeError;
 
+/// Return freed heap memory to the system. Containers are cloned from the calling
+/// process and clone copies its page tables (and each container's init keeps its pages
+/// copy-on-write), so a heap left large by one big piece of work slows every later start.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// One malloc arena for the process that spawns containers: with one per thread (glibc's
+/// default) memory a big request freed stays with its thread's arena, out of reach of
+/// [`trim_heap`]. Call first thing in `main`, before any thread exists.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 use cgroup::{CgroupLayout, ContainerCgroup};
 use child::{ChildErr, ChildPlan, LabeledOp, Op, Step};
 use error::IoContext;

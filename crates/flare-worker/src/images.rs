@@ -9,16 +9,6 @@ use std::sync::{Arc, Mutex};
 use flare_cas::{get_manifest, materialize, BlobStore, Digest};
 use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle};
 
-/// Return freed heap memory to the system (see `flare_image::trim_heap`: containers are
-/// cloned from this process, so a heap left large by a manifest parse slows every start).
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Default size bound of the worker's chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 20 << 30;
 
@@ -107,7 +97,7 @@ impl ImageHost {
         let path = self.root.join("mnt").join(d.hex());
         std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
         let handle = fs.mount(&path).map_err(bad)?;
-        trim_heap();
+        flare_runtime::trim_heap();
         *slot = Some(Mounted { fs, _handle: handle, path: path.clone(), access_saved });
         Ok(path)
     }
@@ -142,7 +132,7 @@ impl ImageHost {
             }
         };
         tracing::debug!(image = %d, verdict, ms = t0.elapsed().as_millis() as u64, "captured environment checked against the host");
-        trim_heap();
+        flare_runtime::trim_heap();
         *slot = Some(verdict);
         verdict
     }

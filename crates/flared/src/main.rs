@@ -514,19 +514,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Few malloc arenas: with one per thread (glibc's default, up to 8 per core) the memory a
-/// big request (an environment's file list, a manifest) freed stays with its thread's
-/// arena; containers are cloned from this process, so its size is paid on every start.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 fn main() -> Result<()> {
-    limit_malloc_arenas();
+    flare_runtime::limit_malloc_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
