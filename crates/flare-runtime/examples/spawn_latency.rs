@@ -23,6 +23,7 @@ fn main() -> Result<(), RuntimeError> {
         state_dir: state.clone(),
         cgroup_parent: parent.clone(),
         enable_nat: nat,
+        userns: Some(flare_runtime::UserNamespace::DEFAULT),
     })?;
     if nat {
         if let Some(r) = rt.nat_available() {

@@ -66,6 +66,39 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
     /// Set up the NAT network pool.
     pub enable_nat: bool,
+    /// Run containers in a user namespace that maps these host ids (`None`: no user
+    /// namespace; only for hosts that cannot create one).
+    pub userns: Option<UserNamespace>,
+}
+
+/// The ids a container's user namespace maps: container uid/gid `n` (for `n < size`) is
+/// host uid/gid `host_base + n`. Every container uses the same range, so files that must
+/// look owned by root inside (image files, a build's upper dir) are owned by `host_base`
+/// on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserNamespace {
+    pub host_base: u32,
+    pub size: u32,
+}
+
+impl UserNamespace {
+    /// The default range: 65,536 ids from 1,000,000,000 (far above any real account).
+    pub const DEFAULT: UserNamespace = UserNamespace { host_base: 1_000_000_000, size: 65_536 };
+
+    /// The host id that container id `id` maps to (ids past the range map to the host's
+    /// overflow id, as the kernel shows them).
+    pub fn to_host(&self, id: u32) -> u32 {
+        if id < self.size {
+            self.host_base + id
+        } else {
+            65_534
+        }
+    }
+
+    /// The container id of host id `id`, if it is in the range.
+    pub fn to_container(&self, id: u32) -> Option<u32> {
+        id.checked_sub(self.host_base).filter(|n| *n < self.size)
+    }
 }
 
 /// The container's root file system.
@@ -294,6 +327,11 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner { cfg, cgroups, skeleton, host_dirs, masked, nat, seccomp, cap_last }),
         })
+    }
+
+    /// The user namespace containers run in, if any.
+    pub fn userns(&self) -> Option<UserNamespace> {
+        self.inner.cfg.userns
     }
 
     /// The host's cgroup mode.

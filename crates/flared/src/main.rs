@@ -188,6 +188,7 @@ fn start_runtime(home: &Path, no_nat: bool) -> Result<Arc<Runtime>> {
         state_dir: home.join("run"),
         cgroup_parent: cgroup_parent(home),
         enable_nat: !no_nat,
+        userns: Some(flare_runtime::UserNamespace::DEFAULT),
     })
     .context("starting the container runtime")?;
     match runtime.cleanup_stale() {

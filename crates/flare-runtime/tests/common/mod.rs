@@ -67,6 +67,7 @@ pub fn runtime(name: &str, nat: bool) -> TestRuntime {
         state_dir: state.clone(),
         cgroup_parent: parent.clone(),
         enable_nat: nat,
+        userns: Some(flare_runtime::UserNamespace::DEFAULT),
     })
     .expect("Runtime::new");
     TestRuntime { rt: Some(rt), state, parent }
