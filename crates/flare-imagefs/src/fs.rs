@@ -20,6 +20,7 @@ use tracing::{debug, error, warn};
 
 use crate::cache::{ChunkCache, Source};
 use crate::error::{ImageFsError, Result};
+use crate::ids::IdShift;
 use crate::mount::{mount_fs, MountHandle};
 use crate::readahead::ReadAhead;
 
@@ -78,6 +79,12 @@ pub struct ImageFsOptions {
     /// (see `ChunkCache::assemble`) so later opens can use passthrough. `u64::MAX`
     /// turns assembly off. Costs cache space equal to the file size.
     pub assemble_min_bytes: u64,
+    /// Report every owner `n` of the manifest (and the root-owned directories the
+    /// manifest leaves out) as host id `to_host(n)` (`lookup`, `getattr`, and so the
+    /// kernel's permission checks), for mounts used by containers in a user namespace:
+    /// root inside then owns what the image gives to root. File capabilities are made
+    /// valid for that root (`security.capability` revision 3). `None`: as recorded.
+    pub ids: Option<IdShift>,
 }
 
 /// See [`ImageFsOptions::dir_prefetch_file_max`].
@@ -101,6 +108,7 @@ impl Default for ImageFsOptions {
             dir_prefetch_threads: 8,
             passthrough: true,
             assemble_min_bytes: 8 << 20,
+            ids: None,
         }
     }
 }
@@ -267,9 +275,14 @@ impl ImageFs {
         opts: ImageFsOptions,
     ) -> Result<ImageFs> {
         manifest.validate_paths().map_err(|e| ImageFsError::InvalidManifest(e.to_string()))?;
+        // Owners as the kernel is to see them (shifted once here: attributes are built
+        // in memory and never change).
+        let ids = opts.ids;
+        let host = move |id: u32| ids.map_or(id, |s| s.to_host(id));
+        let root_id = host(0);
         let root = Node {
             parent: 1,
-            attr: attr(1, FileType::Directory, 0, opts.root_mode, 0, 0, UNIX_EPOCH),
+            attr: attr(1, FileType::Directory, 0, opts.root_mode, root_id, root_id, UNIX_EPOCH),
             kind: NodeKind::Dir { children: BTreeMap::new() },
             xattrs: BTreeMap::new(),
         };
@@ -277,7 +290,12 @@ impl ImageFs {
         let mut by_path: HashMap<String, u64> = HashMap::new();
         let mut total_bytes = 0u64;
 
-        fn dir_ino(nodes: &mut Vec<Node>, by_path: &mut HashMap<String, u64>, path: &str) -> Result<u64> {
+        fn dir_ino(
+            nodes: &mut Vec<Node>,
+            by_path: &mut HashMap<String, u64>,
+            path: &str,
+            root_id: u32,
+        ) -> Result<u64> {
             if path.is_empty() {
                 return Ok(1);
             }
@@ -290,11 +308,11 @@ impl ImageFs {
                 };
             }
             let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
-            let parent = dir_ino(nodes, by_path, parent_path)?;
+            let parent = dir_ino(nodes, by_path, parent_path, root_id)?;
             let ino = nodes.len() as u64 + 1;
             nodes.push(Node {
                 parent,
-                attr: attr(ino, FileType::Directory, 0, 0o755, 0, 0, UNIX_EPOCH),
+                attr: attr(ino, FileType::Directory, 0, 0o755, root_id, root_id, UNIX_EPOCH),
                 kind: NodeKind::Dir { children: BTreeMap::new() },
                 xattrs: BTreeMap::new(),
             });
@@ -310,7 +328,7 @@ impl ImageFs {
 
         for (path, entry) in &manifest.entries {
             let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-            let parent = dir_ino(&mut nodes, &mut by_path, parent_path)?;
+            let parent = dir_ino(&mut nodes, &mut by_path, parent_path, root_id)?;
             let mtime = time_of(entry.mtime, entry.mtime_nsec);
             let (kind, ftype, size) = match &entry.kind {
                 EntryKind::Dir => (NodeKind::Dir { children: BTreeMap::new() }, FileType::Directory, 0),
@@ -346,8 +364,11 @@ impl ImageFs {
                 }
             };
             let node = &mut nodes[ino as usize - 1];
-            node.attr = attr(ino, ftype, size, entry.mode, entry.uid, entry.gid, mtime);
+            node.attr = attr(ino, ftype, size, entry.mode, host(entry.uid), host(entry.gid), mtime);
             node.xattrs = entry.xattrs.clone();
+            if let Some(shift) = ids {
+                shift_file_caps(&mut node.xattrs, shift);
+            }
         }
         // Directory link counts: 2 + number of subdirectories.
         let mut subdirs = vec![0u32; nodes.len()];
@@ -1018,6 +1039,31 @@ impl Filesystem for FuseAdapter {
     }
 }
 
+/// File capabilities (`security.capability`) name the root they are valid for: a
+/// revision 2 value means the host's root, which the kernel ignores inside a user
+/// namespace, so it becomes revision 3 with the shifted root (a revision 3 root id is
+/// shifted like an owner). Other values are left as they are.
+fn shift_file_caps(xattrs: &mut BTreeMap<String, Vec<u8>>, shift: IdShift) {
+    const NAME: &str = "security.capability";
+    const REVISION_MASK: u32 = 0xFF00_0000;
+    const REVISION_2: u32 = 0x0200_0000;
+    const REVISION_3: u32 = 0x0300_0000;
+    let Some(value) = xattrs.get_mut(NAME) else { return };
+    let Some(magic) = value.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) else { return };
+    match (magic & REVISION_MASK, value.len()) {
+        (REVISION_2, 20) => {
+            let magic = (magic & !REVISION_MASK) | REVISION_3;
+            value[..4].copy_from_slice(&magic.to_le_bytes());
+            value.extend_from_slice(&shift.to_host(0).to_le_bytes());
+        }
+        (REVISION_3, 24) => {
+            let root = u32::from_le_bytes([value[20], value[21], value[22], value[23]]);
+            value[20..].copy_from_slice(&shift.to_host(root).to_le_bytes());
+        }
+        _ => {}
+    }
+}
+
 fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
     if size == 0 {
         reply.size(value.len() as u32);
@@ -1025,5 +1071,36 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: IdShift = IdShift { host_base: 1_000_000_000, size: 65_536 };
+
+    fn caps(value: Vec<u8>) -> Vec<u8> {
+        let mut x = BTreeMap::from([("security.capability".to_owned(), value)]);
+        shift_file_caps(&mut x, NS);
+        x.remove("security.capability").unwrap()
+    }
+
+    #[test]
+    fn file_caps_of_host_root_become_caps_of_the_shifted_root() {
+        // Revision 2, effective, cap_net_raw permitted.
+        let mut v2 = (0x0200_0001u32).to_le_bytes().to_vec();
+        v2.extend_from_slice(&[0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let v3 = caps(v2.clone());
+        assert_eq!(v3.len(), 24);
+        assert_eq!(&v3[..4], &(0x0300_0001u32).to_le_bytes());
+        assert_eq!(&v3[4..20], &v2[4..20]);
+        assert_eq!(&v3[20..], &1_000_000_000u32.to_le_bytes());
+        // Revision 3 naming container uid 5: shifted like an owner.
+        let mut r3 = v3.clone();
+        r3[20..].copy_from_slice(&5u32.to_le_bytes());
+        assert_eq!(&caps(r3)[20..], &1_000_000_005u32.to_le_bytes());
+        // Anything else is left alone.
+        assert_eq!(caps(vec![1, 2, 3]), vec![1, 2, 3]);
     }
 }

@@ -20,16 +20,22 @@
 //! - A full cache disk is not an error for readers: the cache evicts to make room, or
 //!   serves the chunk uncached; both are logged and counted in [`ChunkCache::stats`].
 //!
+//! - Owner shift for containers in a user namespace ([`ImageFsOptions::ids`]): a
+//!   manifest owner `n` is reported as host id `host_base + n`, the id root (or user
+//!   `n`) inside the container has on the host.
+//!
 //! The kernel page cache is kept across opens (`FOPEN_KEEP_CACHE`) and attributes,
 //! entries and symlinks are cached for [`ImageFsOptions::ttl`]: the tree is immutable.
 
 mod cache;
 mod error;
 mod fs;
+mod ids;
 mod mount;
 mod readahead;
 
 pub use cache::{CacheStats, ChunkCache, Source, OPEN_FILES};
 pub use error::{ImageFsError, Result};
 pub use fs::{ImageFs, ImageFsOptions, ImageFsStats, PrefetchReport, DIR_PREFETCH_MIN_FILES};
+pub use ids::{IdShift, OVERFLOW_ID};
 pub use mount::{force_unmount, MountHandle};

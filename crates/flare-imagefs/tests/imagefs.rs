@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flare_cas::{BlobInfo, BlobStore, CasError, Digest, EntryKind, LocalStore, Manifest};
-use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle, Source};
+use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions, MountHandle, Source, OVERFLOW_ID};
 use rand::{Rng, RngCore, SeedableRng};
 use tempfile::TempDir;
 
@@ -193,6 +193,26 @@ fn mounted(mnt: &Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = mnt.to_str().unwrap();
     info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// Wait (bounded) until the assembled copy at `view` is built, while the image is still
+/// mounted. The copy is queued when the FUSE daemon handles the last RELEASE of the file,
+/// and `close(2)` does not wait for that: the kernel sends RELEASE in the background. So
+/// right after `fs::read` returns, the assembly may not be queued yet
+/// ([`ChunkCache::wait_assembly`] then has nothing to wait for), and an unmount at that
+/// moment ends the connection with the RELEASE still queued, so it is never handled.
+fn wait_for_view(cache: &ChunkCache, view: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !view.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no assembled copy at {} 20 s after the file was closed: {:?}",
+            view.display(),
+            cache.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cache.wait_assembly();
 }
 
 fn walk(root: &Path) -> BTreeSet<String> {
@@ -598,6 +618,145 @@ fn overlay_with_image_as_lower() {
     assert!(!mounted(&lower));
 }
 
+/// `fds[0]` reads, `fds[1]` writes; both close on exec.
+fn cloexec_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
+    unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Run `script` with /bin/sh as root of a new user namespace whose ids 0..size are host
+/// ids host_base.. (what a container of a worker with that range runs as); its stdout.
+fn sh_in_userns(ns: IdShift, script: &str) -> String {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (ready_r, ready_w) = cloexec_pipe();
+    let (go_r, go_w) = cloexec_pipe();
+    let (ready_w_fd, go_r_fd) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", script]);
+    // SAFETY: the hook only makes raw system calls (async-signal-safe) on fds that
+    // stay open until the child has exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return fail();
+            }
+            let pid = libc::getpid().to_le_bytes();
+            if libc::write(ready_w_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                return fail();
+            }
+            let mut go = [0u8; 1];
+            if libc::read(go_r_fd, go.as_mut_ptr().cast(), 1) != 1 {
+                return fail();
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(0, 0, 0) != 0
+                || libc::setresuid(0, 0, 0) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let mapper = std::thread::spawn(move || {
+        let mut pid = [0u8; 4];
+        fs::File::from(ready_r).read_exact(&mut pid).unwrap();
+        let pid = i32::from_le_bytes(pid);
+        let map = format!("0 {} {}\n", ns.host_base, ns.size);
+        fs::write(format!("/proc/{pid}/uid_map"), &map).unwrap();
+        fs::write(format!("/proc/{pid}/gid_map"), &map).unwrap();
+        fs::File::from(go_w).write_all(b"1").unwrap();
+    });
+    let out = cmd.output().unwrap();
+    drop((ready_w, go_r));
+    mapper.join().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn owner_shift_for_a_user_namespace() {
+    if !can_mount() {
+        return;
+    }
+    const NS: IdShift = IdShift { host_base: 1_000_000_000, size: 65_536 };
+    let fx = fixture();
+    let mut manifest = (*fx.manifest).clone();
+    for (path, uid, gid) in [("etc/hostname", 1000, 1001), ("usr/run.sh", 70_000, 70_000), ("etc/link", 7, 8)]
+    {
+        let e = manifest.entries.get_mut(path).unwrap();
+        (e.uid, e.gid) = (uid, gid);
+    }
+    let cache = fx.cache("cache");
+    let opts = ImageFsOptions { ids: Some(NS), ..ImageFsOptions::default() };
+    let imagefs = ImageFs::new(Arc::new(manifest), fx.store.clone(), cache, opts).unwrap();
+    let (lower, handle) = fx.mount(&imagefs, "lower");
+
+    // On the host: every owner shifted; past the range, the overflow id.
+    let owner = |p: &Path| {
+        let m = fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let base = NS.host_base;
+    assert_eq!(owner(&lower), (base, base));
+    assert_eq!(owner(&lower.join("usr/lib")), (base, base));
+    assert_eq!(owner(&lower.join("etc/hostname")), (base + 1000, base + 1001));
+    assert_eq!(owner(&lower.join("etc/link")), (base + 7, base + 8));
+    assert_eq!(owner(&lower.join("usr/run.sh")), (OVERFLOW_ID, OVERFLOW_ID));
+
+    // An overlay mounted by host root over it, its upper dir owned by the range's root
+    // (as the runtime makes it), used by root of a user namespace with that range.
+    let scratch = fx.tmp.path().join("scratch");
+    let merged = fx.tmp.path().join("merged");
+    fs::create_dir_all(&merged).unwrap();
+    fs::set_permissions(fx.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["upper", "work"] {
+        fs::create_dir_all(scratch.join(d)).unwrap();
+    }
+    std::os::unix::fs::chown(scratch.join("upper"), Some(base), Some(base)).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        s(&lower),
+        s(&scratch.join("upper")),
+        s(&scratch.join("work"))
+    );
+    let out = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts, &s(&merged)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = s(&merged);
+    let seen = sh_in_userns(
+        NS,
+        &format!(
+            "set -e; id -u; stat -c '%u:%g' {m} {m}/etc/hostname {m}/usr/run.sh; \
+             echo new > {m}/new; mkdir {m}/etc/d; echo more >> {m}/etc/hostname; \
+             echo owned > {m}/u1000; chown 1000:1000 {m}/u1000; \
+             if echo x >> {m}/usr/run.sh 2>/dev/null; then echo wrote-unmapped; fi"
+        ),
+    );
+    // Root inside sees the image's owners, writes lower files (copy-up) and new ones;
+    // a file of an unmapped owner stays out of its reach.
+    assert_eq!(seen, "0\n0:0\n1000:1001\n65534:65534\n", "{seen}");
+    let upper = scratch.join("upper");
+    assert_eq!(owner(&upper.join("new")), (base, base));
+    assert_eq!(owner(&upper.join("etc/d")), (base, base));
+    assert_eq!(owner(&upper.join("etc/hostname")), (base + 1000, base + 1001));
+    assert_eq!(fs::read(upper.join("etc/hostname")).unwrap(), b"flare\nmore\n");
+    assert_eq!(owner(&upper.join("u1000")), (base + 1000, base + 1000));
+    assert!(!upper.join("usr/run.sh").exists());
+
+    let out = std::process::Command::new("umount").arg(&merged).output().unwrap();
+    assert!(out.status.success());
+    handle.unmount().unwrap();
+}
+
 // ---- ChunkCache alone (no FUSE needed) ----
 
 fn store_with_blobs(dir: &Path, n: usize, size: usize) -> (Arc<TestStore>, Vec<(Digest, Vec<u8>)>) {
@@ -861,8 +1020,8 @@ fn passthrough_serves_cached_files_and_assembled_copies() {
     assert_eq!(fs::read(mnt.join("usr/run.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
     assert_eq!(fs::read(mnt.join("usr/lib/big.bin")).unwrap(), big);
     assert_eq!(imagefs.stats().passthrough_opens, 0);
+    wait_for_view(&cache, &view);
     handle.unmount().unwrap();
-    cache.wait_assembly();
     assert!(cache.stats().assembled >= 1);
     assert_eq!(fs::read(&view).unwrap(), big, "the assembled copy is the file");
     let gets = fx.store.gets();
@@ -908,8 +1067,8 @@ fn passthrough_serves_cached_files_and_assembled_copies() {
     let (mnt3, handle3) = fx.mount(&imagefs3, "mnt3");
     assert_eq!(fs::read(mnt3.join("usr/lib/big.bin")).unwrap(), big);
     assert!(imagefs3.stats().reads > 0, "served chunk by chunk until reassembled");
+    wait_for_view(&cache, &view);
     handle3.unmount().unwrap();
-    cache.wait_assembly();
     assert_eq!(fs::read(&view).unwrap(), big);
     assert_eq!(fx.store.gets(), gets, "everything came from the cache");
 }
@@ -967,6 +1126,12 @@ fn cache_disk_full() {
         assert!(&fs::read(mnt.join(path)).unwrap() == data, "content of {path}");
     }
     imagefs.wait_read_ahead();
+    // The failed assembly of the 9 MiB file is queued when the daemon handles the file's
+    // RELEASE, which close() does not wait for (see `wait_for_view`).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cache.stats().assemble_errors == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     cache.wait_assembly();
     let s = cache.stats();
     assert!(s.disk_full > 0, "the full disk was noticed: {s:?}");
