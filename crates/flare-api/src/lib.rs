@@ -12,6 +12,60 @@ pub use flare_proto::{ExceptionInfo, FunctionConfig, FunctionDef, GenMark, Outpu
 /// The OpenAPI document of this API.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
 
+/// Largest pickled argument payload of one input (`POST /v1/functions/{id}/calls`,
+/// `POST /v1/calls/{id}/inputs`); over it: 413 `payload_too_large`.
+pub const MAX_ARGS_BYTES: usize = 64 << 20;
+/// Largest pickled result (or yielded item) of one input; a bigger one becomes a
+/// `failure` output (`flare.exception.PayloadTooLargeError`) instead of a result.
+pub const MAX_RESULT_BYTES: usize = 64 << 20;
+/// Body limit of the call routes: one input at [`MAX_ARGS_BYTES`] in base64, plus a batch.
+pub const MAX_CALL_BODY: usize = 96 << 20;
+/// Body limit of `POST /v1/apps/{id}/functions` (serialized functions are pickled).
+pub const MAX_FUNCTIONS_BODY: usize = 32 << 20;
+/// Body limit of `POST /v1/mounts` (inline files).
+pub const MAX_MOUNT_BODY: usize = 64 << 20;
+/// Body limit of every other JSON route.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Body limit of the binary upload routes (`PUT /v1/blobs/{digest}`, `POST /v1/blobs/batch`).
+pub const MAX_UPLOAD_BODY: usize = 8 << 30;
+/// Most output payload bytes one outputs page carries (a page has at least one output).
+pub const MAX_PAGE_BYTES: usize = 64 << 20;
+
+/// The header a worker sets on every request that comes through a container's API socket:
+/// the id of the container it was made from (any value the container sent is replaced).
+pub const CALLER_CONTAINER_HEADER: &str = "x-flare-container";
+
+/// The content type a state-changing request must carry, by method and path: `None` for
+/// requests that change nothing (GET, HEAD, OPTIONS).
+pub fn required_content_type(method: &str, path: &str) -> Option<&'static str> {
+    if matches!(method, "GET" | "HEAD" | "OPTIONS") {
+        return None;
+    }
+    let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, p.as_slice()) {
+        ("PUT", ["v1", "blobs", d]) if *d != "missing" && *d != "batch" => Some("application/octet-stream"),
+        ("POST", ["v1", "blobs", "batch"]) => Some("application/octet-stream"),
+        _ => Some("application/json"),
+    }
+}
+
+/// Body limit of a route (see the `MAX_*` constants and `docs/PROTOCOL.md`).
+pub fn body_limit(method: &str, path: &str) -> usize {
+    let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, p.as_slice()) {
+        ("POST", ["v1", "functions", _, "calls"]) | ("POST", ["v1", "calls", _, "inputs"]) => MAX_CALL_BODY,
+        ("POST", ["v1", "apps", _, "functions"]) => MAX_FUNCTIONS_BODY,
+        ("POST", ["v1", "mounts"]) => MAX_MOUNT_BODY,
+        _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
+        _ => MAX_JSON_BODY,
+    }
+}
+
+/// Sizes for messages: `12.0 MiB`.
+pub fn mib(n: usize) -> String {
+    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+}
+
 /// Error codes of the public API and their HTTP statuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,6 +76,12 @@ pub enum ErrorCode {
     FailedPrecondition,
     Internal,
     Unavailable,
+    /// A request (or a value in it) is over a documented size limit.
+    PayloadTooLarge,
+    /// A state-changing request without the content type its route takes.
+    UnsupportedMediaType,
+    /// A request refused for where it comes from (a foreign `Origin` or `Host`).
+    PermissionDenied,
 }
 
 impl ErrorCode {
@@ -33,6 +93,9 @@ impl ErrorCode {
             ErrorCode::FailedPrecondition => 412,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::PermissionDenied => 403,
         }
     }
 }
@@ -60,6 +123,15 @@ impl ApiError {
     }
     pub fn unavailable(m: impl Into<String>) -> Self {
         ApiError { code: ErrorCode::Unavailable, message: m.into() }
+    }
+    pub fn too_large(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::PayloadTooLarge, message: m.into() }
+    }
+    pub fn unsupported_media_type(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::UnsupportedMediaType, message: m.into() }
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::PermissionDenied, message: m.into() }
     }
     pub fn body(&self) -> ErrorBody {
         ErrorBody { error: ErrorDetail { code: self.code, message: self.message.clone() } }
@@ -400,8 +472,22 @@ impl CreateCall {
             }
             CallKind::Map => {}
         }
-        Ok(())
+        validate_inputs(&self.inputs)
     }
+}
+
+/// Every input's arguments must be at most [`MAX_ARGS_BYTES`].
+pub fn validate_inputs(inputs: &[InputItem]) -> Result<(), ApiError> {
+    for (i, item) in inputs.iter().enumerate() {
+        if item.args.0.len() > MAX_ARGS_BYTES {
+            return Err(ApiError::too_large(format!(
+                "the arguments of input {i} are {}, over the limit of {} per input",
+                mib(item.args.0.len()),
+                mib(MAX_ARGS_BYTES)
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -498,6 +584,12 @@ pub struct ContainerInfo {
     pub state: String,
     pub age_s: f64,
     pub inputs_in_flight: u32,
+    /// The container's memory limit in MiB (`memory=`, else the server's default; None: none).
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
+    /// The container's cap on cores (`cpu=(request, limit)`, else request + 16).
+    #[serde(default)]
+    pub cpu_limit: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -632,6 +724,24 @@ mod tests {
         assert!(!container_may_call("POST", "/v1/apps/ap-1/stop"));
         assert!(!container_may_call("GET", "/v1/mounts/mo-1"));
         assert!(!container_may_call("DELETE", "/v1/calls/fc-1"));
+    }
+
+    #[test]
+    fn content_types_and_limits() {
+        assert_eq!(required_content_type("GET", "/v1/apps"), None);
+        assert_eq!(required_content_type("POST", "/v1/apps"), Some("application/json"));
+        assert_eq!(required_content_type("POST", "/v1/apps/ap-1/stop"), Some("application/json"));
+        assert_eq!(required_content_type("DELETE", "/v1/calls/fc-1"), Some("application/json"));
+        assert_eq!(required_content_type("PUT", "/v1/blobs/blake3:ab"), Some("application/octet-stream"));
+        assert_eq!(required_content_type("POST", "/v1/blobs/batch"), Some("application/octet-stream"));
+        assert_eq!(required_content_type("POST", "/v1/blobs/missing"), Some("application/json"));
+        assert_eq!(body_limit("POST", "/v1/apps"), MAX_JSON_BODY);
+        assert_eq!(body_limit("POST", "/v1/functions/fu-1/calls"), MAX_CALL_BODY);
+        assert_eq!(body_limit("PUT", "/v1/blobs/blake3:ab"), MAX_UPLOAD_BODY);
+        let big = InputItem { args: B64(vec![0u8; MAX_ARGS_BYTES + 1].into()) };
+        let e = validate_inputs(&[big]).unwrap_err();
+        assert_eq!(e.code.http_status(), 413);
+        assert!(e.message.contains("over the limit of 64.0 MiB"), "{}", e.message);
     }
 
     #[test]

@@ -40,6 +40,102 @@ const CALL_IDLE_EVICT: Duration = Duration::from_secs(600);
 /// Default reservation of a container without `cpu=` / `memory=`.
 const DEFAULT_CPU_MILLIS: u64 = 125;
 const DEFAULT_MEMORY_MB: u64 = 128;
+/// Log bytes kept in memory per app (besides the [`LOG_RING`] record count).
+const LOG_RING_BYTES: usize = 4 << 20;
+/// A stopped app's in-memory logs are dropped this long after its last container exited
+/// (they stay in the store).
+const STOPPED_APP_LOG_KEEP: Duration = Duration::from_secs(60);
+/// How often old logs are deleted from the store.
+const LOG_EXPIRY_EVERY: Duration = Duration::from_secs(60);
+
+/// Operator settings of the control plane (`flared server` / `flared control` flags).
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// Memory limit (MiB) of containers whose function sets no `memory=`; 0: no limit.
+    pub default_memory_mb: u64,
+    /// Log bytes kept per app in the store; the oldest records are deleted first.
+    pub log_retention_bytes: u64,
+    /// Log records older than this are deleted from the store.
+    pub log_retention_age: Duration,
+    /// Log bytes per second a container may write, sustained (token bucket refill).
+    pub log_rate_bytes: u64,
+    /// Log bytes a container may write in one burst (token bucket size).
+    pub log_burst_bytes: u64,
+    /// Request bodies held in memory at once, all requests together.
+    pub body_budget_bytes: usize,
+}
+
+/// Default memory limit of containers without `memory=` (MiB).
+pub const DEFAULT_MEMORY_LIMIT_MB: u64 = 2048;
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            default_memory_mb: DEFAULT_MEMORY_LIMIT_MB,
+            log_retention_bytes: 64 << 20,
+            log_retention_age: Duration::from_secs(7 * 24 * 3600),
+            log_rate_bytes: 1 << 20,
+            log_burst_bytes: 8 << 20,
+            body_budget_bytes: 512 << 20,
+        }
+    }
+}
+
+/// Who makes an API request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A client of the public API (tokens come with access control).
+    Client,
+    /// Code in a container of `app_id`, through its worker's API socket.
+    Container { container_id: String, app_id: String },
+}
+
+/// Per-container token bucket for log output, and what it dropped.
+struct LogBucket {
+    tokens: f64,
+    last: Instant,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    last_drop: Instant,
+}
+
+impl LogBucket {
+    fn new(burst: u64) -> Self {
+        let now = Instant::now();
+        LogBucket { tokens: burst as f64, last: now, dropped_lines: 0, dropped_bytes: 0, last_drop: now }
+    }
+
+    /// Takes `n` bytes' worth of tokens if there are enough.
+    fn take(&mut self, n: usize, cfg: &ControlConfig) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * cfg.log_rate_bytes as f64;
+        self.tokens = (self.tokens + refill).min(cfg.log_burst_bytes as f64);
+        self.last = now;
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The note about dropped output, once (then the counts start again).
+    fn take_note(&mut self, cfg: &ControlConfig) -> Option<String> {
+        if self.dropped_lines == 0 {
+            return None;
+        }
+        let note = format!(
+            "[flare] {} lines ({}) of this container's output were dropped: it wrote faster than the log rate limit ({}/s, bursts of {})",
+            self.dropped_lines,
+            flare_api::mib(self.dropped_bytes as usize),
+            flare_api::mib(cfg.log_rate_bytes as usize),
+            flare_api::mib(cfg.log_burst_bytes as usize),
+        );
+        self.dropped_lines = 0;
+        self.dropped_bytes = 0;
+        Some(note)
+    }
+}
 
 pub fn now_ts() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -117,6 +213,10 @@ struct AppRt {
     logs: VecDeque<LogRecord>,
     next_log_seq: u64,
     log_notify: watch::Sender<u64>,
+    /// Bytes of the records in `logs`.
+    log_bytes: usize,
+    /// When the app was stopped with no container left (its in-memory logs go later).
+    stopped_idle_since: Option<Instant>,
 }
 
 struct FnRt {
@@ -167,6 +267,10 @@ struct ContainerRt {
     gpu: Option<flare_proto::GpuRequest>,
     /// Inputs killed with this container because the user asked (cancel): no output for them.
     cancelled: HashSet<String>,
+    /// Memory limit (MiB) and core cap the worker was told to apply.
+    memory_limit_mb: Option<u64>,
+    cpu_limit: Option<f64>,
+    logs: LogBucket,
 }
 
 struct CallRt {
@@ -182,6 +286,8 @@ struct CallRt {
     persisted: bool,
     finished: HashSet<u64>,
     last_access: Instant,
+    /// The app whose container made the call (None: a client outside containers).
+    caller_app: Option<String>,
 }
 
 impl CallRt {
@@ -197,6 +303,7 @@ struct State {
     calls: HashMap<String, CallRt>,
     containers: HashMap<String, ContainerRt>,
     workers: Vec<WorkerRt>,
+    config: ControlConfig,
 }
 
 struct Inner {
@@ -208,6 +315,9 @@ struct Inner {
     log_tx: mpsc::UnboundedSender<LogRow>,
     containers_changed: watch::Sender<u64>,
     images: std::sync::OnceLock<Arc<dyn ImageService>>,
+    /// Request bodies in flight, in KiB (see [`ControlConfig::body_budget_bytes`]).
+    body_budget: Arc<tokio::sync::Semaphore>,
+    body_budget_kib: u32,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -234,21 +344,34 @@ fn store_err(e: flare_store::StoreError) -> ApiError {
 impl ControlPlane {
     /// Opens the control plane on a store; loads deployed apps and re-queues persisted inputs.
     pub fn new(store: Arc<dyn Store>, home: &Path) -> Result<Self, ControlError> {
+        Self::with_config(store, home, ControlConfig::default())
+    }
+
+    /// Opens the control plane with operator settings.
+    pub fn with_config(
+        store: Arc<dyn Store>,
+        home: &Path,
+        config: ControlConfig,
+    ) -> Result<Self, ControlError> {
         let (log_tx, log_rx) = mpsc::unbounded_channel();
         let (containers_changed, _) = watch::channel(0);
+        let body_budget_kib = (config.body_budget_bytes / 1024).clamp(1, u32::MAX as usize >> 1) as u32;
         let inner = Arc::new(Inner {
             store,
             home: home.to_path_buf(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State { config: config.clone(), ..State::default() }),
             server_id: new_id("srv"),
             started_at: now_ts(),
             log_tx,
             containers_changed,
             images: std::sync::OnceLock::new(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(body_budget_kib as usize)),
+            body_budget_kib,
         });
         let cp = ControlPlane { inner };
         cp.load()?;
-        tokio::spawn(log_writer(cp.inner.store.clone(), log_rx));
+        tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
+        tokio::spawn(log_expiry(cp.inner.store.clone(), config));
         let ticker = cp.clone();
         tokio::spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_millis(100));
@@ -263,6 +386,11 @@ impl ControlPlane {
 
     pub fn home(&self) -> &Path {
         &self.inner.home
+    }
+
+    /// The budget of request bodies in flight (KiB permits) and its size.
+    pub(crate) fn body_budget(&self) -> (&Arc<tokio::sync::Semaphore>, u32) {
+        (&self.inner.body_budget, self.inner.body_budget_kib)
     }
 
     /// Install the image service (once, at start); without one `image_id` is refused.
@@ -334,6 +462,8 @@ impl ControlPlane {
                     logs: VecDeque::new(),
                     next_log_seq,
                     log_notify: watch::channel(0).0,
+                    log_bytes: 0,
+                    stopped_idle_since: None,
                 },
             );
         }
@@ -603,8 +733,18 @@ impl ControlPlane {
                 self.on_outputs(st, &container_id, outputs);
             }
             FromWorker::Log { container_id, stream, data } => {
-                let Some(c) = st.containers.get(&container_id) else { return };
+                let Some(c) = st.containers.get_mut(&container_id) else { return };
                 let app_id = c.app_id.clone();
+                if stream != LogStream::System && !c.logs.take(data.len(), &st.config) {
+                    // A flood: dropped here, with a note once the container is within its rate.
+                    c.logs.dropped_lines += data.lines().count().max(1) as u64;
+                    c.logs.dropped_bytes += data.len() as u64;
+                    c.logs.last_drop = Instant::now();
+                    return;
+                }
+                if let Some(note) = c.logs.take_note(&st.config) {
+                    push_log(st, &self.inner.log_tx, &app_id, &container_id, LogStream::System, &note);
+                }
                 push_log(st, &self.inner.log_tx, &app_id, &container_id, stream, &data);
             }
             FromWorker::Exited { container_id, report } => {
@@ -619,7 +759,24 @@ impl ControlPlane {
         let fid = c.function_id.clone();
         let mut finals = Vec::new();
         let mut items = Vec::new();
-        for o in outputs {
+        for mut o in outputs {
+            if o.data.len() > flare_api::MAX_RESULT_BYTES {
+                // The runner refuses such results itself; this holds for any container.
+                let what = if o.status == OutputStatus::Success { "result" } else { "exception" };
+                o.exception = Some(ExceptionInfo::new(
+                    "flare.exception.PayloadTooLargeError",
+                    format!(
+                        "the function's {what} is {}, over the limit of {} per output",
+                        flare_api::mib(o.data.len()),
+                        flare_api::mib(flare_api::MAX_RESULT_BYTES)
+                    ),
+                ));
+                o.status = OutputStatus::Failure;
+                o.data = Bytes::new();
+                if o.gen == Some(GenMark::Item) {
+                    o.gen = Some(GenMark::Done);
+                }
+            }
             if o.gen == Some(GenMark::Item) {
                 if let Some(qi) = c.inflight.get(&o.input_id) {
                     items.push((qi.clone(), o));
@@ -645,7 +802,9 @@ impl ControlPlane {
             append_output(st, self.store(), &qi.call_id, out, false);
         }
         for (qi, o) in finals {
-            if o.status == OutputStatus::Failure && self.maybe_retry(st, &fid, &qi) {
+            let too_large =
+                o.exception.as_ref().is_some_and(|e| e.type_name == "flare.exception.PayloadTooLargeError");
+            if o.status == OutputStatus::Failure && !too_large && self.maybe_retry(st, &fid, &qi) {
                 continue;
             }
             let out = Output {
@@ -682,7 +841,10 @@ impl ControlPlane {
     }
 
     fn on_exit(&self, st: &mut State, container_id: &str, report: ExitReport) {
-        let Some(c) = st.containers.remove(container_id) else { return };
+        let Some(mut c) = st.containers.remove(container_id) else { return };
+        if let Some(note) = c.logs.take_note(&st.config) {
+            push_log(st, &self.inner.log_tx, &c.app_id, container_id, LogStream::System, &note);
+        }
         if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == c.worker_id) {
             w.cpu_used = w.cpu_used.saturating_sub(c.cpu);
             w.mem_used = w.mem_used.saturating_sub(c.mem);
@@ -877,6 +1039,32 @@ impl ControlPlane {
             self.stop_app_locked(st, &app_id);
         }
         st.calls.retain(|_, c| !(c.done() && now.duration_since(c.last_access) > CALL_IDLE_EVICT));
+        // Notes about dropped output of containers that have been quiet for a second.
+        let cfg = st.config.clone();
+        let notes: Vec<(String, String, String)> = st
+            .containers
+            .values_mut()
+            .filter(|c| {
+                c.logs.dropped_lines > 0 && now.duration_since(c.logs.last_drop) >= Duration::from_secs(1)
+            })
+            .filter_map(|c| c.logs.take_note(&cfg).map(|n| (c.app_id.clone(), c.id.clone(), n)))
+            .collect();
+        for (app_id, cid, note) in notes {
+            push_log(st, &self.inner.log_tx, &app_id, &cid, LogStream::System, &note);
+        }
+        // Stopped apps keep no logs in memory once their containers are long gone.
+        let busy: HashSet<&str> = st.containers.values().map(|c| c.app_id.as_str()).collect();
+        for a in st.apps.values_mut().filter(|a| a.row.state == "stopped") {
+            if busy.contains(a.row.app_id.as_str()) {
+                a.stopped_idle_since = None;
+                continue;
+            }
+            let since = *a.stopped_idle_since.get_or_insert(now);
+            if now.duration_since(since) >= STOPPED_APP_LOG_KEEP && !a.logs.is_empty() {
+                a.logs = VecDeque::new();
+                a.log_bytes = 0;
+            }
+        }
     }
 
     // ----- operations used by the API -----
@@ -915,6 +1103,8 @@ impl ControlPlane {
                 logs: VecDeque::new(),
                 next_log_seq: 0,
                 log_notify: watch::channel(0).0,
+                log_bytes: 0,
+                stopped_idle_since: None,
             },
         );
         Ok((row, true))
@@ -1162,6 +1352,8 @@ impl ControlPlane {
                 state: c.state.as_str().into(),
                 age_s: c.started_at.elapsed().as_secs_f64(),
                 inputs_in_flight: c.inflight.len() as u32,
+                memory_limit_mb: c.memory_limit_mb,
+                cpu_limit: c.cpu_limit,
             })
             .collect();
         // Containers a function needs but no worker can take yet, with the reason.
@@ -1175,6 +1367,8 @@ impl ControlPlane {
                     state: format!("waiting: {reason}"),
                     age_s: 0.0,
                     inputs_in_flight: 0,
+                    memory_limit_mb: None,
+                    cpu_limit: None,
                 });
             }
         }
@@ -1268,8 +1462,26 @@ impl ControlPlane {
         inputs: Vec<Bytes>,
         more: bool,
     ) -> ApiResult<(String, watch::Receiver<u64>)> {
+        self.create_call_by(&Caller::Client, fid, kind, inputs, more)
+    }
+
+    /// [`Self::create_call`] on behalf of `caller`: a container may call functions of its
+    /// own app and of deployed apps; the call remembers the caller's app.
+    pub fn create_call_by(
+        &self,
+        caller: &Caller,
+        fid: &str,
+        kind: CallKind,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<(String, watch::Receiver<u64>)> {
         let mut st = self.lock();
         let st = &mut *st;
+        check_function_access(st, caller, fid)?;
+        let caller_app = match caller {
+            Caller::Client => None,
+            Caller::Container { app_id, .. } => Some(app_id.clone()),
+        };
         let f =
             st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
         let app_id = f.app_id.clone();
@@ -1302,6 +1514,7 @@ impl ControlPlane {
                     kind: kind.as_str().into(),
                     num_inputs: inputs.len() as u64,
                     created_at,
+                    caller_app_id: caller_app.clone(),
                 })
                 .map_err(store_err)?;
         }
@@ -1321,6 +1534,7 @@ impl ControlPlane {
                 persisted,
                 finished: HashSet::new(),
                 last_access: Instant::now(),
+                caller_app: caller_app.clone(),
             },
         );
         self.add_inputs_locked(st, &call_id, inputs, more)?;
@@ -1414,8 +1628,63 @@ impl ControlPlane {
         let call = st.calls.get_mut(call_id).expect("inserted");
         call.last_access = Instant::now();
         let start = (after + 1).max(0) as usize;
-        let outs: Vec<Output> = call.outputs.iter().skip(start).take(limit).cloned().collect();
-        Ok((outs, call.done(), call.notify.subscribe()))
+        // A page holds at most MAX_PAGE_BYTES of payloads (and always one output).
+        let mut bytes = 0usize;
+        let outs: Vec<Output> = call
+            .outputs
+            .iter()
+            .skip(start)
+            .take(limit)
+            .take_while(|o| {
+                let first = bytes == 0;
+                bytes += o.data.as_ref().map(|d| d.0.len()).unwrap_or(0).max(1);
+                first || bytes <= flare_api::MAX_PAGE_BYTES
+            })
+            .cloned()
+            .collect();
+        // Done only once the caller has everything: a cut page is followed by another.
+        let done = call.done() && start + outs.len() >= call.outputs.len();
+        Ok((outs, done, call.notify.subscribe()))
+    }
+
+    /// The caller behind a container's API socket (None: no such container).
+    pub fn caller_of_container(&self, container_id: &str) -> Option<Caller> {
+        let st = self.lock();
+        st.containers
+            .get(container_id)
+            .map(|c| Caller::Container { container_id: c.id.clone(), app_id: c.app_id.clone() })
+    }
+
+    /// Whether `caller` may see a call: clients may; a container may see the calls its
+    /// app made and the calls made to its app's functions. Others look missing (404).
+    pub fn check_call_access(&self, caller: &Caller, call_id: &str) -> ApiResult<()> {
+        let Caller::Container { app_id, .. } = caller else { return Ok(()) };
+        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
+        let st = self.lock();
+        let ok = st.calls.get(call_id).is_some_and(|c| {
+            c.caller_app.as_deref() == Some(app_id.as_str())
+                || st.functions.get(&c.function_id).is_some_and(|f| f.app_id == *app_id)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!("function call {call_id} not found (or expired)")))
+        }
+    }
+
+    /// Whether `caller` may look up, inspect or call a function (see [`check_function_access`]).
+    pub fn check_function_access(&self, caller: &Caller, fid: &str) -> ApiResult<()> {
+        check_function_access(&self.lock(), caller, fid)
+    }
+
+    /// Whether `caller` may look up functions of an app by its id: a container only its own.
+    pub fn check_app_access(&self, caller: &Caller, app_id: &str) -> ApiResult<()> {
+        match caller {
+            Caller::Container { app_id: own, .. } if own != app_id => {
+                Err(ApiError::not_found(format!("app {app_id} not found")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Seq of the last log record of the app a call belongs to (-1 if none yet).
@@ -1555,6 +1824,20 @@ impl ControlPlane {
     }
 }
 
+/// A container may use functions of its own app and of deployed apps (looked up by
+/// name); functions of other apps look missing.
+fn check_function_access(st: &State, caller: &Caller, fid: &str) -> ApiResult<()> {
+    let Caller::Container { app_id, .. } = caller else { return Ok(()) };
+    let ok = st.functions.get(fid).is_some_and(|f| {
+        f.app_id == *app_id || st.apps.get(&f.app_id).is_some_and(|a| a.row.mode == "deployed")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("function {fid} not found")))
+    }
+}
+
 /// How an API call names an app.
 pub enum AppRef<'a> {
     Id(&'a str),
@@ -1639,6 +1922,7 @@ fn call_from_row(row: &CallRow, outputs: Vec<Output>, final_count: u64) -> CallR
         created_at: row.created_at,
         persisted: true,
         last_access: Instant::now(),
+        caller_app: row.caller_app_id.clone(),
     }
 }
 
@@ -1740,9 +2024,12 @@ fn push_log(
         .into(),
         data: rec.data.clone(),
     });
+    app.log_bytes += rec.data.len();
     app.logs.push_back(rec);
-    while app.logs.len() > LOG_RING {
-        app.logs.pop_front();
+    while app.logs.len() > LOG_RING || app.log_bytes > LOG_RING_BYTES && app.logs.len() > 1 {
+        if let Some(old) = app.logs.pop_front() {
+            app.log_bytes -= old.data.len();
+        }
     }
     app.log_notify.send_replace(app.next_log_seq);
 }
@@ -1880,12 +2167,22 @@ fn schedule(st: &mut State, fid: &str) {
             *w.gpus_used.entry(g.kind.clone()).or_insert(0) += g.count;
         }
         let cid = new_id("ct");
+        // The worker gets explicit limits: the server's defaults where the function sets none.
+        let mut def = f.def.clone();
+        if def.config.memory.is_none() && st.config.default_memory_mb > 0 {
+            def.config.memory = Some(st.config.default_memory_mb);
+        }
+        if def.config.cpu_limit.is_none() {
+            let request = def.config.cpu.unwrap_or(DEFAULT_CPU_MILLIS as f64 / 1000.0);
+            def.config.cpu_limit = Some(request + flare_proto::CPU_BURST_CORES);
+        }
+        let (memory_limit_mb, cpu_limit) = (def.config.memory, def.config.cpu_limit);
         let assignment = ContainerAssignment {
             container_id: cid.clone(),
             app_id: f.app_id.clone(),
             app_name: app_name.clone(),
             function_id: f.id.clone(),
-            def: f.def.clone(),
+            def,
         };
         if w.link.tx.send(ToWorker::Start(assignment)).is_err() {
             w.accepting = false;
@@ -1908,6 +2205,9 @@ fn schedule(st: &mut State, fid: &str) {
                 mem: req.memory_mb,
                 gpu: placement.gpu.clone(),
                 cancelled: HashSet::new(),
+                memory_limit_mb,
+                cpu_limit,
+                logs: LogBucket::new(st.config.log_burst_bytes),
             },
         );
         f.containers.insert(cid);
@@ -1981,9 +2281,12 @@ fn evict_idle_for(st: &mut State, fid: &str, req: &scheduler::Request) {
     }
 }
 
-/// Persists log records in batches.
-async fn log_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogRow>) {
+/// Persists log records in batches and keeps each app's stored logs within
+/// [`ControlConfig::log_retention_bytes`] (oldest first, with a note).
+async fn log_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogRow>, cfg: ControlConfig) {
     let mut buf = Vec::new();
+    // Stored log bytes per app, as far as this process knows (read once per app).
+    let mut usage: HashMap<String, u64> = HashMap::new();
     while let Some(first) = rx.recv().await {
         buf.push(first);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1992,9 +2295,81 @@ async fn log_writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<LogRo
         }
         let batch = std::mem::take(&mut buf);
         let store = store.clone();
-        let res = tokio::task::spawn_blocking(move || store.append_logs(&batch)).await;
-        if let Ok(Err(e)) = res {
-            tracing::error!(error = %e, "could not persist logs");
+        let cfg = cfg.clone();
+        let mut known = std::mem::take(&mut usage);
+        let res = tokio::task::spawn_blocking(move || {
+            store.append_logs(&batch)?;
+            enforce_log_size(&*store, &batch, &mut known, &cfg)?;
+            Ok::<_, flare_store::StoreError>(known)
+        })
+        .await;
+        match res {
+            Ok(Ok(known)) => usage = known,
+            Ok(Err(e)) => tracing::error!(error = %e, "could not persist logs"),
+            Err(e) => tracing::error!(error = %e, "log writer task failed"),
+        }
+    }
+}
+
+fn retention_note(cfg: &ControlConfig) -> impl Fn(u64, u64) -> String + '_ {
+    move |records, bytes| {
+        format!(
+            "[flare] {records} older log records ({}) of this app were deleted: the server keeps {} of logs per app, for {} days",
+            flare_api::mib(bytes as usize),
+            flare_api::mib(cfg.log_retention_bytes as usize),
+            cfg.log_retention_age.as_secs_f64() / 86400.0,
+        )
+    }
+}
+
+fn enforce_log_size(
+    store: &dyn Store,
+    batch: &[LogRow],
+    usage: &mut HashMap<String, u64>,
+    cfg: &ControlConfig,
+) -> Result<(), flare_store::StoreError> {
+    let mut added: HashMap<&str, u64> = HashMap::new();
+    for l in batch {
+        *added.entry(l.app_id.as_str()).or_default() += l.data.len() as u64;
+    }
+    for (app, n) in added {
+        let total = match usage.get_mut(app) {
+            Some(t) => {
+                *t += n;
+                *t
+            }
+            None => {
+                let t = store.log_bytes(app)?;
+                usage.insert(app.to_string(), t);
+                t
+            }
+        };
+        if total > cfg.log_retention_bytes {
+            // Down to 90%, so that trimming happens once per tenth of the budget.
+            let left = store.trim_logs(app, cfg.log_retention_bytes / 10 * 9, &retention_note(cfg))?;
+            usage.insert(app.to_string(), left);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes stored logs older than [`ControlConfig::log_retention_age`], once a minute.
+async fn log_expiry(store: Arc<dyn Store>, cfg: ControlConfig) {
+    let mut iv = tokio::time::interval(LOG_EXPIRY_EVERY);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        let store = store.clone();
+        let cfg = cfg.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let before = now_ts() - cfg.log_retention_age.as_secs_f64();
+            store.expire_logs(before, &retention_note(&cfg))
+        })
+        .await;
+        match res {
+            Ok(Ok(apps)) if !apps.is_empty() => tracing::info!(apps = apps.len(), "deleted expired logs"),
+            Ok(Err(e)) => tracing::error!(error = %e, "could not delete expired logs"),
+            _ => {}
         }
     }
 }
@@ -2008,3 +2383,6 @@ pub enum ControlError {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hardening_tests;

@@ -46,6 +46,8 @@ pub struct CallRow {
     pub kind: String,
     pub num_inputs: u64,
     pub created_at: f64,
+    /// The app whose container made the call (None: a client outside containers).
+    pub caller_app_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -108,9 +110,20 @@ pub trait Store: Send + Sync {
     fn append_logs(&self, logs: &[LogRow]) -> Result<()>;
     fn logs_after(&self, app_id: &str, after: i64, limit: usize) -> Result<Vec<LogRow>>;
     fn max_log_seq(&self, app_id: &str) -> Result<Option<u64>>;
+    /// Bytes of log text stored for an app.
+    fn log_bytes(&self, app_id: &str) -> Result<u64>;
+    /// Deletes an app's oldest log records until at most `keep_bytes` remain. One note
+    /// record (stream `system`, text from `note(records, bytes)` with the totals deleted
+    /// so far for the app) takes the seq of the newest deleted record, so readers see
+    /// what is missing where it was. Returns the bytes left.
+    fn trim_logs(&self, app_id: &str, keep_bytes: u64, note: &dyn Fn(u64, u64) -> String) -> Result<u64>;
+    /// Deletes log records older than `before_ts`, with a note per app as in
+    /// [`Store::trim_logs`]. Returns the apps whose logs were deleted.
+    fn expire_logs(&self, before_ts: f64, note: &dyn Fn(u64, u64) -> String) -> Result<Vec<String>>;
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE apps (
     app_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -170,7 +183,17 @@ CREATE TABLE logs (
     data TEXT NOT NULL,
     PRIMARY KEY (app_id, seq)
 );
-"#];
+"#,
+    r#"
+ALTER TABLE calls ADD COLUMN caller_app_id TEXT;
+CREATE INDEX logs_ts ON logs(ts);
+CREATE TABLE logs_deleted (
+    app_id TEXT PRIMARY KEY,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+"#,
+];
 
 /// The embedded store: one SQLite file in WAL mode.
 pub struct SqliteStore {
@@ -311,8 +334,15 @@ impl Store for SqliteStore {
 
     fn put_call(&self, call: &CallRow) -> Result<()> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO calls (call_id, function_id, kind, num_inputs, created_at) VALUES (?1,?2,?3,?4,?5)",
-            params![call.call_id, call.function_id, call.kind, call.num_inputs as i64, call.created_at],
+            "INSERT OR REPLACE INTO calls (call_id, function_id, kind, num_inputs, created_at, caller_app_id) VALUES (?1,?2,?3,?4,?5,?6)",
+            params![
+                call.call_id,
+                call.function_id,
+                call.kind,
+                call.num_inputs as i64,
+                call.created_at,
+                call.caller_app_id
+            ],
         )?;
         Ok(())
     }
@@ -320,7 +350,7 @@ impl Store for SqliteStore {
     fn get_call(&self, call_id: &str) -> Result<Option<CallRow>> {
         let c = self.conn();
         Ok(c.query_row(
-            "SELECT call_id, function_id, kind, num_inputs, created_at FROM calls WHERE call_id=?1",
+            "SELECT call_id, function_id, kind, num_inputs, created_at, caller_app_id FROM calls WHERE call_id=?1",
             [call_id],
             |r| {
                 Ok(CallRow {
@@ -329,6 +359,7 @@ impl Store for SqliteStore {
                     kind: r.get(2)?,
                     num_inputs: r.get::<_, i64>(3)? as u64,
                     created_at: r.get(4)?,
+                    caller_app_id: r.get(5)?,
                 })
             },
         )
@@ -501,6 +532,113 @@ impl Store for SqliteStore {
             c.query_row("SELECT MAX(seq) FROM logs WHERE app_id=?1", [app_id], |r| r.get(0))?;
         Ok(v.map(|v| v as u64))
     }
+
+    fn log_bytes(&self, app_id: &str) -> Result<u64> {
+        let c = self.conn();
+        let v: i64 = c.query_row(
+            "SELECT COALESCE(SUM(length(CAST(data AS BLOB))), 0) FROM logs WHERE app_id=?1",
+            [app_id],
+            |r| r.get(0),
+        )?;
+        Ok(v as u64)
+    }
+
+    fn trim_logs(&self, app_id: &str, keep_bytes: u64, note: &dyn Fn(u64, u64) -> String) -> Result<u64> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let total: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(length(CAST(data AS BLOB))), 0) FROM logs WHERE app_id=?1",
+            [app_id],
+            |r| r.get(0),
+        )?;
+        let total = total as u64;
+        if total <= keep_bytes {
+            return Ok(total);
+        }
+        // Oldest first, until enough is gone.
+        let excess = total - keep_bytes;
+        let (mut gone, mut records, mut cut) = (0u64, 0u64, None);
+        {
+            let mut st =
+                tx.prepare("SELECT seq, length(CAST(data AS BLOB)) FROM logs WHERE app_id=?1 ORDER BY seq")?;
+            let mut rows = st.query([app_id])?;
+            while let Some(r) = rows.next()? {
+                let (seq, len): (i64, i64) = (r.get(0)?, r.get(1)?);
+                gone += len as u64;
+                records += 1;
+                cut = Some(seq);
+                if gone >= excess {
+                    break;
+                }
+            }
+        }
+        let Some(cut) = cut else { return Ok(total) };
+        tx.execute("DELETE FROM logs WHERE app_id=?1 AND seq<=?2", params![app_id, cut])?;
+        let text = record_deleted(&tx, app_id, records, gone, note)?;
+        insert_note(&tx, app_id, cut, &text)?;
+        tx.commit()?;
+        Ok(total - gone + text.len() as u64)
+    }
+
+    fn expire_logs(&self, before_ts: f64, note: &dyn Fn(u64, u64) -> String) -> Result<Vec<String>> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let apps: Vec<(String, i64, i64, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT app_id, MAX(seq), COUNT(*), COALESCE(SUM(length(CAST(data AS BLOB))), 0)
+                 FROM logs WHERE ts<?1 GROUP BY app_id",
+            )?;
+            let rows = st
+                .query_map([before_ts], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        for (app_id, max_seq, records, bytes) in &apps {
+            tx.execute("DELETE FROM logs WHERE app_id=?1 AND ts<?2", params![app_id, before_ts])?;
+            let text = record_deleted(&tx, app_id, *records as u64, *bytes as u64, note)?;
+            insert_note(&tx, app_id, *max_seq, &text)?;
+        }
+        tx.commit()?;
+        Ok(apps.into_iter().map(|a| a.0).collect())
+    }
+}
+
+/// Adds to an app's totals of deleted log records and returns the note about them.
+fn record_deleted(
+    tx: &rusqlite::Transaction<'_>,
+    app_id: &str,
+    records: u64,
+    bytes: u64,
+    note: &dyn Fn(u64, u64) -> String,
+) -> Result<String> {
+    tx.execute(
+        "INSERT INTO logs_deleted (app_id, records, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT(app_id) DO UPDATE SET records=records+excluded.records, bytes=bytes+excluded.bytes",
+        params![app_id, records as i64, bytes as i64],
+    )?;
+    let (r, b): (i64, i64) =
+        tx.query_row("SELECT records, bytes FROM logs_deleted WHERE app_id=?1", [app_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Ok(note(r as u64, b as u64))
+}
+
+fn insert_note(tx: &rusqlite::Transaction<'_>, app_id: &str, seq: i64, text: &str) -> Result<()> {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    // One note per app: the newest has the totals.
+    tx.execute(
+        "DELETE FROM logs WHERE app_id=?1 AND seq<?2 AND stream='system' AND container_id='' AND function=''",
+        params![app_id, seq],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO logs (app_id, seq, ts, container_id, function, stream, data)
+         VALUES (?1, ?2, ?3, '', '', 'system', ?4)",
+        params![app_id, seq, ts, text],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -557,6 +695,7 @@ mod tests {
             kind: "spawn".into(),
             num_inputs: 1,
             created_at: 1.0,
+            caller_app_id: Some("ap-1".into()),
         })
         .unwrap();
         s.put_input(&PendingInputRow {
@@ -583,7 +722,42 @@ mod tests {
         assert!(s.pending_inputs().unwrap().is_empty());
         assert_eq!(s.outputs_after("c1", -1, 10).unwrap(), vec![out]);
         assert_eq!(s.count_final_outputs("c1").unwrap(), 1);
-        assert_eq!(s.get_call("c1").unwrap().unwrap().kind, "spawn");
+        let call = s.get_call("c1").unwrap().unwrap();
+        assert_eq!((call.kind.as_str(), call.caller_app_id.as_deref()), ("spawn", Some("ap-1")));
+    }
+
+    #[test]
+    fn log_retention_by_size_and_age() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let row = |seq: u64, ts: f64| LogRow {
+            app_id: "a".into(),
+            seq,
+            ts,
+            container_id: "c".into(),
+            function: "f".into(),
+            stream: "stdout".into(),
+            data: "x".repeat(1000),
+        };
+        s.append_logs(&(0..100).map(|i| row(i, 1000.0 + i as f64)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(s.log_bytes("a").unwrap(), 100_000);
+        let note = |r: u64, b: u64| format!("{r} older records ({b} bytes) deleted");
+        let left = s.trim_logs("a", 50_000, &note).unwrap();
+        assert!(left <= 50_100, "{left}");
+        let page = s.logs_after("a", -1, 1000).unwrap();
+        // Oldest gone first; the note sits where they were, then the newest 50 records.
+        assert_eq!(page[0].stream, "system");
+        assert_eq!(page[0].data, "50 older records (50000 bytes) deleted");
+        assert_eq!(page[0].seq, 49);
+        assert_eq!(page[1].seq, 50);
+        assert_eq!(page.len(), 51);
+        assert_eq!(s.max_log_seq("a").unwrap(), Some(99));
+        // Age: everything before ts 1090 goes; the totals accumulate.
+        let apps = s.expire_logs(1090.0, &note).unwrap();
+        assert_eq!(apps, vec!["a".to_string()]);
+        let page = s.logs_after("a", -1, 1000).unwrap();
+        assert_eq!(page[0].data, "90 older records (90000 bytes) deleted");
+        assert_eq!((page.len(), page[0].seq, page[1].seq), (11, 89, 90));
+        assert!(s.expire_logs(1090.0, &note).unwrap().is_empty());
     }
 
     #[test]

@@ -12,8 +12,10 @@ pub const READY: u8 = 10;
 pub const INIT_FAILURE: u8 = 11;
 pub const OUTPUTS: u8 = 12;
 
-/// Largest frame accepted from a container (a result over this is an error, not a crash).
-pub const MAX_FRAME: usize = 1 << 30;
+/// Largest frame accepted from a container: one result at the API's cap plus headroom
+/// for a batch (the runner refuses bigger results itself; a container that sends one
+/// anyway is stopped, and the daemon never holds more than this for it).
+pub const MAX_FRAME: usize = flare_api::MAX_RESULT_BYTES + (8 << 20);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {

@@ -54,8 +54,10 @@ impl HttpClient {
             return error_response(StatusCode::BAD_REQUEST, "invalid_argument", "bad request path");
         };
         let mut out = Request::builder().method(parts.method).uri(uri);
-        if let Some(ct) = parts.headers.get(axum::http::header::CONTENT_TYPE) {
-            out = out.header(axum::http::header::CONTENT_TYPE, ct);
+        for name in [axum::http::header::CONTENT_TYPE.as_str(), flare_api::CALLER_CONTAINER_HEADER] {
+            if let Some(v) = parts.headers.get(name) {
+                out = out.header(name, v);
+            }
         }
         let Ok(out) = out.body(body) else {
             return error_response(StatusCode::BAD_REQUEST, "invalid_argument", "bad request");

@@ -550,7 +550,16 @@ async fn run_container_in(
     let listener = tokio::net::UnixListener::bind(&api_path)
         .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
     let _socket_guard = RemoveOnDrop(api_path.clone());
-    let api_task = tokio::spawn(axum::serve(listener, cfg.api.clone()).into_future());
+    // Every request on this socket names its container, so the control plane scopes it to
+    // the container's app (any value the container sends is replaced).
+    let caller = axum::http::HeaderValue::from_str(&cid).map_err(|e| format!("container id: {e}"))?;
+    let api = cfg.api.clone().layer(axum::middleware::from_fn(
+        move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+            req.headers_mut().insert(flare_api::CALLER_CONTAINER_HEADER, caller.clone());
+            next.run(req)
+        },
+    ));
+    let api_task = tokio::spawn(axum::serve(listener, api).into_future());
     let _api_guard = AbortOnDrop(api_task);
 
     if let (Some(m), Some(src)) = (&a.def.mount_id, &cfg.mount_source) {

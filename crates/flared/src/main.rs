@@ -62,6 +62,80 @@ struct CommonArgs {
     /// Address of the HTTP API (remote workers use the same port).
     #[arg(long, default_value = "127.0.0.1:7878", env = "FLARE_LISTEN")]
     listen: SocketAddr,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Limits of the API and of what containers may use by default.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// A host name the API answers to besides IP addresses and localhost (repeatable;
+    /// `*`: any). Requests with another `Host` are refused (DNS rebinding protection),
+    /// so a fleet that reaches the control plane by name lists that name here.
+    #[arg(long = "allowed-host", value_name = "NAME", env = "FLARE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Memory limit (MiB) of containers whose function sets no `memory=` (0: none).
+    #[arg(long, value_name = "MIB", default_value_t = flare_control::DEFAULT_MEMORY_LIMIT_MB, env = "FLARE_DEFAULT_MEMORY")]
+    default_memory: u64,
+    /// Log data kept per app (MiB); the oldest records are deleted first, with a note.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    log_retention_mib: u64,
+    /// Days logs are kept.
+    #[arg(long, value_name = "DAYS", default_value_t = 7.0)]
+    log_retention_days: f64,
+    /// Log output a container may write per second (KiB, sustained); more is dropped, with a note.
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    log_rate_kib: u64,
+    /// Log output a container may write in one burst (KiB).
+    #[arg(long, value_name = "KIB", default_value_t = 8192)]
+    log_burst_kib: u64,
+    /// Request bodies held in memory at once, all requests together (MiB).
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    body_budget_mib: usize,
+    /// Open HTTP connections at most; more wait in the listen backlog.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (slow clients are disconnected).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+}
+
+impl ApiArgs {
+    fn control_config(&self) -> Result<flare_control::ControlConfig> {
+        if self.log_retention_days.is_nan()
+            || self.log_retention_days <= 0.0
+            || self.log_rate_kib == 0
+            || self.log_burst_kib == 0
+        {
+            bail!("--log-retention-days, --log-rate-kib and --log-burst-kib must be positive");
+        }
+        if self.body_budget_mib == 0 || self.max_connections == 0 || self.header_timeout_secs == 0 {
+            bail!("--body-budget-mib, --max-connections and --header-timeout-secs must be positive");
+        }
+        Ok(flare_control::ControlConfig {
+            default_memory_mb: self.default_memory,
+            log_retention_bytes: self.log_retention_mib << 20,
+            log_retention_age: Duration::from_secs_f64(self.log_retention_days * 86400.0),
+            log_rate_bytes: self.log_rate_kib << 10,
+            log_burst_bytes: self.log_burst_kib << 10,
+            body_budget_bytes: self.body_budget_mib << 20,
+        })
+    }
+
+    fn listen_limits(&self) -> ListenLimits {
+        ListenLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            policy: api::SitePolicy::new(&self.allowed_hosts),
+        }
+    }
+}
+
+/// How the API listener protects the daemon.
+struct ListenLimits {
+    max_connections: usize,
+    header_timeout: Duration,
+    policy: api::SitePolicy,
 }
 
 #[derive(clap::Args)]
@@ -248,9 +322,9 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
     Ok(Images { builder: Arc::new(builder), host: Arc::new(host) })
 }
 
-fn open_control(home: &Path) -> Result<ControlPlane> {
+fn open_control(home: &Path, config: flare_control::ControlConfig) -> Result<ControlPlane> {
     let store = SqliteStore::open(&home.join("state.db")).context("opening the state database")?;
-    ControlPlane::new(Arc::new(store), home).context("loading state")
+    ControlPlane::with_config(Arc::new(store), home, config).context("loading state")
 }
 
 /// The API router, plus the worker hub on the same port when a token is set.
@@ -268,29 +342,79 @@ fn api_router(cp: &ControlPlane, worker_token: Option<String>) -> axum::Router {
 
 /// Serves the API until SIGTERM/SIGINT. Worker sessions are long-lived streams, so on the
 /// signal they are ended first, and open connections get at most 5 s to finish.
-async fn serve_api(listen: SocketAddr, router: axum::Router, cp: &ControlPlane) -> Result<()> {
+///
+/// HTTP/1 and HTTP/2 (gRPC workers) on one port; at most `max_connections` open at once
+/// (more wait in the kernel's backlog) and `header_timeout` to send a request's headers,
+/// so slow clients cannot hold the daemon's connections or memory.
+async fn serve_api(
+    listen: SocketAddr,
+    router: axum::Router,
+    cp: &ControlPlane,
+    limits: ListenLimits,
+) -> Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (is another server running?)"))?;
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let cp2 = cp.clone();
-    let stopping2 = stopping.clone();
-    let shutdown = async move {
-        shutdown_signal().await;
-        cp2.disconnect_remote_workers("the control plane is shutting down");
-        stopping2.notify_one();
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+    let router = api::harden(router, cp, limits.policy);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut full_warned = false;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                if !full_warned {
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                    full_warned = true;
+                }
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => s.context("connection slots closed")?,
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, never spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        if slots.available_permits() > 0 {
+            full_warned = false;
+        }
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    cp.disconnect_remote_workers("the control plane is shutting down");
     tokio::select! {
-        r = server => r.context("serving the API"),
-        _ = async {
-            stopping.notified().await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        } => {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {
             tracing::warn!("connections still open 5 s after the shutdown signal; closing anyway");
-            Ok(())
         }
     }
+    Ok(())
 }
 
 async fn stop_containers(cp: &ControlPlane) {
@@ -307,11 +431,13 @@ async fn stop_containers(cp: &ControlPlane) {
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
+    let config = args.common.api.control_config()?;
+    let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
     require_root("flared server")?;
     let runtime = start_runtime(&home, args.no_nat)?;
-    let cp = open_control(&home)?;
+    let cp = open_control(&home, config)?;
     let images = Arc::new(open_images(&home, Some(runtime.clone()))?);
     cp.set_image_service(images.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -335,7 +461,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
     let router = api_router(&cp, args.worker_token).merge(flare_image::http::router(images.builder.clone()));
-    serve_api(args.common.listen, router, &cp).await?;
+    serve_api(args.common.listen, router, &cp, limits).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
@@ -345,9 +471,11 @@ async fn control(args: ControlArgs) -> Result<()> {
     if args.worker_token.is_empty() {
         bail!("--worker-token (or FLARE_WORKER_TOKEN) must not be empty: workers join with it");
     }
+    let config = args.common.api.control_config()?;
+    let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
-    let cp = open_control(&home)?;
+    let cp = open_control(&home, config)?;
     // Build steps run in containers here when this control plane runs as root.
     let runtime = match start_runtime(&home, false) {
         Ok(r) => Some(r),
@@ -362,7 +490,7 @@ async fn control(args: ControlArgs) -> Result<()> {
     tracing::info!(listen = %args.common.listen, home = %home.display(), "flared control ready; waiting for workers");
     let router =
         api_router(&cp, Some(args.worker_token)).merge(flare_image::http::router(images.builder.clone()));
-    serve_api(args.common.listen, router, &cp).await?;
+    serve_api(args.common.listen, router, &cp, limits).await?;
     stop_containers(&cp).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
