@@ -35,6 +35,8 @@ _READ_SIZE = 1 << 18
 # Flush outputs once this many are buffered even if more inputs are waiting.
 _MAX_BATCH_ITEMS = 1000
 _MAX_BATCH_BYTES = 4 << 20
+# The server's cap on one result or yielded item (flare_api::MAX_RESULT_BYTES, PROTOCOL.md).
+_MAX_RESULT_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- JSON
@@ -195,6 +197,19 @@ def pickle_exception(exc: BaseException) -> bytes:
         pickle.loads(data)
     except Exception:  # noqa: BLE001
         return b""
+    return data
+
+
+def _checked_size(data: bytes) -> bytes:
+    """``data`` if the server takes a result that big, else PayloadTooLargeError."""
+    if len(data) > _MAX_RESULT_BYTES:
+        from .exception import PayloadTooLargeError
+
+        raise PayloadTooLargeError(
+            f"the function's result is {len(data) / (1 << 20):.1f} MiB pickled, over the limit of "
+            f"{_MAX_RESULT_BYTES / (1 << 20):.1f} MiB per output; return a smaller value "
+            "(or write large data to storage and return its location)"
+        )
     return data
 
 
@@ -422,7 +437,7 @@ class Runner:
 
     def _send_result(self, inp: Input, result: Any, gen: str | None, flush: bool) -> None:
         try:
-            data = dumps_result(result)
+            data = _checked_size(dumps_result(result))
         except BaseException as e:  # noqa: BLE001
             self.failure(inp, e, gen, flush, 0)
             return
@@ -431,7 +446,7 @@ class Runner:
     def _emit_item(self, inp: Input, item: Any) -> bool:
         """Send one yielded value; False (after a final failure output) if it can't be pickled."""
         try:
-            data = dumps_result(item)
+            data = _checked_size(dumps_result(item))
         except BaseException as e:  # noqa: BLE001
             self.failure(inp, e, "done", True, 0)
             return False

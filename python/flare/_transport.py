@@ -27,6 +27,9 @@ _ERROR_CLASSES: dict[str, type[exception.Error]] = {
     "failed_precondition": exception.InvalidError,
     "internal": exception.ServerError,
     "unavailable": exception.ExecutionError,
+    "payload_too_large": exception.PayloadTooLargeError,
+    "unsupported_media_type": exception.InvalidError,
+    "permission_denied": exception.InvalidError,
 }
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
@@ -144,7 +147,7 @@ class Client:
                 elif conn.sock is not None:
                     conn.sock.settimeout(self.timeout)
                 self._local.sent = True
-                conn.request(method, path, data, headers)
+                _send(conn, method, path, data, headers)
                 resp = conn.getresponse()
                 raw = resp.read()
                 status = resp.status
@@ -186,7 +189,7 @@ class Client:
                 conn.connect()
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout)
-                conn.request(method, path, data, headers)
+                _send(conn, method, path, data, headers)
                 resp = conn.getresponse()
                 if not 200 <= resp.status < 300:
                     raise _error_from_response(resp.status, resp.read(), method, path)
@@ -210,6 +213,18 @@ class Client:
             conn.close()
 
 
+def _send(conn: http.client.HTTPConnection, method: str, path: str, data: Any, headers: dict[str, str]) -> None:
+    """Send a request. A server that refuses a body it will not read (413: over a size limit)
+    answers and closes while the body is still going out: then its answer is what counts,
+    and ``getresponse()`` reads it."""
+    try:
+        conn.request(method, path, data, headers)
+    except (BrokenPipeError, ConnectionResetError):
+        if data is None or conn.sock is None:
+            raise
+        conn.sock.settimeout(5)
+
+
 def _remaining_length(fh: Any) -> int:
     pos = fh.tell()
     end = fh.seek(0, os.SEEK_END)
@@ -228,9 +243,12 @@ def _error_from_response(status: int, raw: bytes, method: str, path: str) -> exc
         pass
     cls = _ERROR_CLASSES.get(code or "")
     if cls is None:
-        cls = {404: exception.NotFoundError, 400: exception.InvalidError, 409: exception.ConflictError}.get(
-            status, exception.ServerError
-        )
+        cls = {
+            404: exception.NotFoundError,
+            400: exception.InvalidError,
+            409: exception.ConflictError,
+            413: exception.PayloadTooLargeError,
+        }.get(status, exception.ServerError)
     if cls is exception.ServerError:
         message = f"{method} {path} failed with HTTP {status}: {message}"
     return cls(message)

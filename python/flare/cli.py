@@ -274,13 +274,21 @@ def _age(seconds: Any) -> str:
     return f"{s // 86400:.0f}d{s % 86400 // 3600:02.0f}h"
 
 
+def _memory_limit(mb: Any) -> str:
+    """A container's memory limit for display: ``2 GiB``, ``512 MiB``, ``-`` (none)."""
+    if not mb:
+        return "-"
+    mb = int(mb)
+    return f"{mb // 1024} GiB" if mb % 1024 == 0 else f"{mb} MiB"
+
+
 def cmd_container(args: argparse.Namespace, rest: list[str]) -> int:
     if args.container_cmd != "list":
         raise UserError("usage: flare container list")
     client = _client()
     containers = client.request("GET", "/v1/containers")["containers"]
     names = {a["app_id"]: a["name"] for a in client.request("GET", "/v1/apps")["apps"]}
-    rows = [("CONTAINER ID", "APP", "FUNCTION", "WORKER", "STATE", "AGE")]
+    rows = [("CONTAINER ID", "APP", "FUNCTION", "WORKER", "STATE", "AGE", "MEMORY")]
     for c in containers:
         app_id = c.get("app_id", "")
         waiting = str(c.get("state", "")).startswith("waiting")
@@ -291,6 +299,7 @@ def cmd_container(args: argparse.Namespace, rest: list[str]) -> int:
             str(c.get("worker_id") or c.get("worker") or "-"),
             str(c.get("state", "")),
             "-" if waiting else _age(c.get("age_s")),
+            _memory_limit(c.get("memory_limit_mb")),
         ))
     _print_table(rows)
     return 0

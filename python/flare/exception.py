@@ -41,6 +41,10 @@ class OutOfMemoryError(Error):
     """The container exceeded its memory limit and was killed."""
 
 
+class PayloadTooLargeError(InvalidError):
+    """A request, an argument or a result is over the server's size limit (``docs/PROTOCOL.md``)."""
+
+
 class SerializationError(Error):
     """A value could not be serialized (pickled) or deserialized."""
 

@@ -22,7 +22,7 @@ pub const MAX_RESULT_BYTES: usize = 64 << 20;
 pub const MAX_CALL_BODY: usize = 96 << 20;
 /// Body limit of `POST /v1/apps/{id}/functions` (serialized functions are pickled).
 pub const MAX_FUNCTIONS_BODY: usize = 32 << 20;
-/// Body limit of `POST /v1/mounts` (inline files).
+/// Body limit of `POST /v1/mounts` (inline files or file lists) and `POST /v1/images/build`.
 pub const MAX_MOUNT_BODY: usize = 64 << 20;
 /// Body limit of every other JSON route.
 pub const MAX_JSON_BODY: usize = 1 << 20;
@@ -55,7 +55,9 @@ pub fn body_limit(method: &str, path: &str) -> usize {
     match (method, p.as_slice()) {
         ("POST", ["v1", "functions", _, "calls"]) | ("POST", ["v1", "calls", _, "inputs"]) => MAX_CALL_BODY,
         ("POST", ["v1", "apps", _, "functions"]) => MAX_FUNCTIONS_BODY,
-        ("POST", ["v1", "mounts"]) => MAX_MOUNT_BODY,
+        // Code mounts and image builds carry file lists (a captured Python environment:
+        // tens of thousands of entries, ~10 MiB of JSON).
+        ("POST", ["v1", "mounts"]) | ("POST", ["v1", "images", "build"]) => MAX_MOUNT_BODY,
         _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
         _ => MAX_JSON_BODY,
     }
@@ -736,6 +738,7 @@ mod tests {
         assert_eq!(required_content_type("POST", "/v1/blobs/batch"), Some("application/octet-stream"));
         assert_eq!(required_content_type("POST", "/v1/blobs/missing"), Some("application/json"));
         assert_eq!(body_limit("POST", "/v1/apps"), MAX_JSON_BODY);
+        assert_eq!(body_limit("POST", "/v1/images/build"), MAX_MOUNT_BODY);
         assert_eq!(body_limit("POST", "/v1/functions/fu-1/calls"), MAX_CALL_BODY);
         assert_eq!(body_limit("PUT", "/v1/blobs/blake3:ab"), MAX_UPLOAD_BODY);
         let big = InputItem { args: B64(vec![0u8; MAX_ARGS_BYTES + 1].into()) };

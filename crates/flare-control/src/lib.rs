@@ -2000,6 +2000,7 @@ fn push_log(
         .and_then(|c| st.functions.get(&c.function_id))
         .map(|f| f.name.clone())
         .unwrap_or_default();
+    let log_retention = st.config.log_retention_bytes;
     let Some(app) = st.apps.get_mut(app_id) else { return };
     let rec = LogRecord {
         seq: app.next_log_seq,
@@ -2026,7 +2027,9 @@ fn push_log(
     });
     app.log_bytes += rec.data.len();
     app.logs.push_back(rec);
-    while app.logs.len() > LOG_RING || app.log_bytes > LOG_RING_BYTES && app.logs.len() > 1 {
+    // Never more in memory than half of what the store keeps, so both show the same tail.
+    let ring_bytes = LOG_RING_BYTES.min(log_retention as usize / 2);
+    while app.logs.len() > LOG_RING || app.log_bytes > ring_bytes && app.logs.len() > 1 {
         if let Some(old) = app.logs.pop_front() {
             app.log_bytes -= old.data.len();
         }
