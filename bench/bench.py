@@ -160,9 +160,16 @@ class Server:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> None:
+        from flare._server import host_bind_allow
+
+        # As the server `flare run` starts on a laptop: this environment's dirs may be
+        # bound from the host (an explicitly started server serves them from the store).
+        argv = [self.flared, "server", "--home", self.home, "--listen", f"127.0.0.1:{self.port}"]
+        for d in host_bind_allow(self.home):
+            argv += ["--host-bind-allow", d]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [self.flared, "server", "--home", self.home, "--listen", f"127.0.0.1:{self.port}"],
+                argv,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout

@@ -7,8 +7,8 @@ bash scripts/setup.sh
 PY="$("${FLARE_PYTHON:-python3}" -c 'import sys; print(sys.executable)')"
 
 status=0
-echo "== cargo test --release --workspace"
-cargo test --release --workspace -- --test-threads=2 || status=1
+echo "== cargo test --release --workspace --no-fail-fast"
+cargo test --release --workspace --no-fail-fast -- --test-threads=2 || status=1
 
 echo "== pytest python/tests tests/e2e"
 "$PY" -m pytest -q -p no:cacheprovider python/tests tests/e2e || status=1

@@ -66,16 +66,17 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def python_roots(executable: str, paths: list[str]) -> list[str]:
+def python_roots(executable: str, paths: list[str], prefixes: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The smallest set of host dirs holding the Python environment: the interpreter's
-    prefix (two levels above the executable) and every existing absolute ``paths`` dir,
-    without ``/`` and the system dirs, deduplicated, nested dirs dropped (realpaths).
-    Mirrors ``python_roots`` in crates/flare-worker."""
+    prefix (two levels above the executable), the environment's ``prefixes`` (see
+    ``environment_prefixes``) and every existing absolute ``paths`` dir, without ``/`` and
+    the system dirs, deduplicated, nested dirs dropped (realpaths). Mirrors
+    ``python_roots`` in crates/flare-api (``hostpaths.rs``)."""
     cands: list[str] = []
     prefix = os.path.dirname(os.path.dirname(executable)) if executable else ""
     if prefix and os.path.isabs(prefix):
         cands.append(os.path.realpath(prefix))
-    for p in paths:
+    for p in [*prefixes, *paths]:
         if os.path.isabs(p) and os.path.isdir(p):
             cands.append(os.path.realpath(p))
     kept = sorted({c for c in cands if c != "/" and not (c + "/").startswith(SYSTEM_PREFIXES)})
@@ -83,6 +84,95 @@ def python_roots(executable: str, paths: list[str]) -> list[str]:
     for c in kept:
         if not any(_under(c, o) for o in out):
             out.append(c)
+    return out
+
+
+def _symlink_dirs(path: str, what: str) -> tuple[str, list[str]]:
+    """Resolve ``path`` as the kernel does, returning its real path and the real dirs
+    that hold each symlink followed on the way (a container must have those dirs to
+    resolve the same chain). A dangling link or a missing part raises ``InvalidError``
+    naming it."""
+    dirs: list[str] = []
+    todo = [c for c in path.split("/") if c]
+    todo.reverse()
+    cur = "/"
+    hops = 0
+    while todo:
+        c = todo.pop()
+        if c == ".":
+            continue
+        if c == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, c)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            raise exception.InvalidError(
+                f"The local Python environment cannot be captured: {nxt} ({what}, from {path}) cannot be found"
+            ) from None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                raise exception.InvalidError(f"The local Python environment cannot be captured: {path} ({what}) is a symlink loop")
+            if cur not in dirs:
+                dirs.append(cur)
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = "/"
+            parts = [t for t in target.split("/") if t]
+            parts.reverse()
+            todo.extend(parts)
+        else:
+            cur = nxt
+    return cur, dirs
+
+
+def _loaded_libpython() -> str | None:
+    """The shared libpython this process runs on (Linux: from /proc/self/maps), if any."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                if path.startswith("/") and os.path.basename(path).startswith("libpython"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def environment_prefixes() -> list[str]:
+    """The dirs besides ``sys.path`` that running this interpreter needs, as real paths:
+    ``sys.prefix``, ``sys.exec_prefix``, ``sys.base_prefix``, ``sys.base_exec_prefix`` (a
+    venv's base interpreter with its stdlib and ``bin/``), the prefix of the real
+    interpreter the executable's symlink chain ends at, the dirs holding each link of
+    that chain, and the dir of a shared ``libpython``. A part that cannot be found is an
+    ``InvalidError`` naming it, at capture time (never an ``execve`` failure in a container)."""
+    out: list[str] = []
+
+    def add(p: str) -> None:
+        if p and p not in out:
+            out.append(p)
+
+    for what, p in (("sys.prefix", sys.prefix), ("sys.exec_prefix", sys.exec_prefix),
+                    ("sys.base_prefix", sys.base_prefix), ("sys.base_exec_prefix", sys.base_exec_prefix)):
+        if not p:
+            continue
+        real, _ = _symlink_dirs(p, what)
+        if not os.path.isdir(real):
+            raise exception.InvalidError(f"The local Python environment cannot be captured: {what} {p} is not a directory")
+        add(real)
+    if sys.executable:
+        real, dirs = _symlink_dirs(sys.executable, "the interpreter")
+        for d in dirs:
+            add(d)
+        add(os.path.dirname(os.path.dirname(real)))
+    lib = _loaded_libpython()
+    if lib is not None:
+        real, dirs = _symlink_dirs(lib, "the shared libpython")
+        for d in dirs:
+            add(d)
+        add(os.path.dirname(real))
     return out
 
 
@@ -96,7 +186,7 @@ def local_roots(entry_dir: str | None) -> list[str]:
     # source checkout with build outputs. Local modules travel in the code mount.
     cwd = os.path.realpath(os.getcwd())
     paths = [p for p in python_info(entry_dir)["paths"] if os.path.realpath(p) != cwd]
-    return python_roots(sys.executable, paths)
+    return python_roots(sys.executable, paths, environment_prefixes())
 
 
 # ------------------------------------------------------------------ scanning

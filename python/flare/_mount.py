@@ -112,7 +112,13 @@ def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
     return cache_rel.replace(os.sep, "/"), data
 
 
-def python_info(entry_dir: str | None) -> dict[str, Any]:
+def python_info(entry_dir: str | None, sdk_mount: str | None = None) -> dict[str, Any]:
+    """The ``python`` part of a function definition. No host paths for the server to bind:
+    the SDK and cloudpickle travel as the ``sdk_mount`` (see ``sdk_entries``), the
+    environment as a captured image (or, with ``FLARE_LOCAL_PYTHON=bind``, as host dirs
+    the server binds only if its operator allows them)."""
+    from ._localenv import environment_prefixes
+
     entry = os.path.realpath(entry_dir) if entry_dir else None
     paths: list[str] = []
     for p in sys.path:
@@ -120,16 +126,93 @@ def python_info(entry_dir: str | None) -> dict[str, Any]:
         if p == entry or not os.path.isdir(p) or p in paths:
             continue
         paths.append(p)
-    return {
+    info: dict[str, Any] = {
         "executable": sys.executable,
         "paths": paths,
-        "sdk_path": _SDK_DIR,
-        "cloudpickle_path": cloudpickle_dir(),
+        "prefixes": environment_prefixes(),
     }
+    if sdk_mount:
+        info["sdk_mount"] = sdk_mount
+    return info
+
+
+# Where the SDK mount's packages appear in containers (the worker binds them there).
+_SDK_IN_CONTAINER = {"flare": "/__flare/flare", "cloudpickle": "/__flare/cloudpickle"}
+
+
+def sdk_entries(blobs: BlobSet) -> list[dict[str, Any]]:
+    """The SDK mount's file list: this package as ``flare/`` and cloudpickle as
+    ``cloudpickle/`` (their ``.py`` files and ``py.typed``), each module with an
+    unchecked-hash ``.pyc`` so containers import without compiling. The server binds them
+    at ``/__flare/flare`` and ``/__flare/cloudpickle``: the SDK reaches containers through
+    the store like user code, never as a host path the client names."""
+    import importlib.util
+
+    files: list[dict[str, Any]] = [{"path": pkg, "kind": "dir", "mode": 0o755} for pkg in _SDK_IN_CONTAINER]
+    files += [{"path": pkg + "/__pycache__", "kind": "dir", "mode": 0o755} for pkg in _SDK_IN_CONTAINER]
+    for pkg, src_dir in (("flare", _SDK_DIR), ("cloudpickle", cloudpickle_dir())):
+        for name in sorted(os.listdir(src_dir)):
+            if not (name.endswith(".py") or name == "py.typed"):
+                continue
+            real = os.path.join(src_dir, name)
+            if not os.path.isfile(real):
+                continue
+            entry = blobs.file_entry(f"{pkg}/{name}", real, 0o644)
+            files.append(entry)
+            if name.endswith(".py"):
+                data = _cached_pyc(real, entry["digest"], f"{_SDK_IN_CONTAINER[pkg]}/{name}")
+                if data is not None:
+                    cache_rel = importlib.util.cache_from_source(f"{pkg}/{name}").replace(os.sep, "/")
+                    files.append(blobs.bytes_entry(cache_rel, data, 0o644))
+    return files
+
+
+def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
+    """The unchecked-hash ``.pyc`` of source ``real`` (content ``digest``), compiled once
+    and kept in the flare home (``pyc-cache/``), keyed by digest and interpreter."""
+    import importlib.util
+
+    from ._server import flare_home
+
+    tag = sys.implementation.cache_tag or "none"
+    key = importlib.util.source_hash(f"{digest} {dfile}".encode()).hex()
+    cache_dir = os.path.join(flare_home(), "pyc-cache", tag)
+    path = os.path.join(cache_dir, key + ".pyc")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        pass
+    data = _compile_unchecked(real, dfile)
+    if data is not None:
+        try:
+            import tempfile
+
+            os.makedirs(cache_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".pyc-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: compiled again next time
+    return data
+
+
+def _compile_unchecked(real: str, dfile: str) -> bytes | None:
+    import importlib._bootstrap_external as bootstrap  # the same helpers py_compile uses
+    import importlib.util
+
+    try:
+        with open(real, "rb") as fh:
+            source = fh.read()
+        code = compile(source, dfile, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return bytes(bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False))
 
 
 def cloudpickle_dir() -> str:
-    """The cloudpickle package dir, bound into containers that run on an image."""
+    """The cloudpickle package dir (shipped in the SDK mount)."""
     import cloudpickle
 
     return os.path.dirname(os.path.realpath(cloudpickle.__file__))

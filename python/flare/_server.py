@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 
 from . import exception
@@ -82,6 +83,27 @@ def _tail(path: str, n: int = 20) -> str:
         return ""
 
 
+def host_bind_allow(home: str) -> list[str]:
+    """What the server that ``flare`` starts for this user may bind from the host: this
+    Python environment's own dirs (the user starting it is its operator), so a captured
+    environment whose files are unchanged is bound directly instead of through the lazy
+    image mount. Never the flare home or a dir holding it; nothing on a failure."""
+    try:
+        from ._localenv import environment_prefixes, python_roots
+
+        paths = [os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)]
+        cwd = os.path.realpath(os.getcwd())
+        roots = python_roots(sys.executable, [p for p in paths if p != cwd], environment_prefixes())
+    except exception.Error:
+        return []
+    home = os.path.realpath(home)
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+    return [r for r in roots if not overlaps(r, home) and not any(overlaps(r, d) for d in ("/proc", "/sys", "/dev", "/run", "/boot"))]
+
+
 def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
     """Start ``flared server`` in the background (setsid) and wait for /v1/health."""
     import fcntl
@@ -97,10 +119,13 @@ def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
         if health(client) is not None:
             return client
         binary = find_flared()
+        argv = [binary, "server", "--home", home, "--listen", listen]
+        for d in host_bind_allow(home):
+            argv += ["--host-bind-allow", d]
         log = open(_log_path(), "ab")
         try:
             proc = subprocess.Popen(
-                [binary, "server", "--home", home, "--listen", listen],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

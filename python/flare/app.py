@@ -273,7 +273,11 @@ def _entry_file(app: App) -> str | None:
 
 
 def _function_def(
-    fn: Function, entry_dir: str | None, mount_id: str | None, image_id: str | None = None
+    fn: Function,
+    entry_dir: str | None,
+    mount_id: str | None,
+    image_id: str | None = None,
+    sdk_mount: str | None = None,
 ) -> dict[str, Any]:
     from ._mount import module_name_for, python_info
     from ._serialization import b64
@@ -303,6 +307,9 @@ def _function_def(
                 "use @app.function(serialized=True)"
             )
         qualname = raw.__qualname__
+    python = python_info(entry_dir)
+    if sdk_mount:
+        python["sdk_mount"] = sdk_mount
     fdef: dict[str, Any] = {
         "name": fn._tag,
         "module": module,
@@ -312,7 +319,7 @@ def _function_def(
         "mount_id": mount_id,
         "is_generator": fn._is_generator,
         "is_async": fn._is_async,
-        "python": python_info(entry_dir),
+        "python": python,
         "config": dict(fn._config),
     }
     if image_id is not None:
@@ -324,9 +331,8 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     """Build the functions' images, create the app on the server, upload the code mount,
     register the functions."""
     from ._blobs import BlobSet
-    from ._mount import collect_files, ensure_sdk_compiled
+    from ._mount import collect_files, sdk_entries
 
-    ensure_sdk_compiled()
     # Images first: a failed build leaves no half-registered app behind.
     images = {tag: img for tag in app._functions if (img := app._image_for(tag)) is not None}
     image_ids: dict[int, str] = {}
@@ -345,19 +351,21 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
         local_image_id = capture(client, entry_dir, show_output)
     blobs = BlobSet()
     entries = collect_files(entry, blobs) if entry else None
+    # The SDK and cloudpickle reach containers through the store too (one upload check
+    # with the code mount's files), never as host paths for the server to bind.
+    sdk_files = sdk_entries(blobs)
     body: dict[str, Any] = {"name": name, "mode": mode}
     if app._description:
         body["description"] = app._description
     resp = client.request("POST", "/v1/apps", body)
     app_id: str = resp["app_id"]
     app._app_id = app_id
-    mount_id = None
-    if entries is not None:
-        mount_id = _create_mount(client, entries, blobs)
+    mount_id, sdk_mount = _create_mounts(client, blobs, entries, sdk_files)
     defs = []
     for fn in app._functions.values():
         img = images.get(fn._tag)
-        defs.append(_function_def(fn, entry_dir, mount_id, image_ids[id(img)] if img is not None else local_image_id))
+        image_id = image_ids[id(img)] if img is not None else local_image_id
+        defs.append(_function_def(fn, entry_dir, mount_id, image_id, sdk_mount))
     if defs:
         registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}
@@ -366,24 +374,33 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     return app_id
 
 
-def _create_mount(client: Client, entries: list[dict[str, Any]], blobs: BlobSet) -> str:
-    """Upload the code mount's files (only those the server lacks) and create it."""
+def _create_mounts(client: Client, blobs: BlobSet, *mounts: list[dict[str, Any]] | None) -> list[str | None]:
+    """Upload the mounts' files (one check for all of them; only blobs the server lacks)
+    and create each mount (None stays None)."""
+    inline = False
     try:
         blobs.upload(client)
     except exception.NotFoundError:
-        # A server from before content-addressed uploads: send the files inline.
-        from ._serialization import b64
+        inline = True  # a server from before content-addressed uploads: files inline
+    out: list[str | None] = []
+    for entries in mounts:
+        if entries is None:
+            out.append(None)
+        elif inline:
+            from ._serialization import b64
 
-        files = []
-        for e in entries:
-            if e["kind"] == "file":
-                src = blobs.sources[e["digest"]]
-                if isinstance(src, str):
-                    with open(src, "rb") as fh:
-                        src = fh.read()
-                files.append({"path": e["path"], "data": b64(src), "mode": e["mode"]})
-        return str(client.request("POST", "/v1/mounts", {"files": files})["mount_id"])
-    return str(client.request("POST", "/v1/mounts", {"entries": entries})["mount_id"])
+            files = []
+            for e in entries:
+                if e["kind"] == "file":
+                    src = blobs.sources[e["digest"]]
+                    if isinstance(src, str):
+                        with open(src, "rb") as fh:
+                            src = fh.read()
+                    files.append({"path": e["path"], "data": b64(src), "mode": e["mode"]})
+            out.append(str(client.request("POST", "/v1/mounts", {"files": files})["mount_id"]))
+        else:
+            out.append(str(client.request("POST", "/v1/mounts", {"entries": entries})["mount_id"]))
+    return out
 
 
 class _AppRuntime:

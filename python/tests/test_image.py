@@ -637,7 +637,7 @@ def test_image_pickles(tmp_path: Path) -> None:
 
 def test_code_mount_falls_back_to_inline_files(tmp_path: Path) -> None:
     """A server without /v1/blobs gets the code mount inline (base64), as before."""
-    from flare.app import _create_mount
+    from flare.app import _create_mounts
     from flare._mount import collect_files
 
     entry = tmp_path / "main.py"
@@ -653,7 +653,7 @@ def test_code_mount_falls_back_to_inline_files(tmp_path: Path) -> None:
                 raise exception.NotFoundError("no route")
             return {"mount_id": "mo-1"}
 
-    assert _create_mount(OldServer(), entries, blobs) == "mo-1"  # type: ignore[arg-type]
+    assert _create_mounts(OldServer(), blobs, entries) == ["mo-1"]  # type: ignore[arg-type]
     files = {f["path"]: f for f in calls[-1][1]["files"]}
     assert base64.b64decode(files["main.py"]["data"]) == b"X = 1\n"
     assert files["main.py"]["mode"] == os.stat(entry).st_mode & 0o777

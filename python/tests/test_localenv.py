@@ -162,9 +162,54 @@ def test_local_roots_leave_out_the_entry_dir(tmp_path: Path, monkeypatch: pytest
     app_dir.mkdir()
     monkeypatch.setattr(sys, "executable", str(venv / "bin/python"))
     monkeypatch.setattr(sys, "path", [str(app_dir), str(venv / "lib")])
+    monkeypatch.setattr(_localenv, "environment_prefixes", lambda: [])
     (venv / "lib").mkdir()
     assert _localenv.local_roots(str(app_dir)) == [str(venv)]
     assert _localenv.local_roots(None) == sorted([str(venv), str(app_dir)])
+
+
+def test_environment_prefixes_follow_the_interpreter_and_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A venv whose python is a chain of symlinks (bin/python -> python3 -> ../../links/py ->
+    # the real interpreter), over a base prefix outside /usr: the capture takes the base
+    # prefix, the real interpreter's prefix and every dir that holds a link of the chain.
+    real = os.path.realpath(sys.executable)
+    base = os.path.dirname(os.path.dirname(real))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "py").symlink_to(real)
+    (venv / "bin/python3").symlink_to("../../links/py")
+    (venv / "bin/python").symlink_to("python3")
+    monkeypatch.setattr(sys, "executable", str(venv / "bin/python"))
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "exec_prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", base)
+    monkeypatch.setattr(sys, "base_exec_prefix", base)
+    got = _localenv.environment_prefixes()
+    for want in (str(venv), base, str(venv / "bin"), str(links)):
+        assert want in got, (want, got)
+    roots = python_roots(sys.executable, [], got)
+    assert str(venv) in roots and str(links) in roots
+    assert any(base == r or base.startswith(r + "/") for r in roots) or base.startswith("/usr/"), roots
+
+
+@pytest.mark.parametrize("broken", ["base_prefix", "dangling_link"])
+def test_a_missing_part_of_the_environment_is_named_at_capture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    if broken == "base_prefix":
+        missing = str(tmp_path / "gone/python-3.12")
+        monkeypatch.setattr(sys, "base_prefix", missing)
+        monkeypatch.setattr(sys, "base_exec_prefix", missing)
+    else:
+        missing = str(tmp_path / "deleted-python")
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin/python").symlink_to(missing)
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "bin/python"))
+    with pytest.raises(exception.InvalidError, match="cannot be captured") as e:
+        _localenv.environment_prefixes()
+    assert str(tmp_path / "gone") in str(e.value) or missing in str(e.value), e.value
 
 
 # ------------------------------------------------------------------ scanning and fingerprints

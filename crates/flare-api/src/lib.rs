@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod hostpaths;
+pub use hostpaths::{host_bind_policy, python_roots, set_host_bind_policy, HostBindPolicy, HostPathError};
+
 pub use flare_proto::{ExceptionInfo, FunctionConfig, FunctionDef, GenMark, OutputStatus, PythonEnv, B64};
 
 /// The OpenAPI document of this API.
@@ -347,6 +350,7 @@ pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
     if f.python.executable.is_empty() || !f.python.executable.starts_with('/') {
         return Err(ApiError::invalid(format!("function {:?}: python.executable must be absolute", f.name)));
     }
+    validate_host_paths(f, host_bind_policy())?;
     let c = &f.config;
     if let Some(cpu) = c.cpu {
         if !(0.0625..=64.0).contains(&cpu) {
@@ -385,6 +389,38 @@ pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
                 "retries: max_retries must be <= 10, delays >= 0, backoff_coefficient >= 1",
             ));
         }
+    }
+    Ok(())
+}
+
+/// The host paths and mount ids of a function definition: mount ids are names, never
+/// paths, and every host directory it would have bound is inside `policy`'s allow-list
+/// (lexically; the worker checks again on its own file system).
+pub fn validate_host_paths(f: &FunctionDef, policy: &HostBindPolicy) -> Result<(), ApiError> {
+    for (what, id) in
+        [("mount_id", f.mount_id.as_deref().unwrap_or("-")), ("python.sdk_mount", &f.python.sdk_mount)]
+    {
+        if id != "-" && !id.is_empty() {
+            hostpaths::validate_mount_id(what, id)
+                .map_err(|e| ApiError::invalid(format!("function {:?}: {e}", f.name)))?;
+        }
+    }
+    if f.image_id.is_some() || f.image.is_some() {
+        // On an image these are the container's sys.path, never host binds; still never
+        // the server's own dirs.
+        for p in f.python.paths.iter().chain(&f.python.prefixes).filter(|p| p.starts_with('/')) {
+            policy.may_name(p).map_err(|e| {
+                ApiError::invalid(format!("function {:?}: python path {}: {}", f.name, e.path, e.reason))
+            })?;
+        }
+    }
+    for (what, path) in hostpaths::requested_host_binds(f) {
+        policy.allows(&path).map_err(|e| {
+            ApiError::invalid(format!(
+                "function {:?}: {what} {}: {}; the server decides which host paths containers see",
+                f.name, e.path, e.reason
+            ))
+        })?;
     }
     Ok(())
 }
@@ -697,6 +733,58 @@ mod tests {
         let mut d = def();
         d.name = "a b".into();
         assert!(validate_function(&d).is_err());
+    }
+
+    #[test]
+    fn host_paths_need_the_servers_allow_list() {
+        let none = HostBindPolicy::none(Some(std::path::Path::new("/root/.flare")));
+        let with = |f: &dyn Fn(&mut FunctionDef)| {
+            let mut d = def();
+            f(&mut d);
+            validate_host_paths(&d, &none)
+        };
+        assert!(with(&|_| {}).is_ok(), "a system python binds nothing");
+        // "/" and the system dirs are never bound at all (the host root has them).
+        assert!(with(&|d| d.python.paths = vec!["/".into(), "/usr/lib/python3".into()]).is_ok());
+        for attack in ["/root/.flare", "/proc", "/usr/../root/.flare", "/root/.flare/../.flare"] {
+            let e = with(&|d| d.python.paths = vec![attack.into()]).unwrap_err();
+            assert_eq!(e.code.http_status(), 400, "{attack}");
+            assert!(e.message.contains("host"), "{}", e.message);
+            assert!(with(&|d| d.python.sdk_path = attack.into()).is_err(), "sdk_path {attack}");
+            assert!(
+                with(&|d| d.python.cloudpickle_path = attack.into()).is_err(),
+                "cloudpickle_path {attack}"
+            );
+            assert!(with(&|d| d.python.executable = format!("{attack}/bin/python")).is_err());
+        }
+        // On an image, python.paths are paths inside it, not host binds; never the
+        // server's data dir or a kernel file system.
+        assert!(with(&|d| {
+            d.python.paths = vec!["/tmp/v/lib/python3.11/site-packages".into(), "/root".into()];
+            d.image_id = Some("im-1".into());
+        })
+        .is_ok());
+        for bad in ["/proc/1/root", "/root/.flare", "/tmp/../root/.flare"] {
+            assert!(with(&|d| {
+                d.python.paths = vec![bad.into()];
+                d.image_id = Some("im-1".into());
+            })
+            .is_err());
+        }
+        for bad in ["..", "../../..", "a/b"] {
+            assert!(with(&|d| d.mount_id = Some(bad.into())).is_err(), "{bad}");
+            assert!(with(&|d| d.python.sdk_mount = bad.into()).is_err(), "{bad}");
+        }
+        let tmp = std::env::temp_dir().join(format!("flare-api-allow-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("venv/lib")).unwrap();
+        let allow = HostBindPolicy::with_allowed(&[tmp.join("venv")], None).unwrap();
+        let venv = tmp.join("venv").canonicalize().unwrap().display().to_string();
+        let mut d = def();
+        d.python.paths = vec![format!("{venv}/lib")];
+        assert!(validate_host_paths(&d, &allow).is_ok());
+        d.python.paths.push("/proc".into());
+        assert!(validate_host_paths(&d, &allow).unwrap_err().message.contains("/proc"));
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

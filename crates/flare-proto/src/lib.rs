@@ -149,12 +149,22 @@ pub struct PythonEnv {
     pub executable: String,
     #[serde(default)]
     pub paths: Vec<String>,
+    /// The environment's prefixes (`sys.prefix`, `sys.exec_prefix`, `sys.base_prefix`,
+    /// `sys.base_exec_prefix`, the real interpreter's prefix), resolved by the client: with
+    /// `paths`, the dirs a container on the host's dirs needs (`flare_api::python_roots`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
+    /// A host dir of the SDK to bind (legacy; only inside the server's host-bind allow-list).
     #[serde(default)]
     pub sdk_path: String,
-    /// The caller's cloudpickle package dir, bound into containers that run on an image
-    /// (whose own Python may not have it).
+    /// The caller's cloudpickle package dir on the host (legacy; only inside the server's
+    /// host-bind allow-list).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cloudpickle_path: String,
+    /// A code mount (`POST /v1/mounts`) holding the SDK as `flare/` and cloudpickle as
+    /// `cloudpickle/`: bound at `/__flare/flare` (and, on image roots, `/__flare/cloudpickle`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sdk_mount: String,
 }
 
 /// A function as registered by a client.

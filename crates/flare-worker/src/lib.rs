@@ -4,6 +4,7 @@
 //! The agent talks to the control plane only through [`ToWorker`] / [`FromWorker`]
 //! messages, so the embedded server (channels) and a remote worker share this code.
 
+mod binds;
 pub mod frame;
 pub mod gpu;
 pub mod http;
@@ -22,7 +23,7 @@ use flare_proto::{
     ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, GenMark, InputMsg, LogStream, OutputMsg,
     OutputStatus, ToWorker,
 };
-use flare_runtime::{Bind, ContainerSpec, Limits, Network, Rootfs, Runtime};
+use flare_runtime::{ContainerSpec, Limits, Network, Rootfs, Runtime};
 use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,6 +55,9 @@ pub struct WorkerConfig {
     pub mount_source: Option<http::HttpClient>,
     /// Images: lazy mounts over the blob store; `None`: functions with an image fail to start.
     pub images: Option<Arc<images::ImageHost>>,
+    /// The host directories containers may have bound (the operator's allow-list,
+    /// `--host-bind-allow`); everything else they see comes from dirs this server created.
+    pub host_binds: flare_api::HostBindPolicy,
 }
 
 /// Resources a worker offers.
@@ -154,38 +158,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// System paths the host-environment root already exposes.
-const HOST_SYSTEM_PREFIXES: &[&str] =
-    &["/usr/", "/lib/", "/lib64/", "/lib32/", "/bin/", "/sbin/", "/etc/", "/opt/"];
-
-/// The smallest set of host directories that expose a Python environment read-only:
-/// the interpreter's prefix (two levels above the executable) and every existing
-/// `sys.path` directory, minus what the host root already has and nested duplicates.
-pub fn python_roots(executable: &str, paths: &[String]) -> Vec<PathBuf> {
-    let mut cands: Vec<PathBuf> = Vec::new();
-    if let Some(prefix) = Path::new(executable).parent().and_then(|p| p.parent()) {
-        cands.push(prefix.to_path_buf());
-    }
-    for p in paths {
-        let p = Path::new(p);
-        if p.is_absolute() && p.is_dir() {
-            cands.push(p.to_path_buf());
-        }
-    }
-    cands.retain(|p| {
-        let s = format!("{}/", p.display());
-        p != Path::new("/") && !HOST_SYSTEM_PREFIXES.iter().any(|pre| s.starts_with(pre))
-    });
-    cands.sort();
-    cands.dedup();
-    let mut out: Vec<PathBuf> = Vec::new();
-    for c in cands {
-        if !out.iter().any(|o| c.starts_with(o)) {
-            out.push(c);
-        }
-    }
-    out
-}
+pub use flare_api::python_roots;
 
 /// Where an image's file systems are on this worker, for one container start.
 #[derive(Default)]
@@ -206,93 +179,8 @@ fn build_spec(
     image: ImageDirs,
 ) -> std::io::Result<ContainerSpec> {
     let def = &a.def;
-    let mut binds = Vec::new();
-    let host_roots: Vec<PathBuf> =
-        def.image.as_ref().map(|i| i.host_roots.iter().map(PathBuf::from).collect()).unwrap_or_default();
     let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
-    let roots = if def.image.is_some() {
-        host_roots.clone()
-    } else {
-        python_roots(&def.python.executable, &def.python.paths)
-    };
-    // Each top-level entry of a start-time mount is bound at `dest/<name>`, so a mount
-    // adds to its destination dir instead of hiding what the image has there.
-    let mut image_binds: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for (dest, dir) in &image.mounts {
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            image_binds.push((Path::new(dest).join(e.file_name()), e.path()));
-        }
-    }
-    if let Some(m) = &def.mount_id {
-        let mdir = cfg.home.join("mounts").join(m);
-        if !mdir.is_dir() {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("mount {m} is missing")));
-        }
-        // Python environments under /root (e.g. pyenv) are bound on top of the code
-        // mount, which is read-only: their mountpoints must exist in it already.
-        for r in &roots {
-            if let Ok(rel) = r.strip_prefix("/root") {
-                if !rel.as_os_str().is_empty() {
-                    std::fs::create_dir_all(mdir.join(rel))?;
-                }
-            }
-        }
-        // Image mounts under /root go on top of the read-only code mount: their
-        // mountpoints must exist in it already.
-        for (dst, src) in &image_binds {
-            if let Ok(rel) = dst.strip_prefix("/root") {
-                if rel.as_os_str().is_empty() {
-                    continue;
-                }
-                let p = mdir.join(rel);
-                if src.is_dir() {
-                    std::fs::create_dir_all(&p)?;
-                } else if !p.exists() {
-                    if let Some(parent) = p.parent() {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    std::fs::write(&p, b"")?;
-                }
-            }
-        }
-        binds.push(Bind { src: mdir, dst: "/root".into(), readonly: true });
-    }
-    for (dst, src) in image_binds {
-        binds.push(Bind { src, dst, readonly: true });
-    }
-    if on_image_root {
-        if !def.python.cloudpickle_path.is_empty() {
-            binds.push(Bind {
-                src: def.python.cloudpickle_path.clone().into(),
-                dst: "/__flare/cloudpickle".into(),
-                readonly: true,
-            });
-        }
-        if Path::new("/etc/resolv.conf").exists() {
-            binds.push(Bind {
-                src: "/etc/resolv.conf".into(),
-                dst: "/etc/resolv.conf".into(),
-                readonly: true,
-            });
-        }
-    }
-    for r in roots {
-        // A captured environment's dirs come from the image's lazy mount.
-        let src = match (&image.root, host_roots.is_empty()) {
-            (Some(mnt), false) => mnt.join(r.strip_prefix("/").unwrap_or(&r)),
-            _ => r.clone(),
-        };
-        binds.push(Bind { src, dst: r, readonly: true });
-    }
-    if !def.python.sdk_path.is_empty() {
-        binds.push(Bind {
-            src: def.python.sdk_path.clone().into(),
-            dst: SDK_IN_CONTAINER.into(),
-            readonly: true,
-        });
-    }
-    binds.push(Bind { src: api_socket.to_path_buf(), dst: API_SOCKET_IN_CONTAINER.into(), readonly: false });
+    let binds = binds::container_binds(cfg, def, &image, api_socket)?;
 
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
@@ -365,6 +253,7 @@ fn build_spec(
                 .map(|c| (c * 1000.0).round() as u64),
             memory_bytes: def.config.memory.map(|m| m * 1024 * 1024),
             pids_max: None,
+            ..Limits::default()
         },
         network,
         stdout,
@@ -550,6 +439,14 @@ async fn run_container_in(
     let listener = tokio::net::UnixListener::bind(&api_path)
         .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
     let _socket_guard = RemoveOnDrop(api_path.clone());
+    {
+        // Root in the container is an unprivileged host uid (user namespace): it connects
+        // through the bind mount, so the socket is open to all; the dir keeps host users out.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
+        std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+    }
     // Every request on this socket names its container, so the control plane scopes it to
     // the container's app (any value the container sends is replaced).
     let caller = axum::http::HeaderValue::from_str(&cid).map_err(|e| format!("container id: {e}"))?;
@@ -562,8 +459,10 @@ async fn run_container_in(
     let api_task = tokio::spawn(axum::serve(listener, api).into_future());
     let _api_guard = AbortOnDrop(api_task);
 
-    if let (Some(m), Some(src)) = (&a.def.mount_id, &cfg.mount_source) {
-        ensure_mount(&cfg.home.join("mounts"), m, src).await?;
+    if let Some(src) = &cfg.mount_source {
+        for m in a.def.mount_id.iter().chain(Some(&a.def.python.sdk_mount).filter(|m| !m.is_empty())) {
+            ensure_mount(&cfg.home.join("mounts"), m, src).await?;
+        }
     }
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -574,15 +473,15 @@ async fn run_container_in(
             let host =
                 cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
             let img = img.clone();
+            let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
                 // A captured environment whose files this machine has unchanged (the
-                // caller's own machine, usually) is bound from the host: no FUSE at all.
-                let root = if !img.host_roots.is_empty() && host.host_matches(&img.manifest, &img.host_roots)
-                {
-                    None
-                } else {
-                    Some(host.ensure(&img.manifest)?)
-                };
+                // caller's own machine, usually) is bound from the host: no FUSE at all,
+                // but only dirs the operator allows to bind (`--host-bind-allow`).
+                let from_host = !img.host_roots.is_empty()
+                    && img.host_roots.iter().all(|r| cfg.host_binds.check_on_host(r).is_ok())
+                    && host.host_matches(&img.manifest, &img.host_roots);
+                let root = if from_host { None } else { Some(host.ensure(&img.manifest)?) };
                 let mut mounts = Vec::new();
                 for m in &img.mounts {
                     mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
@@ -885,33 +784,6 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_roots_collapse_and_skip_system_dirs() {
-        let d = tempfile_dir();
-        let venv = d.join("venv");
-        let sp = venv.join("lib/python3.11/site-packages");
-        std::fs::create_dir_all(&sp).unwrap();
-        std::fs::create_dir_all(venv.join("bin")).unwrap();
-        let exe = venv.join("bin/python3").display().to_string();
-        let roots = python_roots(
-            &exe,
-            &[
-                sp.display().to_string(),
-                "/usr/lib/python3.11".into(),
-                "/nonexistent".into(),
-                "relative".into(),
-            ],
-        );
-        assert_eq!(roots, vec![venv.clone()]);
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("flare-worker-test-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     #[test]
     fn log_decoder_keeps_characters_whole() {

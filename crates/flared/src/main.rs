@@ -63,6 +63,8 @@ struct CommonArgs {
     #[arg(long, default_value = "127.0.0.1:7878", env = "FLARE_LISTEN")]
     listen: SocketAddr,
     #[command(flatten)]
+    host_binds: HostBindArgs,
+    #[command(flatten)]
     api: ApiArgs,
 }
 
@@ -139,6 +141,34 @@ struct ListenLimits {
 }
 
 #[derive(clap::Args)]
+struct HostBindArgs {
+    /// A host directory whose contents function definitions may have bound into their
+    /// containers (repeatable; env: colon-separated). Default: none, so a captured Python
+    /// environment comes from the store. The data dir, /proc, /sys, /dev, /run are never bound.
+    #[arg(
+        long = "host-bind-allow",
+        value_name = "DIR",
+        env = "FLARE_HOST_BIND_ALLOW",
+        value_delimiter = ':'
+    )]
+    allow: Vec<PathBuf>,
+}
+
+impl HostBindArgs {
+    /// The policy for `home`, installed for the API's checks and returned for the worker.
+    fn install(&self, home: &Path) -> Result<flare_api::HostBindPolicy> {
+        let allow: Vec<PathBuf> = self.allow.iter().filter(|p| !p.as_os_str().is_empty()).cloned().collect();
+        let policy = flare_api::HostBindPolicy::with_allowed(&allow, Some(home))
+            .map_err(|e| anyhow::anyhow!("--host-bind-allow {e}"))?;
+        if !policy.allowed().is_empty() {
+            tracing::info!(allowed = ?policy.allowed(), "host dirs containers may have bound");
+        }
+        flare_api::set_host_bind_policy(policy.clone());
+        Ok(policy)
+    }
+}
+
+#[derive(clap::Args)]
 struct ServerArgs {
     #[command(flatten)]
     common: CommonArgs,
@@ -199,6 +229,8 @@ struct WorkerArgs {
     /// Address shown for this worker in `flare worker list`.
     #[arg(long, default_value = "")]
     address: String,
+    #[command(flatten)]
+    host_binds: HostBindArgs,
 }
 
 fn default_home() -> PathBuf {
@@ -439,6 +471,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let runtime = start_runtime(&home, args.no_nat)?;
     let cp = open_control(&home, config)?;
     let images = Arc::new(open_images(&home, Some(runtime.clone()))?);
+    let host_binds = args.common.host_binds.install(&home)?;
     cp.set_image_service(images.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let res = flare_worker::host_resources();
@@ -454,6 +487,7 @@ async fn server(args: ServerArgs) -> Result<()> {
         },
         events_tx,
     );
+            host_binds,
     tokio::spawn(cp.clone().run_worker_events(events_rx));
     let mut link = WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb);
     link.gpus = discovered_gpus();
@@ -478,6 +512,7 @@ async fn control(args: ControlArgs) -> Result<()> {
     let cp = open_control(&home, config)?;
     // Build steps run in containers here when this control plane runs as root.
     let runtime = match start_runtime(&home, false) {
+    args.common.host_binds.install(&home)?;
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "no container runtime: image build steps will fail");
@@ -523,6 +558,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     let gpus = if args.gpus.is_empty() { discovered_gpus() } else { parse_gpus(&args.gpus)? };
     let mut res = flare_worker::host_resources();
     if let Some(cpu) = args.cpu {
+    let host_binds = args.host_binds.install(&home)?;
         res.cpu_millis = (cpu * 1000.0) as u64;
     }
     if let Some(m) = args.memory {
@@ -557,6 +593,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         events_tx,
     );
     let draining = Arc::new(AtomicBool::new(false));
+            host_binds,
     let pid_path = write_pid(&home, "flared-worker")?;
     {
         let draining = draining.clone();
