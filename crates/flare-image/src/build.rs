@@ -3,6 +3,11 @@
 //! whose root is overlay(lower = the parent image, lazily mounted; upper = a directory
 //! on disk); the upper dir, snapshotted into the store, is the layer. Nothing is
 //! recorded for a step that fails, so a failed build leaves no half-built layer.
+//!
+//! With a user namespace (`Runtime::userns`), the parent image is mounted with its
+//! owners shifted into the namespace's range and the upper dir's owners are shifted
+//! back when it becomes a layer ([`crate::upper::Owners`]). A step's upper dir lives
+//! on a file system as big as its disk quota ([`crate::layer_disk`]).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -12,15 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use flare_cas::{get_manifest, put_manifest, BlobStore, Digest, EntryKind, Hasher, Manifest};
-use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions};
+use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions};
 use flare_proto::{ImageMount, ImageUse};
 use flare_runtime::{Bind, ContainerSpec, Limits, Network, Rootfs, Runtime};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::files::FileIndex;
+use crate::layer_disk::{human_bytes, LayerDisk, Usage};
 use crate::records::{ImageConfig, ImageRecord, LayerRecord, Records};
 use crate::spec::{abs_dest, Base, ImageSpec, Layer, FUNCTION_IN_BUILD, REQUIREMENTS_IN_BUILD};
+use crate::upper::Owners;
 use crate::{debian, now_ts, ImageError};
 
 /// One line of build progress, streamed to the client as NDJSON.
@@ -66,6 +73,54 @@ pub struct BuilderConfig {
     pub runtime: Option<Arc<Runtime>>,
     /// The cloudpickle package directory on this host, bound into `run_function` steps.
     pub cloudpickle_dir: Option<PathBuf>,
+    /// The disk quota of a build step's writable layer, in bytes (at least
+    /// [`crate::layer_disk::MIN_QUOTA`]); `None`: unlimited. See
+    /// [`step_disk_quota_from_env`].
+    pub step_disk_quota: Option<u64>,
+}
+
+/// The default disk quota of a build step: 10 GiB.
+pub const DEFAULT_STEP_DISK_QUOTA: u64 = 10 << 30;
+
+/// The build step disk quota the operator set with `FLARE_BUILD_DISK_QUOTA_GB` (GiB,
+/// fractions allowed; `0` turns the quota off), or [`DEFAULT_STEP_DISK_QUOTA`].
+pub fn step_disk_quota_from_env() -> Result<Option<u64>, String> {
+    let Ok(v) = std::env::var("FLARE_BUILD_DISK_QUOTA_GB") else { return Ok(Some(DEFAULT_STEP_DISK_QUOTA)) };
+    let gib: f64 = v.trim().parse().ok().filter(|g: &f64| g.is_finite() && *g >= 0.0).ok_or_else(|| {
+        format!("FLARE_BUILD_DISK_QUOTA_GB={v:?} is not a size in GiB (0 turns the quota off)")
+    })?;
+    if gib == 0.0 {
+        return Ok(None);
+    }
+    let bytes = (gib * (1u64 << 30) as f64) as u64;
+    if bytes < crate::layer_disk::MIN_QUOTA {
+        return Err(format!(
+            "FLARE_BUILD_DISK_QUOTA_GB={v} is below the smallest quota, {}",
+            human_bytes(crate::layer_disk::MIN_QUOTA)
+        ));
+    }
+    Ok(Some(bytes))
+}
+
+/// The image owner shift for a runtime's user namespace.
+fn id_shift(runtime: &Runtime) -> Option<IdShift> {
+    runtime.userns().map(|ns| IdShift { host_base: ns.host_base, size: ns.size })
+}
+
+/// Whether process `pid` runs in a user namespace other than the host's (its uid map
+/// is not the identity of all ids). `None` if it cannot be read (the process is gone).
+fn in_user_namespace(pid: i32) -> Option<bool> {
+    let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).ok()?;
+    let identity = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    Some(!identity)
+}
+
+/// What one command of a build step left.
+struct CommandRun {
+    /// The last lines of its output.
+    tail: String,
+    /// Whether it ran in a user namespace.
+    in_userns: Option<bool>,
 }
 
 /// Builds and resolves images. Share it behind an `Arc`.
@@ -115,7 +170,12 @@ impl Builder {
         let files = FileIndex::open(cfg.store.clone(), cfg.home.join("files"))?;
         let records = Records::open(&cfg.home.join("images"))?;
         let build = cfg.home.join("build");
-        // Scratch of builds that were running when the server stopped.
+        // Scratch of builds that were running when the server stopped (their layer
+        // disks and image mounts first).
+        let stale = crate::layer_disk::unmount_below(&build);
+        if stale > 0 {
+            tracing::info!(mounts = stale, "unmounted what interrupted builds left mounted");
+        }
         let _ = std::fs::remove_dir_all(&build);
         std::fs::create_dir_all(&build)
             .map_err(|e| ImageError::io(format!("creating {}", build.display()), e))?;
@@ -521,6 +581,13 @@ impl Builder {
         for d in [&lower, &upper, &inputs] {
             std::fs::create_dir_all(d).map_err(|e| ImageError::io(format!("creating {}", d.display()), e))?;
         }
+        // The step's writable layer on a file system of the quota's size (unmounted
+        // before the scratch dir is removed: declared after it).
+        let disk = match self.cfg.step_disk_quota {
+            Some(limit) => Some(LayerDisk::create(&scratch.0.join("layer.img"), &upper, limit)?),
+            None => None,
+        };
+        let ids = id_shift(&runtime);
         match layer {
             Layer::PipInstallFromRequirements { requirements, .. } => {
                 write_input(&inputs, REQUIREMENTS_IN_BUILD, requirements.as_bytes())?;
@@ -546,11 +613,14 @@ impl Builder {
             self.cfg.cache.clone(),
             ImageFsOptions {
                 fsname: format!("flare-build-{}", &parent_digest.hex()[..12]),
+                ids,
                 ..Default::default()
             },
         )?;
         let mount = fs.mount(&lower)?;
         let mut result = Ok(());
+        // Whether every command ran in the user namespace (the runtime may run without).
+        let mut in_userns = ids.is_some();
         for (n, cmd) in commands.iter().enumerate() {
             log(&format!("$ {cmd}\n"));
             let r = self.run_in_container(
@@ -565,14 +635,47 @@ impl Builder {
                 &format!("{index}-{n}"),
                 log,
             );
-            if let Err(e) = r {
-                result = Err(e);
+            let (r, tail) = match r {
+                Ok(run) => {
+                    in_userns &= run.in_userns.unwrap_or(in_userns);
+                    (Ok(()), run.tail)
+                }
+                Err(ImageError::StepFailed { message, log_tail }) => {
+                    (Err(ImageError::StepFailed { message, log_tail: log_tail.clone() }), log_tail)
+                }
+                Err(e) => (Err(e), String::new()),
+            };
+            // Exhausted: whatever the command made of it (it may have carried on with a
+            // truncated file). Near the limit: the reason if the command failed.
+            let hit = |d: &&LayerDisk| match d.usage() {
+                Usage::Exhausted => true,
+                Usage::NearLimit => r.is_err(),
+                Usage::Within => false,
+            };
+            if let Some(disk) = disk.as_ref().filter(hit) {
+                result = Err(ImageError::StepFailed {
+                    message: format!(
+                        "`{cmd}` ran out of disk: a build step's writable layer has a disk quota of {} \
+                         (the server's FLARE_BUILD_DISK_QUOTA_GB sets it)",
+                        human_bytes(disk.limit())
+                    ),
+                    log_tail: tail,
+                });
+                break;
+            }
+            if r.is_err() {
+                result = r;
                 break;
             }
         }
         drop(mount);
         result?;
-        let layer_m = crate::upper::snapshot_upper(store, &upper.join("upper"))?;
+        if let Some(d) = &disk {
+            tracing::debug!(used = d.used(), limit = d.limit(), "build step layer size");
+        }
+        let owners = Owners { ids, in_userns };
+        let layer_m = crate::upper::snapshot_upper(store, &upper.join("upper"), owners)?;
+        drop(disk);
         let mut merged = get_manifest(store, &parent_digest)?;
         merged.apply_layer(&layer_m)?;
         config.python = find_python(&merged);
@@ -592,7 +695,7 @@ impl Builder {
         cmd: &str,
         tag: &str,
         log: Log<'_>,
-    ) -> Result<(), ImageError> {
+    ) -> Result<CommandRun, ImageError> {
         let (out_r, out_w) = pipe()?;
         let err_w = out_w.try_clone().map_err(|e| ImageError::io("dup", e))?;
         let mut env: Vec<(String, String)> = vec![
@@ -647,6 +750,11 @@ impl Builder {
             upper_dir: Some(scratch.join("layer")),
         };
         let mut container = runtime.spawn(spec)?;
+        // Read now: the process stays (at least a zombie) until `wait` reaps it.
+        let in_userns = in_user_namespace(container.pid());
+        if in_userns == Some(false) && runtime.userns().is_some() {
+            tracing::debug!("build step runs without a user namespace although one is configured");
+        }
         let mut tail = Tail::default();
         let mut reader = std::fs::File::from(out_r);
         let mut buf = [0u8; 16 * 1024];
@@ -674,7 +782,7 @@ impl Builder {
         let exit = container.wait()?;
         let _ = container.cleanup();
         if exit.code == Some(0) {
-            return Ok(());
+            return Ok(CommandRun { tail: tail.text(), in_userns });
         }
         let how = match (exit.code, exit.signal, exit.oom_killed) {
             (_, _, true) => "killed: out of memory".to_owned(),

@@ -7,11 +7,12 @@ pub mod build;
 pub mod debian;
 pub mod files;
 pub mod http;
+pub mod layer_disk;
 pub mod records;
 pub mod spec;
 pub mod upper;
 
-pub use build::{BuildEvent, Builder, BuilderConfig};
+pub use build::{step_disk_quota_from_env, BuildEvent, Builder, BuilderConfig, DEFAULT_STEP_DISK_QUOTA};
 
 /// Everything that can go wrong with images.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use flare_cas::{get_manifest, materialize, BlobStore, Digest};
-use flare_imagefs::{ChunkCache, ImageFs, ImageFsOptions, MountHandle};
+use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions, MountHandle};
 
 /// Default size bound of the worker's chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 20 << 30;
@@ -29,6 +29,8 @@ pub struct ImageHost {
     /// (One check per image: concurrent starts wait for it instead of each loading the
     /// manifest, which would leave every container cloned meanwhile with a big heap.)
     host_checked: Mutex<HashMap<Digest, Arc<Mutex<Option<bool>>>>>,
+    /// Image owners shifted into the containers' user namespace (see [`ImageHost::with_userns`]).
+    ids: Option<IdShift>,
 }
 
 fn bad(e: impl std::fmt::Display) -> String {
@@ -36,8 +38,9 @@ fn bad(e: impl std::fmt::Display) -> String {
 }
 
 /// Mount options of image `d`. `FLARE_IMAGEFS_PASSTHROUGH=0` turns FUSE passthrough off.
-fn image_fs_options(d: &Digest) -> ImageFsOptions {
-    let mut o = ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ..Default::default() };
+fn image_fs_options(d: &Digest, ids: Option<IdShift>) -> ImageFsOptions {
+    let mut o =
+        ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ids, ..Default::default() };
     if std::env::var("FLARE_IMAGEFS_PASSTHROUGH").is_ok_and(|v| v == "0") {
         o.passthrough = false;
     }
@@ -63,7 +66,16 @@ impl ImageHost {
             root: root.to_path_buf(),
             mounts: Mutex::new(HashMap::new()),
             host_checked: Mutex::new(HashMap::new()),
+            ids: None,
         })
+    }
+
+    /// Mount images for containers that run in user namespace `ns` (the runtime's
+    /// `userns()`): their owners appear shifted into its range, so root inside owns
+    /// what the image gives to root.
+    pub fn with_userns(mut self, ns: Option<flare_runtime::UserNamespace>) -> ImageHost {
+        self.ids = ns.map(|ns| IdShift { host_base: ns.host_base, size: ns.size });
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn BlobStore> {
@@ -82,8 +94,13 @@ impl ImageHost {
             return Ok(m.path.clone());
         }
         let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("image {d}: {e}"))?;
-        let fs = ImageFs::new(Arc::new(tree), self.store.clone(), self.cache.clone(), image_fs_options(&d))
-            .map_err(bad)?;
+        let fs = ImageFs::new(
+            Arc::new(tree),
+            self.store.clone(),
+            self.cache.clone(),
+            image_fs_options(&d, self.ids),
+        )
+        .map_err(bad)?;
         let fs = Arc::new(fs);
         // What the last start of this image read: fetch it in parallel before starting.
         let access = self.root.join("access").join(d.hex());

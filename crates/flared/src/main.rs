@@ -341,16 +341,19 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
         flare_imagefs::ChunkCache::open(&home.join("chunk-cache"), chunk_cache_bytes())
             .context("opening the chunk cache")?,
     );
+    let userns = runtime.as_ref().and_then(|r| r.userns());
     let builder = flare_image::Builder::new(flare_image::BuilderConfig {
         home: home.to_path_buf(),
         store: store.clone(),
         cache: cache.clone(),
         runtime,
         cloudpickle_dir: None,
+        step_disk_quota: flare_image::step_disk_quota_from_env().map_err(anyhow::Error::msg)?,
     })
     .context("starting the image builder")?;
     let host = flare_worker::images::ImageHost::new(store, cache, &home.join("imagefs"))
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .with_userns(userns);
     Ok(Images { builder: Arc::new(builder), host: Arc::new(host) })
 }
 
@@ -578,7 +581,8 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             .context("opening the chunk cache")?,
     );
     let image_host = flare_worker::images::ImageHost::new(remote_store, cache, &home.join("imagefs"))
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .with_userns(runtime.userns());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let handle = flare_worker::start(
         flare_worker::WorkerConfig {
