@@ -595,7 +595,34 @@ def probe_host_files(cfg: Cfg) -> Obs:
                     procs.append([int(pid), f.read().replace(b"\0", b" ").decode(errors="replace")[:200]])
             except OSError:
                 pass
+    # The container's pid 1 is forked from flared: it may still hold the daemon's files
+    # (state.db, sockets) and its environment. None of it may be reachable from user code.
+    init: Obs = {}
+    for what in ("environ", "mem", "maps", "cwd/.", "root/."):
+        try:
+            fd = os.open(f"/proc/1/{what}", os.O_RDONLY)
+            try:
+                init[what] = "OK " + str(len(os.read(fd, 4096))) if not what.endswith("/.") else "OK"
+            except OSError as e:
+                init[what] = "OPENED, read " + ename(e.errno or 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            init[what] = ename(e.errno or 0)
+    try:
+        fds = os.listdir("/proc/1/fd")
+    except OSError as e:
+        fds = []
+        init["fd"] = ename(e.errno or 0)
+    for n in fds[:64]:
+        try:
+            fd = os.open(f"/proc/1/fd/{n}", os.O_RDONLY | os.O_NONBLOCK)
+            os.close(fd)
+            init[f"fd/{n}"] = "OK"
+        except OSError as e:
+            init[f"fd/{n}"] = ename(e.errno or 0)
     return {
+        "init": init,
         "forbidden": forbidden, "secrets": secrets, "found": found, "walk_complete": complete,
         "hardlinks": links, "ssl_private": ssl_private, "processes": procs,
         "sockets": [p for p in ("/run/flare-sockets", "/run/flare") if os.path.exists(p)],
@@ -624,6 +651,8 @@ def check_host_files(obs: Obs, secret_hashes: list[str] | None = None) -> list[s
     bad += [f"a host process is visible: pid {pid} {cmd}" for pid, cmd in obs.get("processes", [])
             if pid != 1 and any(w in cmd for w in ("flared", "systemd", "pytest", "sshd"))]
     bad += [f"platform socket dir visible: {p}" for p in obs.get("sockets", [])]
+    bad += [f"the container's init (a fork of flared) is open to user code: /proc/1/{k} {r}"
+            for k, r in obs.get("init", {}).items() if r.startswith("OK") or r.startswith("OPENED")]
     return bad
 
 

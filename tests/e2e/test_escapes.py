@@ -358,8 +358,15 @@ def test_root_in_the_container_is_not_root_on_the_host(any_attacker: Any) -> Non
     problems = probes.check_userns(obs)
     problems += [f"host pid {p} of the container runs as host uid {u}" for p, u in host_uids.items() if u == 0]
     assert not problems, "\n".join(problems) + f"\n{obs}"
-    # The image's files still look root-owned inside (idmapped mounts), not nobody's.
-    assert not probes.check_root_owned_files(obs), obs
+
+
+def test_system_files_still_look_root_owned_in_the_user_namespace(any_attacker: Any) -> None:
+    # Not an escape but the other half of the user namespace: the image's (or the host
+    # system dirs') files appear owned by root inside (shifted or idmapped), not by nobody.
+    obs = _probe(any_attacker, "userns")
+    assert probes.outside_id_of_root(str(obs["uid_map"])) != 0, f"no user namespace yet: {obs['uid_map']!r}"
+    bad = probes.check_root_owned_files(obs)
+    assert not bad, "\n".join(bad)
 
 
 # ------------------------------------------------------------------ the core_pattern escape, end to end
@@ -438,7 +445,11 @@ def inspect(root, cfg):
     out = {{"islink": {{}}, "write": {{}}}}
     for n in ("hostroot", "hostetc", "shadow", "flarehome", "markers"):
         p = os.path.join(root, n)
-        out["islink"][n] = os.path.islink(p)
+        out["islink"][n] = os.path.islink(p) if os.path.lexists(p) else "absent"
+    try:
+        out["readonly"] = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        out["readonly"] = escape_probes.ename(e.errno or 0)
     for p in (os.path.join(root, "hardlink"), os.path.join(root, "markers", "pwned"),
               os.path.join(root, "hostroot", "{marker_dir}", "pwned")):
         try:
@@ -454,7 +465,7 @@ def inspect(root, cfg):
 
 def _check_mount_view(out: dict[str, Any], host: HostSide, root: str) -> list[str]:
     bad = probes.check_host_files(out["host_files"], host.secret_hashes)
-    bad += [f"{root}/{n} is not a symlink inside the container (bound from the host?)" for n, v in out["islink"].items() if not v]
+    bad += [f"{root}/{n} is not a symlink inside the container (bound from the host?)" for n, v in out["islink"].items() if v is False]
     if (host.marker_dir / "hardlink-target").read_text() != "original\n":
         bad.append("writing the hardlink in the mount changed the host's inode")
     if (host.marker_dir / "pwned").exists():
@@ -477,8 +488,10 @@ def test_symlinks_in_add_local_dir_resolve_inside_the_container(
     bad = _check_mount_view(out, host, root)
     assert not bad, "\n".join(bad) + f"\n{json.dumps(out)[:2000]}"
     if not copy:
-        # A start-time mount is read-only: the hardlinked file cannot be written at all.
-        assert out["write"][f"{root}/hardlink"] == "EROFS", out["write"]
+        # A start-time mount is read-only: the hardlinked file cannot be written at all
+        # (EACCES when the permission check, which comes first, already refuses it).
+        assert out["readonly"] is True, f"the start-time mount at {root} is writable: {out}"
+        assert out["write"][f"{root}/hardlink"] in ("EROFS", "EACCES"), out["write"]
 
 
 BIND_DEST_APP = """
@@ -549,6 +562,8 @@ def test_symlinks_in_the_code_mount_resolve_inside_the_container(
     with mod.app.run(show_output=False):
         out = mod.inspect.remote("/root", cfg)
     bad = _check_mount_view(out, host, "/root")
+    if out["readonly"] is not True:
+        bad.append(f"the code mount at /root is writable: {out['readonly']}")
     assert not bad, "\n".join(bad) + f"\n{json.dumps(out)[:2000]}"
 
 
@@ -656,9 +671,26 @@ def test_a_captured_environment_cannot_name_host_directories(
     mod = load_app(probe_dir, MOUNT_APP.format(name=unique("escape-env"), image="None", marker_dir="x"), stem=unique("envapp"))
     with mod.app.run(show_output=False):
         out = mod.inspect.remote("/root", host.host_files_cfg(walk_seconds=3))
+    # Accepted: then the tree must come from the store (the client's claim), never from the
+    # host's directory: the host's state.db and canary there must stay invisible.
     bad = probes.check_host_files(out["host_files"], host.secret_hashes)
-    pytest.fail(f"a local_python base rooted at {server.home} was accepted (expected an error); "
-                f"inside the container: {bad or 'nothing leaked this time'}")
+    assert not bad, f"a local_python base rooted at {server.home} shows the host's files:\n" + "\n".join(bad)
+
+
+def test_a_build_spec_cannot_bind_a_host_directory_into_build_steps(server: Server, host: HostSide) -> None:
+    # The build spec's cloudpickle_path is the client's claim of where its cloudpickle
+    # lives; naming FLARE_HOME must not bind the server's data dir into the step.
+    nonce = uuid.uuid4().hex[:8]
+    probe = (f"if test -e /__flare/cloudpickle/{host.canary} || test -e /__flare/cloudpickle/state.db; "
+             f"then echo LEAK\"\"ED-{nonce}; ls /__flare/cloudpickle; exit 1; fi; echo CLE\"\"AN-{nonce} {uuid.uuid4().hex}")
+    spec = {"base": {"type": "debian_slim", "python_version": None}, "cloudpickle_path": server.home,
+            "layers": [{"type": "run_commands", "commands": [probe]}]}
+    events = _build_events(server, spec)
+    text = json.dumps(events)
+    assert f"LEAKED-{nonce}" not in text, f"a build step saw {server.home} through cloudpickle_path:\n{text[-2000:]}"
+    refused = [e for e in events if e.get("type") == "error" and "cloudpickle" in json.dumps(e)]
+    done = [e for e in events if e.get("type") == "done"]
+    assert refused or (done and f"CLEAN-{nonce}" in text), events[-3:]
 
 
 # ------------------------------------------------------------------ network paths
@@ -1148,7 +1180,7 @@ import flare
 
 app = flare.App("{name}")
 image = flare.Image.debian_slim().run_commands(
-    "fallocate -l {gib}G /escape-fill && echo FILLED-{nonce} && exit 1 || exit 1"
+    "fallocate -l {gib}G /escape-fill && echo FILL''ED-{nonce} && exit 1 || exit 1"
 )
 
 @app.function(image=image)
