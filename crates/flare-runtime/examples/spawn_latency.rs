@@ -43,7 +43,7 @@ fn main() -> Result<(), RuntimeError> {
             cwd: "/".into(),
             rootfs: Rootfs::Host,
             binds: vec![],
-            limits: Limits { cpu_millicores: Some(1000), memory_bytes: Some(512 << 20), pids_max: None },
+            limits: Limits { cpu_millicores: Some(1000), memory_bytes: Some(512 << 20), ..Limits::default() },
             network: if nat { Network::Nat } else { Network::Isolated },
             stdout: devnull(),
             stderr: devnull(),

@@ -7,23 +7,35 @@
 //! therefore only makes raw libc syscall wrappers, never allocates, and reports failure as
 //! a fixed-size record (step, index, errno) on a close-on-exec pipe.
 //!
+//! # User namespace
+//!
+//! The child is cloned into a new user namespace together with its other namespaces, so
+//! they all belong to it. It waits (on `sync_fd`) until the parent has written its id maps
+//! (container ids `0..size` = host ids `base..base+size`), changes directory to its state
+//! dir while it is still the host's uid 0 (the owner of the root-only dirs above it), then
+//! becomes uid/gid 0 of the namespace and drops the host's supplementary groups. From then
+//! on every capability it has is a capability over its own namespaces only: the kernel
+//! itself refuses writes to host sysctls, host-owned files (they show as `nobody`),
+//! devices and mounts it does not own.
+//!
 //! # Capabilities
 //!
-//! The program keeps Docker's default capability set minus `CAP_MKNOD` (a set that years
-//! of container images are known to work with, and that excludes everything that reaches
-//! beyond the container's own namespaces such as `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`,
-//! `CAP_SYS_MODULE`, `CAP_NET_ADMIN`, `CAP_SYS_TIME`, `CAP_SYS_RAWIO`,
+//! The program keeps Docker's default capability set minus `CAP_MKNOD` and `CAP_NET_RAW`
+//! (a set that years of container images are known to work with, and that excludes
+//! everything that reaches beyond the container's own namespaces such as `CAP_SYS_ADMIN`,
+//! `CAP_SYS_PTRACE`, `CAP_SYS_MODULE`, `CAP_NET_ADMIN`, `CAP_SYS_TIME`, `CAP_SYS_RAWIO`,
 //! `CAP_DAC_READ_SEARCH`): `CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
-//! NET_BIND_SERVICE NET_RAW SYS_CHROOT AUDIT_WRITE SETFCAP` (mask `0xa00425fb`).
-//! `CAP_MKNOD` is dropped because no devices cgroup restricts which nodes a container may
-//! open: with it, root in the container could create a node for the host's disk. The root
-//! overlay is also mounted `nodev,nosuid`. Root inside the container
-//! needs CHOWN/DAC_OVERRIDE/FOWNER/FSETID to manage its own (overlay upper) files,
-//! SETUID/SETGID/SETPCAP to drop to another user (pip, some servers), KILL to signal its
-//! own processes, NET_BIND_SERVICE/NET_RAW for servers and ping. The bounding set is
-//! reduced to this set (so nothing can be regained by exec), the ambient set is cleared,
-//! and effective = permitted = inheritable = this set. `no_new_privs` is set, so setuid
-//! binaries cannot raise privileges either.
+//! NET_BIND_SERVICE SYS_CHROOT AUDIT_WRITE SETFCAP` (mask `0xa00405fb`), held in the
+//! container's user namespace. `CAP_MKNOD` is dropped because no devices cgroup restricts
+//! which nodes a container may open; `CAP_NET_RAW` because raw and packet sockets let a
+//! container forge traffic on its link (ping works without it through ICMP datagram
+//! sockets, which the network pool allows). The root overlay is also mounted `nodev,nosuid`.
+//! Root inside the container needs CHOWN/DAC_OVERRIDE/FOWNER/FSETID to manage its own
+//! (overlay upper) files, SETUID/SETGID/SETPCAP to drop to another user (pip, some
+//! servers), KILL to signal its own processes, NET_BIND_SERVICE for servers. The bounding
+//! set is reduced to this set (so nothing can be regained by exec), the ambient set is
+//! cleared, and effective = permitted = inheritable = this set. `no_new_privs` is set, so
+//! setuid binaries cannot raise privileges either.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -38,7 +50,6 @@ const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_BIND_SERVICE: u32 = 10;
-const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_CHROOT: u32 = 18;
 const CAP_AUDIT_WRITE: u32 = 29;
 const CAP_SETFCAP: u32 = 31;
@@ -53,12 +64,13 @@ pub const KEPT_CAPS: u64 = (1 << CAP_CHOWN)
     | (1 << CAP_SETUID)
     | (1 << CAP_SETPCAP)
     | (1 << CAP_NET_BIND_SERVICE)
-    | (1 << CAP_NET_RAW)
     | (1 << CAP_SYS_CHROOT)
     | (1 << CAP_AUDIT_WRITE)
     | (1 << CAP_SETFCAP);
 
-/// A filesystem operation executed in the child, in order.
+/// A filesystem operation executed in the child, in order, after `pivot_root`: every path
+/// is a path inside the container, resolved there (a symlink in an image cannot point an
+/// operation at a host path).
 #[derive(Debug)]
 pub(crate) enum Op {
     Mount {
@@ -68,6 +80,10 @@ pub(crate) enum Op {
         flags: libc::c_ulong,
         data: Option<CString>,
     },
+    /// Attach a detached mount at `target`.
+    Attach { fd: MountFd, target: CString },
+    /// `mount_setattr`: set `MOUNT_ATTR_*` bits on the mount at `path` (and below it).
+    Setattr { path: CString, set: u64, recursive: bool },
     /// mkdir; EEXIST is fine.
     Mkdir { path: CString, mode: u32 },
     /// Create an empty file if missing.
@@ -76,19 +92,38 @@ pub(crate) enum Op {
     Symlink { target: CString, path: CString },
 }
 
+/// A detached mount to attach.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MountFd {
+    /// Made by the parent (see `detached.rs`), inherited by the child.
+    Parent(RawFd),
+    /// The container's own `/proc`, made by the child before `pivot_root` (the kernel
+    /// lets a user namespace mount proc only while a full proc is visible to it).
+    Proc,
+    /// The container's own `/sys` (for a network namespace of its own; same rule).
+    Sysfs,
+}
+
 /// An operation and the human-readable step name reported on failure.
 #[derive(Debug)]
 pub(crate) struct LabeledOp {
     pub op: Op,
     pub label: String,
+    /// Skip the operation when its path does not exist in the container (masks of `/proc`
+    /// and `/sys` entries that a kernel may not have).
+    pub optional: bool,
 }
 
 /// Fixed (non-op) steps, reported by number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub(crate) enum Step {
-    Setns = 1,
-    CgroupJoin,
+    CgroupJoin = 1,
+    WaitIdMap,
+    SetIds,
+    ChdirDir,
+    AttachRoot,
+    NewProc,
     MakePrivate,
     Hostname,
     LoopbackUp,
@@ -113,9 +148,13 @@ pub(crate) enum Step {
 impl Step {
     pub fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 21] = [
-            Setns,
+        const ALL: [Step; 25] = [
             CgroupJoin,
+            WaitIdMap,
+            SetIds,
+            ChdirDir,
+            AttachRoot,
+            NewProc,
             MakePrivate,
             Hostname,
             LoopbackUp,
@@ -141,8 +180,12 @@ impl Step {
 
     pub fn name(self) -> &'static str {
         match self {
-            Step::Setns => "join network namespace",
             Step::CgroupJoin => "join cgroup",
+            Step::WaitIdMap => "wait for the user namespace's id maps",
+            Step::SetIds => "become root of the user namespace",
+            Step::ChdirDir => "chdir to the container dir",
+            Step::AttachRoot => "attach the root overlay",
+            Step::NewProc => "mount the container's proc/sysfs",
             Step::MakePrivate => "make mounts private",
             Step::Hostname => "sethostname",
             Step::LoopbackUp => "bring up lo",
@@ -195,12 +238,23 @@ impl ChildErr {
 
 /// Everything the child needs, prepared by the parent.
 pub(crate) struct ChildPlan {
-    pub net_fd: RawFd,
+    /// Read end of the pipe on which the parent says the id maps are written (-1: no user
+    /// namespace).
+    pub sync_fd: RawFd,
+    /// The container's state dir on the host (absolute); `rootfs` in it is the mountpoint.
+    pub dir: CString,
+    /// The detached root overlay.
+    pub root_fd: RawFd,
+    /// Make a proc (and a sysfs) instance before `pivot_root`, for `MountFd::Proc`/`Sysfs`.
+    pub make_proc: bool,
+    pub make_sysfs: bool,
+    /// Filled in by the child.
+    pub proc_fd: RawFd,
+    pub sysfs_fd: RawFd,
     pub loopback_up: bool,
     pub cgroup_fds: Vec<RawFd>,
     pub hostname: CString,
     pub ops: Vec<LabeledOp>,
-    pub rootfs: CString,
     pub cwd: CString,
     pub argv_ptrs: Vec<*const libc::c_char>,
     pub envp_ptrs: Vec<*const libc::c_char>,
@@ -221,6 +275,7 @@ pub(crate) struct ChildPlan {
 }
 
 const DOT: &std::ffi::CStr = c".";
+const ROOTFS: &std::ffi::CStr = c"rootfs";
 const SLASH: &std::ffi::CStr = c"/";
 const DEV_NULL: &std::ffi::CStr = c"/dev/null";
 const EMPTY: &std::ffi::CStr = c"";
@@ -270,7 +325,68 @@ pub(crate) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-fn run_op(op: &Op, index: u32) -> R<()> {
+/// Does `path` exist (without following a final symlink)?
+fn exists(path: &CString) -> bool {
+    // SAFETY: st is a valid out buffer; path is NUL-terminated.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::lstat(path.as_ptr(), &mut st) == 0 }
+}
+
+fn op_target(op: &Op) -> &CString {
+    match op {
+        Op::Mount { target, .. } | Op::Attach { target, .. } => target,
+        Op::Setattr { path, .. } | Op::Mkdir { path, .. } | Op::Touch { path } | Op::Symlink { path, .. } => {
+            path
+        }
+    }
+}
+
+fn attach(fd: RawFd, target: &std::ffi::CStr) -> libc::c_long {
+    // SAFETY: fd is a detached mount fd the parent made; target is NUL-terminated.
+    unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            EMPTY.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    }
+}
+
+/// A detached mount of a new `fstype` instance, made in the child (no allocation).
+fn new_fs(fstype: &std::ffi::CStr, attrs: u64) -> libc::c_int {
+    // SAFETY: raw syscalls on static NUL-terminated names; fds are closed on failure.
+    unsafe {
+        let ctx = libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC) as libc::c_int;
+        if ctx < 0 {
+            return -1;
+        }
+        let r = libc::syscall(
+            libc::SYS_fsconfig,
+            ctx,
+            libc::FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        );
+        if r < 0 {
+            libc::close(ctx);
+            return -1;
+        }
+        let m = libc::syscall(libc::SYS_fsmount, ctx, libc::FSMOUNT_CLOEXEC, attrs) as libc::c_int;
+        libc::close(ctx);
+        m
+    }
+}
+
+fn run_op(plan: &ChildPlan, lop: &LabeledOp, index: u32) -> R<()> {
+    let op = &lop.op;
+    if lop.optional && !exists(op_target(op)) {
+        return Ok(());
+    }
     let f = |_| fail(Step::Op, index);
     // In every arm, each pointer is a NUL-terminated string owned by the plan, or null
     // where the syscall accepts null.
@@ -279,6 +395,34 @@ fn run_op(op: &Op, index: u32) -> R<()> {
             // SAFETY: plan-owned NUL-terminated paths; plain syscall.
             let r = unsafe {
                 libc::mount(opt_ptr(src), target.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast())
+            };
+            if r < 0 {
+                return Err(f(()));
+            }
+        }
+        Op::Attach { fd, target } => {
+            let fd = match fd {
+                MountFd::Parent(fd) => *fd,
+                MountFd::Proc => plan.proc_fd,
+                MountFd::Sysfs => plan.sysfs_fd,
+            };
+            if attach(fd, target) < 0 {
+                return Err(f(()));
+            }
+        }
+        Op::Setattr { path, set, recursive } => {
+            let attr = libc::mount_attr { attr_set: *set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+            let flags = if *recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+            // SAFETY: attr is a valid mount_attr of the size passed; path is NUL-terminated.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    flags,
+                    &attr as *const libc::mount_attr,
+                    std::mem::size_of::<libc::mount_attr>(),
+                )
             };
             if r < 0 {
                 return Err(f(()));
@@ -356,8 +500,32 @@ fn setup_and_run(plan: &mut ChildPlan) -> R<std::convert::Infallible> {
                 return Err(fail(Step::CgroupJoin, 0));
             }
         }
-        if plan.net_fd >= 0 {
-            check(libc::setns(plan.net_fd, libc::CLONE_NEWNET), Step::Setns)?;
+        if plan.sync_fd >= 0 {
+            // The parent writes uid_map/gid_map, then one byte (EOF: it gave up).
+            let mut b = 0u8;
+            loop {
+                let r = libc::read(plan.sync_fd, (&mut b as *mut u8).cast(), 1);
+                if r == 1 {
+                    break;
+                }
+                if r < 0 && errno() == libc::EINTR {
+                    continue;
+                }
+                return Err(fail(Step::WaitIdMap, 0));
+            }
+        }
+        // Still the host's uid 0 here: the owner of the state dir's root-only ancestors.
+        check(libc::chdir(plan.dir.as_ptr()), Step::ChdirDir)?;
+        if plan.sync_fd >= 0 {
+            // Root of the new user namespace (an unprivileged uid on the host), with no
+            // supplementary groups left from the host. Raw syscalls: glibc's wrappers
+            // would signal the parent's other threads (which do not exist here) and wait.
+            check(libc::syscall(libc::SYS_setresgid, 0, 0, 0) as libc::c_int, Step::SetIds)?;
+            check(libc::syscall(libc::SYS_setresuid, 0, 0, 0) as libc::c_int, Step::SetIds)?;
+            check(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_int,
+                Step::SetIds,
+            )?;
         }
         check(
             libc::mount(
@@ -374,16 +542,38 @@ fn setup_and_run(plan: &mut ChildPlan) -> R<std::convert::Infallible> {
         if plan.loopback_up {
             loopback_up()?;
         }
-        for (i, op) in plan.ops.iter().enumerate() {
-            run_op(&op.op, i as u32)?;
+        if attach(plan.root_fd, ROOTFS) < 0 {
+            return Err(fail(Step::AttachRoot, 0));
         }
-        check(libc::chdir(plan.rootfs.as_ptr()), Step::ChdirRootfs)?;
+        check(libc::chdir(ROOTFS.as_ptr()), Step::ChdirRootfs)?;
+        if plan.make_proc {
+            plan.proc_fd =
+                new_fs(c"proc", libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC);
+            if plan.proc_fd < 0 {
+                return Err(fail(Step::NewProc, 0));
+            }
+        }
+        if plan.make_sysfs {
+            plan.sysfs_fd = new_fs(
+                c"sysfs",
+                libc::MOUNT_ATTR_RDONLY
+                    | libc::MOUNT_ATTR_NOSUID
+                    | libc::MOUNT_ATTR_NODEV
+                    | libc::MOUNT_ATTR_NOEXEC,
+            );
+            if plan.sysfs_fd < 0 {
+                return Err(fail(Step::NewProc, 1));
+            }
+        }
         check(
             libc::syscall(libc::SYS_pivot_root, DOT.as_ptr(), DOT.as_ptr()) as libc::c_int,
             Step::PivotRoot,
         )?;
         check(libc::umount2(DOT.as_ptr(), libc::MNT_DETACH), Step::UmountOldRoot)?;
         check(libc::chdir(SLASH.as_ptr()), Step::ChdirRoot)?;
+        for (i, op) in plan.ops.iter().enumerate() {
+            run_op(plan, op, i as u32)?;
+        }
 
         // Signals init handles synchronously; blocked before fork so none is lost.
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -570,8 +760,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_caps_match_docker_default() {
-        assert_eq!(KEPT_CAPS, 0xa004_25fb);
+    fn kept_caps_are_docker_default_minus_mknod_and_net_raw() {
+        assert_eq!(KEPT_CAPS, 0xa004_25fb & !(1 << 13));
     }
 
     #[test]

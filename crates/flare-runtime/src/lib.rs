@@ -13,15 +13,16 @@
 
 mod cgroup;
 mod child;
+mod detached;
 mod error;
+mod etc;
 mod net;
+mod plan;
 pub mod seccomp;
 mod sys;
 
-use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,7 +53,7 @@ pub fn limit_malloc_arenas() {
 }
 
 use cgroup::{CgroupLayout, ContainerCgroup};
-use child::{ChildErr, ChildPlan, LabeledOp, Op, Step};
+use child::{ChildErr, ChildPlan, Step};
 use error::IoContext;
 use net::{NetNs, NetPool};
 
@@ -134,7 +135,18 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
     /// Max tasks; [`DEFAULT_PIDS_MAX`] when `None`.
     pub pids_max: Option<u64>,
+    /// Size of the writable root layer (a tmpfs, unless the spec keeps its upper dir on the
+    /// host) and, separately, of `/tmp`; [`DEFAULT_DISK_BYTES`] when `None`. Both are
+    /// memory and count against `memory_bytes` as they fill.
+    pub disk_bytes: Option<u64>,
+    /// Size of `/dev/shm`; [`DEFAULT_SHM_BYTES`] when `None`.
+    pub shm_bytes: Option<u64>,
 }
+
+/// Default size of a container's writable root layer and of its `/tmp`.
+pub const DEFAULT_DISK_BYTES: u64 = 4 << 30;
+/// Default size of a container's `/dev/shm`.
+pub const DEFAULT_SHM_BYTES: u64 = 1 << 30;
 
 /// The container's network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +208,6 @@ impl ExitInfo {
 const SYSTEM_DIRS: [&str; 9] = ["usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin", "etc", "opt"];
 const SKELETON_DIRS: [&str; 10] = ["proc", "dev", "sys", "tmp", "root", "run", "var", "home", "mnt", "srv"];
 const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
-const MASKED: [&str; 2] = ["etc/shadow", "etc/gshadow"];
 const CLONE_STACK: usize = 256 * 1024;
 
 struct Inner {
@@ -205,7 +216,11 @@ struct Inner {
     skeleton: PathBuf,
     /// System dirs (relative names) that are real directories on the host, bound read-only.
     host_dirs: Vec<String>,
-    masked: Vec<String>,
+    /// The minimal `/etc` that `Rootfs::Host` containers see instead of the host's.
+    etc_dir: PathBuf,
+    /// The host's network namespace (the spawning thread returns to it after joining a
+    /// pooled one to clone a NAT container).
+    host_netns: OwnedFd,
     nat: Result<NetPool, String>,
     seccomp: Vec<libc::sock_filter>,
     cap_last: u32,
@@ -227,18 +242,14 @@ fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn cstr(s: impl AsRef<[u8]>, what: &str) -> Result<CString, RuntimeError> {
-    CString::new(s.as_ref()).map_err(|_| RuntimeError::InvalidSpec(format!("{what} contains NUL")))
-}
-
-fn cpath(p: &Path) -> Result<CString, RuntimeError> {
-    cstr(p.as_os_str().as_bytes(), &format!("path {}", p.display()))
-}
-
 /// Build (idempotently) the skeleton lower dir for `Rootfs::Host` at `dir`, mirroring
 /// `host_root`. Returns the system dirs that are real directories (to be bound).
-pub(crate) fn build_skeleton(dir: &Path, host_root: &Path) -> Result<Vec<String>, RuntimeError> {
-    use std::os::unix::fs::{symlink, PermissionsExt};
+pub(crate) fn build_skeleton(
+    dir: &Path,
+    host_root: &Path,
+    owner: (u32, u32),
+) -> Result<Vec<String>, RuntimeError> {
+    use std::os::unix::fs::{lchown, symlink, PermissionsExt};
     fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
     let mut bound = Vec::new();
     for name in SYSTEM_DIRS {
@@ -274,6 +285,8 @@ pub(crate) fn build_skeleton(dir: &Path, host_root: &Path) -> Result<Vec<String>
             _ => 0o755,
         };
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).ctx(|| format!("chmod {}", p.display()))?;
+        // Owned by the container's root, who may then write in them (copy-up keeps owners).
+        lchown(&p, Some(owner.0), Some(owner.1)).ctx(|| format!("chown {}", p.display()))?;
     }
     Ok(bound)
 }
@@ -297,10 +310,19 @@ impl Runtime {
         let dynmods = cgroup::favor_dynmods(Path::new(cgroup::DYNMODS_MOUNT));
         let containers = cfg.state_dir.join("containers");
         fs::create_dir_all(&containers).ctx(|| format!("create {}", containers.display()))?;
+        let owner = cfg.userns.map(|u| (u.host_base, u.host_base)).unwrap_or((0, 0));
         let skeleton = cfg.state_dir.join("skeleton");
-        let host_dirs = build_skeleton(&skeleton, Path::new("/"))?;
-        let masked =
-            MASKED.iter().filter(|m| Path::new("/").join(m).exists()).map(|m| m.to_string()).collect();
+        let host_dirs = build_skeleton(&skeleton, Path::new("/"), owner)?;
+        let etc_dir = cfg.state_dir.join("etc");
+        etc::build_minimal_etc(Path::new("/etc"), &etc_dir)?;
+        let host_netns = fs::File::open("/proc/thread-self/ns/net")
+            .map(OwnedFd::from)
+            .ctx(|| "open the host's network namespace".into())?;
+        if let Some(u) = cfg.userns {
+            if u.size == 0 || u.host_base == 0 || u.host_base.checked_add(u.size).is_none() {
+                return Err(RuntimeError::InvalidSpec(format!("user namespace range {u:?} is not valid")));
+            }
+        }
         let seccomp = seccomp::default_program()?;
         let cap_last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .ok()
@@ -325,7 +347,17 @@ impl Runtime {
             "container runtime ready"
         );
         Ok(Runtime {
-            inner: Arc::new(Inner { cfg, cgroups, skeleton, host_dirs, masked, nat, seccomp, cap_last }),
+            inner: Arc::new(Inner {
+                cfg,
+                cgroups,
+                skeleton,
+                host_dirs,
+                etc_dir,
+                host_netns,
+                nat,
+                seccomp,
+                cap_last,
+            }),
         })
     }
 
@@ -395,7 +427,7 @@ impl Runtime {
         let procs = cg.open_procs();
         res.cgroup = Some(cg);
         let procs = procs?;
-        let net_fd = match spec.network {
+        let netns = match spec.network {
             Network::Isolated => None,
             Network::Nat => {
                 let pool = inner.nat.as_ref().map_err(|r| RuntimeError::NetworkUnavailable(r.clone()))?;
@@ -406,13 +438,36 @@ impl Runtime {
                 Some(OwnedFd::from(f.ctx(|| format!("open {}", pin.display()))?))
             }
         };
+        // A NAT container is cloned from this thread while it is in the pooled namespace
+        // (the namespace belongs to the host's user namespace, so the container, in a user
+        // namespace of its own, could not join it itself); its /sys is made here too.
+        let in_netns = match &netns {
+            Some(fd) => Some(NetnsGuard::enter(fd, &inner.host_netns)?),
+            None => None,
+        };
+        let sysfs = match &in_netns {
+            Some(_) => Some(
+                detached::sysfs(
+                    libc::MOUNT_ATTR_RDONLY
+                        | libc::MOUNT_ATTR_NOSUID
+                        | libc::MOUNT_ATTR_NODEV
+                        | libc::MOUNT_ATTR_NOEXEC,
+                )
+                .ctx(|| "mount the container's sysfs".into())?,
+            ),
+            None => None,
+        };
 
-        let mut plan = build_plan(inner, &spec, &dir)?;
-        plan.net_fd = net_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let (mut plan, prep) = plan::build_plan(inner, &spec, &dir, sysfs)?;
         plan.loopback_up = spec.network == Network::Isolated;
         plan.cgroup_fds = procs.iter().map(|f| f.as_raw_fd()).collect();
         let (err_r, err_w) = sys::pipe_cloexec().ctx(|| "create pipe".into())?;
         plan.err_fd = err_w.as_raw_fd();
+        let sync = match inner.cfg.userns {
+            Some(_) => Some(sys::pipe_cloexec().ctx(|| "create pipe".into())?),
+            None => None,
+        };
+        plan.sync_fd = sync.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
         let page = sys::SharedPage::new().ctx(|| "mmap status page".into())?;
         plan.status_page = page.as_ptr();
         let stack = sys::Stack::new(CLONE_STACK).ctx(|| "mmap clone stack".into())?;
@@ -420,6 +475,9 @@ impl Runtime {
         let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if spec.network == Network::Isolated {
             flags |= libc::CLONE_NEWNET;
+        }
+        if inner.cfg.userns.is_some() {
+            flags |= libc::CLONE_NEWUSER;
         }
         // SAFETY: child_main only uses the plan (kept alive until after clone returns in the
         // parent; the child has its own copy of memory) and raw syscalls; the stack is a
@@ -432,17 +490,32 @@ impl Runtime {
                 (&mut plan as *mut ChildPlan).cast(),
             )
         };
+        let clone_err = std::io::Error::last_os_error();
+        drop(in_netns);
         if pid < 0 {
-            return Err(RuntimeError::io("clone the container", std::io::Error::last_os_error()));
+            return Err(RuntimeError::io("clone the container", clone_err));
         }
         // Close our copies of everything the child inherited.
         drop(err_w);
         drop(stack);
         drop(procs);
-        drop(net_fd);
+        drop(netns);
         drop(spec.stdout);
         drop(spec.stderr);
         drop(spec.extra_fds);
+        let mut map_err = None;
+        if let (Some(u), Some((sync_r, sync_w))) = (inner.cfg.userns, sync) {
+            drop(sync_r);
+            let map = format!("0 {} {}\n", u.host_base, u.size);
+            let written = fs::write(format!("/proc/{pid}/uid_map"), &map)
+                .and_then(|()| fs::write(format!("/proc/{pid}/gid_map"), &map))
+                .and_then(|()| sys::write_all(&sync_w, b"1"));
+            if let Err(e) = written {
+                map_err = Some(e);
+            }
+            // Dropping the write end: EOF for a child still waiting (it then gives up).
+        }
+        drop(prep.fds);
 
         let pidfd = sys::pidfd_open(pid);
         let mut buf = [0u8; 12];
@@ -464,7 +537,7 @@ impl Runtime {
                 };
                 Some(RuntimeError::Setup { step: name, errno: e.errno })
             }
-            (_, Ok(0)) => None,
+            (_, Ok(0)) => map_err.map(|e| RuntimeError::io("write the user namespace's id maps", e)),
             (_, Ok(k)) => {
                 Some(RuntimeError::Setup { step: format!("truncated status ({k} bytes)"), errno: libc::EIO })
             }
@@ -482,6 +555,7 @@ impl Runtime {
             pid,
             pidfd,
             page,
+            scratch: prep.scratch,
             memory_limit: spec.limits.memory_bytes,
             exit: None,
             res,
@@ -522,262 +596,26 @@ fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-fn mount_op(
-    label: String,
-    src: Option<CString>,
-    target: CString,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> LabeledOp {
-    LabeledOp {
-        op: Op::Mount {
-            src,
-            target,
-            fstype: fstype.map(|s| CString::new(s).unwrap_or_default()),
-            flags,
-            data: data.map(|s| CString::new(s).unwrap_or_default()),
-        },
-        label,
+/// The calling thread inside another network namespace until dropped.
+struct NetnsGuard<'a> {
+    host: &'a OwnedFd,
+}
+
+impl<'a> NetnsGuard<'a> {
+    fn enter(ns: &OwnedFd, host: &'a OwnedFd) -> Result<NetnsGuard<'a>, RuntimeError> {
+        sys::setns(ns, libc::CLONE_NEWNET).ctx(|| "join the container's network namespace".into())?;
+        Ok(NetnsGuard { host })
     }
 }
 
-/// Build the list of filesystem operations and everything else the child needs.
-fn build_plan(inner: &Inner, spec: &ContainerSpec, dir: &Path) -> Result<ChildPlan, RuntimeError> {
-    let scratch = match &spec.upper_dir {
-        Some(d) => d.clone(),
-        None => dir.join("scratch"),
-    };
-    let rootfs = dir.join("rootfs");
-    let mut ops: Vec<LabeledOp> = Vec::with_capacity(64);
-    let r = |rel: &str| rootfs.join(rel);
-    let ro_remount = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-
-    if spec.upper_dir.is_none() {
-        ops.push(mount_op(
-            format!("mount tmpfs at {}", scratch.display()),
-            Some(c"tmpfs".into()),
-            cpath(&scratch)?,
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=0755"),
-        ));
-    }
-    for d in ["upper", "work"] {
-        ops.push(LabeledOp {
-            op: Op::Mkdir { path: cpath(&scratch.join(d))?, mode: 0o755 },
-            label: format!("mkdir {}", scratch.join(d).display()),
-        });
-    }
-    let lower = match &spec.rootfs {
-        Rootfs::Host => inner.skeleton.clone(),
-        Rootfs::Dir(p) => p.clone(),
-    };
-    let lower_s = lower.to_string_lossy();
-    if lower_s.contains(',') || lower_s.contains(':') {
-        return Err(RuntimeError::InvalidSpec(format!(
-            "rootfs dir {} must not contain ',' or ':'",
-            lower.display()
-        )));
-    }
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        scratch.join("upper").display(),
-        scratch.join("work").display()
-    );
-    ops.push(mount_op(
-        format!("mount overlay at {}", rootfs.display()),
-        Some(c"overlay".into()),
-        cpath(&rootfs)?,
-        Some("overlay"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some(&data),
-    ));
-    if matches!(spec.rootfs, Rootfs::Host) {
-        for d in &inner.host_dirs {
-            let target = cpath(&r(d))?;
-            ops.push(mount_op(
-                format!("bind /{d}"),
-                Some(cpath(&Path::new("/").join(d))?),
-                target.clone(),
-                None,
-                libc::MS_BIND | libc::MS_REC,
-                None,
-            ));
-            ops.push(mount_op(format!("remount /{d} read-only"), None, target, None, ro_remount, None));
-        }
-        for m in &inner.masked {
-            ops.push(mount_op(
-                format!("mask /{m}"),
-                Some(c"/dev/null".into()),
-                cpath(&r(m))?,
-                None,
-                libc::MS_BIND,
-                None,
-            ));
+impl Drop for NetnsGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = sys::setns(self.host, libc::CLONE_NEWNET) {
+            // A thread left in a container's namespace would open the daemon's own
+            // connections from there: stop rather than go on like that.
+            panic!("cannot return to the host's network namespace: {e}");
         }
     }
-    let mkdir = |ops: &mut Vec<LabeledOp>, rel: &str, mode: u32| -> Result<(), RuntimeError> {
-        ops.push(LabeledOp { op: Op::Mkdir { path: cpath(&r(rel))?, mode }, label: format!("mkdir /{rel}") });
-        Ok(())
-    };
-    // /proc
-    mkdir(&mut ops, "proc", 0o755)?;
-    ops.push(mount_op(
-        "mount /proc".into(),
-        Some(c"proc".into()),
-        cpath(&r("proc"))?,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    ));
-    // /dev
-    mkdir(&mut ops, "dev", 0o755)?;
-    ops.push(mount_op(
-        "mount /dev".into(),
-        Some(c"tmpfs".into()),
-        cpath(&r("dev"))?,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("mode=755,size=65536k"),
-    ));
-    for node in DEV_NODES {
-        let rel = format!("dev/{node}");
-        let host = Path::new("/dev").join(node);
-        if !host.exists() {
-            continue;
-        }
-        ops.push(LabeledOp { op: Op::Touch { path: cpath(&r(&rel))? }, label: format!("create /{rel}") });
-        ops.push(mount_op(
-            format!("bind /{rel}"),
-            Some(cpath(&host)?),
-            cpath(&r(&rel))?,
-            None,
-            libc::MS_BIND,
-            None,
-        ));
-    }
-    for (link, target) in [
-        ("dev/fd", "/proc/self/fd"),
-        ("dev/stdin", "/proc/self/fd/0"),
-        ("dev/stdout", "/proc/self/fd/1"),
-        ("dev/stderr", "/proc/self/fd/2"),
-        ("dev/ptmx", "pts/ptmx"),
-    ] {
-        ops.push(LabeledOp {
-            op: Op::Symlink { target: cstr(target, "link")?, path: cpath(&r(link))? },
-            label: format!("symlink /{link}"),
-        });
-    }
-    mkdir(&mut ops, "dev/pts", 0o755)?;
-    ops.push(mount_op(
-        "mount /dev/pts".into(),
-        Some(c"devpts".into()),
-        cpath(&r("dev/pts"))?,
-        Some("devpts"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    ));
-    mkdir(&mut ops, "dev/shm", 0o1777)?;
-    ops.push(mount_op(
-        "mount /dev/shm".into(),
-        Some(c"shm".into()),
-        cpath(&r("dev/shm"))?,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=1777"),
-    ));
-    // /sys
-    mkdir(&mut ops, "sys", 0o755)?;
-    ops.push(mount_op(
-        "mount /sys".into(),
-        Some(c"sysfs".into()),
-        cpath(&r("sys"))?,
-        Some("sysfs"),
-        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    ));
-    // /tmp, /root
-    mkdir(&mut ops, "tmp", 0o1777)?;
-    ops.push(mount_op(
-        "mount /tmp".into(),
-        Some(c"tmpfs".into()),
-        cpath(&r("tmp"))?,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=1777"),
-    ));
-    mkdir(&mut ops, "root", 0o700)?;
-
-    // User binds.
-    for (i, b) in spec.binds.iter().enumerate() {
-        let meta = fs::metadata(&b.src).ctx(|| format!("bind[{i}] source {}", b.src.display()))?;
-        let rel = b.dst.strip_prefix("/").unwrap_or(&b.dst);
-        let mut acc = PathBuf::new();
-        let comps: Vec<_> = rel.components().collect();
-        for (j, c) in comps.iter().enumerate() {
-            acc.push(c);
-            let full = rootfs.join(&acc);
-            let last = j + 1 == comps.len();
-            let op = if last && !meta.is_dir() {
-                Op::Touch { path: cpath(&full)? }
-            } else {
-                Op::Mkdir { path: cpath(&full)?, mode: 0o755 }
-            };
-            ops.push(LabeledOp { op, label: format!("bind[{i}]: create mountpoint /{}", acc.display()) });
-        }
-        let target = cpath(&rootfs.join(rel))?;
-        ops.push(mount_op(
-            format!("bind[{i}]: mount {} at {}", b.src.display(), b.dst.display()),
-            Some(cpath(&b.src)?),
-            target.clone(),
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        ));
-        if b.readonly {
-            ops.push(mount_op(
-                format!("bind[{i}]: remount {} read-only", b.dst.display()),
-                None,
-                target,
-                None,
-                ro_remount,
-                None,
-            ));
-        }
-    }
-
-    let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a, "argv")).collect::<Result<_, _>>()?;
-    let envp: Vec<CString> =
-        spec.env.iter().map(|(k, v)| cstr(format!("{k}={v}"), "env")).collect::<Result<_, _>>()?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    let extra_fds: Vec<(RawFd, RawFd)> = spec.extra_fds.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
-    let fd_base = extra_fds.iter().map(|(_, t)| *t + 1).max().unwrap_or(3).max(3);
-    Ok(ChildPlan {
-        net_fd: -1,
-        loopback_up: false,
-        cgroup_fds: Vec::new(),
-        hostname: cstr(&spec.hostname, "hostname")?,
-        ops,
-        rootfs: cpath(&rootfs)?,
-        cwd: cstr(&spec.cwd, "cwd")?,
-        argv_ptrs,
-        envp_ptrs,
-        strings: (argv, envp),
-        stdout_fd: spec.stdout.as_raw_fd(),
-        stderr_fd: spec.stderr.as_raw_fd(),
-        extra_scratch: vec![-1; extra_fds.len()],
-        extra_fds,
-        fd_base,
-        err_fd: -1,
-        status_page: std::ptr::null_mut(),
-        seccomp: inner.seccomp.clone(),
-        cap_last: inner.cap_last,
-    })
 }
 
 /// Host resources of one container, released exactly once.
@@ -839,6 +677,8 @@ pub struct Container {
     pid: i32,
     pidfd: OwnedFd,
     page: sys::SharedPage,
+    /// The tmpfs under the root overlay's upper layer (none when it is a host dir).
+    scratch: Option<OwnedFd>,
     memory_limit: Option<u64>,
     exit: Option<ExitInfo>,
     res: Resources,
@@ -928,6 +768,11 @@ impl Container {
         self.memory_limit
     }
 
+    /// (used, size) bytes of the container's writable root layer, when it is a tmpfs.
+    pub fn disk_usage(&self) -> Option<(u64, u64)> {
+        self.scratch.as_ref().and_then(|fd| detached::usage(fd).ok())
+    }
+
     /// Current memory usage of the container's cgroup.
     pub fn memory_usage(&self) -> Option<u64> {
         self.res.cgroup.as_ref().and_then(|c| c.memory_usage())
@@ -974,12 +819,12 @@ mod tests {
         fs::create_dir_all(host.join("etc")).unwrap();
         std::os::unix::fs::symlink("usr/bin", host.join("bin")).unwrap();
         let skel = tmp.join("skel");
-        let bound = build_skeleton(&skel, &host).unwrap();
+        let bound = build_skeleton(&skel, &host, (0, 0)).unwrap();
         assert_eq!(bound, vec!["usr".to_string(), "etc".to_string()]);
         assert_eq!(fs::read_link(skel.join("bin")).unwrap(), PathBuf::from("usr/bin"));
         assert!(skel.join("proc").is_dir());
         // idempotent
-        build_skeleton(&skel, &host).unwrap();
+        build_skeleton(&skel, &host, (0, 0)).unwrap();
         fs::remove_dir_all(&tmp).unwrap();
     }
 }

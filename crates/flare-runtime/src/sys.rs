@@ -118,6 +118,30 @@ pub(crate) fn bind_mount(src: &Path, dst: &Path) -> io::Result<()> {
         .map(|_| ())
 }
 
+/// setns(2) for the calling thread.
+pub(crate) fn setns(fd: &OwnedFd, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns takes an fd and a flag word.
+    cvt(unsafe { libc::setns(fd.as_raw_fd(), nstype) }).map(|_| ())
+}
+
+/// Write all of `buf` to `fd`.
+pub(crate) fn write_all(fd: &OwnedFd, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: the slice is valid for its length.
+        let r = unsafe { libc::write(fd.as_raw_fd(), buf[off..].as_ptr().cast(), buf.len() - off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        off += r as usize;
+    }
+    Ok(())
+}
+
 /// unshare(2) for the calling thread.
 pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
     // SAFETY: unshare takes a flag word.

@@ -89,13 +89,17 @@ fn filesystem_layout() {
     let ro = tempdir("ro");
     let rw = tempdir("rw");
     std::fs::write(ro.join("file"), "ro-data").unwrap();
+    // A writable bind is writable for the container's root only if that (unprivileged)
+    // host uid owns it.
+    let base = UserNamespace::DEFAULT.host_base;
+    std::os::unix::fs::chown(&rw, Some(base), Some(base)).unwrap();
     let marker = format!("/flare-should-not-exist-{}", std::process::id());
     let script = format!(
         "echo hi > {marker} && cat {marker}
          touch /usr/x 2>/dev/null && echo usr-writable || echo usr-ro
          touch /sys/x 2>/dev/null && echo sys-writable || echo sys-ro
          grep ' /tmp ' /proc/mounts | cut -d' ' -f3
-         echo size=$(cat /etc/shadow | wc -c)
+         test -e /etc/shadow && echo shadow-visible || echo no-shadow
          cat /data/ro/file; echo
          touch /data/ro/x 2>/dev/null && echo ro-writable || echo ro-ro
          touch /data/rw/x && echo rw-ok
@@ -115,7 +119,16 @@ fn filesystem_layout() {
     assert_eq!(
         lines,
         vec![
-            "hi", "usr-ro", "sys-ro", "tmpfs", "size=0", "ro-data", "ro-ro", "rw-ok", "created", "dev-ok",
+            "hi",
+            "usr-ro",
+            "sys-ro",
+            "tmpfs",
+            "no-shadow",
+            "ro-data",
+            "ro-ro",
+            "rw-ok",
+            "created",
+            "dev-ok",
             "1"
         ],
         "stderr: {}",
@@ -249,8 +262,8 @@ for l in open('/proc/self/status'):\n    if l.startswith(('CapEff', 'CapBnd', 'C
     assert_eq!(l[2], "chroot ok");
     // No CAP_MKNOD: a node for the host's disk cannot be created.
     assert_eq!(l[3], "mknod 1");
-    assert!(l.contains(&"CapEff: 00000000a00425fb"), "{l:?}");
-    assert!(l.contains(&"CapBnd: 00000000a00425fb"), "{l:?}");
+    assert!(l.contains(&"CapEff: 00000000a00405fb"), "{l:?}");
+    assert!(l.contains(&"CapBnd: 00000000a00405fb"), "{l:?}");
     assert!(l.contains(&"CapAmb: 0000000000000000"), "{l:?}");
     assert!(l.contains(&"NoNewPrivs: 1"), "{l:?}");
     assert!(l.contains(&"Seccomp: 2"), "{l:?}");
@@ -336,4 +349,37 @@ fn cleanup_stale_removes_leftovers() {
         assert_eq!(children, 0, "{}", d.display());
     }
     readers.finish();
+}
+
+#[test]
+fn user_namespace_and_proc_masks() {
+    require_root!();
+    let rt = runtime("userns", true);
+    let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u
+         echo '|/tmp/x %P' > /proc/sys/kernel/core_pattern 2>/dev/null && echo core_pattern-writable || echo core_pattern-ro
+         echo 1 > /proc/sys/vm/overcommit_memory 2>/dev/null && echo overcommit-writable || echo overcommit-ro
+         echo h > /proc/sysrq-trigger 2>/dev/null && echo sysrq-writable || echo sysrq-ro
+         echo $(cat /proc/kcore 2>/dev/null | wc -c) $(cat /proc/kallsyms 2>/dev/null | wc -c) $(cat /proc/timer_list 2>/dev/null | wc -c)
+         ls /proc/acpi 2>/dev/null | wc -l
+         stat -c %U /usr/bin/env
+         ls /sys/firmware | wc -l
+         ls /sys/class/net | sort | tr '\\n' ' '; echo
+         echo x > /sys/kernel/uevent_helper 2>/dev/null && echo sysfs-writable || echo sysfs-ro";
+    let out = sh(&rt, script, |s| s.network = Network::Nat);
+    assert_eq!(out.exit.code, Some(0), "stderr: {}", out.stderr);
+    let l: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let base = UserNamespace::DEFAULT.host_base;
+    assert_eq!(squash(l[0]), format!("0 {base} 65536"), "{l:?}");
+    assert_eq!(squash(l[1]), format!("0 {base} 65536"), "{l:?}");
+    assert_eq!(l[2], "0");
+    assert_eq!(&l[3..6], ["core_pattern-ro", "overcommit-ro", "sysrq-ro"], "{l:?}");
+    assert_eq!(l[6], "0 0 0", "masked files read empty: {l:?}");
+    assert_eq!(l[7], "0");
+    assert_eq!(l[8], "nobody", "host files belong to no one inside: {l:?}");
+    assert_eq!(l[9], "0");
+    // The container's own sysfs shows its own veth, not the host's devices.
+    assert!(l[10].starts_with("eth0 lo") || l[10].starts_with("lo"), "{l:?}");
+    assert!(!l[10].contains("flv"), "{l:?}");
+    assert_eq!(l[11], "sysfs-ro");
 }
