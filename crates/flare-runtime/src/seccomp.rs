@@ -5,7 +5,8 @@
 //! 1. load `seccomp_data.arch`; anything but the native audit arch is killed (no i386 or
 //!    other-ABI syscalls sneaking past a table built for x86_64);
 //! 2. load `seccomp_data.nr`; on x86_64, x32 syscalls (`nr >= 0x40000000`) get EPERM;
-//! 3. per denied syscall: `if nr == N -> action` (optionally only if `args[0] & mask != 0`);
+//! 3. per denied syscall: `if nr == N -> action` (optionally only if `args[0] & mask != 0`,
+//!    if `args[0]` is one of a list, or if it is none of a list);
 //! 4. default: allow.
 
 use std::collections::BTreeSet;
@@ -31,6 +32,13 @@ pub struct Rule {
     /// Only apply when `args[0] & mask != 0` (low 32 bits), e.g. clone's `CLONE_NEW*` flags.
     #[serde(default)]
     pub arg0_mask_any: Option<u32>,
+    /// Only apply when `args[0]` (low 32 bits) is one of these, e.g. socket families.
+    #[serde(default)]
+    pub arg0_in: Option<Vec<u32>>,
+    /// Only apply when `args[0]` (low 32 bits) is none of these, e.g. the personalities
+    /// that stay allowed.
+    #[serde(default)]
+    pub arg0_not_in: Option<Vec<u32>>,
     /// Why this is denied. Required.
     pub reason: String,
 }
@@ -46,6 +54,18 @@ pub fn parse_policy(text: &str) -> Result<Vec<Rule>, RuntimeError> {
             return Err(RuntimeError::Seccomp("rule with no syscalls".into()));
         }
         action_value(r)?;
+        let conds = [r.arg0_mask_any.is_some(), r.arg0_in.is_some(), r.arg0_not_in.is_some()];
+        if conds.iter().filter(|c| **c).count() > 1 {
+            return Err(RuntimeError::Seccomp(format!(
+                "rule for {:?} has more than one condition",
+                r.syscalls
+            )));
+        }
+        for list in [&r.arg0_in, &r.arg0_not_in].into_iter().flatten() {
+            if list.is_empty() || list.len() > 32 {
+                return Err(RuntimeError::Seccomp(format!("rule for {:?}: 1 to 32 values", r.syscalls)));
+            }
+        }
     }
     Ok(rules)
 }
@@ -123,6 +143,15 @@ const COMMON: &[(&str, i64)] = sys_table!(
     SYS_name_to_handle_at,
     SYS_userfaultfd,
     SYS_syslog,
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_io_uring_register,
+    SYS_memfd_secret,
+    SYS_move_pages,
+    SYS_migrate_pages,
+    SYS_personality,
+    SYS_socket,
+    SYS_socketpair,
 );
 
 /// Legacy syscalls only x86_64 has.
@@ -196,8 +225,32 @@ pub fn compile(rules: &[Rule]) -> Result<Vec<libc::sock_filter>, RuntimeError> {
                 }
                 return Err(RuntimeError::Seccomp(format!("unknown syscall {name:?}")));
             };
-            if !seen.insert((nr, rule.arg0_mask_any)) {
+            let key = format!("{:?}{:?}{:?}", rule.arg0_mask_any, rule.arg0_in, rule.arg0_not_in);
+            if !seen.insert((nr, key)) {
                 return Err(RuntimeError::Seccomp(format!("duplicate rule for {name}")));
+            }
+            if let Some(values) = &rule.arg0_in {
+                let n = values.len() as u8;
+                prog.push(jump(BPF_JEQ_K, nr as u32, 0, 2 * n + 2));
+                prog.push(stmt(BPF_LD_W_ABS, OFF_ARG0_LO));
+                for v in values {
+                    prog.push(jump(BPF_JEQ_K, *v, 0, 1));
+                    prog.push(stmt(BPF_RET_K, action));
+                }
+                prog.push(stmt(BPF_LD_W_ABS, OFF_NR));
+                continue;
+            }
+            if let Some(values) = &rule.arg0_not_in {
+                let n = values.len() as u8;
+                prog.push(jump(BPF_JEQ_K, nr as u32, 0, n + 3));
+                prog.push(stmt(BPF_LD_W_ABS, OFF_ARG0_LO));
+                for (j, v) in values.iter().enumerate() {
+                    // Allowed value: skip the remaining checks and the action.
+                    prog.push(jump(BPF_JEQ_K, *v, n - j as u8, 0));
+                }
+                prog.push(stmt(BPF_RET_K, action));
+                prog.push(stmt(BPF_LD_W_ABS, OFF_NR));
+                continue;
             }
             match rule.arg0_mask_any {
                 None => {
@@ -265,5 +318,54 @@ mod tests {
         assert!(parse_policy(r#"[{"syscalls":["mount"],"action":"nope","reason":"x"}]"#).is_err());
         let r = parse_policy(r#"[{"syscalls":["nosuch"],"action":"errno","reason":"x"}]"#).unwrap();
         assert!(compile(&r).is_err());
+        let two =
+            r#"[{"syscalls":["socket"],"action":"errno","arg0_in":[1],"arg0_mask_any":1,"reason":"x"}]"#;
+        assert!(parse_policy(two).is_err());
+    }
+
+    /// Run a compiled program on (nr, arg0) the way the kernel would (the subset of
+    /// classic BPF the compiler emits).
+    fn eval(prog: &[libc::sock_filter], nr: u32, arg0: u32) -> u32 {
+        let mut acc = 0u32;
+        let mut pc = 0usize;
+        loop {
+            let i = prog[pc];
+            match i.code {
+                BPF_LD_W_ABS => {
+                    acc = match i.k {
+                        OFF_NR => nr,
+                        OFF_ARCH => AUDIT_ARCH,
+                        OFF_ARG0_LO => arg0,
+                        k => panic!("load of {k}"),
+                    };
+                    pc += 1;
+                }
+                BPF_JEQ_K => pc += 1 + if acc == i.k { i.jt } else { i.jf } as usize,
+                BPF_JGE_K => pc += 1 + if acc >= i.k { i.jt } else { i.jf } as usize,
+                BPF_JSET_K => pc += 1 + if acc & i.k != 0 { i.jt } else { i.jf } as usize,
+                BPF_RET_K => return i.k,
+                c => panic!("opcode {c}"),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn argument_rules_decide_as_documented() {
+        let p = default_program().unwrap();
+        let eperm = SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let sock = libc::SYS_socket as u32;
+        assert_eq!(eval(&p, sock, libc::AF_VSOCK as u32), eperm);
+        assert_eq!(eval(&p, sock, libc::AF_INET as u32), SECCOMP_RET_ALLOW);
+        assert_eq!(eval(&p, sock, libc::AF_UNIX as u32), SECCOMP_RET_ALLOW);
+        assert_eq!(eval(&p, libc::SYS_socketpair as u32, libc::AF_VSOCK as u32), eperm);
+        let pers = libc::SYS_personality as u32;
+        assert_eq!(eval(&p, pers, 0xffff_ffff), SECCOMP_RET_ALLOW, "query");
+        assert_eq!(eval(&p, pers, 0), SECCOMP_RET_ALLOW);
+        assert_eq!(eval(&p, pers, 0x0040000), eperm, "ADDR_NO_RANDOMIZE");
+        assert_eq!(eval(&p, libc::SYS_io_uring_setup as u32, 8), eperm);
+        assert_eq!(eval(&p, libc::SYS_clone as u32, libc::CLONE_NEWUSER as u32), eperm);
+        assert_eq!(eval(&p, libc::SYS_clone as u32, libc::SIGCHLD as u32), SECCOMP_RET_ALLOW);
+        assert_eq!(eval(&p, libc::SYS_read as u32, 0), SECCOMP_RET_ALLOW);
     }
 }

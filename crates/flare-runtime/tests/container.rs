@@ -383,3 +383,37 @@ fn user_namespace_and_proc_masks() {
     assert!(!l[10].contains("flv"), "{l:?}");
     assert_eq!(l[11], "sysfs-ro");
 }
+
+#[test]
+fn raw_packet_vsock_sockets_and_io_uring_are_denied() {
+    require_root!();
+    let rt = runtime("sockets", true);
+    let script = r#"import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+for name, fam, typ in [("raw", socket.AF_INET, socket.SOCK_RAW), ("packet", 17, socket.SOCK_RAW), ("vsock", 40, socket.SOCK_STREAM), ("icmp-dgram", socket.AF_INET, socket.SOCK_DGRAM)]:
+    try:
+        s = socket.socket(fam, typ, 1 if name.startswith(("raw", "icmp")) else 0)
+        print(name, "open")
+        s.close()
+    except OSError as e:
+        print(name, e.errno)
+params = ctypes.create_string_buffer(120)
+r = libc.syscall(425, 8, params)
+print("io_uring", r, ctypes.get_errno())
+r = libc.personality(0x0040000)
+print("personality", r, ctypes.get_errno())
+"#;
+    for network in [Network::Isolated, Network::Nat] {
+        let out = run(&rt, &[PYTHON, "-c", script], |s| {
+            s.binds.push(pyenv_bind());
+            s.network = network;
+        });
+        assert_eq!(out.exit.code, Some(0), "{}", out.stderr);
+        let l: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(l[0], "raw 1", "{network:?}: {l:?}");
+        assert_eq!(l[1], "packet 1", "{network:?}: {l:?}");
+        assert_eq!(l[2], "vsock 1", "{network:?}: {l:?}");
+        assert_eq!(l[4], "io_uring -1 1", "{network:?}: {l:?}");
+        assert_eq!(l[5], "personality -1 1", "{network:?}: {l:?}");
+    }
+}
