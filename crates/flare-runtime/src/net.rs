@@ -7,6 +7,12 @@
 //! 10.213.0.0/16 leaving through non-`flv+` interfaces; FORWARD drops `flv+ -> flv+` and
 //! traffic to the host's own addresses; INPUT drops everything arriving from `flv+`, so a
 //! container cannot reach anything listening on the host (the control plane included).
+//! IPv6 is off on both ends of every veth (no link-local address, so no `fe80::` path to
+//! the host's `[::]` listeners), and the same INPUT/FORWARD drops are installed with
+//! `ip6tables` as a second wall where it exists. Inside each namespace unprivileged ports
+//! start at 0 and ICMP datagram sockets are allowed: the namespace belongs to the host's
+//! user namespace, so the container's root has no capability over it, and needs neither
+//! for servers on port 80 or `ping`.
 //!
 //! Set-up shells out to `ip` (iproute2) and `iptables`: it is off the hot path (a
 //! background thread keeps the pool full). After a container exits its namespace goes back
@@ -106,7 +112,32 @@ pub(crate) fn setup_host() -> Result<(), String> {
         "INPUT",
         &[&format!("-i {ifs} -j DROP"), &format!("-s {SUBNET} -j DROP")],
     )?;
+    // IPv6: the veths have it disabled; these rules hold even if something enables it.
+    if run("ip6tables", &["-V"]).is_ok() {
+        let chain6 = |chain: &str, hook: &str, rules: &[&str]| -> Result<(), String> {
+            let mut script = format!("*filter\n:{chain} - [0:0]\n");
+            for r in rules {
+                script.push_str(&format!("-A {chain} {r}\n"));
+            }
+            script.push_str("COMMIT\n");
+            pipe_to("ip6tables-restore", &["-w", "--noflush"], &script)?;
+            if run("ip6tables", &["-w", "-C", hook, "-j", chain]).is_err() {
+                run("ip6tables", &["-w", "-I", hook, "1", "-j", chain])?;
+            }
+            Ok(())
+        };
+        chain6("FLARE-INPUT", "INPUT", &[&format!("-i {ifs} -j DROP")])?;
+        chain6("FLARE-FORWARD", "FORWARD", &[&format!("-i {ifs} -j DROP"), &format!("-o {ifs} -j DROP")])?;
+    } else {
+        tracing::warn!("ip6tables not found: container links rely on IPv6 being disabled on them");
+    }
     Ok(())
+}
+
+/// Write a sysctl of the calling thread's network namespace (`rel` under /proc/sys/net).
+fn net_sysctl(rel: &str, value: &str) -> Result<(), String> {
+    let p = Path::new("/proc/sys/net").join(rel);
+    fs::write(&p, value).map_err(|e| format!("write {}: {e}", p.display()))
 }
 
 /// Runs a command with `input` on its stdin; its stderr is the error.
@@ -145,6 +176,10 @@ fn create(index: u32, pin: &Path) -> Result<(), String> {
         sys::unshare(libc::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
         sys::bind_mount(Path::new("/proc/thread-self/ns/net"), &pin2)
             .map_err(|e| format!("pin netns at {}: {e}", pin2.display()))?;
+        // Interfaces made from now on (eth0) get no IPv6; lo keeps ::1.
+        net_sysctl("ipv6/conf/default/disable_ipv6", "1")?;
+        net_sysctl("ipv4/ip_unprivileged_port_start", "0")?;
+        net_sysctl("ipv4/ping_group_range", "0 2147483647")?;
         ip_batch(&[
             "link set lo up".into(),
             format!("link add eth0 type veth peer name {hi} netns {host_pid}"),
@@ -156,6 +191,8 @@ fn create(index: u32, pin: &Path) -> Result<(), String> {
     .join()
     .map_err(|_| "netns set-up thread panicked".to_string())?;
     inside?;
+    // The host end: no IPv6 (and so no fe80:: address) before it comes up.
+    net_sysctl(&format!("ipv6/conf/{host_if}/disable_ipv6"), "1")?;
     ip_batch(&[format!("addr add {host_addr}/30 dev {host_if}"), format!("link set {host_if} up")])
 }
 

@@ -417,3 +417,47 @@ print("personality", r, ctypes.get_errno())
         assert_eq!(l[5], "personality -1 1", "{network:?}: {l:?}");
     }
 }
+
+#[test]
+fn ipv6_paths_to_the_host_are_closed() {
+    require_root!();
+    let rt = runtime("ipv6", true);
+    if let Some(reason) = rt.nat_available() {
+        eprintln!("skipping IPv6 test: {reason}");
+        return;
+    }
+    let any6 = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = any6.local_addr().unwrap().port();
+    // Every IPv6 address the host has (link-local ones too, e.g. of other veths).
+    let out = std::process::Command::new("ip").args(["-o", "-6", "addr"]).output().unwrap();
+    let addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(|a| a.split('/').next().unwrap_or("").to_string()))
+        .filter(|a| a != "::1")
+        .collect();
+    let script = format!(
+        r#"import socket
+print(sum(1 for l in open("/proc/net/if_inet6") if l.split()[-1] == "eth0"))
+for a in {addrs:?} + ["fe80::1"]:
+    s = socket.socket(socket.AF_INET6); s.settimeout(1.0)
+    target = (a, {port}, 0, socket.if_nametoindex("eth0")) if a.startswith("fe80") else (a, {port})
+    try:
+        s.connect(target); print("connected", a)
+    except OSError as e:
+        print("blocked", a, type(e).__name__)
+"#
+    );
+    let (mut s, readers) = spec(&[PYTHON, "-c", &script]);
+    s.binds.push(pyenv_bind());
+    s.network = Network::Nat;
+    let mut c = rt.spawn(s).unwrap();
+    let exit = c.wait().unwrap();
+    c.cleanup().unwrap();
+    let (stdout, stderr) = readers.finish();
+    assert_eq!(exit.code, Some(0), "{stderr}");
+    let l: Vec<&str> = stdout.lines().collect();
+    assert_eq!(l[0], "0", "eth0 has no IPv6 address: {l:?}");
+    for line in &l[1..] {
+        assert!(line.starts_with("blocked"), "IPv6 path to the host: {line} ({l:?})");
+    }
+}
