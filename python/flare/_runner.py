@@ -177,7 +177,27 @@ def exception_info(exc: BaseException, skip_frames: int = 0) -> dict[str, str]:
         message = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not break the runner
         message = f"<unprintable {type(exc).__name__}>"
+    note = _disk_quota_note(exc)
+    if note:
+        message += note
+        text += note.lstrip() + "\n"
     return {"type": _qualified_type(exc), "message": message, "traceback": text}
+
+
+def _disk_quota_note(exc: BaseException) -> str:
+    """Name the container's disk quota when a write failed for lack of space."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    quota = os.environ.get("FLARE_DISK_QUOTA_BYTES", "")
+    if not quota.isdigit():
+        return ""
+    mib = int(quota) // (1024 * 1024)
+    return (
+        f" (disk quota: the container's writable layer and /tmp hold {mib} MiB each, "
+        "and count against its memory limit)"
+    )
 
 
 def pickle_exception(exc: BaseException) -> bytes:

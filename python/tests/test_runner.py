@@ -366,3 +366,16 @@ def test_bad_arguments_are_a_failure_not_a_crash(runners: list[RunnerProcess]) -
     outs = r.outputs(2)
     assert outs[0][0]["status"] == "failure" and outs[0][0]["exception"]["type"] == "flare.exception.DeserializationError"
     assert value(outs[1]) == 1
+
+
+def test_no_space_errors_name_the_disk_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from flare import _runner
+
+    monkeypatch.setenv("FLARE_DISK_QUOTA_BYTES", str(4 << 30))
+    info = _runner.exception_info(OSError(errno.ENOSPC, "No space left on device"))
+    assert "disk quota" in info["message"] and "4096 MiB" in info["message"]
+    assert "disk quota" in info["traceback"]
+    other = _runner.exception_info(OSError(errno.EACCES, "Permission denied"))
+    assert "disk quota" not in other["message"]
