@@ -212,6 +212,8 @@ fn build_spec(
         ("FLARE_FUNCTION_NAME", def.name.clone()),
         ("FLARE_SERVER_URL", format!("unix://{API_SOCKET_IN_CONTAINER}")),
         ("FLARE_IS_REMOTE", "1".into()),
+        // What the runtime sizes the writable layer and /tmp to (named in ENOSPC errors).
+        ("FLARE_DISK_QUOTA_BYTES", flare_runtime::DEFAULT_DISK_BYTES.to_string()),
         // The caller's import paths (bound read-only above); the runner adds those the
         // container's interpreter does not already have.
         ("FLARE_SYS_PATH", if on_image_root { String::new() } else { def.python.paths.join(":") }),
