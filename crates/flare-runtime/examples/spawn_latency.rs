@@ -1,6 +1,7 @@
 //! Cold-start latency: spawn-to-exit of `/bin/true` in a fresh container, 50 runs.
 //!
 //! `sudo cargo run --release -p flare-runtime --example spawn_latency [isolated|nat]`
+//! (`FLARE_USERNS=0`: without a user namespace, to see what it costs)
 
 use std::os::fd::OwnedFd;
 use std::time::Instant;
@@ -23,7 +24,10 @@ fn main() -> Result<(), RuntimeError> {
         state_dir: state.clone(),
         cgroup_parent: parent.clone(),
         enable_nat: nat,
-        userns: Some(flare_runtime::UserNamespace::DEFAULT),
+        userns: match std::env::var("FLARE_USERNS").as_deref() {
+            Ok("0") => None,
+            _ => Some(flare_runtime::UserNamespace::DEFAULT),
+        },
     })?;
     if nat {
         if let Some(r) = rt.nat_available() {
