@@ -102,12 +102,17 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
         sys.stderr.write(f"\n===== flared log ({log_path}), last 20000 chars =====\n{text[-20000:]}\n")
 
 
+class E2ETimeout(BaseException):
+    """A test ran past FLARE_E2E_TEST_TIMEOUT. Not an OSError (as TimeoutError is), so the
+    SDK's retry loops, which handle OSError, cannot swallow it."""
+
+
 @pytest.fixture(autouse=True)
 def _per_test_timeout() -> Iterator[None]:
     """Fail a hanging test instead of hanging the suite (SIGALRM in the main thread)."""
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"e2e test exceeded {TEST_TIMEOUT} s")
+        raise E2ETimeout(f"e2e test exceeded {TEST_TIMEOUT} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(TEST_TIMEOUT)

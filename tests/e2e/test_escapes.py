@@ -1179,9 +1179,7 @@ DISK_APP = """
 import flare
 
 app = flare.App("{name}")
-image = flare.Image.debian_slim().run_commands(
-    "fallocate -l {gib}G /escape-fill && echo FILL''ED-{nonce} && exit 1 || exit 1"
-)
+image = flare.Image.debian_slim().run_commands({command!r})
 
 @app.function(image=image)
 def f():
@@ -1189,17 +1187,28 @@ def f():
 """
 
 
-def test_a_build_step_cannot_fill_the_disk(server: Server, probe_dir: Path) -> None:
-    # A step asks for more than its writable layer's quota (default 10 GiB); fallocate
-    # makes the check instant and the step always fails, so nothing is ever recorded.
+@pytest.mark.parametrize("how", ["fallocate", "sparse"])
+def test_a_build_step_cannot_fill_the_disk(server: Server, probe_dir: Path, how: str) -> None:
+    # A step asks for more than its writable layer's quota (default 10 GiB). fallocate
+    # makes the check instant and that step always fails, so nothing is ever recorded; a
+    # sparse file takes no blocks on the step's disk but would be a layer of that many
+    # bytes to hash, store and export: it must be refused the same way.
     from flare import exception
 
     gib = int(os.environ.get("FLARE_BUILD_DISK_QUOTA_GB", "10")) + 1
     nonce = uuid.uuid4().hex[:8]
-    mod = load_app(probe_dir, DISK_APP.format(name=unique("escape-disk"), gib=gib, nonce=nonce), stem=unique("disk"))
-    with pytest.raises(exception.ImageBuildError) as info:
+    if how == "fallocate":
+        command = f"fallocate -l {gib}G /escape-fill && echo FILL''ED-{nonce} && exit 1 || exit 1"
+    else:
+        command = f"truncate -s {gib}G /escape-sparse && echo FILL''ED-{nonce}"
+    mod = load_app(probe_dir, DISK_APP.format(name=unique("escape-disk"), command=command), stem=unique("disk"))
+    try:
         with mod.app.run(show_output=False):
             pass
-    text = str(info.value)
-    assert f"FILLED-{nonce}" not in text, f"a build step allocated {gib} GiB on the server's disk:\n{text[-2000:]}"
+    except exception.ImageBuildError as e:
+        text = str(e)
+    else:
+        pytest.fail(f"a build step made a {gib} GiB layer ({how}), past its {gib - 1} GiB disk quota, and it was kept")
+    if how == "fallocate":
+        assert f"FILLED-{nonce}" not in text, f"a build step allocated {gib} GiB on the server's disk:\n{text[-2000:]}"
     assert "disk quota" in text.lower(), text[-2000:]
