@@ -449,14 +449,6 @@ async fn run_container_in(
         std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
             .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
     }
-    {
-        // Root in the container is an unprivileged host uid (user namespace): it connects
-        // through the bind mount, so the socket is open to all; the dir keeps host users out.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
-        std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
-            .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
-    }
     // Every request on this socket names its container, so the control plane scopes it to
     // the container's app (any value the container sends is replaced).
     let caller = axum::http::HeaderValue::from_str(&cid).map_err(|e| format!("container id: {e}"))?;
