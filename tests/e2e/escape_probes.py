@@ -927,6 +927,9 @@ def probe_api_socket(cfg: Cfg) -> Obs:
     for method, path, body in reqs:
         status, text = _unix_request(method, path, body)
         out[f"{method} {path}"] = {"status": status, "body": text[:300]}
+    # Control: the socket itself works (a refusal above is the scoping, not a dead socket).
+    status, text = _unix_request("GET", "/v1/health")
+    out["control: GET /v1/health"] = {"status": status, "body": text[:100]}
     own = cfg.get("own_call_id")
     if own:
         status, text = _unix_request("GET", f"/v1/calls/{own}/outputs?after=-1&wait_ms=0")
@@ -937,6 +940,10 @@ def probe_api_socket(cfg: Cfg) -> Obs:
 def check_api_socket(obs: Obs, secret: str = "") -> list[str]:
     bad = []
     for k, r in obs.items():
+        if k == "control: GET /v1/health":
+            if r["status"] != 200:
+                bad.append(f"the container's API socket does not answer at all ({r}): the test proves nothing")
+            continue
         if k == "own call outputs":
             continue
         if r["status"] not in (403, 404, 405):
@@ -944,6 +951,17 @@ def check_api_socket(obs: Obs, secret: str = "") -> list[str]:
         elif secret and secret in r["body"]:
             bad.append(f"{k}: the victim's secret is in the answer")
     return bad
+
+
+def assert_dir_clean(path: str, names: list[str]) -> None:
+    """A run_function build step: fails if any of ``names`` is in ``path``."""
+    try:
+        present = sorted(set(os.listdir(path)) & set(names))
+    except OSError:
+        present = []
+    if present:
+        raise AssertionError(f"ESCAPE: {path} holds {present}")
+    print(f"CLEAN {path}", flush=True)
 
 
 # ------------------------------------------------------------------ batches (build steps)

@@ -693,6 +693,27 @@ def test_a_build_spec_cannot_bind_a_host_directory_into_build_steps(server: Serv
     assert refused or (done and f"CLEAN-{nonce}" in text), events[-3:]
 
 
+def test_a_build_specs_cloudpickle_path_is_not_bound_into_run_function_steps(server: Server, host: HostSide) -> None:
+    # The same claim on a run_function step, whose runner imports cloudpickle from
+    # /__flare/cloudpickle: bound to FLARE_HOME, the import finds a namespace package
+    # without loads() (the step fails that way), or the pickled check sees state.db.
+    from flare.image import _pickle_callable
+
+    pickled = _pickle_callable(probes.assert_dir_clean, ("/__flare/cloudpickle", ["state.db", "flared.lock", host.canary]), {})
+    spec = {"base": {"type": "debian_slim", "python_version": None}, "cloudpickle_path": server.home,
+            "layers": [{"type": "run_function", "name": "assert_dir_clean", "pickled": pickled},
+                       {"type": "run_commands", "commands": [f"echo {uuid.uuid4().hex}"]}]}
+    events = _build_events(server, spec)
+    text = json.dumps(events)
+    errors = [e for e in events if e.get("type") == "error"]
+    bound = "has no attribute" in text or "ESCAPE:" in text
+    assert not bound, f"the build step ran with {server.home} bound as its cloudpickle:\n{text[-2000:]}"
+    if errors:
+        assert "cloudpickle_path" in text, f"the step failed for another reason: {errors}"
+    else:
+        assert "CLEAN /__flare/cloudpickle" in text, events[-3:]
+
+
 # ------------------------------------------------------------------ network paths
 
 
@@ -709,6 +730,7 @@ def test_no_ipv4_or_ipv6_path_to_the_host_or_the_api(attacker: Any, host: HostSi
     before = len(host.listener.hits)
     obs = _probe(attacker, "network", cfg)
     time.sleep(0.5)
+    print(json.dumps(obs, indent=1))
     reached = host.listener.hits[before:]
     bad = probes.check_network(obs) + [f"host listener reached: {h}" for h in reached]
     assert not bad, "\n".join(bad) + f"\n(veth {veth}, link-locals {lls}) {json.dumps(obs)[:3000]}"
