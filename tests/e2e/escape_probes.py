@@ -453,6 +453,54 @@ def check_syscalls(obs: Obs) -> list[str]:
     return bad
 
 
+# ------------------------------------------------------------------ /dev
+
+ALLOWED_DEV = {"null", "zero", "full", "random", "urandom", "tty", "console", "pts", "ptmx", "shm",
+               "fd", "stdin", "stdout", "stderr", "core", "mqueue"}
+
+
+def probe_devices(cfg: Cfg) -> Obs:
+    """What /dev holds: anything but the minimal set (block devices, /dev/mem, kmsg, kvm,
+    vsock, fuse, tun, loop...) is a way to the host's hardware or kernel."""
+    out: Obs = {}
+    try:
+        names = sorted(os.listdir("/dev"))
+    except OSError as e:
+        return {"/dev": ename(e.errno or 0)}
+    for n in names:
+        p = "/dev/" + n
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        kind = ("block" if stat.S_ISBLK(st.st_mode) else "char" if stat.S_ISCHR(st.st_mode)
+                else "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "other")
+        entry = {"kind": kind}
+        if kind in ("block", "char"):
+            entry["dev"] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_NONBLOCK)
+                os.close(fd)
+                entry["open"] = "OK"
+            except OSError as e:
+                entry["open"] = ename(e.errno or 0)
+        out[n] = entry
+    return out
+
+
+def check_devices(obs: Obs) -> list[str]:
+    bad = []
+    for n, e in obs.items():
+        if not isinstance(e, dict):
+            bad.append(f"/dev: {e}")
+            continue
+        if e["kind"] == "block":
+            bad.append(f"block device /dev/{n} ({e.get('dev')}, open: {e.get('open')})")
+        elif n not in ALLOWED_DEV:
+            bad.append(f"/dev/{n} ({e['kind']} {e.get('dev', '')}, open: {e.get('open', '-')}) is not in the minimal set")
+    return bad
+
+
 # ------------------------------------------------------------------ capabilities and the user namespace
 
 DANGEROUS_CAPS = {
@@ -978,6 +1026,7 @@ PROBES: dict[str, Callable[[Cfg], Obs]] = {
     "network": probe_network,
     "core_pattern": probe_core_pattern,
     "api_socket": probe_api_socket,
+    "devices": probe_devices,
 }
 CHECKS: dict[str, Callable[[Obs], list[str]]] = {
     "proc_sys_writes": check_proc_sys_writes,
@@ -990,9 +1039,10 @@ CHECKS: dict[str, Callable[[Obs], list[str]]] = {
     "network": check_network,
     "core_pattern": check_core_pattern,
     "api_socket": check_api_socket,
+    "devices": check_devices,
 }
 BATCHES = {
-    "kernel": ["proc_sys_writes", "proc_misc_writes", "sys_writes", "masked_reads", "syscalls", "capabilities", "userns"],
+    "kernel": ["proc_sys_writes", "proc_misc_writes", "sys_writes", "masked_reads", "syscalls", "capabilities", "userns", "devices"],
     "host": ["host_files", "network"],
     "core_pattern": ["core_pattern"],
 }

@@ -325,6 +325,11 @@ def test_mount_namespace_ptrace_mknod_and_socket_syscalls_are_denied(any_attacke
     _assert_blocked("syscalls", _probe(any_attacker, "syscalls"))
 
 
+def test_dev_holds_only_the_minimal_devices(any_attacker: Any) -> None:
+    # No host disks, /dev/mem, kmsg, kvm, vsock, fuse, tun or loop devices.
+    _assert_blocked("devices", _probe(any_attacker, "devices"))
+
+
 def test_capabilities_seccomp_and_no_new_privs(any_attacker: Any) -> None:
     _assert_blocked("capabilities", _probe(any_attacker, "capabilities"))
 
