@@ -199,7 +199,8 @@ async fn body_guard(State(cp): State<ControlPlane>, req: Request, next: Next) ->
     };
     let (parts, body) = req.into_parts();
     let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(expected.min(limit));
+    // Chunked bodies grow as they come; a declared length is allocated once.
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
     loop {
         use tokio_stream::StreamExt as _;
         match tokio::time::timeout(BODY_STALL, stream.next()).await {

@@ -399,17 +399,17 @@ async fn serve_api(
     builder.http2().timer(TokioTimer::new());
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut full_warned = false;
+    let mut last_full_warning: Option<tokio::time::Instant> = None;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
             Err(_) => {
-                if !full_warned {
+                if last_full_warning.map_or(true, |t| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
                         max = limits.max_connections,
                         "connection limit reached; new connections wait"
                     );
-                    full_warned = true;
+                    last_full_warning = Some(tokio::time::Instant::now());
                 }
                 tokio::select! {
                     s = slots.clone().acquire_owned() => s.context("connection slots closed")?,
@@ -429,9 +429,6 @@ async fn serve_api(
             },
             _ = &mut shutdown => break,
         };
-        if slots.available_permits() > 0 {
-            full_warned = false;
-        }
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(router.clone());
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
