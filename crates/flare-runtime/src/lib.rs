@@ -209,6 +209,8 @@ const SYSTEM_DIRS: [&str; 9] = ["usr", "lib", "lib32", "lib64", "libx32", "bin",
 const SKELETON_DIRS: [&str; 10] = ["proc", "dev", "sys", "tmp", "root", "run", "var", "home", "mnt", "srv"];
 const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 const CLONE_STACK: usize = 256 * 1024;
+/// How long a container's set-up (clone to exec) may take before it is killed.
+const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Inner {
     cfg: RuntimeConfig,
@@ -519,9 +521,15 @@ impl Runtime {
 
         let pidfd = sys::pidfd_open(pid);
         let mut buf = [0u8; 12];
-        let n = sys::read_to_eof(&err_r, &mut buf);
+        // The child closes the pipe at exec (or writes why it failed); one that hangs in
+        // set-up must not pin the caller.
+        let n = sys::read_to_eof(&err_r, &mut buf, std::time::Instant::now() + SETUP_TIMEOUT);
         let failure = match (&pidfd, n) {
             (Err(e), _) => Some(RuntimeError::io("pidfd_open", std::io::Error::from(e.kind()))),
+            (_, Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => Some(RuntimeError::Setup {
+                step: format!("set-up (not finished after {} s)", SETUP_TIMEOUT.as_secs()),
+                errno: libc::ETIMEDOUT,
+            }),
             (_, Err(e)) => Some(RuntimeError::io("read container set-up status", e)),
             (_, Ok(12)) => {
                 let e = ChildErr::decode(&buf);

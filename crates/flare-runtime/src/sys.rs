@@ -50,10 +50,39 @@ pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
-/// Read until EOF (retrying EINTR), up to `buf.len()` bytes; returns the count.
-pub(crate) fn read_to_eof(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+/// Wait until `fd` is readable (or hung up), at most until `deadline`: `Ok(false)` on
+/// time-out.
+pub(crate) fn wait_readable(fd: &OwnedFd, deadline: std::time::Instant) -> io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r > 0 {
+            return Ok(true);
+        }
+        if left.is_zero() {
+            return Ok(false);
+        }
+    }
+}
+
+/// Read until EOF (retrying EINTR), up to `buf.len()` bytes; returns the count. Fails
+/// with `TimedOut` if the writer keeps the pipe open past `deadline`.
+pub(crate) fn read_to_eof(fd: &OwnedFd, buf: &mut [u8], deadline: std::time::Instant) -> io::Result<usize> {
     let mut n = 0;
     loop {
+        if !wait_readable(fd, deadline)? {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        }
         let rest = &mut buf[n..];
         if rest.is_empty() {
             // Drain the remainder so the writer never blocks; content beyond is ignored.
@@ -247,5 +276,25 @@ pub(crate) fn lower_thread_priority(nice: i32) {
     // SAFETY: setpriority on our own thread id; on Linux PRIO_PROCESS with a tid affects that thread.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_to_eof_gives_up_at_the_deadline() {
+        let (r, w) = pipe_cloexec().unwrap();
+        let mut buf = [0u8; 12];
+        let start = std::time::Instant::now();
+        let err = read_to_eof(&r, &mut buf, start + std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+        write_all(&w, b"abc").unwrap();
+        drop(w);
+        let n =
+            read_to_eof(&r, &mut buf, std::time::Instant::now() + std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(&buf[..n], b"abc");
     }
 }
