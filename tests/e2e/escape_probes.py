@@ -947,12 +947,23 @@ def _unix_request(method: str, path: str, body: bytes | None = None) -> tuple[in
         c.close()
 
 
+def _call_body() -> bytes:
+    import base64
+    import pickle
+
+    args = base64.b64encode(pickle.dumps(((), {}), protocol=4)).decode()
+    return json.dumps({"kind": "call", "inputs": [{"args": args}], "more": False, "wait_ms": 5000}).encode()
+
+
 def probe_api_socket(cfg: Cfg) -> Obs:
     """What a container can do to another app through its API socket. cfg: "app_id",
     "call_id" (a finished call of that app), "running_call_id", "function_id" of the
     victim; "own_call_id": a call this container's own app made (allowed to read)."""
     a, c, rc, f = cfg["app_id"], cfg["call_id"], cfg["running_call_id"], cfg["function_id"]
     reqs = [
+        # Calling an ephemeral app's function (only the own app's and deployed apps' are
+        # callable): its result would be the victim's data, read as the attacker's own call.
+        ("POST", f"/v1/functions/{f}/calls", _call_body()),
         ("GET", f"/v1/calls/{c}/outputs?after=-1&wait_ms=0", None),
         ("GET", f"/v1/calls/{c}", None),
         ("POST", f"/v1/calls/{rc}/cancel", b"{}"),

@@ -785,10 +785,19 @@ def _get_json(server: Server, path: str) -> Any:
         return json.loads(r.read())
 
 
-def test_a_container_cannot_read_or_stop_another_apps_calls(server: Server, attacker: Any, probe_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["ephemeral", "deployed"])
+def test_a_container_cannot_read_or_stop_another_apps_calls(server: Server, attacker: Any, probe_dir: Path, mode: str) -> None:
+    # The victim's call ids reach the attacker (ids are unguessable, but they leak); its
+    # names are public. A deployed app's functions may be called by anyone (by name, as
+    # from_name does), but never its calls read, cancelled or its app stopped.
     secret = "VICTIM-SECRET-" + uuid.uuid4().hex
     victim = load_app(probe_dir, VICTIM.format(name=unique("escape-victim"), secret=secret), stem=unique("victim"))
-    with victim.app.run(show_output=False):
+    ctx = victim.app.run(show_output=False) if mode == "ephemeral" else None
+    if ctx is not None:
+        ctx.__enter__()
+    else:
+        victim.app.deploy(name=unique("escape-victim-deployed"))
+    try:
         done = victim.secret.spawn()
         assert done.get(timeout=60) == secret
         running = victim.slow_secret.spawn(6)
@@ -802,6 +811,13 @@ def test_a_container_cannot_read_or_stop_another_apps_calls(server: Server, atta
             result = running.get(timeout=60)
         except BaseException as e:  # noqa: BLE001 - InputCancellation is a BaseException
             result = f"{type(e).__name__}: {e}"
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        else:
+            _raw(server, "POST", f"/v1/apps/{victim.app.app_id}/stop", b"{}", {"Content-Type": "application/json"})
+    if mode == "deployed":
+        obs.pop(f"POST /v1/functions/{cfg['function_id']}/calls", None)  # allowed: calling a deployed function
     bad = probes.check_api_socket(obs, secret)
     if state not in ("running", "ephemeral", "deployed"):
         bad.append(f"the victim app's state is {state!r} after the attack")
