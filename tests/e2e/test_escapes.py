@@ -14,6 +14,7 @@ that attacks it.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import http.client
@@ -90,19 +91,25 @@ class HostListener:
         t4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         t4.bind(("0.0.0.0", 0))
         self.tcp_port = t4.getsockname()[1]
-        t6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        t6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        t6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        t6.bind(("::", self.tcp_port))
         u4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u4.bind(("0.0.0.0", 0))
         self.udp_port = u4.getsockname()[1]
-        u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        u6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        u6.bind(("::", self.udp_port))
-        for s in (t4, t6):
-            s.listen(64)
-        self.socks = [t4, t6, u4, u6]
+        t4.listen(64)
+        self.socks = [t4, u4]
+        try:  # the same ports on [::] (a host without IPv6 has no IPv6 path to guard)
+            t6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            t6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            t6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t6.bind(("::", self.tcp_port))
+            t6.listen(64)
+            u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            u6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            u6.bind(("::", self.udp_port))
+            self.socks += [t6, u6]
+        except OSError as e:
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            sys.stderr.write(f"no IPv6 on this host: {e}\n")
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
