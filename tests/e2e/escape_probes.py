@@ -241,7 +241,7 @@ NR = {
     "userfaultfd": 323, "keyctl": 250, "add_key": 248, "kexec_load": 246, "init_module": 175,
     "finit_module": 313, "syslog": 103, "reboot": 169, "pivot_root": 155, "chroot": 161,
     "move_mount": 429, "fsopen": 430, "open_tree": 428, "mbind": 237, "set_mempolicy": 238,
-    "move_pages": 279,
+    "move_pages": 279, "clock_settime": 227, "swapon": 167, "acct": 163,
 }
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x10000000, 0x40000000, 0x20000000
 MS_REMOUNT, MS_BIND, MNT_DETACH = 32, 4096, 2
@@ -437,6 +437,11 @@ def probe_syscalls(cfg: Cfg) -> Obs:
     obs["finit_module"] = syscall(NR["finit_module"], -1, _b(""), 0)
     obs["syslog READ_ALL"] = syscall(NR["syslog"], 3, ctypes.create_string_buffer(4096), 4096)
     obs["reboot (invalid cmd)"] = syscall(NR["reboot"], 0xFEE1DEAD, 672274793, 0x0BADC0DE, 0)
+    now = time.time()
+    ts = ctypes.create_string_buffer(struct.pack("qq", int(now), int(now % 1 * 1e9)), 16)
+    obs["clock_settime REALTIME (to now)"] = syscall(NR["clock_settime"], 0, ts)
+    obs["swapon"] = syscall(NR["swapon"], _b("/tmp/escape-no-such-swap"), 0)
+    obs["acct"] = syscall(NR["acct"], None)
     return obs
 
 
