@@ -155,7 +155,18 @@ pub(crate) fn clone_tree(fd: &OwnedFd, recursive: bool) -> io::Result<OwnedFd> {
 
 /// Set `MOUNT_ATTR_*` bits on the mount at `fd` (and every mount below it if `recursive`).
 pub(crate) fn set_attrs(fd: &OwnedFd, attrs: u64, recursive: bool) -> io::Result<()> {
-    let attr = libc::mount_attr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    set_attrs_idmap(fd, attrs, recursive, None)
+}
+
+/// [`set_attrs`], plus an id mapping (`MOUNT_ATTR_IDMAP`) taken from the user namespace
+/// `userns` when given: files owned by host id `n` then show as the ids that namespace
+/// maps `n` to.
+fn set_attrs_idmap(fd: &OwnedFd, attrs: u64, recursive: bool, userns: Option<&OwnedFd>) -> io::Result<()> {
+    let (attrs, userns_fd) = match userns {
+        Some(u) => (attrs | libc::MOUNT_ATTR_IDMAP, u.as_raw_fd() as u64),
+        None => (attrs, 0),
+    };
+    let attr = libc::mount_attr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd };
     let mut flags = libc::AT_EMPTY_PATH as libc::c_uint;
     if recursive {
         flags |= libc::AT_RECURSIVE as libc::c_uint;
@@ -184,6 +195,68 @@ pub(crate) fn bind(path: &Path, readonly: bool) -> io::Result<(OwnedFd, SourceKi
     }
     set_attrs(&tree, attrs, readonly)?;
     Ok((tree, kind))
+}
+
+/// A read-only, recursive detached bind of `path` whose files show through the id map of
+/// `userns` (host root's files as the container's root's). Only ever read-only: through a
+/// writable idmapped bind the container's root could chown or chmod host files. Falls
+/// back to a plain read-only bind where a file system below `path` cannot be idmapped,
+/// and says so with `false`.
+pub(crate) fn bind_readonly_idmapped(
+    path: &Path,
+    userns: &OwnedFd,
+) -> io::Result<(OwnedFd, SourceKind, bool)> {
+    let (src, kind) = open_source(path)?;
+    let attrs = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_RDONLY;
+    let tree = clone_tree(&src, true)?;
+    match set_attrs_idmap(&tree, attrs, true, Some(userns)) {
+        Ok(()) => Ok((tree, kind, true)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EPERM) | Some(libc::ENOSYS)) => {
+            let tree = clone_tree(&src, true)?;
+            set_attrs(&tree, attrs, true)?;
+            Ok((tree, kind, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A user namespace that maps ids `0..size` to host ids `base..base+size`, for idmapped
+/// binds: a short-lived child is cloned into it, its maps written, the namespace opened,
+/// and the child ended. Call where spawning a process is fine (start-up).
+pub(crate) fn userns_fd(base: u32, size: u32) -> io::Result<OwnedFd> {
+    extern "C" fn wait_for_parent(arg: *mut libc::c_void) -> libc::c_int {
+        let fd = arg as usize as libc::c_int;
+        let mut b = 0u8;
+        // SAFETY: reads one byte into a stack variable; _exit never returns.
+        unsafe {
+            libc::read(fd, (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0)
+        }
+    }
+    let (r, w) = crate::sys::pipe_cloexec()?;
+    let stack = crate::sys::Stack::new(64 * 1024)?;
+    // SAFETY: the child only reads from the pipe and exits (no allocation, no locks).
+    let pid = unsafe {
+        libc::clone(
+            wait_for_parent,
+            stack.top(),
+            libc::CLONE_NEWUSER | libc::SIGCHLD,
+            r.as_raw_fd() as usize as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let map = format!("0 {base} {size}\n");
+    let result = std::fs::write(format!("/proc/{pid}/uid_map"), &map)
+        .and_then(|()| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
+        .and_then(|()| std::fs::File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from));
+    // The child holds a copy of the write end too: end it rather than wait for EOF.
+    crate::sys::kill(pid, libc::SIGKILL);
+    drop(w);
+    let _ = crate::sys::waitpid(pid, false);
+    drop(stack);
+    result
 }
 
 /// A detached bind of a host device node (`/dev/null` & co.): `nosuid,noexec`.
@@ -283,6 +356,24 @@ mod tests {
         assert!(std::fs::write(format!("{root}big"), &big).is_err());
         drop(ovl);
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn idmapped_binds_show_host_root_as_the_mapped_root() {
+        if !is_root() {
+            return;
+        }
+        let ns = userns_fd(1_000_000_000, 65_536).unwrap();
+        let (tree, _, idmapped) = bind_readonly_idmapped(Path::new("/usr"), &ns).unwrap();
+        if !idmapped {
+            eprintln!("skipping: /usr's file system cannot be idmapped here");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(fd_path(&tree, "bin")).unwrap();
+        assert_eq!(meta.uid(), 1_000_000_000, "host root's files show as the mapped root");
+        let err = std::fs::write(fd_path(&tree, "flare-probe"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     }
 
     #[test]

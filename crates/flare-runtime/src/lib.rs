@@ -223,6 +223,9 @@ struct Inner {
     /// The host's network namespace (the spawning thread returns to it after joining a
     /// pooled one to clone a NAT container).
     host_netns: OwnedFd,
+    /// A user namespace with the containers' id map, for idmapped read-only binds (host
+    /// root's files show as the container's root's); `None` without user namespaces.
+    idmap: Option<OwnedFd>,
     nat: Result<NetPool, String>,
     seccomp: Vec<libc::sock_filter>,
     cap_last: u32,
@@ -320,11 +323,20 @@ impl Runtime {
         let host_netns = fs::File::open("/proc/thread-self/ns/net")
             .map(OwnedFd::from)
             .ctx(|| "open the host's network namespace".into())?;
-        if let Some(u) = cfg.userns {
-            if u.size == 0 || u.host_base == 0 || u.host_base.checked_add(u.size).is_none() {
-                return Err(RuntimeError::InvalidSpec(format!("user namespace range {u:?} is not valid")));
+        let idmap = match cfg.userns {
+            Some(u) => {
+                if u.size == 0 || u.host_base == 0 || u.host_base.checked_add(u.size).is_none() {
+                    return Err(RuntimeError::InvalidSpec(format!(
+                        "user namespace range {u:?} is not valid"
+                    )));
+                }
+                Some(
+                    detached::userns_fd(u.host_base, u.size)
+                        .ctx(|| "create a user namespace (is user.max_user_namespaces 0?)".into())?,
+                )
             }
-        }
+            None => None,
+        };
         let seccomp = seccomp::default_program()?;
         let cap_last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .ok()
@@ -356,6 +368,7 @@ impl Runtime {
                 host_dirs,
                 etc_dir,
                 host_netns,
+                idmap,
                 nat,
                 seccomp,
                 cap_last,

@@ -160,7 +160,10 @@ pub(crate) fn build_plan(
     if matches!(spec.rootfs, Rootfs::Host) {
         for d in &inner.host_dirs {
             let src = if d == "etc" { inner.etc_dir.clone() } else { Path::new("/").join(d) };
-            let (tree, _) = detached::bind(&src, true).ctx(|| format!("bind {}", src.display()))?;
+            // /opt holds whatever software put there (configs with secrets included): it
+            // keeps plain ownership, so its root-only files stay unreadable inside.
+            let bound = if d == "opt" { detached::bind(&src, true) } else { readonly_bind(inner, &src) };
+            let (tree, _) = bound.ctx(|| format!("bind {}", src.display()))?;
             let fd = keep(&mut prep, tree);
             ops.push(attach(fd, &format!("/{d}"), format!("bind /{d} read-only")));
         }
@@ -267,6 +270,8 @@ pub(crate) fn build_plan(
     // User binds: sources opened without following links, cloned as detached trees
     // (read-only ones recursively read-only) before the container exists.
     for (i, b) in spec.binds.iter().enumerate() {
+        // Not idmapped: in user-supplied trees a host root-only file must stay unreadable
+        // to the container's root.
         let (tree, kind) = detached::bind(&b.src, b.readonly)
             .map_err(|e| RuntimeError::InvalidSpec(format!("bind[{i}] source {}: {e}", b.src.display())))?;
         let fd = keep(&mut prep, tree);
@@ -327,6 +332,17 @@ pub(crate) fn build_plan(
         cap_last: inner.cap_last,
     };
     Ok((plan, prep))
+}
+
+/// A read-only bind of a host system dir, idmapped where the runtime has a user namespace
+/// and the file system allows it (then host root's files look root-owned inside, not
+/// `nobody`'s; root-only files there, if any, become readable to the container's root,
+/// which is why only the system dirs and the generated `/etc` get it).
+fn readonly_bind(inner: &Inner, src: &Path) -> std::io::Result<(OwnedFd, SourceKind)> {
+    match &inner.idmap {
+        Some(ns) => detached::bind_readonly_idmapped(src, ns).map(|(t, k, _)| (t, k)),
+        None => detached::bind(src, true),
+    }
 }
 
 /// The `/proc` masks, in order (after `/proc` and `/dev/null` exist).

@@ -376,7 +376,7 @@ fn user_namespace_and_proc_masks() {
     assert_eq!(&l[3..6], ["core_pattern-ro", "overcommit-ro", "sysrq-ro"], "{l:?}");
     assert_eq!(l[6], "0 0 0", "masked files read empty: {l:?}");
     assert_eq!(l[7], "0");
-    assert_eq!(l[8], "nobody", "host files belong to no one inside: {l:?}");
+    assert_eq!(l[8], "root", "host system files show as root through idmapped read-only binds: {l:?}");
     assert_eq!(l[9], "0");
     // The container's own sysfs shows its own veth, not the host's devices.
     assert!(l[10].starts_with("eth0 lo") || l[10].starts_with("lo"), "{l:?}");
