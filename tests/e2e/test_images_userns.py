@@ -213,3 +213,34 @@ def test_step_past_the_disk_quota_fails_and_records_no_layer(server: Server, how
     # Nothing left mounted or on disk from the step.
     assert not _build_mounts(server.home)
     assert not any((Path(server.home) / "build").iterdir())
+
+
+def test_start_time_mounts_are_owned_by_root_inside(server: Server, tmp_path: Path) -> None:
+    """`add_local_dir` without `copy` (materialized on the worker, bound in): a private
+    file (0600) is readable by the container's root, which owns it."""
+    data = tmp_path / "private"
+    data.mkdir()
+    (data / "secret.txt").write_text("only for root")
+    os.chmod(data / "secret.txt", 0o600)
+    os.chmod(data, 0o700)
+    app = write_app(tmp_path, f"""
+        import flare, os
+        app = flare.App()
+
+        @app.function(image=flare.Image.debian_slim().add_local_dir({str(data)!r}, "/srv/private"))
+        def f():
+            st = os.stat("/srv/private/secret.txt")
+            return {{"text": open("/srv/private/secret.txt").read(), "owner": (st.st_uid, st.st_gid),
+                     "uid_map": open("/proc/self/uid_map").read().split()}}
+
+        @app.local_entrypoint()
+        def main():
+            print("RESULT", f.remote())
+    """)
+    r = run_cli("run", str(app), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")][0]
+    res = eval(line[len("RESULT "):])  # noqa: S307 - our own printed dict
+    assert res["text"] == "only for root", res
+    if res["uid_map"] != IDENTITY_MAP:
+        assert res["owner"] == (0, 0), res

@@ -173,20 +173,36 @@ impl ImageHost {
         }
     }
 
-    /// A directory holding file tree `manifest` (materialized once). Blocking.
+    /// A directory holding file tree `manifest` (materialized once), its owners shifted
+    /// into the containers' user namespace like the image mounts' (so a private file is
+    /// its owner's inside, not the overflow id's). Blocking.
     pub fn tree(&self, manifest: &str) -> Result<PathBuf, String> {
         let d: Digest = manifest.parse().map_err(|_| format!("bad mount manifest digest {manifest:?}"))?;
-        let dir = self.root.join("trees").join(d.hex());
+        let name = match self.ids {
+            Some(s) => format!("{}-u{}", d.hex(), s.host_base),
+            None => d.hex(),
+        };
+        let dir = self.root.join("trees").join(&name);
         if dir.is_dir() {
             return Ok(dir);
         }
-        let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("mount {d}: {e}"))?;
+        let mut tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("mount {d}: {e}"))?;
+        if let Some(s) = self.ids {
+            for e in tree.entries.values_mut() {
+                (e.uid, e.gid) = (s.to_host(e.uid), s.to_host(e.gid));
+            }
+        }
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.root.join("trees").join(format!(".tmp-{}-{}-{n}", d.hex(), std::process::id()));
+        let tmp = self.root.join("trees").join(format!(".tmp-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
         materialize(self.store.as_ref(), &tree, &tmp).map_err(|e| format!("mount {d}: {e}"))?;
+        if let Some(s) = self.ids {
+            let root = s.to_host(0);
+            std::os::unix::fs::chown(&tmp, Some(root), Some(root))
+                .map_err(|e| format!("chown {}: {e}", tmp.display()))?;
+        }
         match std::fs::rename(&tmp, &dir) {
             Ok(()) => Ok(dir),
             Err(_) if dir.is_dir() => {
