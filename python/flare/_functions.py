@@ -645,10 +645,10 @@ class _InputLedger:
 
     def __init__(self) -> None:
         self.pending: dict[int, str] = {}  # original index -> serialized input (JSON fragment)
-        self.maps: dict[str, list[int]] = {}  # call id -> original index of each of its inputs
+        self.maps: dict[str, _IndexMap] = {}  # call id -> original index of each of its inputs
 
     def add(self, call_id: str, items: list[tuple[int, str]]) -> None:
-        m = self.maps.setdefault(call_id, [])
+        m = self.maps.setdefault(call_id, _IndexMap())
         for orig, frag in items:
             self.pending[orig] = frag
             m.append(orig)
@@ -668,7 +668,45 @@ class _InputLedger:
         return sorted(self.pending.items())
 
     def rebind(self, new_call_id: str, items: list[tuple[int, str]]) -> None:
-        self.maps[new_call_id] = [orig for orig, _ in items]
+        m = self.maps[new_call_id] = _IndexMap()
+        for orig, _ in items:
+            m.append(orig)
+
+
+class _IndexMap:
+    """Original index of each input of one server-side call: a run of consecutive indexes
+    (the usual case: a call's input ``i`` is original input ``start + i``) held as two
+    numbers, then a list for what follows out of order (after a resubmission). So a long
+    map costs the client memory for its pending inputs only, not for every input."""
+
+    __slots__ = ("start", "run", "rest")
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.run = 0
+        self.rest: list[int] = []
+
+    def append(self, orig: int) -> None:
+        if not self.rest and (self.run == 0 or orig == self.start + self.run):
+            if self.run == 0:
+                self.start = orig
+            self.run += 1
+        else:
+            self.rest.append(orig)
+
+    def __len__(self) -> int:
+        return self.run + len(self.rest)
+
+    def __getitem__(self, idx: Any) -> Any:
+        if isinstance(idx, slice):
+            return [self[i] for i in range(*idx.indices(len(self)))]
+        if idx < 0:
+            idx += len(self)
+        if 0 <= idx < self.run:
+            return self.start + idx
+        if 0 <= idx - self.run < len(self.rest):
+            return self.rest[idx - self.run]
+        raise IndexError(idx)
 
 
 class _MapRun:
@@ -720,7 +758,15 @@ class _MapRun:
             inputs = ",".join(frag for _, frag in batch)
             body = ('{"inputs":[%s],"more":%s}' % (inputs, "true" if more else "false")).encode()
             try:
-                client.request("POST", f"/v1/calls/{call_id}/inputs", body)
+                while True:
+                    try:
+                        client.request("POST", f"/v1/calls/{call_id}/inputs", body)
+                        break
+                    except exception.ResourceExhaustedError:
+                        # The server held the batch while our outputs were not being read
+                        # (the consumer is slow): send it again, nothing was recorded.
+                        if self.stop:
+                            return
             except (exception.ConnectionError, exception.NotFoundError) as e:
                 # Resubmits everything pending, this batch included, or (call still known)
                 # re-posts whatever part of it the server did not record.
@@ -762,7 +808,7 @@ class _MapRun:
                             body = ('{"inputs":[%s],"more":%s}' % (",".join(rest), "true" if more else "false")).encode()
                             try:
                                 client.request("POST", f"/v1/calls/{failed_call_id}/inputs", body)
-                            except exception.ConnectionError:
+                            except (exception.ConnectionError, exception.ResourceExhaustedError):
                                 continue
                             except exception.NotFoundError:
                                 pass  # forgotten after all: resubmit below

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_SERVER_URL = "http://127.0.0.1:7878"
 
 _ERROR_CLASSES: dict[str, type[exception.Error]] = {
+    "resource_exhausted": exception.ResourceExhaustedError,
     "not_found": exception.NotFoundError,
     "invalid_argument": exception.InvalidError,
     "conflict": exception.ConflictError,

@@ -61,6 +61,11 @@ class ConnectionError(Error, builtins.ConnectionError):
     """The Flare server could not be reached."""
 
 
+class ResourceExhaustedError(ExecutionError):
+    """HTTP 429: the server asks for the same request again later (a ``.map``'s inputs
+    while its caller has not read enough of the outputs: back-pressure)."""
+
+
 class ServerError(Error):
     """The server answered with an internal error."""
 

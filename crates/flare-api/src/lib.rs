@@ -87,6 +87,9 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// A request refused for where it comes from (a foreign `Origin` or `Host`).
     PermissionDenied,
+    /// Back-pressure: the request may be sent again once the caller has consumed some of
+    /// what it asked for before (a map's outputs).
+    ResourceExhausted,
 }
 
 impl ErrorCode {
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::PermissionDenied => 403,
+            ErrorCode::ResourceExhausted => 429,
         }
     }
 }
@@ -137,6 +141,9 @@ impl ApiError {
     }
     pub fn forbidden(m: impl Into<String>) -> Self {
         ApiError { code: ErrorCode::PermissionDenied, message: m.into() }
+    }
+    pub fn exhausted(m: impl Into<String>) -> Self {
+        ApiError { code: ErrorCode::ResourceExhausted, message: m.into() }
     }
     pub fn body(&self) -> ErrorBody {
         ErrorBody { error: ErrorDetail { code: self.code, message: self.message.clone() } }

@@ -508,9 +508,25 @@ async fn add_inputs(
     let req: AddInputs = parse(&body)?;
     drop(body);
     validate_inputs(&req.inputs)?;
-    let inputs = req.inputs.into_iter().map(|i| i.args.0).collect();
-    let (first_idx, count) = cp.add_inputs(&call_id, inputs, req.more)?;
-    Ok(Json(InputsAdded { first_idx, count }))
+    let mut inputs: Vec<Bytes> = req.inputs.into_iter().map(|i| i.args.0).collect();
+    // Back-pressure: while the caller has not read enough outputs, the inputs wait here
+    // (at most BACKPRESSURE_WAIT, then the client is told to send them again).
+    let deadline = Instant::now() + crate::BACKPRESSURE_WAIT;
+    loop {
+        match cp.try_add_inputs(&call_id, inputs, req.more)? {
+            Ok((first_idx, count)) => return Ok(Json(InputsAdded { first_idx, count })),
+            Err((back, mut no_room)) => {
+                inputs = back;
+                if tokio::time::timeout_at(deadline, no_room.room.changed()).await.is_err() {
+                    return Err(ApiError::exhausted(format!(
+                        "call {call_id} has {} inputs whose outputs were not read yet (the limit is {}): read outputs, then send these inputs again",
+                        no_room.unconsumed, no_room.window
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
 }
 
 async fn outputs(

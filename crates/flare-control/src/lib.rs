@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod grpc;
+mod retention;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -35,8 +36,18 @@ const LOG_RING: usize = 20_000;
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(6);
 /// An ephemeral app with no heartbeat for this long is stopped.
 const EPHEMERAL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Done calls that nobody has read for this long leave memory.
-const CALL_IDLE_EVICT: Duration = Duration::from_secs(600);
+/// How often calls, stopped apps and their functions are checked for leaving memory.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Outputs freed since the last heap trim that make the next sweep trim the heap.
+const TRIM_AFTER_OUTPUTS: u64 = 50_000;
+/// How often spawned calls past their retention are deleted from the store.
+const CALL_EXPIRY_EVERY: Duration = Duration::from_secs(600);
+/// Default of [`ControlConfig::call_window`].
+pub const DEFAULT_CALL_WINDOW: u64 = 20_000;
+/// Default of [`ControlConfig::call_retention`] (days).
+pub const DEFAULT_CALL_RETENTION_DAYS: f64 = 7.0;
+/// A submitter waiting for room (back-pressure) is answered after this long at most.
+pub const BACKPRESSURE_WAIT: Duration = Duration::from_secs(10);
 /// Default reservation of a container without `cpu=` / `memory=`.
 const DEFAULT_CPU_MILLIS: u64 = 125;
 const DEFAULT_MEMORY_MB: u64 = 128;
@@ -63,6 +74,13 @@ pub struct ControlConfig {
     pub log_burst_bytes: u64,
     /// Request bodies held in memory at once, all requests together.
     pub body_budget_bytes: usize,
+    /// A spawned call and its results are deleted from the store this long after it
+    /// finished.
+    pub call_retention: Duration,
+    /// Inputs of a call whose caller reads its outputs (`.map`) that may be accepted but not
+    /// yet consumed (queued, running, or with an output not read yet); a submitter past it
+    /// waits (back-pressure).
+    pub call_window: u64,
 }
 
 /// Default memory limit of containers without `memory=` (MiB).
@@ -77,6 +95,8 @@ impl Default for ControlConfig {
             log_rate_bytes: 1 << 20,
             log_burst_bytes: 8 << 20,
             body_budget_bytes: 512 << 20,
+            call_retention: Duration::from_secs_f64(DEFAULT_CALL_RETENTION_DAYS * 86400.0),
+            call_window: DEFAULT_CALL_WINDOW,
         }
     }
 }
@@ -279,21 +299,43 @@ struct CallRt {
     kind: CallKind,
     num_inputs: u64,
     more: bool,
-    outputs: Vec<Output>,
+    /// Outputs the caller has not read yet (see [`retention::OutputLog`]).
+    outputs: retention::OutputLog,
     final_count: u64,
     notify: watch::Sender<u64>,
     created_at: f64,
     persisted: bool,
-    finished: HashSet<u64>,
+    finished: retention::FinishedSet,
     last_access: Instant,
     /// The app whose container made the call (None: a client outside containers).
     caller_app: Option<String>,
+    /// When a page reaching the end of the done call was served.
+    delivered_at: Option<Instant>,
+    /// Someone reads the outputs as they come (`.map`), so back-pressure applies.
+    read_by_caller: bool,
+    /// Bumped when outputs are acknowledged or the call stops taking inputs (wakes a
+    /// submitter waiting for room).
+    room: watch::Sender<u64>,
 }
 
 impl CallRt {
     fn done(&self) -> bool {
         !self.more && self.final_count >= self.num_inputs
     }
+
+    /// Inputs accepted whose final output the caller has not acknowledged.
+    fn unconsumed(&self) -> u64 {
+        self.num_inputs.saturating_sub(self.outputs.delivered_finals())
+    }
+}
+
+/// Inputs a call could not take yet: the caller has not read enough outputs.
+pub struct NoRoom {
+    /// Changes when there may be room.
+    pub room: watch::Receiver<u64>,
+    /// Inputs accepted and not consumed, and the window.
+    pub unconsumed: u64,
+    pub window: u64,
 }
 
 #[derive(Default)]
@@ -304,6 +346,10 @@ struct State {
     containers: HashMap<String, ContainerRt>,
     workers: Vec<WorkerRt>,
     config: ControlConfig,
+    /// Outputs dropped (read by their caller, or their call left memory) since the heap
+    /// was last trimmed.
+    freed_outputs: u64,
+    last_sweep: Option<Instant>,
 }
 
 struct Inner {
@@ -318,6 +364,8 @@ struct Inner {
     /// Request bodies in flight, in KiB (see [`ControlConfig::body_budget_bytes`]).
     body_budget: Arc<tokio::sync::Semaphore>,
     body_budget_kib: u32,
+    /// Gives the allocator's free memory back to the system (installed by the binary).
+    heap_trim: std::sync::OnceLock<fn()>,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -367,10 +415,12 @@ impl ControlPlane {
             images: std::sync::OnceLock::new(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(body_budget_kib as usize)),
             body_budget_kib,
+            heap_trim: std::sync::OnceLock::new(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
+        tokio::spawn(call_expiry(cp.inner.store.clone(), config.call_retention));
         tokio::spawn(log_expiry(cp.inner.store.clone(), config));
         let ticker = cp.clone();
         tokio::spawn(async move {
@@ -396,6 +446,12 @@ impl ControlPlane {
     /// Install the image service (once, at start); without one `image_id` is refused.
     pub fn set_image_service(&self, images: Arc<dyn ImageService>) {
         let _ = self.inner.images.set(images);
+    }
+
+    /// Install what gives freed heap memory back to the system (`flare_runtime::trim_heap`):
+    /// called after the state of a big call or a stopped app left memory.
+    pub fn set_heap_trim(&self, trim: fn()) {
+        let _ = self.inner.heap_trim.set(trim);
     }
 
     pub fn image_service(&self) -> Option<&Arc<dyn ImageService>> {
@@ -1038,7 +1094,6 @@ impl ControlPlane {
             tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
             self.stop_app_locked(st, &app_id);
         }
-        st.calls.retain(|_, c| !(c.done() && now.duration_since(c.last_access) > CALL_IDLE_EVICT));
         // Notes about dropped output of containers that have been quiet for a second.
         let cfg = st.config.clone();
         let notes: Vec<(String, String, String)> = st
@@ -1052,19 +1107,85 @@ impl ControlPlane {
         for (app_id, cid, note) in notes {
             push_log(st, &self.inner.log_tx, &app_id, &cid, LogStream::System, &note);
         }
-        // Stopped apps keep no logs in memory once their containers are long gone.
+        if st.last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            st.last_sweep = Some(now);
+            if self.sweep(st, now) {
+                if let Some(trim) = self.inner.heap_trim.get().copied() {
+                    // Outside the state lock; the allocator's own lock is held briefly.
+                    tokio::task::spawn_blocking(trim);
+                }
+            }
+        }
+    }
+
+    /// Drops what is no longer live: calls (see [`retention::call_evictable`]), functions
+    /// of stopped apps without containers, and stopped apps whose containers are gone (their
+    /// logs are in the store). True if the heap should be trimmed now.
+    fn sweep(&self, st: &mut State, now: Instant) -> bool {
+        let stopped: HashSet<String> =
+            st.apps.values().filter(|a| a.row.state == "stopped").map(|a| a.row.app_id.clone()).collect();
+        let app_stopped = |st: &State, fid: &str| {
+            st.functions.get(fid).is_none_or(|f| !f.active && stopped.contains(&f.app_id))
+        };
+        let evict: Vec<String> = st
+            .calls
+            .values()
+            .filter(|c| {
+                retention::call_evictable(
+                    &retention::CallFacts {
+                        done: c.done(),
+                        persisted: c.persisted,
+                        delivered_at: c.delivered_at,
+                        last_access: c.last_access,
+                        app_stopped: app_stopped(st, &c.function_id),
+                    },
+                    now,
+                )
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        for id in evict {
+            if let Some(c) = st.calls.remove(&id) {
+                st.freed_outputs += c.outputs.kept() as u64;
+                c.room.send_modify(|v| *v += 1);
+            }
+        }
+        // Functions of stopped apps, once their containers exited.
+        let gone_fns: Vec<String> = st
+            .functions
+            .values()
+            .filter(|f| !f.active && stopped.contains(&f.app_id) && f.containers.is_empty())
+            .map(|f| f.id.clone())
+            .collect();
+        for fid in &gone_fns {
+            st.functions.remove(fid);
+        }
+        // Stopped apps: their record and log ring, once the tail of the logs is stored.
         let busy: HashSet<&str> = st.containers.values().map(|c| c.app_id.as_str()).collect();
+        let mut gone_apps = Vec::new();
         for a in st.apps.values_mut().filter(|a| a.row.state == "stopped") {
             if busy.contains(a.row.app_id.as_str()) {
                 a.stopped_idle_since = None;
                 continue;
             }
             let since = *a.stopped_idle_since.get_or_insert(now);
-            if now.duration_since(since) >= STOPPED_APP_LOG_KEEP && !a.logs.is_empty() {
-                a.logs = VecDeque::new();
-                a.log_bytes = 0;
+            let functions_left =
+                a.functions.values().any(|fid| !gone_fns.contains(fid) && st.functions.contains_key(fid));
+            if !functions_left && retention::stopped_app_evictable(0, since, STOPPED_APP_LOG_KEEP, now) {
+                gone_apps.push(a.row.app_id.clone());
             }
         }
+        let app_gone = !gone_apps.is_empty() || !gone_fns.is_empty();
+        for id in gone_apps {
+            if let Some(a) = st.apps.remove(&id) {
+                tracing::debug!(app = %id, logs = a.logs.len(), "stopped app left memory");
+            }
+        }
+        if st.freed_outputs >= TRIM_AFTER_OUTPUTS || app_gone && st.freed_outputs > 0 {
+            st.freed_outputs = 0;
+            return true;
+        }
+        false
     }
 
     // ----- operations used by the API -----
@@ -1254,6 +1375,10 @@ impl ControlPlane {
         for fid in &fids {
             if let Some(f) = st.functions.get_mut(fid) {
                 f.active = false;
+            }
+            // A submitter waiting for room learns that the app stopped.
+            for c in st.calls.values().filter(|c| c.function_id == *fid) {
+                c.room.send_modify(|v| *v += 1);
             }
             fail_queue(st, self.store(), fid, OutputStatus::Terminated, &exc);
             let cids: Vec<String> =
@@ -1527,14 +1652,17 @@ impl ControlPlane {
                 kind,
                 num_inputs: 0,
                 more,
-                outputs: Vec::new(),
+                outputs: retention::OutputLog::default(),
                 final_count: 0,
                 notify: tx,
                 created_at,
                 persisted,
-                finished: HashSet::new(),
+                finished: retention::FinishedSet::default(),
                 last_access: Instant::now(),
                 caller_app: caller_app.clone(),
+                delivered_at: None,
+                read_by_caller: false,
+                room: watch::channel(0).0,
             },
         );
         self.add_inputs_locked(st, &call_id, inputs, more)?;
@@ -1544,6 +1672,28 @@ impl ControlPlane {
     pub fn add_inputs(&self, call_id: &str, inputs: Vec<Bytes>, more: bool) -> ApiResult<(u64, u64)> {
         let mut st = self.lock();
         self.add_inputs_locked(&mut st, call_id, inputs, more)
+    }
+
+    /// [`Self::add_inputs`] with back-pressure: a call whose caller reads its outputs takes
+    /// inputs only while fewer than [`ControlConfig::call_window`] are unconsumed. Without
+    /// room the inputs come back with a receiver that changes when there may be some.
+    pub fn try_add_inputs(
+        &self,
+        call_id: &str,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<Result<(u64, u64), (Vec<Bytes>, NoRoom)>> {
+        let mut st = self.lock();
+        let window = st.config.call_window;
+        let call =
+            st.calls.get(call_id).ok_or_else(|| ApiError::not_found(format!("call {call_id} not found")))?;
+        let unconsumed = call.unconsumed();
+        let accepting = call.more || call.num_inputs == 0;
+        if accepting && !retention::has_room(call.read_by_caller, unconsumed, inputs.len() as u64, window) {
+            let room = call.room.subscribe();
+            return Ok(Err((inputs, NoRoom { room, unconsumed, window })));
+        }
+        self.add_inputs_locked(&mut st, call_id, inputs, more).map(Ok)
     }
 
     fn add_inputs_locked(
@@ -1562,6 +1712,12 @@ impl ControlPlane {
         }
         let first = call.num_inputs;
         let fid = call.function_id.clone();
+        if st.functions.get(&fid).is_none_or(|f| !f.active) {
+            return Err(ApiError::precondition(format!(
+                "the app of call {call_id} is stopped; it takes no more inputs"
+            )));
+        }
+        let call = st.calls.get_mut(call_id).expect("looked up");
         let persisted = call.persisted;
         call.num_inputs += inputs.len() as u64;
         call.more = more;
@@ -1602,7 +1758,32 @@ impl ControlPlane {
         Ok((first, n))
     }
 
+    /// Loads a persisted call from the store into memory if it is not there.
+    fn ensure_call_locked(&self, st: &mut State, call_id: &str) -> ApiResult<()> {
+        if st.calls.contains_key(call_id) {
+            return Ok(());
+        }
+        let row = self.store().get_call(call_id).map_err(store_err)?;
+        let Some(row) = row else {
+            return Err(ApiError::not_found(format!("function call {call_id} not found (or expired)")));
+        };
+        let outs = self
+            .store()
+            .outputs_after(call_id, -1, usize::MAX >> 1)
+            .map_err(store_err)?
+            .into_iter()
+            .map(output_from_row)
+            .collect();
+        let final_count = self.store().count_final_outputs(call_id).map_err(store_err)?;
+        st.calls.insert(call_id.to_string(), call_from_row(&row, outs, final_count));
+        Ok(())
+    }
+
     /// Outputs of a call after `after`, and whether the call is done; loads persisted calls.
+    ///
+    /// This is the caller's read: it has every output up to `after`, so those leave memory
+    /// (a spawned call's stay in the store). Reading before outputs that were dropped so
+    /// fails, except for spawned calls (read from the store).
     pub fn outputs(
         &self,
         call_id: &str,
@@ -1610,40 +1791,41 @@ impl ControlPlane {
         limit: usize,
     ) -> ApiResult<(Vec<Output>, bool, watch::Receiver<u64>)> {
         let mut st = self.lock();
-        if !st.calls.contains_key(call_id) {
-            let row = self.store().get_call(call_id).map_err(store_err)?;
-            let Some(row) = row else {
-                return Err(ApiError::not_found(format!("function call {call_id} not found (or expired)")));
-            };
-            let outs = self
-                .store()
-                .outputs_after(call_id, -1, usize::MAX >> 1)
-                .map_err(store_err)?
-                .into_iter()
-                .map(output_from_row)
-                .collect();
-            let final_count = self.store().count_final_outputs(call_id).map_err(store_err)?;
-            st.calls.insert(call_id.to_string(), call_from_row(&row, outs, final_count));
-        }
-        let call = st.calls.get_mut(call_id).expect("inserted");
+        let st = &mut *st;
+        self.ensure_call_locked(st, call_id)?;
+        let call = st.calls.get_mut(call_id).expect("loaded");
         call.last_access = Instant::now();
-        let start = (after + 1).max(0) as usize;
-        // A page holds at most MAX_PAGE_BYTES of payloads (and always one output).
-        let mut bytes = 0usize;
-        let outs: Vec<Output> = call
-            .outputs
-            .iter()
-            .skip(start)
-            .take(limit)
-            .take_while(|o| {
-                let first = bytes == 0;
-                bytes += o.data.as_ref().map(|d| d.0.len()).unwrap_or(0).max(1);
-                first || bytes <= flare_api::MAX_PAGE_BYTES
-            })
-            .cloned()
-            .collect();
+        // Someone reads this call's outputs as they come: back-pressure applies from now on.
+        call.read_by_caller = true;
+        if after >= 0 {
+            let n = call.outputs.ack(after);
+            if n > 0 {
+                st.freed_outputs += n as u64;
+                call.room.send_modify(|v| *v += 1);
+            }
+        }
+        let (outs, reaches_end) = match call.outputs.page(after, limit, flare_api::MAX_PAGE_BYTES) {
+            Ok(page) => page,
+            Err(gone) if call.persisted => {
+                let rows = self.store().outputs_after(call_id, after, limit).map_err(store_err)?;
+                let outs: Vec<Output> = rows.into_iter().map(output_from_row).collect();
+                let _ = gone;
+                let end = (after + 1).max(0) as u64 + outs.len() as u64 >= call.outputs.total();
+                (outs, end)
+            }
+            Err(gone) => {
+                return Err(ApiError::precondition(format!(
+                    "outputs of call {call_id} up to seq {} were already read (after={} acknowledged them) and are no longer kept",
+                    gone.first_kept as i64 - 1,
+                    gone.first_kept as i64 - 1,
+                )))
+            }
+        };
         // Done only once the caller has everything: a cut page is followed by another.
-        let done = call.done() && start + outs.len() >= call.outputs.len();
+        let done = call.done() && reaches_end;
+        if done && limit > 0 {
+            call.delivered_at.get_or_insert_with(Instant::now);
+        }
         Ok((outs, done, call.notify.subscribe()))
     }
 
@@ -1659,8 +1841,8 @@ impl ControlPlane {
     /// app made and the calls made to its app's functions. Others look missing (404).
     pub fn check_call_access(&self, caller: &Caller, call_id: &str) -> ApiResult<()> {
         let Caller::Container { app_id, .. } = caller else { return Ok(()) };
-        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
-        let st = self.lock();
+        let mut st = self.lock();
+        self.ensure_call_locked(&mut st, call_id)?;
         let ok = st.calls.get(call_id).is_some_and(|c| {
             c.caller_app.as_deref() == Some(app_id.as_str())
                 || st.functions.get(&c.function_id).is_some_and(|f| f.app_id == *app_id)
@@ -1699,8 +1881,8 @@ impl ControlPlane {
     }
 
     pub fn call_info(&self, call_id: &str) -> ApiResult<flare_api::CallInfo> {
-        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
-        let st = self.lock();
+        let mut st = self.lock();
+        self.ensure_call_locked(&mut st, call_id)?;
         let c =
             st.calls.get(call_id).ok_or_else(|| ApiError::not_found(format!("call {call_id} not found")))?;
         Ok(flare_api::CallInfo {
@@ -1708,16 +1890,16 @@ impl ControlPlane {
             function_id: c.function_id.clone(),
             kind: c.kind,
             num_inputs: c.num_inputs,
-            num_outputs: c.outputs.len() as u64,
+            num_outputs: c.outputs.total(),
             done: c.done(),
             created_at: c.created_at,
         })
     }
 
     pub fn cancel_call(&self, call_id: &str, _terminate_containers: bool) -> ApiResult<()> {
-        let _ = self.outputs(call_id, i64::MAX - 1, 0)?;
         let mut st = self.lock();
         let st = &mut *st;
+        self.ensure_call_locked(st, call_id)?;
         let call = st
             .calls
             .get_mut(call_id)
@@ -1760,6 +1942,7 @@ impl ControlPlane {
         }
         if let Some(c) = st.calls.get(call_id) {
             c.notify.send_modify(|v| *v += 1);
+            c.room.send_modify(|v| *v += 1);
         }
         Ok(())
     }
@@ -1915,14 +2098,17 @@ fn call_from_row(row: &CallRow, outputs: Vec<Output>, final_count: u64) -> CallR
         kind: CallKind::parse(&row.kind).unwrap_or(CallKind::Spawn),
         num_inputs: row.num_inputs,
         more: false,
-        finished: HashSet::new(),
-        outputs,
+        finished: retention::FinishedSet::default(),
+        outputs: retention::OutputLog::from_outputs(outputs),
         final_count,
         notify: watch::channel(0).0,
         created_at: row.created_at,
         persisted: true,
         last_access: Instant::now(),
         caller_app: row.caller_app_id.clone(),
+        delivered_at: None,
+        read_by_caller: false,
+        room: watch::channel(0).0,
     }
 }
 
@@ -1947,7 +2133,7 @@ fn append_output(st: &mut State, store: &dyn Store, call_id: &str, mut out: Outp
     if final_output && !call.finished.insert(out.idx) {
         return; // idempotent: one final output per input
     }
-    out.seq = call.outputs.len() as u64;
+    out.seq = call.outputs.total();
     if call.persisted {
         let row = OutputRow {
             seq: out.seq,
@@ -1966,8 +2152,14 @@ fn append_output(st: &mut State, store: &dyn Store, call_id: &str, mut out: Outp
     call.outputs.push(out);
     if final_output {
         call.final_count += 1;
+        if call.persisted && call.done() {
+            // The retention period of its results starts now.
+            if let Err(e) = store.set_call_done(call_id, now_ts()) {
+                tracing::error!(error = %e, call = call_id, "could not mark call done");
+            }
+        }
     }
-    let n = call.outputs.len() as u64;
+    let n = call.outputs.total();
     call.notify.send_replace(n);
 }
 
@@ -2354,6 +2546,23 @@ fn enforce_log_size(
         }
     }
     Ok(())
+}
+
+/// Deletes spawned calls (and their results) that finished more than `retention` ago.
+async fn call_expiry(store: Arc<dyn Store>, retention: Duration) {
+    let mut iv = tokio::time::interval(CALL_EXPIRY_EVERY);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        let store = store.clone();
+        let res =
+            tokio::task::spawn_blocking(move || store.expire_calls(now_ts() - retention.as_secs_f64())).await;
+        match res {
+            Ok(Ok(n)) if n > 0 => tracing::info!(calls = n, "deleted spawned calls past their retention"),
+            Ok(Err(e)) => tracing::error!(error = %e, "could not delete expired calls"),
+            _ => {}
+        }
+    }
 }
 
 /// Deletes stored logs older than [`ControlConfig::log_retention_age`], once a minute.

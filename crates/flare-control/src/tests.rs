@@ -217,3 +217,95 @@ async fn containers_dying_before_ready_are_retried_then_fail_the_queue() {
     assert_eq!(outs[0].status, OutputStatus::InitFailure);
     assert!(outs[0].exception.as_ref().unwrap().message.contains("could not start"));
 }
+
+/// Issue 15: what a finished map leaves in memory. Read outputs leave at once; the
+/// call, its function and its stopped app leave with the sweep.
+#[tokio::test]
+async fn read_outputs_and_stopped_apps_leave_memory() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let mut d = def("f");
+    d.config.max_inputs = 100;
+    d.config.max_containers = Some(1);
+    let fid = h.cp.register_functions(&app.app_id, vec![d]).unwrap()[0].1.clone();
+    let n = 50;
+    let inputs: Vec<Bytes> = (0..n).map(|_| Bytes::from_static(b"x")).collect();
+    let (call_id, _) = h.cp.create_call(&fid, CallKind::Map, inputs, false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = h.rx.recv().await.unwrap() else { panic!() };
+    assert_eq!(inputs.len(), n);
+    h.cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: inputs.iter().map(|i| output(&i.input_id, OutputStatus::Success, b"r")).collect(),
+    });
+    let kept = |cp: &ControlPlane| cp.lock().calls.get(&call_id).map(|c| c.outputs.kept());
+    assert_eq!(kept(&h.cp), Some(n));
+    let (outs, done, _) = h.cp.outputs(&call_id, -1, 20).unwrap();
+    assert_eq!((outs.len(), done), (20, false));
+    let (outs, done, _) = h.cp.outputs(&call_id, 19, 100).unwrap();
+    assert_eq!((outs.len(), done), (30, true));
+    assert_eq!(kept(&h.cp), Some(30), "the first page was acknowledged by the second read");
+    assert!(h.cp.outputs(&call_id, 5, 10).is_err(), "read outputs are gone");
+    // The app stops: the delivered call leaves at the next sweep, the function once its
+    // container exited, the app itself after its logs had time to reach the store.
+    h.cp.stop_app(&app.app_id).unwrap();
+    h.cp.on_worker_event(FromWorker::Exited {
+        container_id: a.container_id.clone(),
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let now = std::time::Instant::now();
+    {
+        let mut st = h.cp.lock();
+        h.cp.sweep(&mut st, now);
+        assert!(!st.calls.contains_key(&call_id));
+        assert!(!st.functions.contains_key(&fid));
+        assert!(st.apps.contains_key(&app.app_id), "logs stay a minute");
+        h.cp.sweep(&mut st, now + std::time::Duration::from_secs(61));
+        assert!(!st.apps.contains_key(&app.app_id));
+    }
+    // What the API shows of the stopped app comes from the store.
+    let apps = h.cp.list_apps().unwrap();
+    assert!(apps.iter().any(|a| a.app_id == app.app_id && a.state == "stopped"));
+    assert!(h.cp.logs(&app.app_id, -1, 10).is_ok());
+}
+
+/// A map whose caller reads outputs takes at most `call_window` unconsumed inputs.
+#[tokio::test]
+async fn map_submitter_is_held_back_until_outputs_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cfg = crate::ControlConfig { call_window: 10, ..Default::default() };
+    let cp = ControlPlane::with_config(store, dir.path(), cfg).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    cp.add_worker(WorkerLink::local("w1", tx, 2000, 8192));
+    let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let mut d = def("f");
+    d.config.max_inputs = 100;
+    d.config.max_containers = Some(1);
+    let fid = cp.register_functions(&app.app_id, vec![d]).unwrap()[0].1.clone();
+    let batch = |k: usize| (0..k).map(|_| Bytes::from_static(b"x")).collect::<Vec<_>>();
+    let (call_id, _) = cp.create_call(&fid, CallKind::Map, batch(4), true).unwrap();
+    // Nobody reads yet (spawn_map): no limit.
+    assert!(cp.try_add_inputs(&call_id, batch(8), true).unwrap().is_ok());
+    let _ = cp.outputs(&call_id, -1, 10).unwrap();
+    let Err((back, mut no_room)) = cp.try_add_inputs(&call_id, batch(2), true).unwrap() else {
+        panic!("12 unconsumed of a window of 10")
+    };
+    assert_eq!((back.len(), no_room.unconsumed, no_room.window), (2, 12, 10));
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    assert_eq!(inputs.len(), 12);
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: inputs.iter().take(6).map(|i| output(&i.input_id, OutputStatus::Success, b"r")).collect(),
+    });
+    // Finished is not consumed: still no room until the caller reads them.
+    assert!(cp.try_add_inputs(&call_id, batch(2), true).unwrap().is_err());
+    let (outs, _, _) = cp.outputs(&call_id, -1, 10).unwrap();
+    assert_eq!(outs.len(), 6);
+    let _ = cp.outputs(&call_id, outs.last().unwrap().seq as i64, 10).unwrap();
+    assert!(no_room.room.has_changed().unwrap(), "the waiting submitter is woken");
+    assert!(cp.try_add_inputs(&call_id, batch(2), false).unwrap().is_ok());
+}

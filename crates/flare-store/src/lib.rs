@@ -106,6 +106,12 @@ pub trait Store: Send + Sync {
     fn count_final_outputs(&self, call_id: &str) -> Result<u64>;
     /// Inputs accepted but without a final output (re-queued at start-up).
     fn pending_inputs(&self) -> Result<Vec<PendingInputRow>>;
+    /// Records when a call got its last final output (its retention period starts then).
+    fn set_call_done(&self, call_id: &str, done_at: f64) -> Result<()>;
+    /// Deletes calls that finished before `before_ts`, with their inputs and outputs
+    /// (calls from before finish times were recorded count from their creation, if no
+    /// input of theirs is pending). Returns how many calls were deleted.
+    fn expire_calls(&self, before_ts: f64) -> Result<u64>;
 
     fn append_logs(&self, logs: &[LogRow]) -> Result<()>;
     fn logs_after(&self, app_id: &str, after: i64, limit: usize) -> Result<Vec<LogRow>>;
@@ -192,6 +198,11 @@ CREATE TABLE logs_deleted (
     records INTEGER NOT NULL,
     bytes INTEGER NOT NULL
 );
+"#,
+    r#"
+ALTER TABLE calls ADD COLUMN done_at REAL;
+CREATE INDEX calls_done_at ON calls(done_at);
+CREATE INDEX calls_created_at ON calls(created_at);
 "#,
 ];
 
@@ -481,6 +492,33 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn set_call_done(&self, call_id: &str, done_at: f64) -> Result<()> {
+        self.conn().execute("UPDATE calls SET done_at=?2 WHERE call_id=?1", params![call_id, done_at])?;
+        Ok(())
+    }
+
+    fn expire_calls(&self, before_ts: f64) -> Result<u64> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let ids: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT call_id FROM calls WHERE done_at<?1
+                 UNION
+                 SELECT call_id FROM calls WHERE done_at IS NULL AND created_at<?1
+                   AND NOT EXISTS (SELECT 1 FROM inputs WHERE inputs.call_id=calls.call_id AND done=0)",
+            )?;
+            let rows = st.query_map([before_ts], |r| r.get(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        for id in &ids {
+            tx.execute("DELETE FROM outputs WHERE call_id=?1", [id])?;
+            tx.execute("DELETE FROM inputs WHERE call_id=?1", [id])?;
+            tx.execute("DELETE FROM calls WHERE call_id=?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(ids.len() as u64)
+    }
+
     fn append_logs(&self, logs: &[LogRow]) -> Result<()> {
         let mut c = self.conn();
         let tx = c.transaction()?;
@@ -724,6 +762,55 @@ mod tests {
         assert_eq!(s.count_final_outputs("c1").unwrap(), 1);
         let call = s.get_call("c1").unwrap().unwrap();
         assert_eq!((call.kind.as_str(), call.caller_app_id.as_deref()), ("spawn", Some("ap-1")));
+    }
+
+    #[test]
+    fn spawned_calls_expire_after_they_finish() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let call = |id: &str, created_at: f64| CallRow {
+            call_id: id.into(),
+            function_id: "fn1".into(),
+            kind: "spawn".into(),
+            num_inputs: 1,
+            created_at,
+            caller_app_id: None,
+        };
+        let input = |id: &str| PendingInputRow {
+            call_id: id.into(),
+            function_id: "fn1".into(),
+            idx: 0,
+            input_id: format!("in-{id}"),
+            args: vec![1],
+            retry_count: 0,
+        };
+        let out = |id: &str| OutputRow {
+            seq: 0,
+            idx: 0,
+            input_id: format!("in-{id}"),
+            status: OutputStatus::Success,
+            data: vec![7],
+            gen: None,
+            exception: None,
+            retry_count: 0,
+        };
+        // Old but still running: kept. Finished long ago: deleted. Finished recently: kept.
+        for id in ["running", "old", "recent", "legacy"] {
+            s.put_call(&call(id, 10.0)).unwrap();
+            s.put_input(&input(id)).unwrap();
+        }
+        for (id, done_at) in [("old", 100.0), ("recent", 1000.0)] {
+            s.put_output(id, &out(id), true).unwrap();
+            s.set_call_done(id, done_at).unwrap();
+        }
+        s.put_output("legacy", &out("legacy"), true).unwrap(); // done before done_at existed
+        assert_eq!(s.expire_calls(500.0).unwrap(), 2);
+        assert!(s.get_call("old").unwrap().is_none());
+        assert!(s.get_call("legacy").unwrap().is_none());
+        assert!(s.outputs_after("old", -1, 10).unwrap().is_empty());
+        assert!(s.get_call("recent").unwrap().is_some());
+        assert_eq!(s.outputs_after("recent", -1, 10).unwrap().len(), 1);
+        assert!(s.get_call("running").unwrap().is_some());
+        assert_eq!(s.pending_inputs().unwrap().len(), 1);
     }
 
     #[test]

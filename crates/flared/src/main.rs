@@ -85,6 +85,14 @@ struct ApiArgs {
     /// Days logs are kept.
     #[arg(long, value_name = "DAYS", default_value_t = 7.0)]
     log_retention_days: f64,
+    /// Days a spawned call's result is kept in the store after the call finished
+    /// (`FunctionCall.get()` after that: not found).
+    #[arg(long, value_name = "DAYS", default_value_t = flare_control::DEFAULT_CALL_RETENTION_DAYS)]
+    call_retention_days: f64,
+    /// Inputs of a `.map` that may be accepted but not consumed yet (queued, running, or
+    /// with an output its caller has not read); the submitter waits past it.
+    #[arg(long, value_name = "N", default_value_t = flare_control::DEFAULT_CALL_WINDOW)]
+    call_window: u64,
     /// Log output a container may write per second (KiB, sustained); more is dropped, with a note.
     #[arg(long, value_name = "KIB", default_value_t = 1024)]
     log_rate_kib: u64,
@@ -111,6 +119,9 @@ impl ApiArgs {
         {
             bail!("--log-retention-days, --log-rate-kib and --log-burst-kib must be positive");
         }
+        if self.call_retention_days.is_nan() || self.call_retention_days <= 0.0 || self.call_window == 0 {
+            bail!("--call-retention-days and --call-window must be positive");
+        }
         if self.body_budget_mib == 0 || self.max_connections == 0 || self.header_timeout_secs == 0 {
             bail!("--body-budget-mib, --max-connections and --header-timeout-secs must be positive");
         }
@@ -121,6 +132,8 @@ impl ApiArgs {
             log_rate_bytes: self.log_rate_kib << 10,
             log_burst_bytes: self.log_burst_kib << 10,
             body_budget_bytes: self.body_budget_mib << 20,
+            call_retention: Duration::from_secs_f64(self.call_retention_days * 86400.0),
+            call_window: self.call_window,
         })
     }
 
@@ -359,7 +372,9 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
 
 fn open_control(home: &Path, config: flare_control::ControlConfig) -> Result<ControlPlane> {
     let store = SqliteStore::open(&home.join("state.db")).context("opening the state database")?;
-    ControlPlane::with_config(Arc::new(store), home, config).context("loading state")
+    let cp = ControlPlane::with_config(Arc::new(store), home, config).context("loading state")?;
+    cp.set_heap_trim(flare_runtime::trim_heap);
+    Ok(cp)
 }
 
 /// The API router, plus the worker hub on the same port when a token is set.
