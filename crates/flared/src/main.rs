@@ -483,10 +483,10 @@ async fn server(args: ServerArgs) -> Result<()> {
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
     require_root("flared server")?;
+    let host_binds = args.common.host_binds.install(&home)?;
     let runtime = start_runtime(&home, args.no_nat)?;
     let cp = open_control(&home, config)?;
     let images = Arc::new(open_images(&home, Some(runtime.clone()))?);
-    let host_binds = args.common.host_binds.install(&home)?;
     cp.set_image_service(images.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let res = flare_worker::host_resources();
@@ -499,10 +499,10 @@ async fn server(args: ServerArgs) -> Result<()> {
             socket_dir: socket_dir(&home),
             mount_source: None,
             images: Some(images.host.clone()),
+            host_binds,
         },
         events_tx,
     );
-            host_binds,
     tokio::spawn(cp.clone().run_worker_events(events_rx));
     let mut link = WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb);
     link.gpus = discovered_gpus();
@@ -524,10 +524,10 @@ async fn control(args: ControlArgs) -> Result<()> {
     let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
+    args.common.host_binds.install(&home)?;
     let cp = open_control(&home, config)?;
     // Build steps run in containers here when this control plane runs as root.
     let runtime = match start_runtime(&home, false) {
-    args.common.host_binds.install(&home)?;
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "no container runtime: image build steps will fail");
@@ -570,10 +570,10 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     let token = args.token.context("--token (or FLARE_WORKER_TOKEN) is required")?;
     let _lock = lock_home(&home, "flared-worker")?;
     require_root("flared worker")?;
+    let host_binds = args.host_binds.install(&home)?;
     let gpus = if args.gpus.is_empty() { discovered_gpus() } else { parse_gpus(&args.gpus)? };
     let mut res = flare_worker::host_resources();
     if let Some(cpu) = args.cpu {
-    let host_binds = args.host_binds.install(&home)?;
         res.cpu_millis = (cpu * 1000.0) as u64;
     }
     if let Some(m) = args.memory {
@@ -605,11 +605,11 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             socket_dir: socket_dir(&home),
             mount_source: Some(client),
             images: Some(Arc::new(image_host)),
+            host_binds,
         },
         events_tx,
     );
     let draining = Arc::new(AtomicBool::new(false));
-            host_binds,
     let pid_path = write_pid(&home, "flared-worker")?;
     {
         let draining = draining.clone();
