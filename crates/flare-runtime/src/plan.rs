@@ -91,6 +91,16 @@ fn mount(
     }
 }
 
+/// A tmpfs at `target` (`nosuid,nodev` plus `flags`) with mount options `data`.
+fn tmpfs(target: &str, flags: libc::c_ulong, data: &str) -> Op {
+    mount(Some("tmpfs"), target, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV | flags, Some(data))
+}
+
+/// Hide the directory `path` (if the kernel has it) behind an empty read-only tmpfs.
+fn mask_dir(path: &str) -> LabeledOp {
+    optional(tmpfs(path, libc::MS_RDONLY, "size=4k"), format!("mask {path}"))
+}
+
 fn mkdir(path: &str, mode: u32) -> LabeledOp {
     op(Op::Mkdir { path: CString::new(path).unwrap_or_default(), mode }, format!("mkdir {path}"))
 }
@@ -218,16 +228,7 @@ pub(crate) fn build_plan(
         "mount /dev/pts",
     ));
     ops.push(mkdir("/dev/shm", 0o1777));
-    ops.push(op(
-        mount(
-            Some("shm"),
-            "/dev/shm",
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(&format!("mode=1777,size={shm}")),
-        ),
-        "mount /dev/shm",
-    ));
+    ops.push(op(tmpfs("/dev/shm", 0, &format!("mode=1777,size={shm}")), "mount /dev/shm"));
     // /proc: the container's own, with the host-wide knobs read-only or masked.
     ops.push(mkdir("/proc", 0o555));
     ops.push(attach(MountFd::Proc, "/proc", "mount /proc".into()));
@@ -241,30 +242,11 @@ pub(crate) fn build_plan(
     };
     ops.push(attach(sysfs_fd, "/sys", "mount /sys read-only".into()));
     for (rel, _why) in SYS_MASKED_DIRS {
-        let p = format!("/sys/{rel}");
-        ops.push(optional(
-            mount(
-                Some("tmpfs"),
-                &p,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some("size=4k"),
-            ),
-            format!("mask {p}"),
-        ));
+        ops.push(mask_dir(&format!("/sys/{rel}")));
     }
     // /tmp, /root
     ops.push(mkdir("/tmp", 0o1777));
-    ops.push(op(
-        mount(
-            Some("tmpfs"),
-            "/tmp",
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(&format!("mode=1777,size={disk}")),
-        ),
-        "mount /tmp",
-    ));
+    ops.push(op(tmpfs("/tmp", 0, &format!("mode=1777,size={disk}")), "mount /tmp"));
     ops.push(mkdir("/root", 0o700));
 
     // User binds: sources opened without following links, cloned as detached trees
@@ -370,17 +352,7 @@ fn push_masks(ops: &mut Vec<LabeledOp>) {
         ops.push(optional(mount(Some("/dev/null"), &p, None, libc::MS_BIND, None), format!("mask {p}")));
     }
     for (rel, _why) in PROC_MASKED_DIRS {
-        let p = format!("/proc/{rel}");
-        ops.push(optional(
-            mount(
-                Some("tmpfs"),
-                &p,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some("size=4k"),
-            ),
-            format!("mask {p}"),
-        ));
+        ops.push(mask_dir(&format!("/proc/{rel}")));
     }
 }
 
