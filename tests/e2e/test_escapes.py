@@ -548,6 +548,51 @@ def test_mount_destinations_below_an_image_symlink_never_touch_the_host(
     assert not list(target.iterdir()), f"files created on the host through an image symlink: {list(target.iterdir())} ({error})"
 
 
+SNAPSHOT_APP = """
+import os, hashlib
+import flare
+
+app = flare.App("{name}")
+image = flare.Image.debian_slim().run_commands(
+    "ln -s {home}/state.db /leak-state", "ln -s {home} /leak-home", "ln -s /etc/ssl/private /leak-ssl",
+    "ln -s /proc/1/root /leak-init-root",
+)
+
+@app.function(image=image, timeout=60)
+def look(names):
+    out = {{}}
+    for p in ("/leak-state", "/leak-home", "/leak-ssl", "/leak-init-root"):
+        entry = {{"islink": os.path.islink(p)}}
+        try:
+            entry["listing"] = sorted(set(os.listdir(p)) & set(names))
+        except OSError as e:
+            entry["listing"] = e.strerror
+        try:
+            with open(p, "rb") as f:
+                entry["sha"] = hashlib.sha256(f.read()).hexdigest()
+        except OSError as e:
+            entry["sha"] = e.strerror
+        out[p] = entry
+    return out
+"""
+
+
+def test_symlinks_a_build_step_makes_are_snapshotted_as_symlinks(
+    server: Server, host: HostSide, probe_dir: Path
+) -> None:
+    # A step points symlinks at the server's files; the layer snapshot (taken on the host)
+    # must record them as links, never read through them into the image.
+    mod = load_app(probe_dir, SNAPSHOT_APP.format(name=unique("escape-snap"), home=server.home), stem=unique("snap"))
+    with mod.app.run(show_output=False):
+        out = mod.look.remote(["state.db", "flared.lock", host.canary])
+    bad = [f"{p} is not a symlink in the image: {e}" for p, e in out.items() if not e["islink"]]
+    bad += [f"{p} lists host files {e['listing']}" for p, e in out.items() if isinstance(e["listing"], list) and e["listing"]]
+    bad += [f"{p} reads a host secret" for p, e in out.items() if e["sha"] in host.secret_hashes]
+    state_sha = _sha256(str(Path(server.home) / "state.db"))
+    bad += [f"{p} reads the server's state.db" for p, e in out.items() if state_sha and e["sha"] == state_sha]
+    assert not bad, "\n".join(bad) + f"\n{out}"
+
+
 def test_symlinks_in_the_code_mount_resolve_inside_the_container(
     server: Server, host: HostSide, probe_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
