@@ -267,12 +267,106 @@ pub struct CreateMount {
 }
 
 impl CreateMount {
+    /// Checks the whole mount on receipt (inline `files` and the `entries` file list
+    /// together, see [`validate_file_list`]); a bad entry is a 400 naming it.
     pub fn validate(&self) -> Result<(), ApiError> {
-        for f in &self.files {
-            validate_relative_path(&f.path)?;
-        }
-        Ok(())
+        let shapes: Vec<EntryShape> = match &self.entries {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| ApiError::invalid(format!("invalid entries: {e}")))?,
+            None => Vec::new(),
+        };
+        let inline = self.files.iter().map(|f| ListEntry { path: &f.path, kind: ListEntryKind::File });
+        validate_file_list(inline.chain(shapes.iter().map(EntryShape::as_list_entry)))
     }
+}
+
+/// The part of a file-list entry (`docs/IMAGES.md`) that [`validate_file_list`] looks at;
+/// the other fields (digest, size, mode, mtime) are read by whoever stores the list.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum EntryShape {
+    File { path: String },
+    Dir { path: String },
+    Symlink { path: String, target: String },
+}
+
+impl EntryShape {
+    fn as_list_entry(&self) -> ListEntry<'_> {
+        match self {
+            EntryShape::File { path } => ListEntry { path, kind: ListEntryKind::File },
+            EntryShape::Dir { path } => ListEntry { path, kind: ListEntryKind::Dir },
+            EntryShape::Symlink { path, target } => {
+                ListEntry { path, kind: ListEntryKind::Symlink { target } }
+            }
+        }
+    }
+}
+
+/// One entry of a file list (a code mount, an image's `copy` step or start-time mount),
+/// as [`validate_file_list`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListEntry<'a> {
+    pub path: &'a str,
+    pub kind: ListEntryKind<'a>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListEntryKind<'a> {
+    File,
+    Dir,
+    /// A symlink's target is kept as given: it resolves inside the container, so it may
+    /// be absolute or contain `..`.
+    Symlink {
+        target: &'a str,
+    },
+}
+
+/// Checks a whole file list before anything of it is stored: every path is relative and
+/// `/`-separated with no empty, `.` or `..` part (so no absolute or empty path), no path
+/// appears twice, and nothing lies below a symlink or a regular file of the list (at any
+/// depth, whatever the order of the entries). Symlink targets are not interpreted
+/// (only an empty one or one with a NUL byte, which no file system can hold, is refused).
+/// The error is a 400 naming the entry.
+pub fn validate_file_list<'a>(entries: impl IntoIterator<Item = ListEntry<'a>>) -> Result<(), ApiError> {
+    use std::collections::hash_map::{Entry, HashMap};
+    let mut kinds: HashMap<&'a str, ListEntryKind<'a>> = HashMap::new();
+    let mut order = Vec::new();
+    for e in entries {
+        validate_relative_path(e.path)?;
+        if let ListEntryKind::Symlink { target } = e.kind {
+            if target.is_empty() || target.contains('\0') {
+                return Err(ApiError::invalid(format!(
+                    "invalid file list entry {:?}: a symlink target must be non-empty, without NUL bytes",
+                    e.path
+                )));
+            }
+        }
+        match kinds.entry(e.path) {
+            Entry::Occupied(_) => {
+                return Err(ApiError::invalid(format!("invalid file list: {:?} appears twice", e.path)));
+            }
+            Entry::Vacant(v) => {
+                v.insert(e.kind);
+                order.push(e.path);
+            }
+        }
+    }
+    // In the list's order, shortest ancestor first: the message names the first bad
+    // entry and the outermost symlink or file above it.
+    for path in order {
+        for (i, _) in path.match_indices('/') {
+            let above = &path[..i];
+            let what = match kinds.get(above) {
+                Some(ListEntryKind::Symlink { .. }) => "the symlink",
+                Some(ListEntryKind::File) => "the regular file",
+                Some(ListEntryKind::Dir) | None => continue,
+            };
+            return Err(ApiError::invalid(format!(
+                "invalid file list entry {path:?}: it is below {what} {above:?} of the same list"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A relative, `/`-separated path with no empty, `.` or `..` parts.
@@ -282,7 +376,9 @@ pub fn validate_relative_path(p: &str) -> Result<(), ApiError> {
         || p.contains('\0')
         || p.split('/').any(|part| part.is_empty() || part == "." || part == "..");
     if bad {
-        Err(ApiError::invalid(format!("invalid mount path {p:?}: must be relative, without '..'")))
+        Err(ApiError::invalid(format!(
+            "invalid path {p:?}: must be relative and '/'-separated, without empty, '.' or '..' parts"
+        )))
     } else {
         Ok(())
     }
@@ -719,6 +815,98 @@ pub type EnvMap = BTreeMap<String, String>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(path: &str) -> ListEntry<'_> {
+        ListEntry { path, kind: ListEntryKind::File }
+    }
+    fn dir(path: &str) -> ListEntry<'_> {
+        ListEntry { path, kind: ListEntryKind::Dir }
+    }
+    fn link<'a>(path: &'a str, target: &'a str) -> ListEntry<'a> {
+        ListEntry { path, kind: ListEntryKind::Symlink { target } }
+    }
+    fn refused(entries: Vec<ListEntry<'_>>, naming: &str) -> String {
+        let e = validate_file_list(entries).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        assert!(e.message.contains(&format!("{naming:?}")), "{naming:?} not named: {}", e.message);
+        e.message
+    }
+
+    #[test]
+    fn file_lists_are_validated_whole() {
+        // Fine: nested dirs, files, dirs implied, symlink targets as given (absolute or
+        // with `..`: they resolve inside the container), a symlink next to a dir.
+        validate_file_list(vec![
+            dir("pkg"),
+            file("pkg/mod.py"),
+            dir("pkg/__pycache__"),
+            file("pkg/__pycache__/mod.cpython-311.pyc"),
+            file("a/b/c.txt"),
+            link("pkg/abs", "/etc/passwd"),
+            link("pkg/up", "../../../host"),
+            link("main", "pkg/mod.py"),
+        ])
+        .unwrap();
+        validate_file_list(vec![]).unwrap();
+
+        // Paths: absolute, `..`, `.`, empty (whole or a part), NUL.
+        refused(vec![file("/etc/passwd")], "/etc/passwd");
+        refused(vec![file("../x")], "../x");
+        refused(vec![dir("a/../../x")], "a/../../x");
+        refused(vec![file("./x")], "./x");
+        refused(vec![file("")], "");
+        refused(vec![file("a//b")], "a//b");
+        refused(vec![file("a/")], "a/");
+        refused(vec![link("a\0b", "t")], "a\0b");
+        // Duplicates, of any kinds.
+        assert!(refused(vec![file("x"), file("y"), file("x")], "x").contains("twice"));
+        refused(vec![dir("d"), dir("d")], "d");
+        refused(vec![link("l", "t"), file("l")], "l");
+        // Below a symlink of the list: directly, deeper, in either order.
+        let m = refused(vec![link("w", "/host/dir"), file("w/pwned")], "w/pwned");
+        assert!(m.contains("symlink") && m.contains("\"w\""), "{m}");
+        refused(vec![file("w/x/pwned"), link("w", "/host/dir")], "w/x/pwned");
+        refused(vec![dir("d"), link("d/l", "."), dir("d/l/sub")], "d/l/sub");
+        refused(vec![link("w", "t"), link("w/l", "t")], "w/l");
+        // Below a regular file of the list.
+        let m = refused(vec![file("f"), file("f/g")], "f/g");
+        assert!(m.contains("regular file"), "{m}");
+        refused(vec![dir("f/g/h"), file("f")], "f/g/h");
+        // Symlink targets that no file system holds.
+        refused(vec![link("l", "")], "l");
+        refused(vec![link("l", "a\0b")], "l");
+    }
+
+    #[test]
+    fn create_mount_validates_files_and_entries_together() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<CreateMount>(v).unwrap().validate();
+        let d = "blake3:00";
+        assert!(parse(serde_json::json!({"entries": [
+            {"path": "app", "kind": "dir", "mode": 493},
+            {"path": "app/main.py", "kind": "file", "mode": 420, "digest": d, "size": 1},
+            {"path": "app/l", "kind": "symlink", "target": "/usr/lib"},
+        ]}))
+        .is_ok());
+        let e = parse(serde_json::json!({"entries": [
+            {"path": "main.py", "kind": "file", "mode": 420, "digest": d, "size": 1},
+            {"path": "w", "kind": "symlink", "target": "/host/dir"},
+            {"path": "w/pwned", "kind": "file", "mode": 420, "digest": d, "size": 6},
+        ]}))
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("\"w/pwned\""), "{e}");
+        // Inline files and entries are one mount.
+        let e = parse(serde_json::json!({
+            "files": [{"path": "x", "data": ""}],
+            "entries": [{"path": "x/y", "kind": "file", "digest": d, "size": 0}],
+        }))
+        .unwrap_err();
+        assert!(e.message.contains("\"x/y\""), "{e}");
+        let e = parse(serde_json::json!({"files": [{"path": "/abs", "data": ""}]})).unwrap_err();
+        assert!(e.message.contains("\"/abs\""), "{e}");
+        assert!(parse(serde_json::json!({"entries": [{"path": "x", "kind": "fifo"}]})).is_err());
+        assert!(parse(serde_json::json!({"entries": {"path": "x"}})).is_err());
+    }
 
     fn def() -> FunctionDef {
         serde_json::from_value(serde_json::json!({

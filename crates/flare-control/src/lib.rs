@@ -1328,6 +1328,13 @@ impl ControlPlane {
     /// Stores a mount's files under `home/mounts/<id>`; identical uploads share one id.
     pub fn create_mount(&self, files: Vec<flare_api::MountFile>) -> ApiResult<String> {
         use sha2::Digest;
+        // The API checked the request as received; this is what gets written (a file list's
+        // files included), checked again before anything of it is.
+        flare_api::validate_file_list(
+            files
+                .iter()
+                .map(|f| flare_api::ListEntry { path: &f.path, kind: flare_api::ListEntryKind::File }),
+        )?;
         let mut sorted: Vec<&flare_api::MountFile> = files.iter().collect();
         sorted.sort_by(|a, b| a.path.cmp(&b.path));
         let mut h = sha2::Sha256::new();
