@@ -607,7 +607,6 @@ class Image:
             "layers": layers,
             "mounts": mounts,
             "force_build": self._force_build or _force_build_env(),
-            "cloudpickle_path": _cloudpickle_dir(),
         }
 
 
@@ -730,7 +729,19 @@ def build_images(client: Client, images: list[Image], show_output: bool) -> dict
         key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
         specs.setdefault(key, spec)
         key_of[id(img)] = key
+    # run_function steps import cloudpickle from the SDK mount (sent through the store as
+    # for functions); the server never binds a path of this machine into a build step.
+    runs_functions = [s for s in specs.values() if any(la.get("type") == "run_function" for la in s["layers"])]
+    sdk_files = None
+    if runs_functions:
+        from ._mount import sdk_entries
+
+        sdk_files = sdk_entries(blobs)
     blobs.upload(client)
+    if sdk_files is not None:
+        sdk_mount = str(client.request("POST", "/v1/mounts", {"entries": sdk_files})["mount_id"])
+        for s in runs_functions:
+            s["sdk_mount"] = sdk_mount
     built: dict[str, str] = {}
     for key, spec in specs.items():
         done = build(client, spec, show_output)
@@ -745,9 +756,3 @@ def build_images(client: Client, images: list[Image], show_output: bool) -> dict
             )
         built[key] = image_id
     return {ident: built[key] for ident, key in key_of.items()}
-
-
-def _cloudpickle_dir() -> str:
-    from ._mount import cloudpickle_dir
-
-    return cloudpickle_dir()

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use flare_api::hostpaths::{host_bind_policy, no_symlinks_below, validate_mount_id, HostBindPolicy};
 use flare_cas::{get_manifest, put_manifest, BlobStore, Digest, EntryKind, Hasher, Manifest};
 use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions};
 use flare_proto::{ImageMount, ImageUse};
@@ -24,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::files::FileIndex;
-use crate::layer_disk::{human_bytes, LayerDisk, Usage};
+use crate::layer_disk::{apparent_size_over, human_bytes, LayerDisk, Usage};
 use crate::records::{ImageConfig, ImageRecord, LayerRecord, Records};
 use crate::spec::{abs_dest, Base, ImageSpec, Layer, FUNCTION_IN_BUILD, REQUIREMENTS_IN_BUILD};
 use crate::upper::Owners;
@@ -236,6 +237,92 @@ impl Builder {
         })
     }
 
+    /// The checks of `spec` that need no build (a failure is a 400 before anything is
+    /// streamed; [`Builder::build`] runs them too). Returns the cloudpickle dir bound into
+    /// its `run_function` steps (`None` when it has none).
+    ///
+    /// - `sdk_mount` is a mount id of this server's store, never a path; `run_function`
+    ///   steps get its `cloudpickle/`. A `cloudpickle_path` (a host path the client
+    ///   chose) is then ignored, as it is when no step runs a function; otherwise it is
+    ///   bound only if the operator allows it (`--host-bind-allow`, never FLARE_HOME or a
+    ///   kernel file system, no symlinks on the way), else refused.
+    /// - A captured environment (`local_python` roots) cannot name or reach into the
+    ///   server's data dir or a kernel file system.
+    pub fn check_spec(&self, spec: &ImageSpec) -> Result<Option<PathBuf>, ImageError> {
+        if let Base::LocalPython { roots: Some(roots), .. } = &spec.base {
+            self.check_env_roots(roots)?;
+        }
+        let runs_functions = spec.layers.iter().any(|l| matches!(l, Layer::RunFunction { .. }));
+        if let Some(id) = &spec.sdk_mount {
+            validate_mount_id("sdk_mount", id).map_err(|e| ImageError::Invalid(format!("sdk_mount {e}")))?;
+            if spec.cloudpickle_path.is_some() {
+                tracing::debug!(sdk_mount = %id, "build spec: cloudpickle_path ignored (the SDK mount is used)");
+            }
+            if !runs_functions {
+                return Ok(None);
+            }
+            let mounts = self.cfg.home.join("mounts");
+            let rel = format!("{id}/cloudpickle");
+            let meta = no_symlinks_below(&mounts, &rel).map_err(|e| {
+                ImageError::Invalid(format!(
+                    "sdk_mount {id}: no cloudpickle in it on this server ({}); create the SDK mount first \
+                     (POST /v1/mounts)",
+                    e.reason
+                ))
+            })?;
+            if !meta.is_dir() {
+                return Err(ImageError::Invalid(format!(
+                    "sdk_mount {id}: its cloudpickle is not a directory"
+                )));
+            }
+            return Ok(Some(mounts.join(rel)));
+        }
+        let Some(path) = &spec.cloudpickle_path else {
+            return Ok(self.cfg.cloudpickle_dir.clone().filter(|_| runs_functions));
+        };
+        if !runs_functions {
+            tracing::debug!(path = %path, "build spec: cloudpickle_path ignored (no run_function step)");
+            return Ok(None);
+        }
+        let refused = |e: flare_api::HostPathError| {
+            ImageError::Invalid(format!(
+                "cloudpickle_path {}: {}; the server never binds a client's path into build steps: \
+                 send the SDK mount (`sdk_mount`, as this SDK does) instead",
+                e.path, e.reason
+            ))
+        };
+        HostBindPolicy::none(Some(&self.cfg.home)).may_name(path).map_err(refused)?;
+        Ok(Some(host_bind_policy().check_on_host(path).map_err(refused)?))
+    }
+
+    /// A captured environment's roots and every entry under them: clean absolute paths
+    /// outside the server's data dir (this builder's home and the process's policy's)
+    /// and the kernel file systems.
+    fn check_env_roots(&self, roots: &[crate::spec::EnvRoot]) -> Result<(), ImageError> {
+        let own = HostBindPolicy::none(Some(&self.cfg.home));
+        let refused = |e: flare_api::HostPathError| {
+            ImageError::Invalid(format!(
+                "local_python root {e}; a captured environment cannot name the server's data or a kernel file system"
+            ))
+        };
+        let check = |p: &str| -> Result<(), ImageError> {
+            own.may_name(p).map_err(refused)?;
+            host_bind_policy().may_name(p).map_err(refused)
+        };
+        for r in roots {
+            check(&r.path)?;
+            let base = r.path.trim_end_matches('/');
+            for e in &r.entries {
+                // The entries' own paths are checked (relative, clean) when they are stored.
+                check(&format!("{base}/{}", e.path().trim_start_matches('/'))).map_err(|err| match err {
+                    ImageError::Invalid(m) => ImageError::Invalid(format!("{m} (root {})", r.path)),
+                    other => other,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Build `spec`, sending progress to `events`; returns the image record.
     pub async fn build(
         self: &Arc<Self>,
@@ -243,6 +330,7 @@ impl Builder {
         events: mpsc::UnboundedSender<BuildEvent>,
     ) -> Result<ImageRecord, ImageError> {
         let started = Instant::now();
+        let step_cloudpickle = self.check_spec(&spec)?;
         let total = spec.layers.len() + 1;
         let send = |e: BuildEvent| {
             let _ = events.send(e);
@@ -309,7 +397,7 @@ impl Builder {
             let this = self.clone();
             let layer2 = layer.clone();
             let parent2 = parent.clone();
-            let cloudpickle = spec.cloudpickle_path.clone().map(PathBuf::from).filter(|p| p.is_dir());
+            let cloudpickle = step_cloudpickle.clone();
             parent = self
                 .layer_step(
                     index,
@@ -621,6 +709,8 @@ impl Builder {
         let mut result = Ok(());
         // Whether every command ran in the user namespace (the runtime may run without).
         let mut in_userns = ids.is_some();
+        // Only a step that runs a function sees cloudpickle (from the SDK mount).
+        let cloudpickle = cloudpickle.filter(|_| matches!(layer, Layer::RunFunction { .. }));
         for (n, cmd) in commands.iter().enumerate() {
             log(&format!("$ {cmd}\n"));
             let r = self.run_in_container(
@@ -666,6 +756,27 @@ impl Builder {
             if r.is_err() {
                 result = r;
                 break;
+            }
+            // Sparse files take no blocks, so the file system's quota does not see them, but
+            // the layer would be read, hashed and stored in full: its apparent size counts.
+            if let Some(limit) = self.cfg.step_disk_quota {
+                let top = upper.join("upper");
+                let over = apparent_size_over(&top, limit)
+                    .map_err(|e| ImageError::io(format!("measuring {}", top.display()), e))?;
+                if let Some(seen) = over {
+                    result = Err(ImageError::StepFailed {
+                        message: format!(
+                            "`{cmd}` made a layer of more than {} (at least {} in apparent size, sparse files \
+                             counted in full): a build step's writable layer has a disk quota of {} (the \
+                             server's FLARE_BUILD_DISK_QUOTA_GB sets it)",
+                            human_bytes(limit),
+                            human_bytes(seen),
+                            human_bytes(limit)
+                        ),
+                        log_tail: tail,
+                    });
+                    break;
+                }
             }
         }
         drop(mount);
@@ -724,8 +835,8 @@ impl Builder {
                 readonly: true,
             });
         }
-        if let Some(cp) = cloudpickle.map(Path::to_path_buf).or_else(|| self.cfg.cloudpickle_dir.clone()) {
-            binds.push(Bind { src: cp, dst: "/__flare/cloudpickle".into(), readonly: true });
+        if let Some(cp) = cloudpickle {
+            binds.push(Bind { src: cp.to_path_buf(), dst: "/__flare/cloudpickle".into(), readonly: true });
         }
         let network = if runtime.nat_available().is_none() {
             Network::Nat

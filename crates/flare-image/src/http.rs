@@ -157,6 +157,9 @@ async fn download(State(b): State<Arc<Builder>>, Path(d): Path<String>) -> Resul
 
 async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, Err> {
     let spec: ImageSpec = parse(&body)?;
+    // A spec the server refuses is a 400 before any progress is streamed.
+    // (A few path checks and at most two `lstat`s: cheap enough for this task.)
+    b.check_spec(&spec).map_err(Err::from)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
     // The build goes on if the client goes away: its layers are cached for next time.
     tokio::spawn(async move {

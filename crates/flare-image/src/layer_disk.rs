@@ -233,6 +233,37 @@ impl Drop for LayerDisk {
     }
 }
 
+/// Whether the files under `dir` add up, by apparent size (`st_size`: a sparse file
+/// counts in full although it takes no blocks), to more than `limit` bytes: the size of
+/// the layer the builder would read, hash and store. Walked with `lstat` (symlinks are
+/// counted as links, never followed), a file with several hard links once; the walk stops
+/// as soon as the total passes `limit`. Returns the total seen so far when it did.
+pub fn apparent_size_over(dir: &Path, limit: u64) -> io::Result<Option<u64>> {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+    let mut total: u64 = 0;
+    let mut linked: HashSet<(u64, u64)> = HashSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = std::fs::symlink_metadata(entry.path())?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+                continue;
+            }
+            if meta.is_file() && meta.nlink() > 1 && !linked.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            total = total.saturating_add(meta.len());
+            if total > limit {
+                return Ok(Some(total));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// `1 GiB`, `64 MiB`, `1.5 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
@@ -453,6 +484,39 @@ mod tests {
         assert_eq!(human_bytes(64 << 20), "64 MiB");
         assert_eq!(human_bytes(3 << 29), "1.50 GiB");
         assert_eq!(human_bytes(100), "100 bytes");
+    }
+
+    #[test]
+    fn apparent_sizes_count_sparse_files_in_full() {
+        let d = tempfile::tempdir().unwrap();
+        let limit = 64 << 20;
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::fs::write(d.path().join("a/small"), b"0123456789").unwrap();
+        assert_eq!(apparent_size_over(d.path(), limit).unwrap(), None);
+        // A sparse file of twice the limit takes no blocks but counts in full.
+        let f = File::create(d.path().join("a/b/sparse")).unwrap();
+        f.set_len(2 * limit).unwrap();
+        let over = apparent_size_over(d.path(), limit).unwrap().expect("over the limit");
+        assert!(over > limit, "{over}");
+        // Many files below the limit each, over it together; hard links count once.
+        std::fs::remove_file(d.path().join("a/b/sparse")).unwrap();
+        for i in 0..3 {
+            File::create(d.path().join(format!("part{i}"))).unwrap().set_len(limit / 4).unwrap();
+        }
+        assert_eq!(apparent_size_over(d.path(), limit).unwrap(), None);
+        for i in 0..4 {
+            std::fs::hard_link(d.path().join("part0"), d.path().join(format!("link{i}"))).unwrap();
+        }
+        assert_eq!(apparent_size_over(d.path(), limit).unwrap(), None, "hard links count once");
+        File::create(d.path().join("part3")).unwrap().set_len(limit / 4 + 1).unwrap();
+        assert!(apparent_size_over(d.path(), limit).unwrap().is_some());
+        // Symlinks are not followed.
+        let big = tempfile::tempdir().unwrap();
+        File::create(big.path().join("huge")).unwrap().set_len(4 * limit).unwrap();
+        std::fs::remove_file(d.path().join("part3")).unwrap();
+        std::os::unix::fs::symlink(big.path().join("huge"), d.path().join("to-huge")).unwrap();
+        std::os::unix::fs::symlink(big.path(), d.path().join("to-dir")).unwrap();
+        assert_eq!(apparent_size_over(d.path(), limit).unwrap(), None);
     }
 
     #[test]

@@ -16,7 +16,14 @@ pub struct ImageSpec {
     pub mounts: Vec<MountSpec>,
     #[serde(default)]
     pub force_build: bool,
-    /// The client's cloudpickle package dir (bound into `run_function` steps).
+    /// The SDK mount (`FLARE_HOME/mounts/<id>`, a mount id, never a path; the SDK sends
+    /// its `flare/` and `cloudpickle/` through the store as for functions): `run_function`
+    /// steps import cloudpickle from its `cloudpickle/`.
+    #[serde(default)]
+    pub sdk_mount: Option<String>,
+    /// Legacy: a host path to the client's cloudpickle. Bound into `run_function` steps
+    /// only when no `sdk_mount` is sent and the operator allows the path
+    /// (`--host-bind-allow`); refused otherwise (see `Builder::check_spec`).
     #[serde(default)]
     pub cloudpickle_path: Option<String>,
 }

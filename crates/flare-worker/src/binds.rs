@@ -44,21 +44,32 @@ fn container_dest(what: &str, dest: &str) -> io::Result<PathBuf> {
     Ok(p)
 }
 
-/// A directory of the server's mount store: `mounts/<id>[/<sub>]`, a real dir.
+/// A directory of the server's mount store: `mounts/<id>[/<sub>]`, a real dir. With a
+/// user namespace, the same in the mount's copy owned by the namespace's root
+/// ([`crate::codemount::shifted_mount`]), so that its private files are readable inside.
 fn mount_dir(cfg: &WorkerConfig, what: &str, id: &str, sub: &str) -> io::Result<PathBuf> {
     validate_mount_id(what, id).map_err(|e| refused(e.to_string()))?;
-    let mounts = cfg.home.join("mounts");
-    let rel = if sub.is_empty() { id.to_owned() } else { format!("{id}/{sub}") };
-    let meta = no_symlinks_below(&mounts, &rel).map_err(|e| {
-        io::Error::new(io::ErrorKind::NotFound, format!("{what} {id} is missing or unusable: {e}"))
-    })?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{what} {id}: {rel} is not a directory"),
-        ));
+    let mut mounts = cfg.home.join("mounts");
+    let mut rel = if sub.is_empty() { id.to_owned() } else { format!("{id}/{sub}") };
+    let check = |base: &Path, rel: &str| -> io::Result<()> {
+        let meta = no_symlinks_below(base, rel).map_err(|e| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{what} {id} is missing or unusable: {e}"))
+        })?;
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{what} {id}: {rel} is not a directory"),
+            ));
+        }
+        Ok(())
+    };
+    check(&mounts, &rel)?;
+    if let Some(ns) = cfg.runtime.userns() {
+        let shifted = crate::codemount::shifted_mount(&cfg.home, id, &mounts.join(id), ns)?;
+        (mounts, rel) = (shifted, sub.to_owned());
+        check(&mounts, &rel)?;
     }
-    Ok(mounts.join(rel))
+    Ok(if rel.is_empty() { mounts } else { mounts.join(rel) })
 }
 
 /// A host path the client named (legacy fields, environments bound from the host):

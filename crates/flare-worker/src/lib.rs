@@ -5,6 +5,7 @@
 //! messages, so the embedded server (channels) and a remote worker share this code.
 
 mod binds;
+mod codemount;
 pub mod frame;
 pub mod gpu;
 pub mod http;
