@@ -179,14 +179,15 @@ def test_map_exceptions(basic: Any) -> None:
         basic.fail_on.for_each(range(6))
 
 
-def test_map_throughput(basic: Any) -> None:
+def test_map_of_many_inputs(basic: Any) -> None:
+    # Correctness of a large map; its throughput target is measured by bench/bench.py,
+    # not asserted here (a shared machine's load would make a timed test flaky).
     n = 20000
     t0 = time.perf_counter()
     total = sum(basic.identity.map(range(n)))
     rate = n / (time.perf_counter() - t0)
     assert total == sum(range(n))
-    print(f"map throughput: {rate:.0f} inputs/s")
-    assert rate >= 5000, f"map reached only {rate:.0f} inputs/s"
+    print(f"map of {n} inputs: {rate:.0f} inputs/s")
 
 
 def test_spawn_get_gather_from_id(basic: Any) -> None:
