@@ -64,7 +64,9 @@ def _pickled_check() -> str:
         import sys as _sys
 
         mod = _sys.modules["cloudpickle"]
-        print("CLOUDPICKLE-AT", os.path.dirname(mod.__file__ or "?"), "LOADS", hasattr(mod, "loads"))
+        # One write: an unbuffered print of several arguments may reach the log as pieces.
+        line = f"CLOUDPICKLE-AT {os.path.dirname(mod.__file__ or '?')} LOADS {hasattr(mod, 'loads')}\n"
+        _sys.stdout.write(line)
 
     return _pickle_callable(where_is_cloudpickle, (), {})
 
@@ -84,7 +86,8 @@ def test_run_function_steps_get_cloudpickle_from_the_sdk_mount(server: Server) -
     status, events = _post(server, "/v1/images/build", spec)
     text = json.dumps(events)
     assert status == 200 and not [e for e in events if e["type"] == "error"], text[-3000:]
-    assert "CLOUDPICKLE-AT /__flare/cloudpickle LOADS True" in text, text[-3000:]
+    logs = "".join(e.get("text", "") for e in events if e["type"] == "log")
+    assert "CLOUDPICKLE-AT /__flare/cloudpickle LOADS True" in logs, logs[-3000:]
     # An id that is a path is refused.
     spec["sdk_mount"] = "../../etc"
     status, events = _post(server, "/v1/images/build", spec)
