@@ -94,18 +94,9 @@ pub(crate) fn setup_host() -> Result<(), String> {
     };
     let ifs = format!("{IF_PREFIX}+");
     chain("nat", "FLARE-POSTROUTING", "POSTROUTING", &[&format!("-s {SUBNET} ! -o {ifs} -j MASQUERADE")])?;
-    chain(
-        "filter",
-        "FLARE-FORWARD",
-        "FORWARD",
-        &[
-            &format!("-i {ifs} -o {ifs} -j DROP"),
-            &format!("-i {ifs} -m addrtype --dst-type LOCAL -j DROP"),
-            &format!("-i {ifs} -j ACCEPT"),
-            &format!("-o {ifs} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
-            &format!("-o {ifs} -j DROP"),
-        ],
-    )?;
+    let forward = forward_rules(&ifs);
+    let forward: Vec<&str> = forward.iter().map(String::as_str).collect();
+    chain("filter", "FLARE-FORWARD", "FORWARD", &forward)?;
     chain(
         "filter",
         "FLARE-INPUT",
@@ -132,6 +123,20 @@ pub(crate) fn setup_host() -> Result<(), String> {
         tracing::warn!("ip6tables not found: container links rely on IPv6 being disabled on them");
     }
     Ok(())
+}
+
+/// The FORWARD rules for container links matching `ifs`: no container-to-container
+/// traffic, nothing to the host's own addresses, nothing to link-local addresses (cloud
+/// metadata services at 169.254.169.254 hand out the machine's credentials), the rest out.
+fn forward_rules(ifs: &str) -> Vec<String> {
+    vec![
+        format!("-i {ifs} -o {ifs} -j DROP"),
+        format!("-i {ifs} -m addrtype --dst-type LOCAL -j DROP"),
+        format!("-i {ifs} -d 169.254.0.0/16 -j DROP"),
+        format!("-i {ifs} -j ACCEPT"),
+        format!("-o {ifs} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+        format!("-o {ifs} -j DROP"),
+    ]
 }
 
 /// Write a sysctl of the calling thread's network namespace (`rel` under /proc/sys/net).
@@ -400,6 +405,16 @@ impl Drop for NetPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_rules_drop_before_they_accept() {
+        let rules = forward_rules("flv+");
+        let accept = rules.iter().position(|r| r == "-i flv+ -j ACCEPT").unwrap();
+        for drop in ["-i flv+ -o flv+ -j DROP", "-i flv+ -d 169.254.0.0/16 -j DROP"] {
+            let at = rules.iter().position(|r| r == drop).unwrap();
+            assert!(at < accept, "{drop} must come before the accept");
+        }
+    }
 
     #[test]
     fn subnet_math() {
