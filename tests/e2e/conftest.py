@@ -100,6 +100,25 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     if request.session.testsfailed:
         text = log_path.read_text(errors="replace")
         sys.stderr.write(f"\n===== flared log ({log_path}), last 20000 chars =====\n{text[-20000:]}\n")
+    else:
+        # A passing run leaves nothing behind (a home holds a Debian root file system and
+        # the store: over a GiB a run); a failing one keeps it for a look.
+        remove_home(home)
+
+
+def remove_home(home: str) -> None:
+    """Detach whatever is still mounted below ``home`` (deepest first), then delete it."""
+    import shutil
+
+    prefix = os.path.realpath(home) + "/"
+    try:
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1] for line in f]
+    except OSError:
+        points = []
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 class E2ETimeout(BaseException):
