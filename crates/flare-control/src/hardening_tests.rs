@@ -16,18 +16,7 @@ use tower::ServiceExt as _;
 use crate::api::{self, SitePolicy};
 use crate::{ControlConfig, ControlPlane, WorkerLink};
 
-fn def(name: &str) -> FunctionDef {
-    serde_json::from_value(serde_json::json!({
-        "name": name, "module": "m", "qualname": name, "python": {"executable": "/usr/bin/python3"}
-    }))
-    .unwrap()
-}
-
-struct Harness {
-    cp: ControlPlane,
-    rx: mpsc::UnboundedReceiver<ToWorker>,
-    _dir: tempfile::TempDir,
-}
+use crate::tests::{def, Harness};
 
 async fn harness(config: ControlConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();

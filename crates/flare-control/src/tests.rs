@@ -10,17 +10,17 @@ use tokio::sync::mpsc;
 
 use crate::{ControlPlane, WorkerLink};
 
-fn def(name: &str) -> FunctionDef {
+pub(crate) fn def(name: &str) -> FunctionDef {
     serde_json::from_value(serde_json::json!({
         "name": name, "module": "m", "qualname": name, "python": {"executable": "/usr/bin/python3"}
     }))
     .unwrap()
 }
 
-struct Harness {
-    cp: ControlPlane,
-    rx: mpsc::UnboundedReceiver<ToWorker>,
-    _dir: tempfile::TempDir,
+pub(crate) struct Harness {
+    pub(crate) cp: ControlPlane,
+    pub(crate) rx: mpsc::UnboundedReceiver<ToWorker>,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 async fn harness() -> Harness {
@@ -289,7 +289,7 @@ async fn map_submitter_is_held_back_until_outputs_are_read() {
     // Nobody reads yet (spawn_map): no limit.
     assert!(cp.try_add_inputs(&call_id, batch(8), true).unwrap().is_ok());
     let _ = cp.outputs(&call_id, -1, 10).unwrap();
-    let Err((back, mut no_room)) = cp.try_add_inputs(&call_id, batch(2), true).unwrap() else {
+    let Err((back, no_room)) = cp.try_add_inputs(&call_id, batch(2), true).unwrap() else {
         panic!("12 unconsumed of a window of 10")
     };
     assert_eq!((back.len(), no_room.unconsumed, no_room.window), (2, 12, 10));
