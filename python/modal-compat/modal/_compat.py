@@ -104,9 +104,16 @@ def resolve(module: str, name: str, modal_names: Any, flare_lookup: Any = flare_
     raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
 
-def available(modal_names: Any, flare_lookup: Any = flare_name) -> list[str]:
-    """Those of ``modal_names`` that Flare has now."""
-    return [n for n in modal_names if flare_lookup(n) is not None]
+def flare_has(name: str) -> bool:
+    """Whether ``flare.__all__`` has ``name`` (without importing what it names)."""
+    import flare
+
+    return name in getattr(flare, "__all__", ())
+
+
+def available(modal_names: Any, has: Any = flare_has) -> list[str]:
+    """Those of ``modal_names`` that Flare has now (``has(name)`` says so)."""
+    return [n for n in modal_names if has(n)]
 
 
 # Modal's own submodules that have no Flare counterpart here: importing one raises the

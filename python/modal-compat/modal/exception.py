@@ -94,4 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = sorted(_compat.available(MODAL_NAMES, _flare_exception))
+__all__ = sorted(_compat.available(MODAL_NAMES, lambda name: _flare_exception(name) is not None))
