@@ -66,6 +66,7 @@ NOTES = {
     "web_server": "#12",
     "wsgi_app": "#12",
     # modal.exception
+    "AlreadyExistsError": "#13",
     "AuthError": "#14",
     "PermissionDeniedError": "#14",
     "WorkspaceManagementError": "#14",
