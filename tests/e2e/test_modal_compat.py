@@ -180,3 +180,34 @@ def test_modal_program_on_debian_slim(server: Server, modal_bin: Path, tmp_path:
     r = _modal(modal_bin, "run", str(path), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"(^|\n)slim /__flare/modal/__init__\.py flare\.exception False\n", r.stdout), r.stdout
+
+
+def test_modal_deploy_and_app_commands(server: Server, modal_bin: Path, tmp_path: Path) -> None:
+    name = unique("modal-deployed")
+    path = tmp_path / f"{unique('modal_prog')}.py"
+    path.write_text(PROGRAM.format(name=name))
+    r = _modal(modal_bin, "deploy", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        # Another unmodified Modal program calls the deployed function by name.
+        caller = tmp_path / "caller.py"
+        caller.write_text(textwrap.dedent(f"""\
+            import modal
+            square = modal.Function.from_name({name!r}, "square")
+            print("by name", square.remote(6))
+            try:
+                modal.Function.from_name({name!r}, "no_such_function").remote(1)
+            except modal.exception.NotFoundError:
+                print("not found")
+        """))
+        env = {**os.environ, "PATH": str(modal_bin) + os.pathsep + os.environ.get("PATH", "")}
+        env.pop("PYTHONPATH", None)
+        r = subprocess.run([str(modal_bin / "python"), str(caller)], capture_output=True, text=True,
+                           timeout=200, env=env, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.splitlines()[-2:] == ["by name 36", "not found"], r.stdout
+        r = _modal(modal_bin, "app", "list", cwd=tmp_path)
+        assert r.returncode == 0 and name in r.stdout, r.stdout + r.stderr
+    finally:
+        r = _modal(modal_bin, "app", "stop", name, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
