@@ -272,3 +272,15 @@ def test_wheel_has_the_console_script(tmp_path: Path) -> None:
         assert "modal/__init__.py" in names and "modal/exception.py" in names
         eps = next(n for n in names if n.endswith("entry_points.txt"))
         assert re.search(r"^modal\s*=\s*modal\.__main__:main$", z.read(eps).decode(), re.M)
+
+
+def test_stale_metadata_falls_back_to_pyproject(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed metadata naming a CLI module that is gone (Flare moved it): the command
+    still finds the one Flare's pyproject names."""
+    import modal.__main__ as entry
+
+    monkeypatch.setattr(entry, "_from_metadata", lambda: "flare_moved_away.cli:main")
+    target = entry._from_pyproject()
+    assert target is not None
+    module_name, _, attr = target.partition(":")
+    assert entry.flare_cli() is getattr(importlib.import_module(module_name), attr)
