@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from . import exception as exception
     from ._config import Retries as Retries, concurrent as concurrent
-    from ._context import (
+    from ._runtime.context import (
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,
         is_local as is_local,
@@ -31,9 +31,9 @@ _LAZY = {
     "FunctionCall": ("flare._functions", "FunctionCall"),
     "Retries": ("flare._config", "Retries"),
     "concurrent": ("flare._config", "concurrent"),
-    "is_local": ("flare._context", "is_local"),
-    "current_input_id": ("flare._context", "current_input_id"),
-    "current_function_call_id": ("flare._context", "current_function_call_id"),
+    "is_local": ("flare._runtime.context", "is_local"),
+    "current_input_id": ("flare._runtime.context", "current_input_id"),
+    "current_function_call_id": ("flare._runtime.context", "current_function_call_id"),
     "enable_output": ("flare._output", "enable_output"),
     "Error": ("flare.exception", "Error"),
     "exception": ("flare.exception", None),

@@ -1,4 +1,4 @@
-"""The in-container runner, exercised for real: ``python -m flare._runner`` with a
+"""The in-container runner, exercised for real: ``python -m flare._runtime`` with a
 socketpair at fd 3, this test playing the worker side of the framing."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 import pytest
 
-from flare._runner import INIT_FAILURE, OUTPUTS, READY
-from flare._runner_client import RunnerProcess
+from flare._runtime.runner import INIT_FAILURE, OUTPUTS, READY
+from flare._runtime.runner_client import RunnerProcess
 
 
 def _info(name: str, *, module: str | None = None, serialized: bool = False, max_inputs: int = 1,
@@ -144,6 +144,7 @@ def test_user_exception_with_traceback(runners: list[RunnerProcess], tmp_path: P
     tb = exc["traceback"]
     assert "in inner" in tb and 'raise MyError(f"bad input {x}")' in tb and "in f" in tb
     assert "_runner.py" not in tb  # the runner's own frame is cut off
+    assert "_runtime/runner.py" not in tb  # (its path since the runner moved into flare._runtime)
     assert payload  # the exception object itself is pickled (importable usermod)
 
 
@@ -371,7 +372,7 @@ def test_bad_arguments_are_a_failure_not_a_crash(runners: list[RunnerProcess]) -
 def test_no_space_errors_name_the_disk_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from flare import _runner
+    from flare._runtime import runner as _runner
 
     monkeypatch.setenv("FLARE_DISK_QUOTA_BYTES", str(4 << 30))
     info = _runner.exception_info(OSError(errno.ENOSPC, "No space left on device"))
