@@ -1,5 +1,5 @@
 """Content-addressed uploads: BLAKE3 digests of local files (cached across runs) and
-sending only the blobs the server lacks (``/v1/blobs/missing``, ``PUT /v1/blobs/{digest}``).
+sending only the blobs the server lacks (``_api.blobs_missing``, ``PUT _api.blob(digest)``).
 
 Client side only: code that runs in containers never imports this module.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
+
+from . import _api
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -235,7 +237,7 @@ def missing(client: Client, digests: Iterable[str]) -> list[str]:
     out: list[str] = []
     for i in range(0, len(wanted), _MISSING_BATCH):
         batch = wanted[i : i + _MISSING_BATCH]
-        resp = client.request("POST", "/v1/blobs/missing", {"digests": batch})
+        resp = client.request("POST", _api.blobs_missing(), {"digests": batch})
         out.extend(str(d) for d in resp.get("missing") or [])
     return out
 
@@ -243,7 +245,7 @@ def missing(client: Client, digests: Iterable[str]) -> list[str]:
 def _put(client: Client, digest: str, source: Source) -> int:
     from . import exception
 
-    path = f"/v1/blobs/{digest}"
+    path = _api.blob(digest)
     if isinstance(source, bytes):
         resp = client.request("PUT", path, source, timeout=600, content_type="application/octet-stream")
         size = len(source)
@@ -279,7 +281,7 @@ def _read(source: Source) -> bytes:
 
 
 def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
-    """Send many small blobs in one request (``POST /v1/blobs/batch``)."""
+    """Send many small blobs in one request (``POST _api.blobs_batch()``)."""
     import json
 
     from . import exception
@@ -289,7 +291,7 @@ def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
             raise exception.InvalidError("a file changed while uploading it; run again")
     header = json.dumps({"blobs": [{"digest": d, "size": len(data)} for d, data in items]}).encode()
     body = b"".join([header, b"\n", *(data for _, data in items)])
-    client.request("POST", "/v1/blobs/batch", body, timeout=600, content_type="application/octet-stream")
+    client.request("POST", _api.blobs_batch(), body, timeout=600, content_type="application/octet-stream")
     return len(body) - len(header) - 1
 
 

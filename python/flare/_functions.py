@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from . import exception
+from . import _api, exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -54,9 +54,7 @@ def _output_value(output: dict[str, Any], name: str) -> Any:
 
 
 def _poll_outputs(client: Client, call_id: str, after: int, wait_ms: int, limit: int | None = None) -> dict[str, Any]:
-    path = f"/v1/calls/{call_id}/outputs?after={after}&wait_ms={wait_ms}"
-    if limit:
-        path += f"&limit={limit}"
+    path = _api.call_outputs(call_id, after, wait_ms, limit)
     result: dict[str, Any] = client.request("GET", path, timeout=wait_ms / 1000 + 60)
     return result
 
@@ -231,15 +229,13 @@ class Function:
         fid = self._function_id
         if fid is not None:
             return fid
-        from urllib.parse import quote
-
         client = _client()
         if self._from_name is not None:
             app_name, name = self._from_name
-            info = client.request("GET", f"/v1/apps/by-name/{quote(app_name, safe='')}/functions/{quote(name, safe='')}")
+            info = client.request("GET", _api.app_function_by_name(app_name, name))
         elif os.environ.get("FLARE_IS_REMOTE") == "1" and os.environ.get("FLARE_APP_ID"):
             app_id = os.environ["FLARE_APP_ID"]
-            info = client.request("GET", f"/v1/apps/{app_id}/functions/{quote(self._tag, safe='')}")
+            info = client.request("GET", _api.app_function(app_id, self._tag))
         else:
             raise exception.ExecutionError(
                 f"Function {self._tag!r} has not been hydrated: its app is not running. "
@@ -286,7 +282,7 @@ class Function:
         deadline: float | None = None
         while True:
             try:
-                resp = client.request("POST", f"/v1/functions/{fid}/calls", body, timeout=_CALL_WAIT_MS / 1000 + 60)
+                resp = client.request("POST", _api.function_calls(fid), body, timeout=_CALL_WAIT_MS / 1000 + 60)
             except exception.ConnectionError as e:
                 if deadline is None:
                     if not getattr(e, "request_sent", False):
@@ -312,7 +308,7 @@ class Function:
                     deadline = time.monotonic() + _RECONNECT_WINDOW
                 _await_server(client, deadline, e)
                 try:
-                    client.request("GET", f"/v1/calls/{call_id}", timeout=10)
+                    client.request("GET", _api.call(call_id), timeout=10)
                 except exception.NotFoundError:
                     continue  # forgotten: submit the input again
                 except exception.ConnectionError:
@@ -353,7 +349,7 @@ class Function:
     def _gen_iter(self, fid: str, args_b64: str) -> Iterator[Any]:
         client = _client()
         body = ('{"kind":"gen","inputs":[{"args":"%s"}],"more":false,"wait_ms":0}' % args_b64).encode()
-        resp = client.request("POST", f"/v1/functions/{fid}/calls", body)
+        resp = client.request("POST", _api.function_calls(fid), body)
         call_id = resp["call_id"]
         finished = False
         try:
@@ -413,7 +409,7 @@ class Function:
             )
         body = {k: v for k, v in fields.items() if v is not None}
         fid = self._hydrate()
-        _client().request("POST", f"/v1/functions/{fid}/autoscaler", body)
+        _client().request("POST", _api.function_autoscaler(fid), body)
 
     async def _update_autoscaler_aio(self, **kwargs: Any) -> None:
         await _in_thread(self._update_autoscaler, **kwargs)
@@ -421,7 +417,7 @@ class Function:
     def _get_current_stats(self) -> FunctionStats:
         """Backlog and containers of the function right now (like Modal's ``FunctionStats``)."""
         fid = self._hydrate()
-        info = _client().request("GET", f"/v1/functions/{fid}/stats")
+        info = _client().request("GET", _api.function_stats(fid))
         return FunctionStats._from_json(info)
 
     async def _get_current_stats_aio(self) -> FunctionStats:
@@ -437,7 +433,7 @@ class Function:
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: it cannot be spawned; use .remote_gen()")
         body = ('{"kind":"spawn","inputs":[{"args":"%s"}],"more":false,"wait_ms":0}' % b64(payload)).encode()
-        resp = _client().request("POST", f"/v1/functions/{fid}/calls", body)
+        resp = _client().request("POST", _api.function_calls(fid), body)
         return FunctionCall(resp["call_id"], "spawn", self._tag)
 
     async def _spawn_aio(self, *args: Any, **kwargs: Any) -> FunctionCall:
@@ -606,7 +602,7 @@ def _exception_of(output: dict[str, Any], name: str) -> BaseException:
 
 def _cancel_quietly(client: Client, call_id: str) -> None:
     try:
-        client.request("POST", f"/v1/calls/{call_id}/cancel", {"terminate_containers": False}, timeout=10)
+        client.request("POST", _api.call_cancel(call_id), {"terminate_containers": False}, timeout=10)
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
 
@@ -615,13 +611,13 @@ _RECONNECT_WINDOW = 60.0
 
 
 def _await_server(client: Client, deadline: float, error: BaseException) -> None:
-    """Wait (with backoff) until the server answers /v1/health; re-raise ``error`` at ``deadline``."""
+    """Wait (with backoff) until the server answers its health check; re-raise ``error`` at ``deadline``."""
     import time
 
     delay = 0.1
     while True:
         try:
-            client.request("GET", "/v1/health", timeout=5)
+            client.request("GET", _api.health(), timeout=5)
             return
         except exception.ConnectionError:
             pass
@@ -745,7 +741,7 @@ class _MapRun:
             if call_id is None:
                 inputs = ",".join(frag for _, frag in batch)
                 body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more else "false")).encode()
-                resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
+                resp = client.request("POST", _api.function_calls(self.function_id), body)
                 with self.state_lock:
                     self.ledger.add(resp["call_id"], batch)
                     self.call_id = resp["call_id"]
@@ -760,7 +756,7 @@ class _MapRun:
             try:
                 while True:
                     try:
-                        client.request("POST", f"/v1/calls/{call_id}/inputs", body)
+                        client.request("POST", _api.call_inputs(call_id), body)
                         break
                     except exception.ResourceExhaustedError:
                         # The server held the batch while our outputs were not being read
@@ -792,7 +788,7 @@ class _MapRun:
             while True:
                 _await_server(client, deadline, error)
                 try:
-                    info = client.request("GET", f"/v1/calls/{failed_call_id}", timeout=10)
+                    info = client.request("GET", _api.call(failed_call_id), timeout=10)
                 except exception.ConnectionError:
                     continue
                 except exception.NotFoundError:
@@ -807,7 +803,7 @@ class _MapRun:
                         if have < len(m):
                             body = ('{"inputs":[%s],"more":%s}' % (",".join(rest), "true" if more else "false")).encode()
                             try:
-                                client.request("POST", f"/v1/calls/{failed_call_id}/inputs", body)
+                                client.request("POST", _api.call_inputs(failed_call_id), body)
                             except (exception.ConnectionError, exception.ResourceExhaustedError):
                                 continue
                             except exception.NotFoundError:
@@ -824,7 +820,7 @@ class _MapRun:
                 inputs = ",".join(frag for _, frag in items)
                 body = ('{"kind":"map","inputs":[%s],"more":%s,"wait_ms":0}' % (inputs, "true" if more_after else "false")).encode()
                 try:
-                    resp = client.request("POST", f"/v1/functions/{self.function_id}/calls", body)
+                    resp = client.request("POST", _api.function_calls(self.function_id), body)
                 except exception.ConnectionError:
                     continue
                 with self.state_lock:
@@ -991,7 +987,7 @@ class FunctionCall:
 
         client = _client()
         if self._kind is None:
-            info = client.request("GET", f"/v1/calls/{self._call_id}")
+            info = client.request("GET", _api.call(self._call_id))
             self._kind = info.get("kind") or "spawn"
         deadline = None if timeout is None else time.monotonic() + timeout
         after = -1
@@ -1031,7 +1027,7 @@ class FunctionCall:
 
     def _cancel(self, terminate_containers: bool = False) -> None:
         """Cancel the call: pending inputs are dropped, running ones stopped."""
-        _client().request("POST", f"/v1/calls/{self._call_id}/cancel", {"terminate_containers": bool(terminate_containers)})
+        _client().request("POST", _api.call_cancel(self._call_id), {"terminate_containers": bool(terminate_containers)})
 
     async def _cancel_aio(self, terminate_containers: bool = False) -> None:
         await _in_thread(self._cancel, terminate_containers)

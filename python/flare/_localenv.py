@@ -28,7 +28,7 @@ import os
 import stat
 import sys
 
-from . import exception
+from . import _api, exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -419,7 +419,7 @@ def _build(client: Client, spec: dict[str, Any], show_output: bool) -> dict[str,
     """Send the build and follow it; None when the server does not know the base key."""
     from .image import _BUILD_EVENT_TIMEOUT, follow_build
 
-    events: Iterator[Any] = iter(client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT))
+    events: Iterator[Any] = iter(client.stream_ndjson("POST", _api.images_build(), spec, timeout=_BUILD_EVENT_TIMEOUT))
     first = next(events, None)
     if isinstance(first, dict) and first.get("type") == "error" and first.get("code") == "unknown_base":
         close = getattr(events, "close", None)
@@ -518,7 +518,7 @@ def capture(
                 return str(done["image_id"])
             _remember(fp, None)  # the server lost it: send it whole
     try:
-        client.request("GET", "/v1/images")
+        client.request("GET", _api.images())
     except exception.NotFoundError:
         return None  # a server from before images
     from ._blobs import BlobSet

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from . import _api
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Iterator
@@ -61,7 +63,7 @@ def _show_system() -> bool:
 
 
 class LogStreamer:
-    """Long-polls ``/v1/apps/{id}/logs`` on a thread and writes records to stdout/stderr."""
+    """Long-polls the app's logs (``_api.app_logs``) on a thread and writes records to stdout/stderr."""
 
     def __init__(self, client: Client, app_id: str) -> None:
         import threading
@@ -146,7 +148,7 @@ def catch_up(app_id: str | None, log_seq: int | None, timeout: float = 0.5) -> N
 
 def logs_page(client: Client, app_id: str, after: int | None, wait_ms: int) -> dict[str, Any]:
     query = f"wait_ms={wait_ms}&limit=1000" + ("" if after is None else f"&after={after}")
-    result: dict[str, Any] = client.request("GET", f"/v1/apps/{app_id}/logs?{query}", timeout=wait_ms / 1000 + 30)
+    result: dict[str, Any] = client.request("GET", _api.app_logs(app_id, query), timeout=wait_ms / 1000 + 30)
     return result
 
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 
-from . import exception
+from . import _api, exception
 from ._transport import DEFAULT_SERVER_URL, Client, configured_server_url, get_client, how_to_start_hint
 
 TYPE_CHECKING = False
@@ -56,7 +56,7 @@ def find_flared() -> str:
 
 def health(client: Client, timeout: float = 2.0) -> dict[str, Any] | None:
     try:
-        result: dict[str, Any] = client.request("GET", "/v1/health", timeout=timeout)
+        result: dict[str, Any] = client.request("GET", _api.health(), timeout=timeout)
         return result
     except exception.ConnectionError:
         client.close()
@@ -105,7 +105,7 @@ def host_bind_allow(home: str) -> list[str]:
 
 
 def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
-    """Start ``flared server`` in the background (setsid) and wait for /v1/health."""
+    """Start ``flared server`` in the background (setsid) and wait until it answers its health check."""
     import fcntl
     import subprocess
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import exception
+from . import _api, exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     body: dict[str, Any] = {"name": name, "mode": mode}
     if app._description:
         body["description"] = app._description
-    resp = client.request("POST", "/v1/apps", body)
+    resp = client.request("POST", _api.apps(), body)
     app_id: str = resp["app_id"]
     app._app_id = app_id
     mount_id, sdk_mount = _create_mounts(client, blobs, entries, sdk_files)
@@ -367,7 +367,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
         image_id = image_ids[id(img)] if img is not None else local_image_id
         defs.append(_function_def(fn, entry_dir, mount_id, image_id, sdk_mount))
     if defs:
-        registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
+        registered = client.request("POST", _api.app_functions(app_id), {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}
         for fn in app._functions.values():
             fn._function_id = ids.get(fn._tag)
@@ -397,9 +397,9 @@ def _create_mounts(client: Client, blobs: BlobSet, *mounts: list[dict[str, Any]]
                         with open(src, "rb") as fh:
                             src = fh.read()
                     files.append({"path": e["path"], "data": b64(src), "mode": e["mode"]})
-            out.append(str(client.request("POST", "/v1/mounts", {"files": files})["mount_id"]))
+            out.append(str(client.request("POST", _api.mounts(), {"files": files})["mount_id"]))
         else:
-            out.append(str(client.request("POST", "/v1/mounts", {"entries": entries})["mount_id"]))
+            out.append(str(client.request("POST", _api.mounts(), {"entries": entries})["mount_id"]))
     return out
 
 
@@ -427,7 +427,7 @@ class _AppRuntime:
         try:
             while not self.stop_event.wait(10.0):
                 try:
-                    self.client.request("POST", f"/v1/apps/{self.app_id}/heartbeat", {}, timeout=10)
+                    self.client.request("POST", _api.app_heartbeat(self.app_id), {}, timeout=10)
                 except Error:
                     pass  # transient; the server tolerates 60 s without one
         finally:
@@ -436,7 +436,7 @@ class _AppRuntime:
     def stop(self) -> None:
         self.stop_event.set()
         try:
-            self.client.request("POST", f"/v1/apps/{self.app_id}/stop", {}, timeout=120)
+            self.client.request("POST", _api.app_stop(self.app_id), {}, timeout=120)
         finally:
             if self.logs is not None:
                 self.logs.drain()
@@ -464,7 +464,7 @@ class _RunContext:
             app._running = False
             if app._app_id is not None:
                 try:
-                    client.request("POST", f"/v1/apps/{app._app_id}/stop", {}, timeout=60)
+                    client.request("POST", _api.app_stop(app._app_id), {}, timeout=60)
                 except Exception:  # noqa: BLE001
                     pass
                 app._app_id = None

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, exception
+from . import __version__, _api, exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def _client() -> Any:
 
 
 def _find_app(client: Any, name: str) -> dict[str, Any]:
-    apps = client.request("GET", "/v1/apps")["apps"]
+    apps = client.request("GET", _api.apps())["apps"]
     matches = [a for a in apps if a["name"] == name or a["app_id"] == name]
     live = [a for a in matches if a.get("state") != "stopped"]
     if live:
@@ -228,7 +228,7 @@ def cmd_app(args: argparse.Namespace, rest: list[str]) -> int:
 
     client = _client()
     if args.app_cmd == "list":
-        apps = client.request("GET", "/v1/apps")["apps"]
+        apps = client.request("GET", _api.apps())["apps"]
         rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS (containers/backlog)")]
         for a in apps:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.get("created_at", 0)))
@@ -240,7 +240,7 @@ def cmd_app(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     if args.app_cmd == "stop":
         app = _find_app(client, args.name)
-        client.request("POST", f"/v1/apps/{app['app_id']}/stop", {}, timeout=120)
+        client.request("POST", _api.app_stop(app["app_id"]), {}, timeout=120)
         print(f"Stopped app {app['name']!r} ({app['app_id']})")
         return 0
     if args.app_cmd == "logs":
@@ -286,8 +286,8 @@ def cmd_container(args: argparse.Namespace, rest: list[str]) -> int:
     if args.container_cmd != "list":
         raise UserError("usage: flare container list")
     client = _client()
-    containers = client.request("GET", "/v1/containers")["containers"]
-    names = {a["app_id"]: a["name"] for a in client.request("GET", "/v1/apps")["apps"]}
+    containers = client.request("GET", _api.containers())["containers"]
+    names = {a["app_id"]: a["name"] for a in client.request("GET", _api.apps())["apps"]}
     rows = [("CONTAINER ID", "APP", "FUNCTION", "WORKER", "STATE", "AGE", "MEMORY")]
     for c in containers:
         app_id = c.get("app_id", "")
@@ -308,7 +308,7 @@ def cmd_container(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
     if args.worker_cmd != "list":
         raise UserError("usage: flare worker list")
-    workers = _client().request("GET", "/v1/workers")["workers"]
+    workers = _client().request("GET", _api.workers())["workers"]
     rows = [("WORKER ID", "ADDRESS", "STATE", "CPU", "MEMORY (MiB)", "GPUS", "CONTAINERS")]
     for w in workers:
         cpu = f"{w.get('cpu_millis_used', 0) / 1000:g}/{w.get('cpu_millis', 0) / 1000:g}"
@@ -353,7 +353,7 @@ def _count(value: Any) -> str:
 def cmd_image(args: argparse.Namespace, rest: list[str]) -> int:
     client = _client()
     if args.image_cmd == "list":
-        images = client.request("GET", "/v1/images")["images"]
+        images = client.request("GET", _api.images())["images"]
         rows: list[tuple[str, ...]] = [("IMAGE ID", "CREATED", "LAYERS", "SIZE", "PYTHON", "DESCRIPTION")]
         for im in images:
             rows.append((
@@ -367,9 +367,7 @@ def cmd_image(args: argparse.Namespace, rest: list[str]) -> int:
         _print_table(rows)
         return 0
     if args.image_cmd == "inspect":
-        from urllib.parse import quote
-
-        im = client.request("GET", f"/v1/images/{quote(args.image_id, safe='')}")
+        im = client.request("GET", _api.image(args.image_id))
         if args.json:
             import json
 

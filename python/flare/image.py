@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import exception
+from . import _api, exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -650,9 +650,9 @@ def _write(text: str) -> None:
 
 
 def build(client: Client, spec: dict[str, Any], show_output: bool) -> dict[str, Any]:
-    """POST the (resolved, uploaded) spec to ``/v1/images/build`` and follow the build;
+    """POST the (resolved, uploaded) spec to the image build route (``_api.images_build``) and follow the build;
     returns the ``done`` event. A failed build raises ``flare.exception.RemoteError``."""
-    return follow_build(client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT), show_output)
+    return follow_build(client.stream_ndjson("POST", _api.images_build(), spec, timeout=_BUILD_EVENT_TIMEOUT), show_output)
 
 
 def follow_build(events: Iterable[Any], show_output: bool) -> dict[str, Any]:
@@ -739,7 +739,7 @@ def build_images(client: Client, images: list[Image], show_output: bool) -> dict
         sdk_files = sdk_entries(blobs)
     blobs.upload(client)
     if sdk_files is not None:
-        sdk_mount = str(client.request("POST", "/v1/mounts", {"entries": sdk_files})["mount_id"])
+        sdk_mount = str(client.request("POST", _api.mounts(), {"entries": sdk_files})["mount_id"])
         for s in runs_functions:
             s["sdk_mount"] = sdk_mount
     built: dict[str, str] = {}
