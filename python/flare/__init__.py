@@ -17,7 +17,8 @@ if TYPE_CHECKING:
         current_input_id as current_input_id,
         is_local as is_local,
     )
-    from ._functions import Function as Function, FunctionCall as FunctionCall
+    from .function import Function as Function
+    from .function_call import FunctionCall as FunctionCall
     from ._output import enable_output as enable_output
     from .app import App as App
     from .exception import Error as Error
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "App": ("flare.app", "App"),
-    "Function": ("flare._functions", "Function"),
+    "Function": ("flare.function", "Function"),
     "Image": ("flare.image", "Image"),
     "FilePatternMatcher": ("flare.image", "FilePatternMatcher"),
-    "FunctionCall": ("flare._functions", "FunctionCall"),
+    "FunctionCall": ("flare.function_call", "FunctionCall"),
     "Retries": ("flare._config", "Retries"),
     "concurrent": ("flare._config", "concurrent"),
     "is_local": ("flare._runtime.context", "is_local"),

@@ -147,7 +147,7 @@ def concurrent(*, max_inputs: int, target_inputs: int | None = None) -> Callable
         raise InvalidError("target_inputs must be an int between 1 and max_inputs")
 
     def wrapper(f: F) -> F:
-        from ._functions import Function
+        from .function import Function
 
         if isinstance(f, Function):
             # Also accepted above @app.function(): the definition is sent at app.run().

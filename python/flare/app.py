@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ._blobs import BlobSet
     from ._config import Retries
-    from ._functions import Function
+    from .function import Function
     from ._transport import Client
     from .image import Image
 
@@ -142,7 +142,7 @@ class App:
         retries_dict = retries_to_dict(retries)
 
         def decorator(f: Callable[..., Any]) -> Function:
-            from ._functions import Function
+            from .function import Function
 
             if isinstance(f, Function):
                 raise exception.InvalidError("@app.function() is applied twice to the same function")

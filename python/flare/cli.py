@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, NoReturn, Sequence
 
-    from ._functions import Function
+    from .function import Function
     from .app import App, LocalEntrypoint
 
 
@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
     module, name = _import_target(args.target, args.m)
     app, target = _resolve(module, name)
-    from ._functions import Function
+    from .function import Function
 
     if isinstance(target, Function):
         raw = target.get_raw_f()

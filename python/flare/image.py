@@ -506,7 +506,7 @@ class Image:
         kwargs: dict[str, Any] | None = None,
     ) -> Image:
         """Run a Python function (pickled with cloudpickle) in the image as a build step."""
-        from ._functions import Function
+        from .function import Function
 
         if isinstance(raw_f, Function):
             raw_f = raw_f.get_raw_f()

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 import flare
-from flare import _functions, exception
+from flare import exception
+from flare import function as _functions
 from flare._config import parse_gpu
 
 
