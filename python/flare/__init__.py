@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from . import exception as exception
-    from ._config import Retries as Retries, concurrent as concurrent
+    from ._options import Retries as Retries
+    from .function import concurrent as concurrent
     from ._runtime.context import (
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,
@@ -30,8 +31,8 @@ _LAZY = {
     "Image": ("flare.image", "Image"),
     "FilePatternMatcher": ("flare.image", "FilePatternMatcher"),
     "FunctionCall": ("flare.function_call", "FunctionCall"),
-    "Retries": ("flare._config", "Retries"),
-    "concurrent": ("flare._config", "concurrent"),
+    "Retries": ("flare._options", "Retries"),
+    "concurrent": ("flare.function", "concurrent"),
     "is_local": ("flare._runtime.context", "is_local"),
     "current_input_id": ("flare._runtime.context", "current_input_id"),
     "current_function_call_id": ("flare._runtime.context", "current_function_call_id"),

@@ -10,14 +10,15 @@ import os
 import sys
 
 from . import _api, exception
+from ._options import FunctionOptions
+from .function import Function
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
     from ._blobs import BlobSet
-    from ._config import Retries
-    from .function import Function
+    from ._options import Retries
     from ._transport import Client
     from .image import Image
 
@@ -116,34 +117,21 @@ class App:
         """Decorator turning a function into a ``flare.Function`` that runs in containers."""
         image = _check_image(image)
         # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
-        cpu_limit: float | None = None
-        if isinstance(cpu, tuple):
-            if len(cpu) != 2:
-                raise exception.InvalidError(f"cpu=(request, limit) needs two numbers, got {cpu!r}")
-            cpu, cpu_limit = cpu
-            if not (isinstance(cpu_limit, (int, float)) and isinstance(cpu, (int, float)) and cpu_limit >= cpu):
-                raise exception.InvalidError(f"cpu limit must be a number >= the request, got {cpu_limit!r}")
-        if cpu is not None and not (isinstance(cpu, (int, float)) and 0.0625 <= cpu <= 64):
-            raise exception.InvalidError(f"cpu must be a number of cores between 0.0625 and 64, got {cpu!r}")
-        if memory is not None and not (isinstance(memory, int) and memory > 0):
-            raise exception.InvalidError(f"memory must be a positive int (MiB), got {memory!r}")
-        if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
-            raise exception.InvalidError(f"timeout must be an int number of seconds between 1 and 86400, got {timeout!r}")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise exception.InvalidError("env must map str to str")
-        for label, value in (("min_containers", min_containers), ("buffer_containers", buffer_containers), ("scaledown_window", scaledown_window)):
-            if not isinstance(value, int) or value < 0:
-                raise exception.InvalidError(f"{label} must be an int >= 0, got {value!r}")
-        if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
-            raise exception.InvalidError(f"max_containers must be an int >= 1, got {max_containers!r}")
-        from ._config import parse_gpu, retries_to_dict
-
-        gpu_list = parse_gpu(gpu)
-        retries_dict = retries_to_dict(retries)
+        options = FunctionOptions.from_decorator(
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+            block_network=block_network,
+        )
 
         def decorator(f: Callable[..., Any]) -> Function:
-            from .function import Function
-
             if isinstance(f, Function):
                 raise exception.InvalidError("@app.function() is applied twice to the same function")
             if not callable(f):
@@ -156,26 +144,11 @@ class App:
             if "<locals>" in tag and name is None:
                 tag = f.__name__
             max_inputs, target_inputs = getattr(f, "__flare_concurrency__", (1, None))
-            config = {
-                "cpu": float(cpu) if cpu is not None else None,
-                "cpu_limit": float(cpu_limit) if cpu_limit is not None else None,
-                "memory": memory,
-                "timeout": timeout,
-                "retries": retries_dict,
-                "env": dict(env or {}),
-                "min_containers": min_containers,
-                "max_containers": max_containers,
-                "buffer_containers": buffer_containers,
-                "scaledown_window": scaledown_window,
-                "max_inputs": max_inputs,
-                "target_inputs": target_inputs,
-                "block_network": bool(block_network),
-                "gpu": gpu_list,
-            }
+            fn_options = options.with_concurrency(max_inputs, target_inputs)
             # Functions nested in other functions cannot be imported by name in the
             # container: ship them pickled by value instead.
             auto_serialize = "<locals>" in (getattr(f, "__qualname__", "") or "")
-            fn = Function(f, self, tag, config, serialized=serialized or auto_serialize)
+            fn = Function(f, self, tag, fn_options, serialized=serialized or auto_serialize)
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn

@@ -14,14 +14,17 @@ from . import _api, _invocation, exception
 from ._bridge import Method, aiter_in_thread, aio_inputs, in_thread
 from ._map import MapRun
 from ._object import _Object
+from ._options import Concurrency, FunctionOptions, check_autoscaler_update
 from .function_call import FunctionCall
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+    from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar
 
     from ._transport import Client
     from .app import App
+
+    F = TypeVar("F")
 
 
 def _client() -> Client:
@@ -39,14 +42,14 @@ class Function(_Object):
         raw_f: Callable[..., Any] | None,
         app: App | None,
         tag: str,
-        config: dict[str, Any],
+        options: FunctionOptions | None,
         serialized: bool = False,
     ) -> None:
         self._init_object(tag)
         self._raw_f = raw_f
         self.__flare_raw_f__ = raw_f
         self._app = app
-        self._config = config
+        self._options = options
         self._serialized = serialized
         code = getattr(raw_f, "__code__", None)
         flags = code.co_flags if code is not None else 0
@@ -74,7 +77,12 @@ class Function(_Object):
 
     @classmethod
     def _new_reference(cls, name: str) -> Function:
-        return cls(None, None, name, {})
+        return cls(None, None, name, None)
+
+    @property
+    def _config(self) -> dict[str, Any]:
+        """The definition's ``config`` as sent to the server (``{}`` for a reference)."""
+        return self._options.to_wire() if self._options is not None else {}
 
     @property
     def tag(self) -> str:
@@ -194,23 +202,12 @@ class Function(_Object):
         """Change the autoscaler of the running or deployed function now, without a redeploy
         (``f.update_autoscaler(min_containers=2)``); parameters left as ``None`` keep their
         value. Like Modal, the override lasts until the app is deployed again."""
-        fields = {
-            "min_containers": min_containers,
-            "max_containers": max_containers,
-            "buffer_containers": buffer_containers,
-            "scaledown_window": scaledown_window,
-        }
-        for label, value in fields.items():
-            if value is None:
-                continue
-            low = 1 if label == "max_containers" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise exception.InvalidError(f"{label} must be an int >= {low}, got {value!r}")
-        if min_containers is not None and max_containers is not None and min_containers > max_containers:
-            raise exception.InvalidError(
-                f"min_containers ({min_containers}) must not exceed max_containers ({max_containers})"
-            )
-        body = {k: v for k, v in fields.items() if v is not None}
+        body = check_autoscaler_update(
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+        )
         fid = self._hydrate()
         _client().request("POST", _api.function_autoscaler(fid), body)
 
@@ -378,3 +375,31 @@ class FunctionStats:
             f"FunctionStats(backlog={self.backlog}, num_total_runners={self.num_total_runners}, "
             f"num_running_inputs={self.num_running_inputs})"
         )
+
+
+def concurrent(*, max_inputs: int, target_inputs: int | None = None) -> Callable[[F], F]:
+    """Let one container process up to ``max_inputs`` inputs at once.
+
+    Place it under ``@app.function()``::
+
+        @app.function()
+        @flare.concurrent(max_inputs=10)
+        def f(x): ...
+    """
+    Concurrency(max_inputs, target_inputs)  # checks both
+
+    def wrapper(f: F) -> F:
+        if isinstance(f, Function):
+            # Also accepted above @app.function(): the definition is sent at app.run().
+            if f._options is not None:
+                f._options = f._options.with_concurrency(max_inputs, target_inputs)
+            return f
+        if not callable(f):
+            raise exception.InvalidError("@flare.concurrent must decorate a function")
+        try:
+            f.__flare_concurrency__ = (max_inputs, target_inputs)  # type: ignore[attr-defined]
+        except AttributeError:
+            raise exception.InvalidError("@flare.concurrent cannot annotate this object") from None
+        return f
+
+    return wrapper

@@ -9,7 +9,7 @@ import pytest
 import flare
 from flare import exception
 from flare import function as _functions
-from flare._config import parse_gpu
+from flare._options import parse_gpu
 
 
 def test_parse_gpu_specs() -> None:
