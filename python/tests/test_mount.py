@@ -43,9 +43,9 @@ def test_sdk_mount_walks_subpackages() -> None:
     entries = _mount.sdk_entries(blobs)
     paths = _by_path(entries)
     tag = sys.implementation.cache_tag
-    for pkg in ("flare", "flare/_runtime", "cloudpickle"):
+    for pkg in ("flare", "flare/_runtime", "flare/cli", "cloudpickle"):
         assert paths[pkg]["kind"] == "dir" and paths[pkg + "/__pycache__"]["kind"] == "dir", pkg
-    for module in ("flare/__init__.py", "flare/_runtime/__main__.py", "flare/_runtime/runner.py"):
+    for module in ("flare/__init__.py", "flare/_runtime/__main__.py", "flare/_runtime/runner.py", "flare/cli/__init__.py"):
         assert paths[module]["kind"] == "file", module
         d, _, name = module.rpartition("/")
         pyc = paths[f"{d}/__pycache__/{name[:-3]}.{tag}.pyc"]
