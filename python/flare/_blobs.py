@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import threading
 
-from . import _api
+from . import _api, exception
+from ._home import flare_home
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,8 +71,6 @@ def _hash_path_sized(path: str) -> tuple[str, int]:
 
 
 def _cache_path() -> str:
-    from ._server import flare_home
-
     return os.path.join(flare_home(), "hash-cache.json")
 
 
@@ -243,8 +242,6 @@ def missing(client: Client, digests: Iterable[str]) -> list[str]:
 
 
 def _put(client: Client, digest: str, source: Source) -> int:
-    from . import exception
-
     path = _api.blob(digest)
     if isinstance(source, bytes):
         resp = client.request("PUT", path, source, timeout=600, content_type="application/octet-stream")
@@ -269,8 +266,6 @@ _BATCH_COUNT = 4096
 
 
 def _read(source: Source) -> bytes:
-    from . import exception
-
     if isinstance(source, bytes):
         return source
     try:
@@ -283,8 +278,6 @@ def _read(source: Source) -> bytes:
 def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
     """Send many small blobs in one request (``POST _api.blobs_batch()``)."""
     import json
-
-    from . import exception
 
     for d, data in items:
         if digest_bytes(data) != d:

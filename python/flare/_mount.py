@@ -1,4 +1,5 @@
-"""Shipping the user's code: the mount (local modules) and the container's Python setup."""
+"""Shipping code: the code mount (the user's local modules) and the SDK mount (this
+package, cloudpickle and Flare's ``modal`` compatibility package). Client side only."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import re
 import sys
 
+from ._blobs import BlobSet
+from ._home import flare_home
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-    from ._blobs import BlobSet
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,8 +63,6 @@ def collect_files(entry_file: str, blobs: BlobSet | None = None) -> list[dict[st
     local module under its directory, each with its compiled ``.pyc``. Contents are added
     to ``blobs`` (digest -> source) for upload."""
     if blobs is None:
-        from ._blobs import BlobSet
-
         blobs = BlobSet()
     entry_file = os.path.realpath(entry_file)
     entry_dir = os.path.dirname(entry_file)
@@ -111,30 +111,6 @@ def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
         except (py_compile.PyCompileError, OSError, SyntaxError):
             return None
     return cache_rel.replace(os.sep, "/"), data
-
-
-def python_info(entry_dir: str | None, sdk_mount: str | None = None) -> dict[str, Any]:
-    """The ``python`` part of a function definition. No host paths for the server to bind:
-    the SDK and cloudpickle travel as the ``sdk_mount`` (see ``sdk_entries``), the
-    environment as a captured image (or, with ``FLARE_LOCAL_PYTHON=bind``, as host dirs
-    the server binds only if its operator allows them)."""
-    from ._localenv import environment_prefixes
-
-    entry = os.path.realpath(entry_dir) if entry_dir else None
-    paths: list[str] = []
-    for p in sys.path:
-        p = os.path.realpath(p or os.getcwd())
-        if p == entry or not os.path.isdir(p) or p in paths:
-            continue
-        paths.append(p)
-    info: dict[str, Any] = {
-        "executable": sys.executable,
-        "paths": paths,
-        "prefixes": environment_prefixes(),
-    }
-    if sdk_mount:
-        info["sdk_mount"] = sdk_mount
-    return info
 
 
 # Where the SDK mount's packages appear in containers (the worker binds them there).
@@ -224,8 +200,6 @@ def _depth_first_key(path: str) -> tuple[int, str]:
 def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
     """The unchecked-hash ``.pyc`` of source ``real`` (content ``digest``), compiled once
     and kept in the flare home (``pyc-cache/``), keyed by digest and interpreter."""
-    from ._server import flare_home
-
     tag = sys.implementation.cache_tag or "none"
     key = importlib.util.source_hash(f"{digest} {dfile}".encode()).hex()
     cache_dir = os.path.join(flare_home(), "pyc-cache", tag)

@@ -1,4 +1,4 @@
-"""The options of ``@app.function()``, validated once into frozen dataclasses, and
+"""The options of ``@app.function()``, validated once into frozen value classes, and
 ``flare.Retries`` and ``gpu=`` parsing.
 
 ``FunctionOptions.from_decorator(...)`` checks every argument (an ``InvalidError`` that
@@ -6,18 +6,20 @@ names the option and the bad value), and ``to_wire()`` gives the ``config`` obje
 function definition exactly as the server reads it (``FunctionConfig`` in
 crates/flare-proto). ``flare.concurrent`` and ``Function.update_autoscaler`` use the
 same checks. Imported inside containers (user modules decorate at import time): only
-sibling modules and ``dataclasses`` at import time.
+sibling modules at import time. (The value classes are written out rather than made with
+``dataclasses``: importing that module costs a container's start about 7 ms, for
+``inspect`` and ``re``.)
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field, replace
 
 from . import exception
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeVar
+
+    F = TypeVar("F", bound="_Frozen")
 
 class Retries:
     """Retry policy for a function (same parameters and limits as ``modal.Retries``).
@@ -132,6 +134,42 @@ def parse_gpu(gpu: object) -> list[dict[str, Any]]:
     )
 
 
+class _Frozen:
+    """A frozen value: fields in ``__slots__``, compared, hashed and shown by value."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _set(self, **fields: Any) -> None:
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot assign {name!r}")
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__,) + tuple(
+            tuple(sorted(v.items())) if isinstance(v, dict) else v for v in self._fields()
+        ))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({args})"
+
+    def replace(self: F, **changes: Any) -> F:
+        """A copy with ``changes`` (checked again)."""
+        fields = {k: getattr(self, k) for k in self.__slots__}
+        fields.update(changes)
+        return type(self)(**fields)
+
+
 MIN_CPU = 0.0625
 MAX_CPU = 64
 MAX_TIMEOUT = 86400
@@ -154,26 +192,38 @@ def check_count(label: str, value: object, low: int) -> int:
     return value  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class GpuRequest:
+class GpuRequest(_Frozen):
     """One GPU alternative: an upper-case type (``"H100"``, ``"ANY"``) and a count."""
 
+    __slots__ = ("type", "count")
     type: str
-    count: int = 1
+    count: int
+
+    def __init__(self, type: str, count: int = 1) -> None:  # noqa: A002 - the wire name
+        self._set(type=type, count=count)
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": self.type, "count": self.count}
 
 
-@dataclass(frozen=True)
-class Resources:
+class Resources(_Frozen):
     """What one container reserves: ``cpu`` cores (it may burst above them; up to
     ``cpu_limit`` when given), ``memory`` MiB, and GPUs (alternatives in order of preference)."""
 
-    cpu: float | None = None
-    cpu_limit: float | None = None
-    memory: int | None = None
-    gpu: tuple[GpuRequest, ...] = ()
+    __slots__ = ("cpu", "cpu_limit", "memory", "gpu")
+    cpu: float | None
+    cpu_limit: float | None
+    memory: int | None
+    gpu: tuple[GpuRequest, ...]
+
+    def __init__(
+        self,
+        cpu: float | None = None,
+        cpu_limit: float | None = None,
+        memory: int | None = None,
+        gpu: tuple[GpuRequest, ...] = (),
+    ) -> None:
+        self._set(cpu=cpu, cpu_limit=cpu_limit, memory=memory, gpu=tuple(gpu))
 
     @classmethod
     def parse(cls, cpu: Any = None, memory: Any = None, gpu: Any = None) -> Resources:
@@ -199,23 +249,35 @@ class Resources:
         )
 
 
-@dataclass(frozen=True)
-class Autoscaler:
+class Autoscaler(_Frozen):
     """How many containers the function keeps: at least ``min_containers`` (plus
     ``buffer_containers`` idle ones while busy), at most ``max_containers``; idle ones
     stop after ``scaledown_window`` seconds."""
 
-    min_containers: int = 0
-    max_containers: int | None = None
-    buffer_containers: int = 0
-    scaledown_window: int = DEFAULT_SCALEDOWN_WINDOW
+    __slots__ = ("min_containers", "max_containers", "buffer_containers", "scaledown_window")
+    min_containers: int
+    max_containers: int | None
+    buffer_containers: int
+    scaledown_window: int
 
-    def __post_init__(self) -> None:
-        check_count("min_containers", self.min_containers, 0)
-        check_count("buffer_containers", self.buffer_containers, 0)
-        check_count("scaledown_window", self.scaledown_window, 0)
-        if self.max_containers is not None:
-            check_count("max_containers", self.max_containers, 1)
+    def __init__(
+        self,
+        min_containers: int = 0,
+        max_containers: int | None = None,
+        buffer_containers: int = 0,
+        scaledown_window: int = DEFAULT_SCALEDOWN_WINDOW,
+    ) -> None:
+        check_count("min_containers", min_containers, 0)
+        check_count("buffer_containers", buffer_containers, 0)
+        check_count("scaledown_window", scaledown_window, 0)
+        if max_containers is not None:
+            check_count("max_containers", max_containers, 1)
+        self._set(
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+        )
 
 
 def check_autoscaler_update(**fields: int | None) -> dict[str, int]:
@@ -229,40 +291,55 @@ def check_autoscaler_update(**fields: int | None) -> dict[str, int]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-@dataclass(frozen=True)
-class Concurrency:
+class Concurrency(_Frozen):
     """Inputs one container runs at once (``@flare.concurrent``)."""
 
-    max_inputs: int = 1
-    target_inputs: int | None = None
+    __slots__ = ("max_inputs", "target_inputs")
+    max_inputs: int
+    target_inputs: int | None
 
-    def __post_init__(self) -> None:
-        if not _is_int(self.max_inputs) or self.max_inputs < 1:
+    def __init__(self, max_inputs: int = 1, target_inputs: int | None = None) -> None:
+        if not _is_int(max_inputs) or max_inputs < 1:
             raise exception.InvalidError("max_inputs must be an int >= 1")
-        t = self.target_inputs
-        if t is not None and (not _is_int(t) or not 1 <= t <= self.max_inputs):
+        t = target_inputs
+        if t is not None and (not _is_int(t) or not 1 <= t <= max_inputs):
             raise exception.InvalidError("target_inputs must be an int between 1 and max_inputs")
+        self._set(max_inputs=max_inputs, target_inputs=target_inputs)
 
 
-@dataclass(frozen=True)
-class FunctionOptions:
+class FunctionOptions(_Frozen):
     """Everything ``@app.function()`` configures about how the function runs."""
 
-    resources: Resources = field(default_factory=Resources)
-    timeout: int = DEFAULT_TIMEOUT
-    retries: Retries | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    autoscaler: Autoscaler = field(default_factory=Autoscaler)
-    concurrency: Concurrency = field(default_factory=Concurrency)
-    block_network: bool = False
+    __slots__ = ("resources", "timeout", "retries", "env", "autoscaler", "concurrency", "block_network")
+    resources: Resources
+    timeout: int
+    retries: Retries | None
+    env: dict[str, str]
+    autoscaler: Autoscaler
+    concurrency: Concurrency
+    block_network: bool
 
-    def __post_init__(self) -> None:
-        if not _is_int(self.timeout) or not 1 <= self.timeout <= MAX_TIMEOUT:
-            raise exception.InvalidError(
-                f"timeout must be an int number of seconds between 1 and {MAX_TIMEOUT}, got {self.timeout!r}"
-            )
-        if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
-            raise exception.InvalidError("env must map str to str")
+    def __init__(
+        self,
+        resources: Resources | None = None,
+        timeout: int = DEFAULT_TIMEOUT,
+        retries: Retries | None = None,
+        env: dict[str, str] | None = None,
+        autoscaler: Autoscaler | None = None,
+        concurrency: Concurrency | None = None,
+        block_network: bool = False,
+    ) -> None:
+        _check_timeout(timeout)
+        _check_env(env)
+        self._set(
+            resources=resources or Resources(),
+            timeout=timeout,
+            retries=retries,
+            env=dict(env or {}),
+            autoscaler=autoscaler or Autoscaler(),
+            concurrency=concurrency or Concurrency(),
+            block_network=bool(block_network),
+        )
 
     @classmethod
     def from_decorator(
@@ -284,19 +361,15 @@ class FunctionOptions:
         """The options from ``@app.function()``'s arguments (checked in the order the
         decorator always checked them)."""
         resources = Resources.parse(cpu=cpu, memory=memory, gpu=None)
-        if not _is_int(timeout) or not 1 <= timeout <= MAX_TIMEOUT:
-            raise exception.InvalidError(
-                f"timeout must be an int number of seconds between 1 and {MAX_TIMEOUT}, got {timeout!r}"
-            )
-        if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
-            raise exception.InvalidError("env must map str to str")
+        _check_timeout(timeout)
+        _check_env(env)
         autoscaler = Autoscaler(
             min_containers=min_containers,
             max_containers=max_containers,
             buffer_containers=buffer_containers,
             scaledown_window=scaledown_window,
         )
-        resources = replace(resources, gpu=Resources.parse(gpu=gpu).gpu)
+        resources = resources.replace(gpu=Resources.parse(gpu=gpu).gpu)
         return cls(
             resources=resources,
             timeout=timeout,
@@ -308,7 +381,7 @@ class FunctionOptions:
         )
 
     def with_concurrency(self, max_inputs: int, target_inputs: int | None) -> FunctionOptions:
-        return replace(self, concurrency=Concurrency(max_inputs, target_inputs))
+        return self.replace(concurrency=Concurrency(max_inputs, target_inputs))
 
     def to_wire(self) -> dict[str, Any]:
         """The function definition's ``config`` (same keys, order and values as always)."""
@@ -329,6 +402,20 @@ class FunctionOptions:
             "block_network": self.block_network,
             "gpu": [g.to_wire() for g in r.gpu],
         }
+
+
+def _check_timeout(timeout: Any) -> None:
+    if not _is_int(timeout) or not 1 <= timeout <= MAX_TIMEOUT:
+        raise exception.InvalidError(
+            f"timeout must be an int number of seconds between 1 and {MAX_TIMEOUT}, got {timeout!r}"
+        )
+
+
+def _check_env(env: Any) -> None:
+    if env is not None and not (
+        isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise exception.InvalidError("env must map str to str")
 
 
 def _retries(retries: Any) -> Retries | None:

@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import _api
+from .exception import Error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,8 +95,6 @@ class LogStreamer:
     def _main(self) -> None:
         import time
 
-        from .exception import Error
-
         try:
             while not self.stopped:
                 after = self.after
@@ -122,8 +121,6 @@ class LogStreamer:
             self.stopped = True
             after = self.after
             self.printed.notify_all()
-        from .exception import Error
-
         for _ in range(1000):
             try:
                 r = self._fetch(after, 0)

@@ -8,6 +8,8 @@ import sys
 import time
 
 from . import _api, exception
+from ._home import flare_home
+from ._localenv import environment_prefixes, python_roots
 from ._transport import DEFAULT_SERVER_URL, Client, configured_server_url, get_client, how_to_start_hint
 
 TYPE_CHECKING = False
@@ -15,10 +17,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 DEFAULT_LISTEN = "127.0.0.1:7878"
-
-
-def flare_home() -> str:
-    return os.environ.get("FLARE_HOME") or os.path.join(os.path.expanduser("~"), ".flare")
 
 
 def _package_dir() -> str:
@@ -89,8 +87,6 @@ def host_bind_allow(home: str) -> list[str]:
     environment whose files are unchanged is bound directly instead of through the lazy
     image mount. Never the flare home or a dir holding it; nothing on a failure."""
     try:
-        from ._localenv import environment_prefixes, python_roots
-
         paths = [os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)]
         cwd = os.path.realpath(os.getcwd())
         roots = python_roots(sys.executable, [p for p in paths if p != cwd], environment_prefixes())

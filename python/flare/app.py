@@ -1,7 +1,10 @@
 """``flare.App``: groups functions, runs them ephemerally (``app.run()``) or deploys them.
 
 Imported inside containers when the user's module runs ``flare.App(...)`` and the
-decorators, so only ``os``/``sys`` at module level.
+decorators, so at module level only ``os``/``sys`` and sibling modules that are as light;
+the client machinery (server, transport, mounts, uploads, environment capture) is
+imported by the functions that publish an app (deliberately lazy, for the containers'
+start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import sys
 
 from . import _api, exception
 from ._options import FunctionOptions
+from ._output import LogStreamer, output_enabled
+from .exception import Error
 from .function import Function
+from .image import Image, build_images
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +26,6 @@ if TYPE_CHECKING:
     from ._blobs import BlobSet
     from ._options import Retries
     from ._transport import Client
-    from .image import Image
 
 
 class LocalEntrypoint:
@@ -190,8 +195,6 @@ class App:
         deploy_name = name or self._name
         if not deploy_name:
             raise exception.InvalidError("a deployed app needs a name: flare.App('name') or deploy(name=...)")
-        from ._output import output_enabled
-
         client = ensure_server()
         _publish(self, client, deploy_name, "deployed", output_enabled())
         return self
@@ -210,8 +213,6 @@ class App:
 def _check_image(image: Any) -> Image | None:
     if image is None:
         return None
-    from .image import Image
-
     if not isinstance(image, Image):
         raise exception.InvalidError(
             f"image= must be a flare.Image (e.g. flare.Image.debian_slim().pip_install(...)), not {type(image).__name__}"
@@ -252,7 +253,8 @@ def _function_def(
     image_id: str | None = None,
     sdk_mount: str | None = None,
 ) -> dict[str, Any]:
-    from ._mount import module_name_for, python_info
+    from ._localenv import python_info
+    from ._mount import module_name_for
     from ._serialization import b64
 
     raw = fn._raw_f
@@ -310,8 +312,6 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     images = {tag: img for tag in app._functions if (img := app._image_for(tag)) is not None}
     image_ids: dict[int, str] = {}
     if images:
-        from .image import build_images
-
         image_ids = build_images(client, list(images.values()), show_output)
     entry = _entry_file(app)
     entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
@@ -389,14 +389,10 @@ class _AppRuntime:
         self.heartbeat.start()
         self.logs = None
         if show_output:
-            from ._output import LogStreamer
-
             self.logs = LogStreamer(client, app_id)
             self.logs.start()
 
     def _heartbeat_main(self) -> None:
-        from .exception import Error
-
         try:
             while not self.stop_event.wait(10.0):
                 try:
@@ -421,7 +417,6 @@ class _RunContext:
         self.show_output = show_output
 
     def __enter__(self) -> App:
-        from ._output import output_enabled
         from ._server import ensure_server
 
         app = self.app

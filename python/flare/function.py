@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from . import _api, _invocation, exception
+from . import _api, _invocation, _output, exception
 from ._bridge import Method, aiter_in_thread, aio_inputs, in_thread
 from ._map import MapRun
 from ._object import _Object
@@ -169,8 +169,6 @@ class Function(_Object):
 
     def _catch_up_logs(self, resp: dict[str, Any]) -> None:
         """Prints the function made before returning reach the terminal before its result."""
-        from . import _output
-
         if _output._streamers and self._app is not None:
             _output.catch_up(self._app._app_id, resp.get("log_seq"))
 
