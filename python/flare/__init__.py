@@ -12,17 +12,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from . import exception as exception
     from ._options import Retries as Retries
-    from .function import concurrent as concurrent
+    from ._output import enable_output as enable_output
     from ._runtime.context import (
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,
         is_local as is_local,
     )
-    from .function import Function as Function
-    from .function_call import FunctionCall as FunctionCall
-    from ._output import enable_output as enable_output
     from .app import App as App
     from .exception import Error as Error
+    from .function import Function as Function, concurrent as concurrent
+    from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
 
 _LAZY = {

@@ -52,7 +52,7 @@ class _InputLedger:
         m = self.maps.get(call_id)
         if m is None or not 0 <= idx < len(m):
             return None
-        orig = m[idx]
+        orig: int = m[idx]
         if self.pending.pop(orig, None) is None:
             return None
         return orig

@@ -233,14 +233,15 @@ def _compile_unchecked(real: str, dfile: str) -> bytes | None:
         code = compile(source, dfile, "exec", dont_inherit=True)
     except (OSError, SyntaxError, ValueError):
         return None
-    return bytes(bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False))
+    pyc = bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False)  # type: ignore[attr-defined]  # private, not in the stubs
+    return bytes(pyc)
 
 
 def cloudpickle_dir() -> str:
     """The cloudpickle package dir (shipped in the SDK mount)."""
     import cloudpickle
 
-    return os.path.dirname(os.path.realpath(cloudpickle.__file__))
+    return os.path.dirname(os.path.realpath(str(cloudpickle.__file__)))
 
 
 _sdk_compiled = False

@@ -19,7 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TypeVar
 
-    O = TypeVar("O", bound="_Object")
+    ObjT = TypeVar("ObjT", bound="_Object")
 
 
 class _Object:
@@ -40,7 +40,7 @@ class _Object:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def _new_reference(cls: type[O], name: str) -> O:
+    def _new_reference(cls: type[ObjT], name: str) -> ObjT:
         """An instance that only refers to the server-side object ``name`` (no local state).
         Subclasses whose ``__init__`` needs more than that override it."""
         obj = cls.__new__(cls)
@@ -48,7 +48,7 @@ class _Object:
         return obj
 
     @classmethod
-    def _from_lookup(cls: type[O], name: str, lookup: tuple[str, ...]) -> O:
+    def _from_lookup(cls: type[ObjT], name: str, lookup: tuple[str, ...]) -> ObjT:
         """A lazy reference resolved by ``_resolve`` on first use (what ``from_name`` returns)."""
         obj = cls._new_reference(name)
         obj._lookup = lookup
@@ -64,7 +64,7 @@ class _Object:
     def is_hydrated(self) -> bool:
         return self._object_id is not None
 
-    def hydrate(self: O) -> O:
+    def hydrate(self: ObjT) -> ObjT:
         """Resolve the object's id now (references resolve lazily otherwise)."""
         self._hydrate()
         return self

@@ -152,7 +152,7 @@ class _Frozen:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return self._fields() == other._fields()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__,) + tuple(
@@ -199,7 +199,7 @@ class GpuRequest(_Frozen):
     type: str
     count: int
 
-    def __init__(self, type: str, count: int = 1) -> None:  # noqa: A002 - the wire name
+    def __init__(self, type: str, count: int = 1) -> None:
         self._set(type=type, count=count)
 
     def to_wire(self) -> dict[str, Any]:

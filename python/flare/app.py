@@ -241,7 +241,7 @@ def _entry_file(app: App) -> str | None:
     for fn in app._functions.values():
         mod = sys.modules.get(getattr(fn._raw_f, "__module__", "") or "")
         f = getattr(mod, "__file__", None)
-        if f and os.path.isfile(f):
+        if isinstance(f, str) and os.path.isfile(f):
             return os.path.abspath(f)
     return None
 
@@ -257,7 +257,7 @@ def _function_def(
     from ._mount import module_name_for
     from ._serialization import b64
 
-    raw = fn._raw_f
+    raw = fn.get_raw_f()
     module: str | None = None
     qualname: str | None = None
     pickled: str | None = None

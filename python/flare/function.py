@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import _api, _invocation, _output, exception
-from ._bridge import Method, aiter_in_thread, aio_inputs, in_thread
+from ._bridge import Method, aio_inputs, aiter_in_thread, in_thread
 from ._map import MapRun
 from ._object import _Object
 from ._options import Concurrency, FunctionOptions, check_autoscaler_update

@@ -104,4 +104,4 @@ async def _gather_aio(*calls: FunctionCall) -> list[Any]:
     return list(await asyncio.gather(*(c.get.aio() for c in calls)))
 
 
-FunctionCall.gather = Method(_gather, _gather_aio)  # type: ignore[attr-defined]
+FunctionCall.gather = Method(_gather, _gather_aio)

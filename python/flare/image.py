@@ -213,7 +213,7 @@ def _walk_dir(root: str, ignore: Callable[[Path], bool] | None, blobs: BlobSet) 
     """The file list of the tree at ``root``. Symlinks are recorded with their target and
     never followed; sockets, fifos and devices are skipped."""
     import stat
-    from pathlib import Path, PurePosixPath
+    from pathlib import Path
 
     can_prune = isinstance(ignore, FilePatternMatcher) and not ignore._inverted and not ignore.has_exclusions
     out: list[dict[str, Any]] = []

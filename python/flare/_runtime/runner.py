@@ -55,9 +55,9 @@ def _make_json() -> tuple[Callable[[str], Any], Callable[[Any], str]]:
             parse_float = float
             parse_int = int
             parse_constant = float
-            memo: dict[str, Any] = {}
+            memo: dict[str, Any] = {}  # noqa: RUF012 - the scanner reads it as json.decoder.JSONDecoder does
 
-        scanner = _json.make_scanner(_Ctx())
+        scanner = _json.make_scanner(_Ctx())  # type: ignore[arg-type]  # a duck-typed context, as json.decoder passes
         encoder = _json.make_encoder(
             None, _json_default, _json.encode_basestring_ascii, None, ":", ",", False, False, True
         )
@@ -246,7 +246,8 @@ def dumps_result(value: Any) -> bytes:
     try:
         import cloudpickle
 
-        return cloudpickle.dumps(value, protocol=4)
+        data: bytes = cloudpickle.dumps(value, protocol=4)
+        return data
     except Exception as e:  # noqa: BLE001
         from ..exception import SerializationError
 

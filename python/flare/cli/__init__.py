@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _COMMANDS[args.command].cmd(args, rest, _connect)
+        status: int = _COMMANDS[args.command].cmd(args, rest, _connect)
+        return status
     except UserError as e:
         _fail(str(e), e.hint)
     except exception.ConnectionError as e:

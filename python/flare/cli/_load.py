@@ -76,8 +76,8 @@ def _resolve(module: Any, name: str | None) -> tuple[App, LocalEntrypoint | Func
         for a, f in functions:
             if f._tag == name:
                 return a, f
-        names = [ep.name for _, ep in entrypoints] + [f._tag for _, f in functions]
-        raise UserError(f"no local entrypoint or function named {name!r} in {module.__name__}", f"available: {', '.join(names) or 'none'}")
+        available = [ep.name for _, ep in entrypoints] + [f._tag for _, f in functions]
+        raise UserError(f"no local entrypoint or function named {name!r} in {module.__name__}", f"available: {', '.join(available) or 'none'}")
     if len(entrypoints) == 1:
         return entrypoints[0]
     if len(entrypoints) > 1:
@@ -106,7 +106,7 @@ def _annotation_type(annotation: Any) -> Any:
 
 
 class _EntrypointParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UserError(message, f"run `{self.prog} --help` to see the options")
 
 

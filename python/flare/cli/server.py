@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import _server
+from .._home import flare_home
 from .._transport import get_client, server_url
 from ._common import UserError
 
@@ -32,7 +33,7 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
             print(f"A Flare server is already running at http://{listen}")
             return 0
         _server.start_server(listen)
-        print(f"Started flared at http://{listen} (home {_server.flare_home()}, log {_server._log_path()})")
+        print(f"Started flared at http://{listen} (home {flare_home()}, log {_server._log_path()})")
         return 0
     if args.server_cmd == "stop":
         if _server.stop_server():
