@@ -14,7 +14,6 @@ import sys
 
 from . import _api, exception
 from ._options import FunctionOptions
-from ._output import LogStreamer, output_enabled
 from .exception import Error
 from .function import Function
 from .image import Image, build_images
@@ -195,6 +194,8 @@ class App:
         deploy_name = name or self._name
         if not deploy_name:
             raise exception.InvalidError("a deployed app needs a name: flare.App('name') or deploy(name=...)")
+        from ._output import output_enabled
+
         client = ensure_server()
         _publish(self, client, deploy_name, "deployed", output_enabled())
         return self
@@ -389,6 +390,8 @@ class _AppRuntime:
         self.heartbeat.start()
         self.logs = None
         if show_output:
+            from ._output import LogStreamer
+
             self.logs = LogStreamer(client, app_id)
             self.logs.start()
 
@@ -417,6 +420,7 @@ class _RunContext:
         self.show_output = show_output
 
     def __enter__(self) -> App:
+        from ._output import output_enabled
         from ._server import ensure_server
 
         app = self.app

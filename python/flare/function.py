@@ -1,21 +1,20 @@
 """``flare.Function``: a function that runs in Flare containers (``@app.function()``).
 
 This module is imported inside every container (user modules decorate functions at
-import time), so at module level it imports only sibling modules that are as light; the
-client machinery (transport, serialization, threads) is imported when a method that
-needs it runs (deliberately lazy, for the containers' start).
+import time), so at module level it imports only what defining a function needs; what
+calling one needs (the invocation loop, the map engine, ``FunctionCall``, log catch-up,
+transport, serialization) is imported by the methods that call (deliberately lazy, for
+the containers' start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
 
 import os
 
-from . import _api, _invocation, _output, exception
+from . import _api, exception
 from ._bridge import Method, aio_inputs, aiter_in_thread, in_thread
-from ._map import MapRun
 from ._object import _Object
 from ._options import Concurrency, FunctionOptions, check_autoscaler_update
-from .function_call import FunctionCall
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,11 +22,14 @@ if TYPE_CHECKING:
 
     from ._transport import Client
     from .app import App
+    from .function_call import FunctionCall
 
     F = TypeVar("F")
 
 
 def _client() -> Client:
+    from . import _invocation
+
     return _invocation.client()
 
 
@@ -164,11 +166,15 @@ class Function(_Object):
         fid = self._hydrate()
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: call it with .remote_gen()")
+        from . import _invocation
+
         body = _invocation.call_body("call", b64(payload), _invocation.CALL_WAIT_MS)
         return _invocation.call_until_output(_client(), fid, body, self._tag, self._catch_up_logs)
 
     def _catch_up_logs(self, resp: dict[str, Any]) -> None:
         """Prints the function made before returning reach the terminal before its result."""
+        from . import _output
+
         if _output._streamers and self._app is not None:
             _output.catch_up(self._app._app_id, resp.get("log_seq"))
 
@@ -182,6 +188,8 @@ class Function(_Object):
         fid = self._hydrate()
         if not self._is_generator:
             raise exception.InvalidError(f"{self._tag} is not a generator function: call it with .remote()")
+        from . import _invocation
+
         return _invocation.gen_iter(_client(), fid, b64(payload), self._tag)
 
     def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -230,6 +238,9 @@ class Function(_Object):
         fid = self._hydrate()
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: it cannot be spawned; use .remote_gen()")
+        from . import _invocation
+        from .function_call import FunctionCall
+
         body = _invocation.call_body("spawn", b64(payload), 0)
         resp = _client().request("POST", _api.function_calls(fid), body)
         return FunctionCall(resp["call_id"], "spawn", self._tag)
@@ -255,6 +266,8 @@ class Function(_Object):
         """Run the function over ``zip(*iterables)`` in parallel; yields results (in input order by default)."""
         if not iterables:
             raise exception.InvalidError("map() needs at least one iterable")
+        from ._map import MapRun
+
         fid = self._check_mappable()
         return MapRun(fid, self._tag, zip(*iterables), kwargs or {}, False, self._catch_up_logs).results(order_outputs, return_exceptions)
 
@@ -266,6 +279,8 @@ class Function(_Object):
         return_exceptions: bool = False,
     ) -> Iterator[Any]:
         """Like map(), but each item is a tuple of positional arguments."""
+        from ._map import MapRun
+
         fid = self._check_mappable()
         return MapRun(fid, self._tag, iter(iterable), kwargs or {}, True, self._catch_up_logs).results(order_outputs, return_exceptions)
 
@@ -278,6 +293,9 @@ class Function(_Object):
         """Submit all inputs and return without waiting; the FunctionCall's get() returns the result list."""
         if not iterables:
             raise exception.InvalidError("spawn_map() needs at least one iterable")
+        from ._map import MapRun
+        from .function_call import FunctionCall
+
         fid = self._check_mappable()
         run = MapRun(fid, self._tag, zip(*iterables), kwargs or {}, False, self._catch_up_logs)
         run.send_all()

@@ -147,11 +147,12 @@ def test_in_container_code_stays_apart_from_the_client_sdk() -> None:
 
 
 # The client machinery: HTTP transport, the embedded server, uploads, mounts, environment
-# capture, pickling. Containers import the user's module, hence flare.app, flare.function
+# capture, pickling, calling functions and streaming logs. Containers import the user's module, hence flare.app, flare.function
 # and flare.image: those import it lazily (in the functions that publish or call), so a
 # container's start does not pay for it.
 CLIENT_MACHINERY = {"flare._transport", "flare._server", "flare._blobs", "flare._mount", "flare._localenv",
-                    "flare._serialization", "flare.cli"}
+                    "flare._serialization", "flare.cli", "flare._invocation", "flare._map", "flare.function_call",
+                    "flare._output"}
 
 
 def _closure(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -167,6 +168,6 @@ def _closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_modules_imported_in_containers_leave_the_client_machinery_lazy() -> None:
     graph = _graph()
-    for name in ("flare", "flare.app", "flare.function", "flare.function_call", "flare.image", "flare._runtime.runner"):
+    for name in ("flare", "flare.app", "flare.function", "flare.image", "flare._runtime.runner"):
         heavy = _closure(graph, name) & CLIENT_MACHINERY
         assert not heavy, f"importing {name} imports {sorted(heavy)} at import time"
