@@ -380,3 +380,31 @@ def test_no_space_errors_name_the_disk_quota(monkeypatch: pytest.MonkeyPatch) ->
     assert "disk quota" in info["traceback"]
     other = _runner.exception_info(OSError(errno.EACCES, "Permission denied"))
     assert "disk quota" not in other["message"]
+
+
+def test_old_entry_point_still_starts_the_runner(runners: list[RunnerProcess]) -> None:
+    """``python -m flare._runner`` (workers from before flare._runtime) runs the same runner."""
+
+    def f(x: int) -> int:
+        return x + 1
+
+    r = RunnerProcess(module="flare._runner")
+    runners.append(r)
+    r.init(_info("f", serialized=True), cloudpickle.dumps(f, protocol=4))
+    typ, _, _ = r.recv()  # type: ignore[misc]
+    assert typ == READY
+    r.send_inputs([("in-1", (1,), {})])
+    assert value(r.outputs(1)[0]) == 2
+
+
+def test_the_runner_imports_no_client_sdk() -> None:
+    """The container's entry point loads only flare, flare._runtime's modules and what
+    they need from the standard library before READY (its cold start)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, flare._runtime.runner; print(sorted(m for m in sys.modules if m.startswith('flare')))"
+    sdk_parent = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": sdk_parent}).stdout
+    assert out.strip() == "['flare', 'flare._runtime', 'flare._runtime.runner']"

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class RunnerProcess:
-    def __init__(self, env: dict[str, str] | None = None, python: str | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, python: str | None = None, module: str = "flare._runtime") -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sdk_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         full_env = dict(os.environ)
@@ -34,7 +34,7 @@ class RunnerProcess:
         # every other fd is close-on-exec, so the runner sees exactly fds 0-3.
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
-        argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", "flare._runtime"]
+        argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", module]
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             self.pid = os.posix_spawn(
