@@ -6,8 +6,14 @@ Client side only: code that runs in containers never imports this module.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
 
 from . import _api, exception
 from ._home import flare_home
@@ -33,15 +39,11 @@ _UPLOAD_THREADS = 8
 
 
 def digest_bytes(data: bytes) -> str:
-    import blake3
-
     return "blake3:" + blake3.blake3(data).hexdigest()
 
 
 def _hash_path(path: str) -> str:
     """The digest of the file at ``path`` (read whole, in chunks)."""
-    import blake3
-
     size = os.path.getsize(path)
     h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size >= _PARALLEL_HASH_MIN else blake3.blake3()
     with open(path, "rb") as fh:
@@ -55,8 +57,6 @@ def _hash_path(path: str) -> str:
 
 def _hash_path_sized(path: str) -> tuple[str, int]:
     """``(digest, size)`` of the file at ``path``, the size being what was actually read."""
-    import blake3
-
     size = 0
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
@@ -86,8 +86,6 @@ class HashCache:
 
     def _load(self) -> dict[str, list[Any]]:
         if self._entries is None:
-            import json
-
             entries: dict[str, list[Any]] = {}
             try:
                 with open(self.path, encoding="utf-8") as fh:
@@ -101,8 +99,6 @@ class HashCache:
 
     def hash_file(self, path: str) -> tuple[str, int]:
         """``(digest, size)`` of the file at ``path`` (symlinks to it are resolved)."""
-        import time
-
         real = os.path.realpath(path)
         st = os.stat(real)
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -134,8 +130,6 @@ class HashCache:
         """Like ``hash_file`` for a path known to have no symlink in it, whose ``lstat`` gave
         (size, mtime_ns, inode): no ``realpath``, no stat on a cache hit. Returns
         ``(digest, size)``, the size being that of the content hashed."""
-        import time
-
         digest = self.lookup(real, size, mtime_ns, ino)
         if digest is not None:
             return digest, size
@@ -153,9 +147,6 @@ class HashCache:
     def save(self) -> None:
         """Write the cache back (atomically; a concurrent writer's entries may be lost, which
         only costs hashing them again)."""
-        import json
-        import tempfile
-
         with self._lock:
             if not self._dirty or self._entries is None:
                 return
@@ -277,8 +268,6 @@ def _read(source: Source) -> bytes:
 
 def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
     """Send many small blobs in one request (``POST _api.blobs_batch()``)."""
-    import json
-
     for d, data in items:
         if digest_bytes(data) != d:
             raise exception.InvalidError("a file changed while uploading it; run again")
@@ -325,8 +314,6 @@ def upload(client: Client, sources: dict[str, Source]) -> int:
         return sent
     if len(todo) == 1:
         return sent + _put(client, todo[0], sources[todo[0]])
-    from concurrent.futures import ThreadPoolExecutor
-
     n = min(_UPLOAD_THREADS, len(todo))
     groups = [todo[i::n] for i in range(n)]
 

@@ -2,14 +2,17 @@
 surviving a control plane that restarts (the reconnect loop); generator calls; the
 helpers shared with the map engine (``_map``) and ``FunctionCall``.
 
-Client side, but imported inside containers through ``flare.function``: the transport,
-serialization and ``time`` are imported by the functions that use them (deliberately
-lazy, for the containers' start).
+Imported when a function is called (``flare.function`` imports it lazily), so it may
+import the client machinery at the top.
 """
 
 from __future__ import annotations
 
+import time
+
 from . import _api, exception
+from ._serialization import deserialize, exception_from_output, unb64
+from ._transport import get_client
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,15 +28,11 @@ RECONNECT_WINDOW = 60.0
 
 def client() -> Client:
     """The shared client of this process (FLARE_SERVER_URL or the local server)."""
-    from ._transport import get_client
-
     return get_client()
 
 
 def output_value(output: dict[str, Any], name: str) -> Any:
     """The value of a success output; the exception a failed one stands for, raised."""
-    from ._serialization import deserialize, exception_from_output, unb64
-
     if output.get("status") == "success":
         data = output.get("data")
         return deserialize(unb64(data)) if data else None
@@ -41,8 +40,6 @@ def output_value(output: dict[str, Any], name: str) -> Any:
 
 
 def exception_of(output: dict[str, Any], name: str) -> BaseException:
-    from ._serialization import exception_from_output
-
     return exception_from_output(output, name)
 
 
@@ -62,8 +59,6 @@ def cancel_quietly(client: Client, call_id: str) -> None:
 
 def await_server(client: Client, deadline: float, error: BaseException) -> None:
     """Wait (with backoff) until the server answers its health check; re-raise ``error`` at ``deadline``."""
-    import time
-
     delay = 0.1
     while True:
         try:
@@ -90,8 +85,6 @@ def call_until_output(
     control plane forgets in-memory calls), wait up to ``RECONNECT_WINDOW`` seconds for it
     to come back and submit the input again. ``on_outputs`` sees each answer that carries
     the output before its value is returned (log catch-up)."""
-    import time
-
     deadline: float | None = None
     while True:
         try:

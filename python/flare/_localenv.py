@@ -24,9 +24,17 @@ Client side only: code that runs in containers never imports this module.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
 import stat
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
 
 from . import _api, exception
 from ._blobs import BlobSet
@@ -283,11 +291,6 @@ def scan_root(root: str, budget: list[int] | None = None, skip: frozenset[str] =
 
 def fingerprint(server: str, python: str, scans: list[tuple[str, list[Record]]]) -> str:
     """A digest of everything the scans saw (and of the server and interpreter)."""
-    import io
-    import pickle
-
-    import blake3
-
     buf = io.BytesIO()
     p = pickle.Pickler(buf, protocol=4)
     p.fast = True  # no memo: the bytes depend on the values only
@@ -296,8 +299,6 @@ def fingerprint(server: str, python: str, scans: list[tuple[str, list[Record]]])
 
 
 def _racy(scans: list[tuple[str, list[Record]]]) -> bool:
-    import time
-
     newest = max((r[3] for _, recs in scans for r in recs), default=0)
     return time.time_ns() - newest <= _RACY_NS
 
@@ -310,8 +311,6 @@ def _cache_path() -> str:
 
 
 def _load_cache() -> dict[str, str]:
-    import json
-
     try:
         with open(_cache_path(), encoding="utf-8") as fh:
             raw = json.load(fh)
@@ -323,9 +322,6 @@ def _load_cache() -> dict[str, str]:
 
 
 def _save_cache(entries: dict[str, str]) -> None:
-    import json
-    import tempfile
-
     while len(entries) > _CACHE_MAX_ENTRIES:
         del entries[next(iter(entries))]  # oldest first
     path = _cache_path()
@@ -400,8 +396,6 @@ def _file_lists(
             return path, None  # unreadable, or gone since the scan
 
     if len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         n = min(_HASH_THREADS, os.cpu_count() or 1, len(todo))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="flare-hash") as pool:
             digests.update(pool.map(hash_one, todo))

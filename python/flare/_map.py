@@ -5,15 +5,17 @@ its outputs; when the control plane restarts and forgets the call, the inputs st
 without an output are submitted again as a new call (``_InputLedger`` maps the new
 indexes back to the original ones).
 
-Client side, but imported inside containers through ``flare.function``: threads, time
-and serialization are imported by the functions that use them (deliberately lazy, for
-the containers' start).
+Imported when a map starts (``flare.function`` imports it lazily).
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 from . import _api, exception
 from ._invocation import POLL_WAIT_MS, RECONNECT_WINDOW, await_server, cancel_quietly, client as _client, poll_outputs
+from ._serialization import b64, deserialize, exception_from_output, serialize_args, unb64
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -120,8 +122,6 @@ class MapRun:
         star: bool,
         on_outputs: Callable[[dict[str, Any]], None],
     ) -> None:
-        import threading
-
         self.function_id = function_id
         self.name = name
         self.on_outputs = on_outputs
@@ -186,8 +186,6 @@ class MapRun:
     ) -> None:
         """The server failed us on ``failed_call_id``: wait for it, then carry on with that call
         if it still exists, else submit the pending inputs again as a new call."""
-        import time
-
         deadline = time.monotonic() + RECONNECT_WINDOW
         with self.call_lock:
             if self.call_id != failed_call_id:
@@ -236,8 +234,6 @@ class MapRun:
                 return
 
     def send_all(self) -> None:
-        from ._serialization import b64, serialize_args
-
         client = _client()
         kwargs = self.kwargs
         star = self.star
@@ -277,16 +273,10 @@ class MapRun:
             _client().close()
 
     def results(self, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
-        import threading
-
         threading.Thread(target=self._sender_main, name="flare-map-sender", daemon=True).start()
         return self._results(order_outputs, return_exceptions)
 
     def _results(self, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
-        import time
-
-        from ._serialization import deserialize, exception_from_output, unb64
-
         name = self.name
         client = _client()
         finished = False

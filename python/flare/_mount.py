@@ -3,10 +3,13 @@ package, cloudpickle and Flare's ``modal`` compatibility package). Client side o
 
 from __future__ import annotations
 
+import importlib._bootstrap_external as bootstrap  # the same helpers py_compile uses
 import importlib.util
 import os
+import py_compile
 import re
 import sys
+import tempfile
 
 from ._blobs import BlobSet
 from ._home import flare_home
@@ -95,9 +98,6 @@ def collect_files(entry_file: str, blobs: BlobSet | None = None) -> list[dict[st
 
 
 def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
-    import py_compile
-    import tempfile
-
     cache_rel = importlib.util.cache_from_source(rel)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "x.pyc")
@@ -212,8 +212,6 @@ def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
     data = _compile_unchecked(real, dfile)
     if data is not None:
         try:
-            import tempfile
-
             os.makedirs(cache_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".pyc-")
             with os.fdopen(fd, "wb") as fh:
@@ -225,8 +223,6 @@ def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
 
 
 def _compile_unchecked(real: str, dfile: str) -> bytes | None:
-    import importlib._bootstrap_external as bootstrap  # the same helpers py_compile uses
-
     try:
         with open(real, "rb") as fh:
             source = fh.read()
@@ -242,23 +238,3 @@ def cloudpickle_dir() -> str:
     import cloudpickle
 
     return os.path.dirname(os.path.realpath(str(cloudpickle.__file__)))
-
-
-_sdk_compiled = False
-
-
-def ensure_sdk_compiled() -> None:
-    """Byte-compile the SDK once (it is bound read-only into containers)."""
-    global _sdk_compiled
-    if _sdk_compiled:
-        return
-    _sdk_compiled = True
-    marker = importlib.util.cache_from_source(os.path.join(_SDK_DIR, "_runtime", "runner.py"))
-    if os.path.exists(marker):
-        return
-    try:
-        import compileall
-
-        compileall.compile_dir(_SDK_DIR, quiet=2)
-    except Exception:  # noqa: BLE001 - read-only install: containers compile in memory
-        pass

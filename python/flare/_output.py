@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 from . import _api
 from .exception import Error
@@ -67,8 +69,6 @@ class LogStreamer:
     """Long-polls the app's logs (``_api.app_logs``) on a thread and writes records to stdout/stderr."""
 
     def __init__(self, client: Client, app_id: str) -> None:
-        import threading
-
         self.client = client
         self.app_id = app_id
         self.after: int | None = None  # None: from the first record
@@ -93,8 +93,6 @@ class LogStreamer:
         return logs_page(self.client, self.app_id, after, wait_ms)
 
     def _main(self) -> None:
-        import time
-
         try:
             while not self.stopped:
                 after = self.after

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -102,9 +105,6 @@ def host_bind_allow(home: str) -> list[str]:
 
 def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
     """Start ``flared server`` in the background (setsid) and wait until it answers its health check."""
-    import fcntl
-    import subprocess
-
     home = flare_home()
     os.makedirs(home, exist_ok=True)
     client = get_client("http://" + listen)
@@ -162,8 +162,6 @@ def ensure_server() -> Client:
 
 def stop_server(timeout: float = 30.0) -> bool:
     """Stop the background server started by ``flare`` (from its pid file)."""
-    import signal
-
     try:
         with open(_pid_path()) as f:
             pid = int(f.read().strip())

@@ -1,10 +1,12 @@
 """``flare.FunctionCall``: a handle on a spawned call (``f.spawn(...)``, ``f.spawn_map(...)``).
 
-Client side, imported inside containers through ``flare.function``: time and the
-transport are imported by the methods that use them (deliberately lazy).
+Imported when a call is spawned (``flare.function`` imports it lazily). ``asyncio`` is
+imported by the ``.aio`` variant only (already loaded there; costly for sync callers).
 """
 
 from __future__ import annotations
+
+import time
 
 from . import _api, exception
 from ._bridge import Method, in_thread
@@ -43,8 +45,6 @@ class FunctionCall:
 
     def _get(self, timeout: float | None = None) -> Any:
         """The result; raises flare.exception.TimeoutError if not ready within ``timeout`` seconds."""
-        import time
-
         client = _client()
         if self._kind is None:
             info = client.request("GET", _api.call(self._call_id))

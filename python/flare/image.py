@@ -6,7 +6,10 @@ built when it is defined (apart from checks that local paths exist); the spec is
 docs/IMAGES.md for the spec and the build protocol.
 
 User modules define images at import time, so this module is also imported inside
-containers: only ``os``/``sys`` at module level, and no local-path checks there.
+containers: at module level only ``os``/``sys`` and sibling modules as light, and no
+local-path checks there. What resolving and building need (``re``, ``pathlib``,
+hashing, uploads, mounts, cloudpickle) is imported by the functions that do it
+(deliberately lazy, for the containers' start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import sys
 
 from . import _api, exception
+from .function import Function
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -506,8 +510,6 @@ class Image:
         kwargs: dict[str, Any] | None = None,
     ) -> Image:
         """Run a Python function (pickled with cloudpickle) in the image as a build step."""
-        from .function import Function
-
         if isinstance(raw_f, Function):
             raw_f = raw_f.get_raw_f()
         if not callable(raw_f):
