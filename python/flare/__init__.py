@@ -11,29 +11,30 @@ __version__ = "0.1.0"
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from . import exception as exception
-    from ._config import Retries as Retries, concurrent as concurrent
-    from ._context import (
+    from ._options import Retries as Retries
+    from ._output import enable_output as enable_output
+    from ._runtime.context import (
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,
         is_local as is_local,
     )
-    from ._functions import Function as Function, FunctionCall as FunctionCall
-    from ._output import enable_output as enable_output
     from .app import App as App
     from .exception import Error as Error
+    from .function import Function as Function, concurrent as concurrent
+    from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
 
 _LAZY = {
     "App": ("flare.app", "App"),
-    "Function": ("flare._functions", "Function"),
+    "Function": ("flare.function", "Function"),
     "Image": ("flare.image", "Image"),
     "FilePatternMatcher": ("flare.image", "FilePatternMatcher"),
-    "FunctionCall": ("flare._functions", "FunctionCall"),
-    "Retries": ("flare._config", "Retries"),
-    "concurrent": ("flare._config", "concurrent"),
-    "is_local": ("flare._context", "is_local"),
-    "current_input_id": ("flare._context", "current_input_id"),
-    "current_function_call_id": ("flare._context", "current_function_call_id"),
+    "FunctionCall": ("flare.function_call", "FunctionCall"),
+    "Retries": ("flare._options", "Retries"),
+    "concurrent": ("flare.function", "concurrent"),
+    "is_local": ("flare._runtime.context", "is_local"),
+    "current_input_id": ("flare._runtime.context", "current_input_id"),
+    "current_function_call_id": ("flare._runtime.context", "current_function_call_id"),
     "enable_output": ("flare._output", "enable_output"),
     "Error": ("flare.exception", "Error"),
     "exception": ("flare.exception", None),

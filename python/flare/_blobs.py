@@ -1,13 +1,22 @@
 """Content-addressed uploads: BLAKE3 digests of local files (cached across runs) and
-sending only the blobs the server lacks (``/v1/blobs/missing``, ``PUT /v1/blobs/{digest}``).
+sending only the blobs the server lacks (``_api.blobs_missing``, ``PUT _api.blob(digest)``).
 
 Client side only: code that runs in containers never imports this module.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+
+from . import _api, exception
+from ._home import flare_home
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,15 +39,11 @@ _UPLOAD_THREADS = 8
 
 
 def digest_bytes(data: bytes) -> str:
-    import blake3
-
     return "blake3:" + blake3.blake3(data).hexdigest()
 
 
 def _hash_path(path: str) -> str:
     """The digest of the file at ``path`` (read whole, in chunks)."""
-    import blake3
-
     size = os.path.getsize(path)
     h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size >= _PARALLEL_HASH_MIN else blake3.blake3()
     with open(path, "rb") as fh:
@@ -52,8 +57,6 @@ def _hash_path(path: str) -> str:
 
 def _hash_path_sized(path: str) -> tuple[str, int]:
     """``(digest, size)`` of the file at ``path``, the size being what was actually read."""
-    import blake3
-
     size = 0
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
@@ -68,8 +71,6 @@ def _hash_path_sized(path: str) -> tuple[str, int]:
 
 
 def _cache_path() -> str:
-    from ._server import flare_home
-
     return os.path.join(flare_home(), "hash-cache.json")
 
 
@@ -85,8 +86,6 @@ class HashCache:
 
     def _load(self) -> dict[str, list[Any]]:
         if self._entries is None:
-            import json
-
             entries: dict[str, list[Any]] = {}
             try:
                 with open(self.path, encoding="utf-8") as fh:
@@ -100,8 +99,6 @@ class HashCache:
 
     def hash_file(self, path: str) -> tuple[str, int]:
         """``(digest, size)`` of the file at ``path`` (symlinks to it are resolved)."""
-        import time
-
         real = os.path.realpath(path)
         st = os.stat(real)
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -133,8 +130,6 @@ class HashCache:
         """Like ``hash_file`` for a path known to have no symlink in it, whose ``lstat`` gave
         (size, mtime_ns, inode): no ``realpath``, no stat on a cache hit. Returns
         ``(digest, size)``, the size being that of the content hashed."""
-        import time
-
         digest = self.lookup(real, size, mtime_ns, ino)
         if digest is not None:
             return digest, size
@@ -152,9 +147,6 @@ class HashCache:
     def save(self) -> None:
         """Write the cache back (atomically; a concurrent writer's entries may be lost, which
         only costs hashing them again)."""
-        import json
-        import tempfile
-
         with self._lock:
             if not self._dirty or self._entries is None:
                 return
@@ -235,15 +227,13 @@ def missing(client: Client, digests: Iterable[str]) -> list[str]:
     out: list[str] = []
     for i in range(0, len(wanted), _MISSING_BATCH):
         batch = wanted[i : i + _MISSING_BATCH]
-        resp = client.request("POST", "/v1/blobs/missing", {"digests": batch})
+        resp = client.request("POST", _api.blobs_missing(), {"digests": batch})
         out.extend(str(d) for d in resp.get("missing") or [])
     return out
 
 
 def _put(client: Client, digest: str, source: Source) -> int:
-    from . import exception
-
-    path = f"/v1/blobs/{digest}"
+    path = _api.blob(digest)
     if isinstance(source, bytes):
         resp = client.request("PUT", path, source, timeout=600, content_type="application/octet-stream")
         size = len(source)
@@ -267,8 +257,6 @@ _BATCH_COUNT = 4096
 
 
 def _read(source: Source) -> bytes:
-    from . import exception
-
     if isinstance(source, bytes):
         return source
     try:
@@ -279,17 +267,13 @@ def _read(source: Source) -> bytes:
 
 
 def _post_batch(client: Client, items: list[tuple[str, bytes]]) -> int:
-    """Send many small blobs in one request (``POST /v1/blobs/batch``)."""
-    import json
-
-    from . import exception
-
+    """Send many small blobs in one request (``POST _api.blobs_batch()``)."""
     for d, data in items:
         if digest_bytes(data) != d:
             raise exception.InvalidError("a file changed while uploading it; run again")
     header = json.dumps({"blobs": [{"digest": d, "size": len(data)} for d, data in items]}).encode()
     body = b"".join([header, b"\n", *(data for _, data in items)])
-    client.request("POST", "/v1/blobs/batch", body, timeout=600, content_type="application/octet-stream")
+    client.request("POST", _api.blobs_batch(), body, timeout=600, content_type="application/octet-stream")
     return len(body) - len(header) - 1
 
 
@@ -330,8 +314,6 @@ def upload(client: Client, sources: dict[str, Source]) -> int:
         return sent
     if len(todo) == 1:
         return sent + _put(client, todo[0], sources[todo[0]])
-    from concurrent.futures import ThreadPoolExecutor
-
     n = min(_UPLOAD_THREADS, len(todo))
     groups = [todo[i::n] for i in range(n)]
 

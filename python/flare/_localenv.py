@@ -24,11 +24,22 @@ Client side only: code that runs in containers never imports this module.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
 import stat
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-from . import exception
+import blake3
+
+from . import _api, exception
+from ._blobs import BlobSet
+from ._home import flare_home
+from .image import _BUILD_EVENT_TIMEOUT, _force_build_env, _write, follow_build
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -176,11 +187,31 @@ def environment_prefixes() -> list[str]:
     return out
 
 
+def python_info(entry_dir: str | None, sdk_mount: str | None = None) -> dict[str, Any]:
+    """The ``python`` part of a function definition. No host paths for the server to bind:
+    the SDK and cloudpickle travel as the ``sdk_mount`` (see ``_mount.sdk_entries``), the
+    environment as a captured image (or, with ``FLARE_LOCAL_PYTHON=bind``, as host dirs
+    the server binds only if its operator allows them)."""
+    entry = os.path.realpath(entry_dir) if entry_dir else None
+    paths: list[str] = []
+    for p in sys.path:
+        p = os.path.realpath(p or os.getcwd())
+        if p == entry or not os.path.isdir(p) or p in paths:
+            continue
+        paths.append(p)
+    info: dict[str, Any] = {
+        "executable": sys.executable,
+        "paths": paths,
+        "prefixes": environment_prefixes(),
+    }
+    if sdk_mount:
+        info["sdk_mount"] = sdk_mount
+    return info
+
+
 def local_roots(entry_dir: str | None) -> list[str]:
     """The roots of this interpreter's environment for an app whose entry file is in
     ``entry_dir`` (that dir itself is left out: it is shipped as the code mount)."""
-    from ._mount import python_info
-
     # The current directory (sys.path's "" under `python -m` or an interactive shell) is
     # where the user happens to stand, not part of the environment: it can be a whole
     # source checkout with build outputs. Local modules travel in the code mount.
@@ -260,11 +291,6 @@ def scan_root(root: str, budget: list[int] | None = None, skip: frozenset[str] =
 
 def fingerprint(server: str, python: str, scans: list[tuple[str, list[Record]]]) -> str:
     """A digest of everything the scans saw (and of the server and interpreter)."""
-    import io
-    import pickle
-
-    import blake3
-
     buf = io.BytesIO()
     p = pickle.Pickler(buf, protocol=4)
     p.fast = True  # no memo: the bytes depend on the values only
@@ -273,8 +299,6 @@ def fingerprint(server: str, python: str, scans: list[tuple[str, list[Record]]])
 
 
 def _racy(scans: list[tuple[str, list[Record]]]) -> bool:
-    import time
-
     newest = max((r[3] for _, recs in scans for r in recs), default=0)
     return time.time_ns() - newest <= _RACY_NS
 
@@ -283,14 +307,10 @@ def _racy(scans: list[tuple[str, list[Record]]]) -> bool:
 
 
 def _cache_path() -> str:
-    from ._server import flare_home
-
     return os.path.join(flare_home(), _CACHE_FILE)
 
 
 def _load_cache() -> dict[str, str]:
-    import json
-
     try:
         with open(_cache_path(), encoding="utf-8") as fh:
             raw = json.load(fh)
@@ -302,9 +322,6 @@ def _load_cache() -> dict[str, str]:
 
 
 def _save_cache(entries: dict[str, str]) -> None:
-    import json
-    import tempfile
-
     while len(entries) > _CACHE_MAX_ENTRIES:
         del entries[next(iter(entries))]  # oldest first
     path = _cache_path()
@@ -379,8 +396,6 @@ def _file_lists(
             return path, None  # unreadable, or gone since the scan
 
     if len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         n = min(_HASH_THREADS, os.cpu_count() or 1, len(todo))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="flare-hash") as pool:
             digests.update(pool.map(hash_one, todo))
@@ -417,9 +432,7 @@ def _file_lists(
 
 def _build(client: Client, spec: dict[str, Any], show_output: bool) -> dict[str, Any] | None:
     """Send the build and follow it; None when the server does not know the base key."""
-    from .image import _BUILD_EVENT_TIMEOUT, follow_build
-
-    events: Iterator[Any] = iter(client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT))
+    events: Iterator[Any] = iter(client.stream_ndjson("POST", _api.images_build(), spec, timeout=_BUILD_EVENT_TIMEOUT))
     first = next(events, None)
     if isinstance(first, dict) and first.get("type") == "error" and first.get("code") == "unknown_base":
         close = getattr(events, "close", None)
@@ -460,8 +473,6 @@ def _max_entries() -> int:
 def _skipped_dirs() -> frozenset[str]:
     """Dirs never captured even inside a root: the flare home (these caches, maybe the
     server's own store)."""
-    from ._server import flare_home
-
     return frozenset({os.path.realpath(flare_home())})
 
 
@@ -490,8 +501,6 @@ def capture(
         roots = local_roots(entry_dir)
     if not roots:
         return None  # e.g. a system Python without a venv: all in the workers' system dirs
-    from .image import _force_build_env, _write
-
     budget = [_max_entries()]
     skip = _skipped_dirs()
     try:
@@ -518,11 +527,9 @@ def capture(
                 return str(done["image_id"])
             _remember(fp, None)  # the server lost it: send it whole
     try:
-        client.request("GET", "/v1/images")
+        client.request("GET", _api.images())
     except exception.NotFoundError:
         return None  # a server from before images
-    from ._blobs import BlobSet
-
     blobs = BlobSet()
     spec_roots, sources, files, hashed = _file_lists(scans, blobs.cache)
     blobs.sources.update(sources)

@@ -1,15 +1,22 @@
-"""Shipping the user's code: the mount (local modules) and the container's Python setup."""
+"""Shipping code: the code mount (the user's local modules) and the SDK mount (this
+package, cloudpickle and Flare's ``modal`` compatibility package). Client side only."""
 
 from __future__ import annotations
 
+import importlib._bootstrap_external as bootstrap  # the same helpers py_compile uses
+import importlib.util
 import os
+import py_compile
+import re
 import sys
+import tempfile
+
+from ._blobs import BlobSet
+from ._home import flare_home
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-    from ._blobs import BlobSet
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,8 +66,6 @@ def collect_files(entry_file: str, blobs: BlobSet | None = None) -> list[dict[st
     local module under its directory, each with its compiled ``.pyc``. Contents are added
     to ``blobs`` (digest -> source) for upload."""
     if blobs is None:
-        from ._blobs import BlobSet
-
         blobs = BlobSet()
     entry_file = os.path.realpath(entry_file)
     entry_dir = os.path.dirname(entry_file)
@@ -93,10 +98,6 @@ def collect_files(entry_file: str, blobs: BlobSet | None = None) -> list[dict[st
 
 
 def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
-    import importlib.util
-    import py_compile
-    import tempfile
-
     cache_rel = importlib.util.cache_from_source(rel)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "x.pyc")
@@ -112,51 +113,76 @@ def _compile(real: str, rel: str) -> tuple[str, bytes] | None:
     return cache_rel.replace(os.sep, "/"), data
 
 
-def python_info(entry_dir: str | None, sdk_mount: str | None = None) -> dict[str, Any]:
-    """The ``python`` part of a function definition. No host paths for the server to bind:
-    the SDK and cloudpickle travel as the ``sdk_mount`` (see ``sdk_entries``), the
-    environment as a captured image (or, with ``FLARE_LOCAL_PYTHON=bind``, as host dirs
-    the server binds only if its operator allows them)."""
-    from ._localenv import environment_prefixes
-
-    entry = os.path.realpath(entry_dir) if entry_dir else None
-    paths: list[str] = []
-    for p in sys.path:
-        p = os.path.realpath(p or os.getcwd())
-        if p == entry or not os.path.isdir(p) or p in paths:
-            continue
-        paths.append(p)
-    info: dict[str, Any] = {
-        "executable": sys.executable,
-        "paths": paths,
-        "prefixes": environment_prefixes(),
-    }
-    if sdk_mount:
-        info["sdk_mount"] = sdk_mount
-    return info
-
-
 # Where the SDK mount's packages appear in containers (the worker binds them there).
-_SDK_IN_CONTAINER = {"flare": "/__flare/flare", "cloudpickle": "/__flare/cloudpickle"}
+_SDK_IN_CONTAINER = {"flare": "/__flare/flare", "cloudpickle": "/__flare/cloudpickle", "modal": "/__flare/modal"}
+
+# ``__flare_compat__ = True`` in a ``modal`` package's ``__init__.py`` marks Flare's
+# compatibility package (python/modal-compat); any other ``modal`` is never shipped.
+_COMPAT_MARKER = re.compile(rb"^__flare_compat__\s*=\s*True\b", re.MULTILINE)
+
+
+def modal_compat_dir() -> str | None:
+    """The dir of Flare's ``modal`` compatibility package if it is what ``import modal``
+    finds here, else None (no ``modal``, or a real Modal install). Not imported: its
+    ``__init__.py`` is read for the marker."""
+    try:
+        spec = importlib.util.find_spec("modal")
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if len(locations) != 1:
+        return None  # not a package, or a namespace package: not ours
+    init = os.path.join(locations[0], "__init__.py")
+    try:
+        with open(init, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    return os.path.realpath(locations[0]) if _COMPAT_MARKER.search(head) else None
+
+
+def _package_tree(src_dir: str) -> tuple[list[str], list[str]]:
+    """The package at ``src_dir``: its subpackage dirs (those with an ``__init__.py``;
+    ``__pycache__``, hidden dirs and data dirs such as ``bin/`` are left out) and its
+    ``.py``/``py.typed`` files, as paths relative to ``src_dir``, sorted."""
+    dirs: list[str] = []
+    files: list[str] = []
+    for root, subdirs, names in os.walk(src_dir):
+        rel_root = os.path.relpath(root, src_dir)
+        rel_root = "" if rel_root == "." else rel_root.replace(os.sep, "/") + "/"
+        subdirs[:] = sorted(
+            d for d in subdirs
+            if not d.startswith(".") and d != "__pycache__" and os.path.isfile(os.path.join(root, d, "__init__.py"))
+        )
+        dirs += [rel_root + d for d in subdirs]
+        for name in sorted(names):
+            if (name.endswith(".py") or name == "py.typed") and os.path.isfile(os.path.join(root, name)):
+                files.append(rel_root + name)
+    return sorted(dirs), sorted(files)
 
 
 def sdk_entries(blobs: BlobSet) -> list[dict[str, Any]]:
     """The SDK mount's file list: this package as ``flare/`` and cloudpickle as
-    ``cloudpickle/`` (their ``.py`` files and ``py.typed``), each module with an
-    unchecked-hash ``.pyc`` so containers import without compiling. The server binds them
-    at ``/__flare/flare`` and ``/__flare/cloudpickle``: the SDK reaches containers through
-    the store like user code, never as a host path the client names."""
-    import importlib.util
-
-    files: list[dict[str, Any]] = [{"path": pkg, "kind": "dir", "mode": 0o755} for pkg in _SDK_IN_CONTAINER]
-    files += [{"path": pkg + "/__pycache__", "kind": "dir", "mode": 0o755} for pkg in _SDK_IN_CONTAINER]
-    for pkg, src_dir in (("flare", _SDK_DIR), ("cloudpickle", cloudpickle_dir())):
-        for name in sorted(os.listdir(src_dir)):
-            if not (name.endswith(".py") or name == "py.typed"):
-                continue
-            real = os.path.join(src_dir, name)
-            if not os.path.isfile(real):
-                continue
+    ``cloudpickle/`` (their ``.py`` files and ``py.typed``, subpackages included), plus
+    Flare's ``modal`` compatibility package as ``modal/`` when that is the ``modal``
+    importable here; each module with an unchecked-hash ``.pyc`` so containers import
+    without compiling. The server binds them under ``/__flare``: the SDK reaches
+    containers through the store like user code, never as a host path the client names."""
+    packages = [("flare", _SDK_DIR), ("cloudpickle", cloudpickle_dir())]
+    modal_dir = modal_compat_dir()
+    if modal_dir is not None:
+        packages.append(("modal", modal_dir))
+    trees = [(pkg, src_dir, *_package_tree(src_dir)) for pkg, src_dir in packages]
+    dirs: list[str] = []
+    for pkg, _, subdirs, _ in trees:
+        dirs += [pkg, pkg + "/__pycache__"]
+        for d in subdirs:
+            dirs += [f"{pkg}/{d}", f"{pkg}/{d}/__pycache__"]
+    # Directories first (top-level ones first, like before), then the files.
+    files: list[dict[str, Any]] = [{"path": d, "kind": "dir", "mode": 0o755} for d in sorted(dirs, key=_depth_first_key)]
+    for pkg, src_dir, _, names in trees:
+        for name in names:
+            real = os.path.join(src_dir, *name.split("/"))
             entry = blobs.file_entry(f"{pkg}/{name}", real, 0o644)
             files.append(entry)
             if name.endswith(".py"):
@@ -167,13 +193,13 @@ def sdk_entries(blobs: BlobSet) -> list[dict[str, Any]]:
     return files
 
 
+def _depth_first_key(path: str) -> tuple[int, str]:
+    return (path.count("/"), path)
+
+
 def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
     """The unchecked-hash ``.pyc`` of source ``real`` (content ``digest``), compiled once
     and kept in the flare home (``pyc-cache/``), keyed by digest and interpreter."""
-    import importlib.util
-
-    from ._server import flare_home
-
     tag = sys.implementation.cache_tag or "none"
     key = importlib.util.source_hash(f"{digest} {dfile}".encode()).hex()
     cache_dir = os.path.join(flare_home(), "pyc-cache", tag)
@@ -186,8 +212,6 @@ def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
     data = _compile_unchecked(real, dfile)
     if data is not None:
         try:
-            import tempfile
-
             os.makedirs(cache_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".pyc-")
             with os.fdopen(fd, "wb") as fh:
@@ -199,42 +223,18 @@ def _cached_pyc(real: str, digest: str, dfile: str) -> bytes | None:
 
 
 def _compile_unchecked(real: str, dfile: str) -> bytes | None:
-    import importlib._bootstrap_external as bootstrap  # the same helpers py_compile uses
-    import importlib.util
-
     try:
         with open(real, "rb") as fh:
             source = fh.read()
         code = compile(source, dfile, "exec", dont_inherit=True)
     except (OSError, SyntaxError, ValueError):
         return None
-    return bytes(bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False))
+    pyc = bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False)  # type: ignore[attr-defined]  # private, not in the stubs
+    return bytes(pyc)
 
 
 def cloudpickle_dir() -> str:
     """The cloudpickle package dir (shipped in the SDK mount)."""
     import cloudpickle
 
-    return os.path.dirname(os.path.realpath(cloudpickle.__file__))
-
-
-_sdk_compiled = False
-
-
-def ensure_sdk_compiled() -> None:
-    """Byte-compile the SDK once (it is bound read-only into containers)."""
-    global _sdk_compiled
-    if _sdk_compiled:
-        return
-    _sdk_compiled = True
-    import importlib.util
-
-    marker = importlib.util.cache_from_source(os.path.join(_SDK_DIR, "_runner.py"))
-    if os.path.exists(marker):
-        return
-    try:
-        import compileall
-
-        compileall.compile_dir(_SDK_DIR, quiet=2, maxlevels=0)
-    except Exception:  # noqa: BLE001 - read-only install: containers compile in memory
-        pass
+    return os.path.dirname(os.path.realpath(str(cloudpickle.__file__)))

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
+
+from . import _api
+from .exception import Error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,11 +66,9 @@ def _show_system() -> bool:
 
 
 class LogStreamer:
-    """Long-polls ``/v1/apps/{id}/logs`` on a thread and writes records to stdout/stderr."""
+    """Long-polls the app's logs (``_api.app_logs``) on a thread and writes records to stdout/stderr."""
 
     def __init__(self, client: Client, app_id: str) -> None:
-        import threading
-
         self.client = client
         self.app_id = app_id
         self.after: int | None = None  # None: from the first record
@@ -90,10 +93,6 @@ class LogStreamer:
         return logs_page(self.client, self.app_id, after, wait_ms)
 
     def _main(self) -> None:
-        import time
-
-        from .exception import Error
-
         try:
             while not self.stopped:
                 after = self.after
@@ -120,8 +119,6 @@ class LogStreamer:
             self.stopped = True
             after = self.after
             self.printed.notify_all()
-        from .exception import Error
-
         for _ in range(1000):
             try:
                 r = self._fetch(after, 0)
@@ -146,7 +143,7 @@ def catch_up(app_id: str | None, log_seq: int | None, timeout: float = 0.5) -> N
 
 def logs_page(client: Client, app_id: str, after: int | None, wait_ms: int) -> dict[str, Any]:
     query = f"wait_ms={wait_ms}&limit=1000" + ("" if after is None else f"&after={after}")
-    result: dict[str, Any] = client.request("GET", f"/v1/apps/{app_id}/logs?{query}", timeout=wait_ms / 1000 + 30)
+    result: dict[str, Any] = client.request("GET", _api.app_logs(app_id, query), timeout=wait_ms / 1000 + 30)
     return result
 
 

@@ -35,7 +35,8 @@ def dumps(value: Any) -> bytes:
         return pickle.dumps(value, 4)
     import cloudpickle
 
-    return cloudpickle.dumps(value, protocol=4)
+    data: bytes = cloudpickle.dumps(value, protocol=4)
+    return data
 
 
 def _type_name(value: Any) -> str:

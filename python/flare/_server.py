@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
-from . import exception
+from . import _api, exception
+from ._home import flare_home
+from ._localenv import environment_prefixes, python_roots
 from ._transport import DEFAULT_SERVER_URL, Client, configured_server_url, get_client, how_to_start_hint
 
 TYPE_CHECKING = False
@@ -15,10 +20,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 DEFAULT_LISTEN = "127.0.0.1:7878"
-
-
-def flare_home() -> str:
-    return os.environ.get("FLARE_HOME") or os.path.join(os.path.expanduser("~"), ".flare")
 
 
 def _package_dir() -> str:
@@ -56,7 +57,7 @@ def find_flared() -> str:
 
 def health(client: Client, timeout: float = 2.0) -> dict[str, Any] | None:
     try:
-        result: dict[str, Any] = client.request("GET", "/v1/health", timeout=timeout)
+        result: dict[str, Any] = client.request("GET", _api.health(), timeout=timeout)
         return result
     except exception.ConnectionError:
         client.close()
@@ -89,8 +90,6 @@ def host_bind_allow(home: str) -> list[str]:
     environment whose files are unchanged is bound directly instead of through the lazy
     image mount. Never the flare home or a dir holding it; nothing on a failure."""
     try:
-        from ._localenv import environment_prefixes, python_roots
-
         paths = [os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)]
         cwd = os.path.realpath(os.getcwd())
         roots = python_roots(sys.executable, [p for p in paths if p != cwd], environment_prefixes())
@@ -105,10 +104,7 @@ def host_bind_allow(home: str) -> list[str]:
 
 
 def start_server(listen: str = DEFAULT_LISTEN, wait: float = 60.0) -> Client:
-    """Start ``flared server`` in the background (setsid) and wait for /v1/health."""
-    import fcntl
-    import subprocess
-
+    """Start ``flared server`` in the background (setsid) and wait until it answers its health check."""
     home = flare_home()
     os.makedirs(home, exist_ok=True)
     client = get_client("http://" + listen)
@@ -166,8 +162,6 @@ def ensure_server() -> Client:
 
 def stop_server(timeout: float = 30.0) -> bool:
     """Stop the background server started by ``flare`` (from its pid file)."""
-    import signal
-
     try:
         with open(_pid_path()) as f:
             pid = int(f.read().strip())

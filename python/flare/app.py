@@ -1,7 +1,10 @@
 """``flare.App``: groups functions, runs them ephemerally (``app.run()``) or deploys them.
 
 Imported inside containers when the user's module runs ``flare.App(...)`` and the
-decorators, so only ``os``/``sys`` at module level.
+decorators, so at module level only ``os``/``sys`` and sibling modules that are as light;
+the client machinery (server, transport, mounts, uploads, environment capture) is
+imported by the functions that publish an app (deliberately lazy, for the containers'
+start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
@@ -9,17 +12,19 @@ from __future__ import annotations
 import os
 import sys
 
-from . import exception
+from . import _api, exception
+from ._options import FunctionOptions
+from .exception import Error
+from .function import Function
+from .image import Image, build_images
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
     from ._blobs import BlobSet
-    from ._config import Retries
-    from ._functions import Function
+    from ._options import Retries
     from ._transport import Client
-    from .image import Image
 
 
 class LocalEntrypoint:
@@ -116,34 +121,21 @@ class App:
         """Decorator turning a function into a ``flare.Function`` that runs in containers."""
         image = _check_image(image)
         # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
-        cpu_limit: float | None = None
-        if isinstance(cpu, tuple):
-            if len(cpu) != 2:
-                raise exception.InvalidError(f"cpu=(request, limit) needs two numbers, got {cpu!r}")
-            cpu, cpu_limit = cpu
-            if not (isinstance(cpu_limit, (int, float)) and isinstance(cpu, (int, float)) and cpu_limit >= cpu):
-                raise exception.InvalidError(f"cpu limit must be a number >= the request, got {cpu_limit!r}")
-        if cpu is not None and not (isinstance(cpu, (int, float)) and 0.0625 <= cpu <= 64):
-            raise exception.InvalidError(f"cpu must be a number of cores between 0.0625 and 64, got {cpu!r}")
-        if memory is not None and not (isinstance(memory, int) and memory > 0):
-            raise exception.InvalidError(f"memory must be a positive int (MiB), got {memory!r}")
-        if not isinstance(timeout, int) or not 1 <= timeout <= 86400:
-            raise exception.InvalidError(f"timeout must be an int number of seconds between 1 and 86400, got {timeout!r}")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise exception.InvalidError("env must map str to str")
-        for label, value in (("min_containers", min_containers), ("buffer_containers", buffer_containers), ("scaledown_window", scaledown_window)):
-            if not isinstance(value, int) or value < 0:
-                raise exception.InvalidError(f"{label} must be an int >= 0, got {value!r}")
-        if max_containers is not None and (not isinstance(max_containers, int) or max_containers < 1):
-            raise exception.InvalidError(f"max_containers must be an int >= 1, got {max_containers!r}")
-        from ._config import parse_gpu, retries_to_dict
-
-        gpu_list = parse_gpu(gpu)
-        retries_dict = retries_to_dict(retries)
+        options = FunctionOptions.from_decorator(
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+            block_network=block_network,
+        )
 
         def decorator(f: Callable[..., Any]) -> Function:
-            from ._functions import Function
-
             if isinstance(f, Function):
                 raise exception.InvalidError("@app.function() is applied twice to the same function")
             if not callable(f):
@@ -156,26 +148,11 @@ class App:
             if "<locals>" in tag and name is None:
                 tag = f.__name__
             max_inputs, target_inputs = getattr(f, "__flare_concurrency__", (1, None))
-            config = {
-                "cpu": float(cpu) if cpu is not None else None,
-                "cpu_limit": float(cpu_limit) if cpu_limit is not None else None,
-                "memory": memory,
-                "timeout": timeout,
-                "retries": retries_dict,
-                "env": dict(env or {}),
-                "min_containers": min_containers,
-                "max_containers": max_containers,
-                "buffer_containers": buffer_containers,
-                "scaledown_window": scaledown_window,
-                "max_inputs": max_inputs,
-                "target_inputs": target_inputs,
-                "block_network": bool(block_network),
-                "gpu": gpu_list,
-            }
+            fn_options = options.with_concurrency(max_inputs, target_inputs)
             # Functions nested in other functions cannot be imported by name in the
             # container: ship them pickled by value instead.
             auto_serialize = "<locals>" in (getattr(f, "__qualname__", "") or "")
-            fn = Function(f, self, tag, config, serialized=serialized or auto_serialize)
+            fn = Function(f, self, tag, fn_options, serialized=serialized or auto_serialize)
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn
@@ -237,8 +214,6 @@ class App:
 def _check_image(image: Any) -> Image | None:
     if image is None:
         return None
-    from .image import Image
-
     if not isinstance(image, Image):
         raise exception.InvalidError(
             f"image= must be a flare.Image (e.g. flare.Image.debian_slim().pip_install(...)), not {type(image).__name__}"
@@ -267,7 +242,7 @@ def _entry_file(app: App) -> str | None:
     for fn in app._functions.values():
         mod = sys.modules.get(getattr(fn._raw_f, "__module__", "") or "")
         f = getattr(mod, "__file__", None)
-        if f and os.path.isfile(f):
+        if isinstance(f, str) and os.path.isfile(f):
             return os.path.abspath(f)
     return None
 
@@ -279,10 +254,11 @@ def _function_def(
     image_id: str | None = None,
     sdk_mount: str | None = None,
 ) -> dict[str, Any]:
-    from ._mount import module_name_for, python_info
+    from ._localenv import python_info
+    from ._mount import module_name_for
     from ._serialization import b64
 
-    raw = fn._raw_f
+    raw = fn.get_raw_f()
     module: str | None = None
     qualname: str | None = None
     pickled: str | None = None
@@ -337,8 +313,6 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     images = {tag: img for tag in app._functions if (img := app._image_for(tag)) is not None}
     image_ids: dict[int, str] = {}
     if images:
-        from .image import build_images
-
         image_ids = build_images(client, list(images.values()), show_output)
     entry = _entry_file(app)
     entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
@@ -357,7 +331,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     body: dict[str, Any] = {"name": name, "mode": mode}
     if app._description:
         body["description"] = app._description
-    resp = client.request("POST", "/v1/apps", body)
+    resp = client.request("POST", _api.apps(), body)
     app_id: str = resp["app_id"]
     app._app_id = app_id
     mount_id, sdk_mount = _create_mounts(client, blobs, entries, sdk_files)
@@ -367,7 +341,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
         image_id = image_ids[id(img)] if img is not None else local_image_id
         defs.append(_function_def(fn, entry_dir, mount_id, image_id, sdk_mount))
     if defs:
-        registered = client.request("POST", f"/v1/apps/{app_id}/functions", {"functions": defs})["functions"]
+        registered = client.request("POST", _api.app_functions(app_id), {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}
         for fn in app._functions.values():
             fn._function_id = ids.get(fn._tag)
@@ -397,9 +371,9 @@ def _create_mounts(client: Client, blobs: BlobSet, *mounts: list[dict[str, Any]]
                         with open(src, "rb") as fh:
                             src = fh.read()
                     files.append({"path": e["path"], "data": b64(src), "mode": e["mode"]})
-            out.append(str(client.request("POST", "/v1/mounts", {"files": files})["mount_id"]))
+            out.append(str(client.request("POST", _api.mounts(), {"files": files})["mount_id"]))
         else:
-            out.append(str(client.request("POST", "/v1/mounts", {"entries": entries})["mount_id"]))
+            out.append(str(client.request("POST", _api.mounts(), {"entries": entries})["mount_id"]))
     return out
 
 
@@ -422,12 +396,10 @@ class _AppRuntime:
             self.logs.start()
 
     def _heartbeat_main(self) -> None:
-        from .exception import Error
-
         try:
             while not self.stop_event.wait(10.0):
                 try:
-                    self.client.request("POST", f"/v1/apps/{self.app_id}/heartbeat", {}, timeout=10)
+                    self.client.request("POST", _api.app_heartbeat(self.app_id), {}, timeout=10)
                 except Error:
                     pass  # transient; the server tolerates 60 s without one
         finally:
@@ -436,7 +408,7 @@ class _AppRuntime:
     def stop(self) -> None:
         self.stop_event.set()
         try:
-            self.client.request("POST", f"/v1/apps/{self.app_id}/stop", {}, timeout=120)
+            self.client.request("POST", _api.app_stop(self.app_id), {}, timeout=120)
         finally:
             if self.logs is not None:
                 self.logs.drain()
@@ -464,7 +436,7 @@ class _RunContext:
             app._running = False
             if app._app_id is not None:
                 try:
-                    client.request("POST", f"/v1/apps/{app._app_id}/stop", {}, timeout=60)
+                    client.request("POST", _api.app_stop(app._app_id), {}, timeout=60)
                 except Exception:  # noqa: BLE001
                     pass
                 app._app_id = None

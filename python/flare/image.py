@@ -6,7 +6,10 @@ built when it is defined (apart from checks that local paths exist); the spec is
 docs/IMAGES.md for the spec and the build protocol.
 
 User modules define images at import time, so this module is also imported inside
-containers: only ``os``/``sys`` at module level, and no local-path checks there.
+containers: at module level only ``os``/``sys`` and sibling modules as light, and no
+local-path checks there. What resolving and building need (``re``, ``pathlib``,
+hashing, uploads, mounts, cloudpickle) is imported by the functions that do it
+(deliberately lazy, for the containers' start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
-from . import exception
+from . import _api, exception
+from .function import Function
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -213,7 +217,7 @@ def _walk_dir(root: str, ignore: Callable[[Path], bool] | None, blobs: BlobSet) 
     """The file list of the tree at ``root``. Symlinks are recorded with their target and
     never followed; sockets, fifos and devices are skipped."""
     import stat
-    from pathlib import Path, PurePosixPath
+    from pathlib import Path
 
     can_prune = isinstance(ignore, FilePatternMatcher) and not ignore._inverted and not ignore.has_exclusions
     out: list[dict[str, Any]] = []
@@ -506,8 +510,6 @@ class Image:
         kwargs: dict[str, Any] | None = None,
     ) -> Image:
         """Run a Python function (pickled with cloudpickle) in the image as a build step."""
-        from ._functions import Function
-
         if isinstance(raw_f, Function):
             raw_f = raw_f.get_raw_f()
         if not callable(raw_f):
@@ -650,9 +652,9 @@ def _write(text: str) -> None:
 
 
 def build(client: Client, spec: dict[str, Any], show_output: bool) -> dict[str, Any]:
-    """POST the (resolved, uploaded) spec to ``/v1/images/build`` and follow the build;
+    """POST the (resolved, uploaded) spec to the image build route (``_api.images_build``) and follow the build;
     returns the ``done`` event. A failed build raises ``flare.exception.RemoteError``."""
-    return follow_build(client.stream_ndjson("POST", "/v1/images/build", spec, timeout=_BUILD_EVENT_TIMEOUT), show_output)
+    return follow_build(client.stream_ndjson("POST", _api.images_build(), spec, timeout=_BUILD_EVENT_TIMEOUT), show_output)
 
 
 def follow_build(events: Iterable[Any], show_output: bool) -> dict[str, Any]:
@@ -739,7 +741,7 @@ def build_images(client: Client, images: list[Image], show_output: bool) -> dict
         sdk_files = sdk_entries(blobs)
     blobs.upload(client)
     if sdk_files is not None:
-        sdk_mount = str(client.request("POST", "/v1/mounts", {"entries": sdk_files})["mount_id"])
+        sdk_mount = str(client.request("POST", _api.mounts(), {"entries": sdk_files})["mount_id"])
         for s in runs_functions:
             s["sdk_mount"] = sdk_mount
     built: dict[str, str] = {}

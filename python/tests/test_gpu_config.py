@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 import flare
-from flare import _functions, exception
-from flare._config import parse_gpu
+from flare import exception
+from flare import function as _functions
+from flare._options import parse_gpu
 
 
 def test_parse_gpu_specs() -> None:

@@ -1,6 +1,6 @@
 """Index remapping of a .map whose inputs are re-submitted after a control-plane restart."""
 
-from flare._functions import _InputLedger
+from flare._map import _InputLedger
 
 
 def test_ledger_maps_new_indexes_back_and_delivers_once() -> None:

@@ -1,4 +1,4 @@
-"""The in-container runner, exercised for real: ``python -m flare._runner`` with a
+"""The in-container runner, exercised for real: ``python -m flare._runtime`` with a
 socketpair at fd 3, this test playing the worker side of the framing."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 import pytest
 
-from flare._runner import INIT_FAILURE, OUTPUTS, READY
-from flare._runner_client import RunnerProcess
+from flare._runtime.runner import INIT_FAILURE, OUTPUTS, READY
+from flare._runtime.runner_client import RunnerProcess
 
 
 def _info(name: str, *, module: str | None = None, serialized: bool = False, max_inputs: int = 1,
@@ -144,6 +144,7 @@ def test_user_exception_with_traceback(runners: list[RunnerProcess], tmp_path: P
     tb = exc["traceback"]
     assert "in inner" in tb and 'raise MyError(f"bad input {x}")' in tb and "in f" in tb
     assert "_runner.py" not in tb  # the runner's own frame is cut off
+    assert "_runtime/runner.py" not in tb  # (its path since the runner moved into flare._runtime)
     assert payload  # the exception object itself is pickled (importable usermod)
 
 
@@ -371,7 +372,7 @@ def test_bad_arguments_are_a_failure_not_a_crash(runners: list[RunnerProcess]) -
 def test_no_space_errors_name_the_disk_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from flare import _runner
+    from flare._runtime import runner as _runner
 
     monkeypatch.setenv("FLARE_DISK_QUOTA_BYTES", str(4 << 30))
     info = _runner.exception_info(OSError(errno.ENOSPC, "No space left on device"))
@@ -379,3 +380,31 @@ def test_no_space_errors_name_the_disk_quota(monkeypatch: pytest.MonkeyPatch) ->
     assert "disk quota" in info["traceback"]
     other = _runner.exception_info(OSError(errno.EACCES, "Permission denied"))
     assert "disk quota" not in other["message"]
+
+
+def test_old_entry_point_still_starts_the_runner(runners: list[RunnerProcess]) -> None:
+    """``python -m flare._runner`` (workers from before flare._runtime) runs the same runner."""
+
+    def f(x: int) -> int:
+        return x + 1
+
+    r = RunnerProcess(module="flare._runner")
+    runners.append(r)
+    r.init(_info("f", serialized=True), cloudpickle.dumps(f, protocol=4))
+    typ, _, _ = r.recv()  # type: ignore[misc]
+    assert typ == READY
+    r.send_inputs([("in-1", (1,), {})])
+    assert value(r.outputs(1)[0]) == 2
+
+
+def test_the_runner_imports_no_client_sdk() -> None:
+    """The container's entry point loads only flare, flare._runtime's modules and what
+    they need from the standard library before READY (its cold start)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, flare._runtime.runner; print(sorted(m for m in sys.modules if m.startswith('flare')))"
+    sdk_parent = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": sdk_parent}).stdout
+    assert out.strip() == "['flare', 'flare._runtime', 'flare._runtime.runner']"

@@ -189,7 +189,7 @@ def test_cli_errors(tmp_path: Path) -> None:
 
 
 def test_entrypoint_flags() -> None:
-    from flare.cli import _parse_entry_args
+    from flare.cli._load import _parse_entry_args
 
     def main(n: int, ratio: float = 0.5, name: str = "x", dry_run: bool = False) -> None: ...
 

@@ -243,7 +243,7 @@ fn build_spec(
     Ok(ContainerSpec {
         id: a.container_id.clone(),
         hostname: "flare".into(),
-        argv: vec![python, "-m".into(), "flare._runner".into()],
+        argv: vec![python, "-m".into(), "flare._runtime".into()],
         env,
         cwd,
         rootfs,

@@ -1,6 +1,6 @@
 """The worker side of the container protocol, for tests and benchmarks.
 
-Starts ``python -m flare._runner`` with one end of a socketpair as fd 3 and speaks
+Starts ``python -m flare._runtime`` with one end of a socketpair as fd 3 and speaks
 the framing of docs/PROTOCOL.md section 2. (The real worker is the Rust agent.)
 """
 
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from ._runner import CANCEL, INIT, INPUTS, SHUTDOWN, FrameReader, encode_frame, write_all
+from .runner import CANCEL, INIT, INPUTS, SHUTDOWN, FrameReader, encode_frame, write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,19 +21,20 @@ if TYPE_CHECKING:
 
 
 class RunnerProcess:
-    def __init__(self, env: dict[str, str] | None = None, python: str | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, python: str | None = None, module: str = "flare._runtime") -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        sdk_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sdk_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = sdk_parent + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.setdefault("FLARE_IS_REMOTE", "1")
         if env:
             full_env.update(env)
+        # The SDK stays importable when ``env`` brings its own PYTHONPATH (the user's modules).
+        full_env["PYTHONPATH"] = sdk_parent + os.pathsep + full_env.get("PYTHONPATH", "")
         # posix_spawn dup2s the child end onto fd 3 (and the log files onto 1 and 2);
         # every other fd is close-on-exec, so the runner sees exactly fds 0-3.
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
-        argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", "flare._runner"]
+        argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", module]
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             self.pid = os.posix_spawn(
