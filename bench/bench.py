@@ -421,6 +421,97 @@ def bench_warm_and_map(server: Server, calls: int, map_inputs: int) -> tuple[Jso
     return warm_out, map_out
 
 
+def bench_concurrent_writes(server: Server, clients: int, spawns_per_client: int, probes: int) -> Json:
+    """API latency while ``clients`` threads spawn calls as fast as they can.
+
+    A spawned input is durable before its response (it is written to the store), so each
+    spawn is a disk write. Each client thread holds its own keep-alive connection and
+    sends ``POST /v1/functions/{id}/calls`` (kind ``spawn``) back to back; meanwhile a
+    probe thread times ``GET /v1/functions/{id}/stats`` (a read that needs the state lock
+    and no disk). Reported: spawn latency and throughput, and the probe's latency idle vs.
+    under the spawn load: if the lock waited on the disk, the probe would wait with it.
+    Raw HTTP (standard library) so the SDK's own client costs stay out of the number."""
+    import pickle
+    import threading
+    from binascii import b2a_base64
+
+    import bench_apps
+
+    with bench_apps.spawn_app.run(show_output=False):
+        app_id = bench_apps.spawn_app.app_id
+        fid = server.get(f"/v1/apps/{app_id}/functions/spawned")["function_id"]
+        calls_path = f"/v1/functions/{fid}/calls"
+        stats_path = f"/v1/functions/{fid}/stats"
+
+        def body(i: int) -> bytes:
+            args = b2a_base64(pickle.dumps(((i,), {}), protocol=4), newline=False).decode()
+            return ('{"kind":"spawn","inputs":[{"args":"%s"}],"more":false,"wait_ms":0}' % args).encode()
+
+        def timed_requests(method: str, path: str, bodies: list[bytes | None], out: list[float]) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            try:
+                for b in bodies:
+                    headers = {"Content-Type": "application/json"} if b is not None else {}
+                    t0 = time.perf_counter()
+                    conn.request(method, path, body=b, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    out.append(time.perf_counter() - t0)
+                    if resp.status != 200:
+                        raise OSError(f"{method} {path}: HTTP {resp.status}: {data[:200]!r}")
+            finally:
+                conn.close()
+
+        idle_probe: list[float] = []
+        timed_requests("GET", stats_path, [None] * probes, idle_probe)
+
+        spawn_lat: list[list[float]] = [[] for _ in range(clients)]
+        loaded_probe: list[float] = []
+        errors: list[BaseException] = []
+        stop_probe = threading.Event()
+
+        def client(k: int) -> None:
+            try:
+                timed_requests("POST", calls_path, [body(k * spawns_per_client + i) for i in range(spawns_per_client)],
+                               spawn_lat[k])
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        def probe() -> None:
+            try:
+                while not stop_probe.is_set():
+                    timed_requests("GET", stats_path, [None] * 10, loaded_probe)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        prober = threading.Thread(target=probe)
+        t0 = time.perf_counter()
+        prober.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        stop_probe.set()
+        prober.join()
+        if errors:
+            raise RuntimeError(f"concurrent spawn benchmark failed: {errors[0]!r}")
+        total = clients * spawns_per_client
+        # Let the spawned inputs drain before the app stops (not timed).
+        wait_until(lambda: (lambda s: s["backlog"] == 0 and s["num_running_inputs"] == 0)(server.get(stats_path)),
+                   timeout=120, interval=0.2)
+    all_spawns = [x for lat in spawn_lat for x in lat]
+    return {
+        "clients": clients,
+        "spawns": total,
+        "spawns_per_s": round(total / elapsed, 1),
+        "spawn": summary_ms(all_spawns),
+        "probe_idle": summary_ms(idle_probe),
+        "probe_under_load": summary_ms(loaded_probe),
+    }
+
+
 def memory_snapshot(pid: int) -> Json:
     return {"rss_kb": rss_kb(pid), "pss_kb": pss_kb(pid)}
 
@@ -510,6 +601,13 @@ def table(results: Json) -> str:
     if m:
         rows.append((f".map {m['inputs']} inputs, 2nd (warm)", f"{m['second']['inputs_per_s']:,.0f} inputs/s", ">= 5,000/s"))
         rows.append((f".map {m['inputs']} inputs, 1st", f"{m['first']['inputs_per_s']:,.0f} inputs/s", ""))
+    cw = results.get("concurrent_writes")
+    if cw:
+        sp, pi, pl = cw["spawn"], cw["probe_idle"], cw["probe_under_load"]
+        rows.append((f"spawn p50 / p99 ({cw['clients']} clients, {cw['spawns']} spawns)",
+                     f"{fmt_ms(sp['p50_ms'])} / {fmt_ms(sp['p99_ms'])}", f"{cw['spawns_per_s']:,.0f} spawns/s"))
+        rows.append(("  GET stats p50 / p99, idle", f"{fmt_ms(pi['p50_ms'])} / {fmt_ms(pi['p99_ms'])}", ""))
+        rows.append(("  GET stats p50 / p99, during the spawns", f"{fmt_ms(pl['p50_ms'])} / {fmt_ms(pl['p99_ms'])}", ""))
     mem = results.get("memory")
     if mem:
         idle = mem["flared_idle"]
@@ -560,11 +658,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-runs", type=int, help="cold starts to time (default 30, --quick 20)")
     p.add_argument("--warm-calls", type=int, help="warm .remote() calls to time (default 1000, --quick 200)")
     p.add_argument("--map-inputs", type=int, help="inputs per .map run (default 10000, --quick 2000)")
+    p.add_argument("--spawn-clients", type=int, default=8, help="client threads spawning calls at once (default 8)")
+    p.add_argument("--spawns-per-client", type=int, help="spawns each client sends (default 250, --quick 100)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get install runc when it is missing")
     args = p.parse_args(argv)
     args.cold_runs = args.cold_runs or (20 if args.quick else 30)
     args.warm_calls = args.warm_calls or (200 if args.quick else 1000)
     args.map_inputs = args.map_inputs or (2000 if args.quick else 10000)
+    args.spawns_per_client = args.spawns_per_client or (100 if args.quick else 250)
     return args
 
 
@@ -601,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         results["cold_start"] = bench_cold_start(server, args.cold_runs, not args.no_install)
         print(f"warm .remote(): {args.warm_calls} calls; .map: 2 x {args.map_inputs} inputs ...", flush=True)
         results["warm_remote"], results["map"] = bench_warm_and_map(server, args.warm_calls, args.map_inputs)
+        print(f"concurrent writes: {args.spawn_clients} clients x {args.spawns_per_client} spawns ...", flush=True)
+        results["concurrent_writes"] = bench_concurrent_writes(server, args.spawn_clients, args.spawns_per_client,
+                                                               probes=200)
         results["flared_after_all"] = memory_snapshot(server.pid)
     except BaseException:
         print("flared log tail:\n" + server.log_tail(), file=sys.stderr)

@@ -37,6 +37,15 @@ def ident(x: int) -> int:
     return x
 
 
+# Concurrent writes: spawned calls (each one a durable store write before its response).
+spawn_app = flare.App("bench-spawn")
+
+
+@spawn_app.function()
+def spawned(x: int) -> int:
+    return x
+
+
 # Memory: a floor of warm, idle containers.
 memory_app = flare.App("bench-memory")
 

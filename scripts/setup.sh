@@ -27,6 +27,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "Error: cargo not found; install a Rust toolchain (rustup) first." >&2
   exit 1
 fi
+# The checks in scripts/test.sh use rustfmt and clippy.
+if command -v rustup >/dev/null 2>&1; then
+  for comp in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$comp" || { log "rustup component add $comp"; rustup component add "$comp"; }
+  done
+fi
 log "cargo build --release -p flared"
 cargo build --release -p flared
 

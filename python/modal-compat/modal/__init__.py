@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from flare import (  # noqa: F401
+    from flare import (
         App as App,
         Error as Error,
         FilePatternMatcher as FilePatternMatcher,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         is_local as is_local,
     )
 
-    from . import exception as exception  # noqa: F401
+    from . import exception as exception
 
 # Modal's public names (its ``modal/__init__.py`` ``__all__``, client 1.5.4).
 MODAL_NAMES = (

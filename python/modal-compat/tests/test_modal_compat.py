@@ -20,11 +20,11 @@ for p in (str(PYTHON_DIR), str(COMPAT_DIR)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import flare  # noqa: E402
-import flare.exception  # noqa: E402
-
 import modal  # noqa: E402
 import modal.exception  # noqa: E402
+
+import flare  # noqa: E402
+import flare.exception  # noqa: E402
 
 # Names both have today; each must be Flare's own object.
 SHARED = [
@@ -76,9 +76,9 @@ def test_missing_names_raise_a_clear_error(name: str) -> None:
 
 def test_the_error_names_the_issue() -> None:
     with pytest.raises(ImportError, match=r"\(#13; see docs/COMPAT\.md\)"):
-        modal.Volume
+        _ = modal.Volume
     with pytest.raises(ImportError, match=r"\(#11; see docs/COMPAT\.md\)"):
-        modal.method
+        _ = modal.method
 
 
 @pytest.mark.parametrize("name", NOT_APPLICABLE)
