@@ -124,3 +124,17 @@ pub fn tempdir(name: &str) -> PathBuf {
 pub fn python() -> Option<&'static str> {
     ["/usr/bin/python3", "/usr/local/bin/python3"].into_iter().find(|p| Path::new(p).exists())
 }
+
+/// Close every fd above 2 in a child before exec: whatever the test runner inherited
+/// (a CI shell's fds) would otherwise be open in the tree and be dumped, and criu refuses
+/// files it cannot resolve in the tree's mount namespace.
+pub fn close_inherited_fds(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is one async-signal-safe syscall; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+}
