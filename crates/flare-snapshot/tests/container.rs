@@ -10,30 +10,36 @@ use std::time::Duration;
 
 use common::*;
 use flare_runtime::{ContainerSpec, Limits, Network, Rootfs, Runtime, RuntimeConfig, UserNamespace};
-use flare_snapshot::{CgroupMode, DumpOpts, ExternalMount, RestoreOpts};
+use flare_snapshot::{CgroupMode, DumpOpts, ExternalMount};
 
 struct Rt {
     rt: Option<Runtime>,
     state: PathBuf,
+    cgroup_parent: String,
 }
 
 impl Drop for Rt {
     fn drop(&mut self) {
         drop(self.rt.take());
         let _ = std::fs::remove_dir_all(&self.state);
+        // The runtime's cgroup parent (v2, or each v1 controller it uses).
+        for ctrl in ["", "cpu", "memory", "pids"] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&self.cgroup_parent));
+        }
     }
 }
 
 fn runtime(name: &str, userns: Option<UserNamespace>) -> Rt {
     let state = std::env::temp_dir().join(format!("flare-snap-rt-{name}-{}", std::process::id()));
+    let cgroup_parent = format!("flare-snap-test-{name}-{}", std::process::id());
     let rt = Runtime::new(RuntimeConfig {
         state_dir: state.clone(),
-        cgroup_parent: format!("flare-snap-test-{name}-{}", std::process::id()),
+        cgroup_parent: cgroup_parent.clone(),
         enable_nat: false,
         userns,
     })
     .expect("Runtime::new");
-    Rt { rt: Some(rt), state }
+    Rt { rt: Some(rt), state, cgroup_parent }
 }
 
 fn devnull() -> OwnedFd {
@@ -74,31 +80,57 @@ fn report_path(pid: i32) -> PathBuf {
     Path::new("/proc").join(pid.to_string()).join("root/tmp/report")
 }
 
-#[test]
-fn container_dump_explore() {
+/// Where criu stands on a real flare-runtime container today. Both shapes fail at dump,
+/// for reasons in the runtime's design rather than criu options (see README.md):
+/// - with a user namespace, the container's init (a fork of the spawning process that
+///   changed its uid and never exec'd, so it is not dumpable and its memory belongs to the
+///   host's user namespace) cannot be inspected from inside the container's user
+///   namespace: "One or more namespaces doesn't belong to the target user namespace";
+/// - without one, init still maps the spawning process's own binary, a file outside
+///   the container's mount namespace: "Can't lookup mount=N for fd=-3 path=<the binary>".
+///
+/// The test passes on those known errors (printing them) and on a successful dump (then
+/// it restores nothing: a restore needs a root prepared the way the namespaced tests do),
+/// and fails on any other error, so a change in the runtime or criu shows up here.
+fn container_dump(userns: Option<UserNamespace>, name: &str) {
     let criu = require_criu!();
     let Some(py) = python() else {
         return;
     };
-    flare_snapshot::sys::set_child_subreaper().unwrap();
-    let rt = runtime("explore", None);
-    let mut c = rt.rt.as_ref().unwrap().spawn(holder_spec("snap-a", py)).unwrap();
+    let rt = runtime(name, userns);
+    let mut c = rt.rt.as_ref().unwrap().spawn(holder_spec(&format!("snap-{name}"), py)).unwrap();
     let init = c.pid();
     let prog = program_pid(init);
     let before = take_report(&report_path(prog), Duration::from_secs(20));
-    eprintln!("before: {before:?}");
-    let dir = tempdir("ct");
-    let images = dir.join("images");
+    assert_eq!(before.pid, 2, "the program is pid 2 under the runtime's init");
+    let dir = tempdir(name);
     let opts = DumpOpts {
         external_mounts: vec![ExternalMount::Auto],
         manage_cgroups: Some(CgroupMode::Ignore),
         ..Default::default()
     };
-    let r = criu.dump(init, &images, &opts);
-    eprintln!("dump: {r:?}");
-    if r.is_err() {
-        c.kill().unwrap();
+    let known = ["doesn't belong to the target user namespace", "Can't lookup mount"];
+    match criu.dump(init, &dir.join("images"), &opts) {
+        Ok(rep) => eprintln!("flare-runtime container ({name}) dumped: {rep:?}"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(known.iter().any(|k| msg.contains(k)), "unexpected dump failure: {msg}");
+            eprintln!("flare-runtime container ({name}): known dump failure: {msg}");
+            // criu leaves a tree it failed to dump running.
+            c.kill().unwrap();
+        }
     }
     let _ = c.wait();
-    let _ = c.cleanup();
+    c.cleanup().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flare_runtime_container_with_user_namespace() {
+    container_dump(Some(UserNamespace::DEFAULT), "userns");
+}
+
+#[test]
+fn flare_runtime_container_without_user_namespace() {
+    container_dump(None, "nouserns");
 }

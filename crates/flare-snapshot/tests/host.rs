@@ -8,6 +8,14 @@ use std::time::Duration;
 use common::*;
 use flare_snapshot::{DumpOpts, RestoreOpts};
 
+/// The holder in a session of its own (so no --shell-job is needed), fds above 2 closed.
+fn spawn_holder(py: &str, out: &std::path::Path) -> std::process::Child {
+    let mut cmd = Command::new("setsid");
+    cmd.args([py, "-c", HOLDER]).arg(out).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    close_inherited_fds(&mut cmd);
+    cmd.spawn().unwrap()
+}
+
 #[test]
 fn detect_reports_version_kernel_and_features() {
     let criu = require_criu!();
@@ -27,15 +35,7 @@ fn host_process_memory_survives_dump_and_two_restores() {
     let dir = tempdir("host");
     let out = dir.join("report");
     let images = dir.join("images");
-    // setsid: the tree is its own session, so no --shell-job is needed.
-    let child = Command::new("setsid")
-        .args([py, "-c", HOLDER])
-        .arg(&out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_holder(py, &out);
     let pid = child.id() as i32;
     let before = take_report(&out, Duration::from_secs(20));
     assert_eq!(before.sum, HOLDER_SUM);
@@ -44,7 +44,7 @@ fn host_process_memory_survives_dump_and_two_restores() {
     let rep = criu.dump(pid, &images, &DumpOpts::default()).unwrap_or_else(|e| panic!("dump: {e}"));
     eprintln!("dump: {:?}, {} bytes of images", rep.elapsed, rep.image_bytes);
     // criu killed the tree; reap it so that its pid is free for the restore.
-    wait_gone(pid, Duration::from_secs(5));
+    child.wait().unwrap();
 
     // A tree restored in criu's own pid namespace gets its old pids back, so two restores
     // of it cannot run at once: one after the other.
@@ -76,18 +76,11 @@ fn second_concurrent_restore_in_the_same_pid_namespace_fails_clearly() {
     let dir = tempdir("host-clash");
     let out = dir.join("report");
     let images = dir.join("images");
-    let child = Command::new("setsid")
-        .args([py, "-c", HOLDER])
-        .arg(&out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_holder(py, &out);
     let pid = child.id() as i32;
     take_report(&out, Duration::from_secs(20));
     criu.dump(pid, &images, &DumpOpts::default()).unwrap();
-    wait_gone(pid, Duration::from_secs(5));
+    child.wait().unwrap();
     let first =
         criu.restore(&images, &RestoreOpts { work_dir: Some(dir.join("r0")), ..Default::default() }).unwrap();
     let err = criu
@@ -97,5 +90,35 @@ fn second_concurrent_restore_in_the_same_pid_namespace_fails_clearly() {
     assert!(msg.contains("File exists") || msg.contains("pid"), "{msg}");
     eprintln!("second restore: {msg}");
     kill_and_reap(first.pid);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn host_process_restores_with_lazy_pages() {
+    let criu = require_criu!();
+    let Some(py) = python() else {
+        return;
+    };
+    if !criu.features().lazy_pages() {
+        eprintln!("skipping: no userfaultfd here ({:?})", criu.features());
+        return;
+    }
+    flare_snapshot::sys::set_child_subreaper().unwrap();
+    let dir = tempdir("host-lazy");
+    let out = dir.join("report");
+    let images = dir.join("images");
+    let mut child = spawn_holder(py, &out);
+    let pid = child.id() as i32;
+    let before = take_report(&out, Duration::from_secs(20));
+    criu.dump(pid, &images, &DumpOpts::default()).unwrap();
+    child.wait().unwrap();
+    let opts = RestoreOpts { work_dir: Some(dir.join("w")), lazy_pages: true, ..Default::default() };
+    let mut r = criu.restore(&images, &opts).unwrap_or_else(|e| panic!("lazy restore: {e}"));
+    eprintln!("lazy restore: pid {} in {:?}", r.pid, r.elapsed);
+    flare_snapshot::sys::kill(r.pid, libc::SIGUSR1).unwrap();
+    let after = take_report(&out, Duration::from_secs(10));
+    assert_eq!(after.token, before.token, "pages served on demand hold the dumped memory");
+    assert!(r.wait_lazy_done(Duration::from_secs(30)).unwrap(), "the lazy-pages daemon served every page");
+    kill_and_reap(r.pid);
     let _ = std::fs::remove_dir_all(&dir);
 }
