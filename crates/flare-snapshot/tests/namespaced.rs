@@ -59,6 +59,8 @@ exec </dev/null >/dev/null 2>&1
 exec setsid "$@"
 "#;
 
+const TOOLS: [&str; 6] = ["setsid", "unshare", "mount", "umount", "pivot_root", "sh"];
+
 struct Ct {
     launcher: Child,
     /// The tree's root: pid 1 of its pid namespace, as the host sees it.
@@ -173,6 +175,10 @@ fn namespaced_tree_restores_twice_at_once_with_its_memory() {
         eprintln!("skipping: no python3");
         return;
     };
+    if !has_tools(&TOOLS) {
+        eprintln!("skipping: needs {TOOLS:?} in PATH");
+        return;
+    }
     flare_snapshot::sys::set_child_subreaper().unwrap();
     let dir = tempdir("ns");
     let (images, before) = dumped(&criu, py, &dir);
@@ -208,6 +214,10 @@ fn namespaced_restore_with_lazy_pages() {
     let Some(py) = python() else {
         return;
     };
+    if !has_tools(&TOOLS) {
+        eprintln!("skipping: needs {TOOLS:?} in PATH");
+        return;
+    }
     if !criu.features().lazy_pages() {
         eprintln!("skipping: no userfaultfd here ({:?})", criu.features());
         return;

@@ -39,7 +39,9 @@ pub fn criu_or_skip() -> Option<Criu> {
         eprintln!("skipping: criu needs root");
         return None;
     }
-    match Criu::detect(None) {
+    // FLARE_CRIU names a criu binary to test with (default: the one in PATH).
+    let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
+    match Criu::detect(path.as_deref()) {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!("skipping: {e}");
@@ -137,4 +139,10 @@ pub fn close_inherited_fds(cmd: &mut std::process::Command) {
             Ok(())
         });
     }
+}
+
+/// Is `tool` in PATH? (The namespaced tests drive util-linux's unshare, mount, setsid.)
+pub fn has_tools(tools: &[&str]) -> bool {
+    let path = std::env::var("PATH").unwrap_or_default();
+    tools.iter().all(|t| path.split(':').any(|d| Path::new(d).join(t).exists()))
 }
