@@ -132,6 +132,10 @@ pub struct RestoreOpts<'a> {
     pub manage_cgroups: Option<CgroupMode>,
     /// `--cgroup-root`: restore the tree's cgroups below this one.
     pub cgroup_root: Option<String>,
+    /// `cgroup.procs` files criu joins before it starts (e.g. the container's cgroup made
+    /// by the worker, one file per v1 controller): with [`CgroupMode::Ignore`] the
+    /// restored tasks, forked by criu, start in them.
+    pub join_cgroups: Vec<PathBuf>,
     /// Restore memory on demand (`--lazy-pages`) from a `criu lazy-pages` daemon that
     /// this call starts; needs [`Features::lazy_pages`].
     pub lazy_pages: bool,
@@ -157,6 +161,7 @@ impl Default for RestoreOpts<'_> {
             tcp_established: false,
             manage_cgroups: None,
             cgroup_root: None,
+            join_cgroups: Vec::new(),
             lazy_pages: false,
             leave_stopped: false,
             restore_sibling: false,
@@ -311,7 +316,7 @@ impl Criu {
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
         let start = Instant::now();
-        self.run("dump", &args, &[], &log, opts.timeout)?;
+        self.run("dump", &args, &[], &[], &log, opts.timeout)?;
         let elapsed = start.elapsed();
         let image_bytes = dir_bytes(&images_dir);
         tracing::info!(pid, images = %images_dir.display(), ?elapsed, image_bytes, "criu dump done");
@@ -391,7 +396,13 @@ impl Criu {
         args.extend(opts.extra_args.iter().map(OsString::from));
         let mut restored = Restored { pid: 0, log: log.clone(), elapsed: Duration::ZERO, lazy_daemon };
         let fds: Vec<i32> = opts.inherit_fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        self.run("restore", &args, &fds, &log, opts.timeout)?;
+        let mut cgroups = Vec::new();
+        for p in &opts.join_cgroups {
+            cgroups.push(fs::OpenOptions::new().write(true).open(p).ctx(|| format!("open {}", p.display()))?);
+        }
+        let cgroup_fds: Vec<i32> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+        self.run("restore", &args, &fds, &cgroup_fds, &log, opts.timeout)?;
+        drop(cgroups);
         let text = fs::read_to_string(&pidfile).ctx(|| format!("read {}", pidfile.display()))?;
         restored.pid = text.trim().parse().map_err(|_| {
             SnapshotError::io(format!("parse {}", pidfile.display()), std::io::ErrorKind::InvalidData.into())
@@ -440,18 +451,24 @@ impl Criu {
         action: &'static str,
         args: &[OsString],
         keep_fds: &[i32],
+        cgroup_procs: &[i32],
         log: &Path,
         timeout: Duration,
     ) -> Result<(), SnapshotError> {
         tracing::debug!(criu = %self.bin.display(), ?args, "running criu");
         let mut cmd = Command::new(&self.bin);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        if !keep_fds.is_empty() {
+        if !keep_fds.is_empty() || !cgroup_procs.is_empty() {
             let fds = keep_fds.to_vec();
-            // SAFETY: the closure runs between fork and exec and only calls fcntl
-            // (async-signal-safe) on fd numbers the caller keeps open; it allocates nothing.
+            let procs = cgroup_procs.to_vec();
+            // SAFETY: the closure runs between fork and exec and only calls write and
+            // fcntl (async-signal-safe) on fd numbers the caller keeps open until the
+            // child has exec'd; it allocates nothing (the vectors were moved in before).
             unsafe {
                 cmd.pre_exec(move || {
+                    for fd in &procs {
+                        crate::sys::join_cgroup(*fd)?;
+                    }
                     for fd in &fds {
                         crate::sys::place_fd(*fd, *fd)?;
                     }

@@ -85,3 +85,13 @@ pub(crate) fn place_fd(src: RawFd, dst: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// In a child between fork and exec: move the calling process into the cgroup whose
+/// `cgroup.procs` is open as `procs` ("0" means the writer). Async-signal-safe.
+pub(crate) fn join_cgroup(procs: RawFd) -> io::Result<()> {
+    // SAFETY: writes 1 byte from a static buffer to an fd number.
+    if unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) } != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -249,3 +249,78 @@ fn namespaced_restore_with_lazy_pages() {
     drop(root);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The cgroup.procs file of a new pids cgroup (v2, or v1's pids controller), removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> Option<TestCgroup> {
+        let base = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        };
+        let dir = base.join(format!("flare-snap-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        Some(TestCgroup(dir))
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.0.join("cgroup.procs")
+    }
+
+    fn relative(&self) -> String {
+        let s = self.0.to_string_lossy();
+        s.trim_start_matches("/sys/fs/cgroup/pids").trim_start_matches("/sys/fs/cgroup").to_string()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn namespaced_dump_can_leave_the_tree_running_and_restore_joins_a_cgroup() {
+    let criu = require_criu!();
+    let Some(py) = python() else {
+        return;
+    };
+    if !has_tools(&TOOLS) {
+        eprintln!("skipping: needs {TOOLS:?} in PATH");
+        return;
+    }
+    let Some(cg) = TestCgroup::new("cg") else {
+        eprintln!("skipping: cannot create a pids cgroup");
+        return;
+    };
+    flare_snapshot::sys::set_child_subreaper().unwrap();
+    let dir = tempdir("ns-running");
+    let ct = start(py, &dir.join("root"));
+    let before = take_report(&report_path(ct.pid), Duration::from_secs(20));
+    let images = dir.join("images");
+    let opts = DumpOpts { leave_running: true, ..dump_opts() };
+    criu.dump(ct.pid, &images, &opts).unwrap_or_else(|e| panic!("dump: {e}"));
+    // The original goes on (a checkpoint after the imports need not cost the container).
+    flare_snapshot::sys::kill(ct.pid, libc::SIGUSR1).unwrap();
+    let still = take_report(&report_path(ct.pid), Duration::from_secs(10));
+    assert_eq!(still.token, before.token);
+
+    let root = RestoreRoot::new(dir.join("restore-root"));
+    let opts = RestoreOpts { join_cgroups: vec![cg.procs()], ..restore_opts(&root.0, dir.join("w0")) };
+    let r = criu.restore(&images, &opts).unwrap_or_else(|e| panic!("restore: {e}"));
+    flare_snapshot::sys::kill(r.pid, libc::SIGUSR1).unwrap();
+    let after = take_report(&report_path(r.pid), Duration::from_secs(10));
+    assert_eq!(after.token, before.token);
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", r.pid)).unwrap();
+    assert!(
+        cgroups.lines().any(|l| l.ends_with(&format!(":{}", cg.relative()))),
+        "restored tree is in {}: {cgroups}",
+        cg.relative()
+    );
+    kill_and_reap(r.pid);
+    drop(ct);
+    drop(root);
+    let _ = std::fs::remove_dir_all(&dir);
+}
