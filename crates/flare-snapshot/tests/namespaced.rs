@@ -282,7 +282,7 @@ impl Drop for TestCgroup {
 }
 
 #[test]
-fn namespaced_dump_can_leave_the_tree_running_and_restore_joins_a_cgroup() {
+fn namespaced_dump_can_leave_the_tree_running_and_restore_joins_a_cgroup_as_our_child() {
     let criu = require_criu!();
     let Some(py) = python() else {
         return;
@@ -308,8 +308,16 @@ fn namespaced_dump_can_leave_the_tree_running_and_restore_joins_a_cgroup() {
     assert_eq!(still.token, before.token);
 
     let root = RestoreRoot::new(dir.join("restore-root"));
-    let opts = RestoreOpts { join_cgroups: vec![cg.procs()], ..restore_opts(&root.0, dir.join("w0")) };
+    // restore_sibling (-S): the restored root is our own child, not criu's orphan.
+    let opts = RestoreOpts {
+        join_cgroups: vec![cg.procs()],
+        restore_sibling: true,
+        ..restore_opts(&root.0, dir.join("w0"))
+    };
     let r = criu.restore(&images, &opts).unwrap_or_else(|e| panic!("restore: {e}"));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", r.pid)).unwrap();
+    let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(ppid, std::process::id(), "the restored root is the caller's child");
     flare_snapshot::sys::kill(r.pid, libc::SIGUSR1).unwrap();
     let after = take_report(&report_path(r.pid), Duration::from_secs(10));
     assert_eq!(after.token, before.token);
