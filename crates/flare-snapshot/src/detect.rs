@@ -234,19 +234,18 @@ mod tests {
     #[test]
     fn finds_in_path_order() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(find_criu(None, Some(dir.path().to_str().unwrap())).map(|p| p.starts_with(dir.path())), {
-            // Nothing in the temp dir: whatever the fallback dirs hold (or none).
-            ["/usr/local/sbin", "/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| Path::new(d).join("criu"))
-                .find(|p| is_executable(p))
-                .map(|_| false)
-        });
         let bin = dir.path().join("criu");
         std::fs::write(&bin, "#!/bin/sh\necho Version: 9.9\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
+        // Not executable: skipped.
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = format!("/nonexistent:{}", dir.path().display());
+        assert_ne!(find_criu(None, Some(&path)), Some(bin.clone()));
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(find_criu(None, Some(&format!("/nonexistent:{}", dir.path().display()))), Some(bin));
+        assert_eq!(find_criu(None, Some(&path)), Some(bin.clone()));
+        // A configured path wins over PATH, and must exist.
+        assert_eq!(find_criu(Some(&bin), Some("/usr/sbin")), Some(bin));
+        assert_eq!(find_criu(Some(Path::new("/nonexistent/criu")), Some(&path)), None);
     }
 
     #[test]
