@@ -27,6 +27,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "Error: cargo not found; install a Rust toolchain (rustup) first." >&2
   exit 1
 fi
+# CRIU >= 4 (memory snapshots; Debian 12's 3.17 fails `criu check` on recent kernels):
+# built once from Debian's source package, a fast no-op afterwards.
+bash scripts/install-criu.sh
+
 # The checks in scripts/test.sh use rustfmt and clippy.
 if command -v rustup >/dev/null 2>&1; then
   for comp in rustfmt clippy; do
