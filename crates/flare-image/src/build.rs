@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -807,7 +806,7 @@ impl Builder {
         tag: &str,
         log: Log<'_>,
     ) -> Result<CommandRun, ImageError> {
-        let (out_r, out_w) = pipe()?;
+        let (out_r, out_w) = flare_runtime::pipe_cloexec().map_err(|e| ImageError::io("pipe", e))?;
         let err_w = out_w.try_clone().map_err(|e| ImageError::io("dup", e))?;
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
@@ -869,20 +868,12 @@ impl Builder {
         let mut tail = Tail::default();
         let mut reader = std::fs::File::from(out_r);
         let mut buf = [0u8; 16 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
+        let mut decoder = flare_runtime::LogDecoder::new(0);
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    pending.extend_from_slice(&buf[..n]);
-                    // Whole UTF-8 characters only.
-                    let cut = match std::str::from_utf8(&pending) {
-                        Ok(_) => pending.len(),
-                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                        Err(_) => pending.len(),
-                    };
-                    let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
-                    pending.drain(..cut);
+                    let text = decoder.push(&buf[..n]);
                     tail.push(&text);
                     log(&text);
                 }
@@ -895,13 +886,10 @@ impl Builder {
         if exit.code == Some(0) {
             return Ok(CommandRun { tail: tail.text(), in_userns });
         }
-        let how = match (exit.code, exit.signal, exit.oom_killed) {
-            (_, _, true) => "killed: out of memory".to_owned(),
-            (Some(c), _, _) => format!("exit code {c}"),
-            (_, Some(s), _) => format!("killed by signal {s}"),
-            _ => "failed".to_owned(),
-        };
-        Err(ImageError::StepFailed { message: format!("`{cmd}` failed ({how})"), log_tail: tail.text() })
+        Err(ImageError::StepFailed {
+            message: format!("`{cmd}` failed ({})", exit.describe()),
+            log_tail: tail.text(),
+        })
     }
 }
 
@@ -924,17 +912,6 @@ fn write_input(dir: &Path, in_container: &str, data: &[u8]) -> Result<(), ImageE
     let name = Path::new(in_container).file_name().expect("constant has a file name");
     let p = dir.join(name);
     std::fs::write(&p, data).map_err(|e| ImageError::io(format!("writing {}", p.display()), e))
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), ImageError> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(ImageError::io("pipe", std::io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The last lines of a step's output.

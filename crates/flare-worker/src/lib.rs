@@ -24,7 +24,7 @@ use flare_proto::{
     ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, GenMark, InputMsg, LogStream, OutputMsg,
     OutputStatus, ToWorker,
 };
-use flare_runtime::{ContainerSpec, Limits, Network, Rootfs, Runtime};
+use flare_runtime::{pipe_cloexec as pipe, ContainerSpec, Limits, LogDecoder, Network, Rootfs, Runtime};
 use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,18 +145,6 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
         }
     });
     handle
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    use std::os::fd::FromRawFd;
-    // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 pub use flare_api::python_roots;
@@ -334,39 +322,6 @@ fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, String> {
         .collect()
 }
 
-/// Keeps the tail of a stream and turns chunks into text without splitting characters.
-struct LogDecoder {
-    pending: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-impl LogDecoder {
-    fn new() -> Self {
-        LogDecoder { pending: Vec::new(), tail: Vec::new() }
-    }
-
-    fn push(&mut self, chunk: &[u8]) -> String {
-        self.tail.extend_from_slice(chunk);
-        if self.tail.len() > STDERR_TAIL {
-            let cut = self.tail.len() - STDERR_TAIL;
-            self.tail.drain(..cut);
-        }
-        self.pending.extend_from_slice(chunk);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.pending.len(),
-        };
-        let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
-        self.pending.drain(..valid);
-        text
-    }
-
-    fn tail_text(&self) -> String {
-        String::from_utf8_lossy(&self.tail).into_owned()
-    }
-}
-
 struct Pipe {
     rx: tokio::net::unix::pipe::Receiver,
     dec: LogDecoder,
@@ -378,7 +333,7 @@ impl Pipe {
     fn new(fd: OwnedFd, stream: LogStream) -> std::io::Result<Self> {
         Ok(Pipe {
             rx: tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?,
-            dec: LogDecoder::new(),
+            dec: LogDecoder::new(STDERR_TAIL),
             stream,
             eof: false,
         })
@@ -705,11 +660,8 @@ async fn run_container_in(
         report.oom_killed = info.oom_killed;
     }
     if !ready && !init_failed && report.start_error.is_none() && !report.requested {
-        let status = match (report.code, report.signal) {
-            (_, Some(s)) => format!("killed by signal {s}"),
-            (Some(c), _) => format!("exit code {c}"),
-            _ => "unknown status".into(),
-        };
+        let status = flare_runtime::ExitInfo { code: report.code, signal: report.signal, oom_killed: false }
+            .describe();
         let tail = err.dec.tail_text();
         report.start_error = Some(if report.oom_killed {
             format!(
@@ -781,19 +733,5 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_decoder_keeps_characters_whole() {
-        let mut d = LogDecoder::new();
-        let s = "héllo".as_bytes();
-        assert_eq!(d.push(&s[..2]), "h");
-        assert_eq!(d.push(&s[2..]), "éllo");
-        assert_eq!(d.tail_text(), "héllo");
     }
 }
