@@ -1,6 +1,6 @@
 """Micro-benchmark: inputs/s through the in-container runner over its fd-3 socket.
 
-Plays the worker side (flare._runner_client) against `python -m flare._runner` and
+Plays the worker side (flare._runner_client) against `python -m flare._runtime` and
 measures trivial-function throughput for several batch sizes and concurrency
 settings, plus cold start (spawn -> READY) against `python -c pass`.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 
 import cloudpickle  # noqa: E402
 
-from flare._runner import READY  # noqa: E402
+from flare._runtime import READY  # noqa: E402
 from flare._runner_client import RunnerProcess  # noqa: E402
 
 

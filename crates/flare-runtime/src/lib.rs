@@ -13,6 +13,7 @@
 
 mod cgroup;
 mod child;
+mod command;
 mod detached;
 mod error;
 mod etc;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
 pub use child::KEPT_CAPS;
+pub use command::{set_env, CommandSpec};
 pub use error::RuntimeError;
 pub use output::LogDecoder;
 pub use sys::pipe_cloexec;
@@ -106,7 +108,7 @@ impl UserNamespace {
 }
 
 /// The container's root file system.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rootfs {
     /// The host's own environment, read-only: an overlay (lower = a generated skeleton,
     /// upper = a per-container tmpfs) with read-only binds of the host's system dirs that
@@ -119,7 +121,7 @@ pub enum Rootfs {
 }
 
 /// A bind mount into the container.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
     /// Host path.
     pub src: PathBuf,
@@ -130,7 +132,7 @@ pub struct Bind {
 }
 
 /// Resource limits.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
     /// CPU quota in thousandths of a CPU.
     pub cpu_millicores: Option<u64>,

@@ -198,7 +198,7 @@ fn code_mountpoint(mdir: &Path, rel: &Path, dir: bool) -> io::Result<()> {
 }
 
 /// The resolved sources of a container's binds: every host path checked (the
-/// filesystem side of [`container_binds`]); [`BindSources::plan`] orders them.
+/// filesystem side of a container's binds); [`BindSources::plan`] orders them.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct BindSources {
     /// The code mount dir, bound read-only at `/root`.
@@ -317,19 +317,6 @@ pub(crate) fn make_code_mountpoints(sources: &BindSources) -> io::Result<()> {
         code_mountpoint(mdir, rel, is_dir)?;
     }
     Ok(())
-}
-
-/// Every bind of a container of `def`, in mount order (resolves the sources, makes the
-/// code mount's mountpoints, plans).
-pub(crate) fn container_binds(
-    cfg: &WorkerConfig,
-    def: &FunctionDef,
-    image: &ImageDirs,
-    api_socket: &Path,
-) -> io::Result<Vec<Bind>> {
-    let sources = bind_sources(cfg, def, image, api_socket)?;
-    make_code_mountpoints(&sources)?;
-    Ok(sources.plan())
 }
 
 #[cfg(test)]

@@ -6,11 +6,15 @@
 
 mod binds;
 mod codemount;
+mod error;
 pub mod frame;
 pub mod gpu;
 pub mod http;
 pub mod images;
 pub mod remote;
+mod spec;
+
+pub use error::WorkerError;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -24,7 +28,7 @@ use flare_proto::{
     ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, GenMark, InputMsg, LogStream, OutputMsg,
     OutputStatus, ToWorker,
 };
-use flare_runtime::{pipe_cloexec as pipe, ContainerSpec, Limits, LogDecoder, Network, Rootfs, Runtime};
+use flare_runtime::{pipe_cloexec as pipe, LogDecoder, Runtime};
 use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,102 +162,6 @@ struct ImageDirs {
     mounts: Vec<(String, PathBuf)>,
 }
 
-fn build_spec(
-    cfg: &WorkerConfig,
-    a: &ContainerAssignment,
-    api_socket: &Path,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    sock: OwnedFd,
-    image: ImageDirs,
-) -> std::io::Result<ContainerSpec> {
-    let def = &a.def;
-    let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
-    let binds = binds::container_binds(cfg, def, &image, api_socket)?;
-
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        ("HOME".into(), "/root".into()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("PYTHONUNBUFFERED".into(), "1".into()),
-        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
-    ];
-    if let Some(img) = &def.image {
-        for (k, v) in &img.env {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-    }
-    for (k, v) in &def.config.env {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
-    }
-    // Platform variables win over user ones.
-    let pythonpath = match def.config.env.get("PYTHONPATH") {
-        Some(user) => format!("/__flare:{user}"),
-        None => "/__flare".into(),
-    };
-    for (k, v) in [
-        ("PYTHONPATH", pythonpath),
-        ("FLARE_CONTAINER_ID", a.container_id.clone()),
-        ("FLARE_APP_ID", a.app_id.clone()),
-        ("FLARE_APP_NAME", a.app_name.clone()),
-        ("FLARE_FUNCTION_NAME", def.name.clone()),
-        ("FLARE_SERVER_URL", format!("unix://{API_SOCKET_IN_CONTAINER}")),
-        ("FLARE_IS_REMOTE", "1".into()),
-        // What the runtime sizes the writable layer and /tmp to (named in ENOSPC errors).
-        ("FLARE_DISK_QUOTA_BYTES", flare_runtime::DEFAULT_DISK_BYTES.to_string()),
-        // The caller's import paths (bound read-only above); the runner adds those the
-        // container's interpreter does not already have.
-        ("FLARE_SYS_PATH", if on_image_root { String::new() } else { def.python.paths.join(":") }),
-    ] {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.into(), v));
-    }
-    let network = if def.config.block_network || cfg.runtime.nat_available().is_some() {
-        Network::Isolated
-    } else {
-        Network::Nat
-    };
-    let (python, rootfs, cwd) = match (&def.image, image.root) {
-        (Some(img), _) if !img.host_roots.is_empty() => (img.python.clone(), Rootfs::Host, "/root".into()),
-        (Some(img), Some(root)) => {
-            (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
-        }
-        (Some(img), None) => {
-            return Err(std::io::Error::other(format!(
-                "image {} is not mounted on this worker",
-                img.image_id
-            )))
-        }
-        (None, _) => (def.python.executable.clone(), Rootfs::Host, "/root".into()),
-    };
-    Ok(ContainerSpec {
-        id: a.container_id.clone(),
-        hostname: "flare".into(),
-        argv: vec![python, "-m".into(), "flare._runner".into()],
-        env,
-        cwd,
-        rootfs,
-        binds,
-        limits: Limits {
-            cpu_millicores: def
-                .config
-                .cpu_limit
-                .or(def.config.cpu.map(|c| c + flare_proto::CPU_BURST_CORES))
-                .map(|c| (c * 1000.0).round() as u64),
-            memory_bytes: def.config.memory.map(|m| m * 1024 * 1024),
-            pids_max: None,
-            ..Limits::default()
-        },
-        network,
-        stdout,
-        stderr,
-        extra_fds: vec![(sock, 3)],
-        upper_dir: None,
-    })
-}
-
 #[derive(Deserialize)]
 struct OutputHeader {
     outputs: Vec<OutputItem>,
@@ -306,17 +214,18 @@ fn inputs_frame(inputs: &[InputMsg]) -> Bytes {
     frame::encode(frame::INPUTS, header.as_bytes(), &body)
 }
 
-fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, String> {
+fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, WorkerError> {
+    let bad = WorkerError::Protocol;
     let h: OutputHeader =
-        serde_json::from_slice(&f.header).map_err(|e| format!("bad OUTPUTS header: {e}"))?;
+        serde_json::from_slice(&f.header).map_err(|e| bad(format!("bad OUTPUTS header: {e}")))?;
     let lens: Vec<usize> = h.outputs.iter().map(|o| o.len).collect();
-    let bodies = frame::split_body(&f.body, &lens).map_err(|e| e.to_string())?;
+    let bodies = frame::split_body(&f.body, &lens).map_err(|e| bad(e.to_string()))?;
     h.outputs
         .into_iter()
         .zip(bodies)
         .map(|(o, data)| {
-            let status =
-                OutputStatus::parse(&o.status).ok_or_else(|| format!("unknown status {:?}", o.status))?;
+            let status = OutputStatus::parse(&o.status)
+                .ok_or_else(|| bad(format!("unknown status {:?}", o.status)))?;
             Ok(OutputMsg { input_id: o.input_id, status, gen: o.gen, data, exception: o.exception })
         })
         .collect()
@@ -375,9 +284,9 @@ async fn run_container(
     let cid = a.container_id.clone();
     match run_container_in(cfg, &a, &mut cmds, events).await {
         Ok(r) => r,
-        Err(msg) => {
-            tracing::warn!(container = %cid, error = %msg, "container failed to start");
-            ExitReport { start_error: Some(msg), ..Default::default() }
+        Err(e) => {
+            tracing::warn!(container = %cid, error = %e, "container failed to start");
+            ExitReport { start_error: Some(e.to_string()), ..Default::default() }
         }
     }
 }
@@ -387,15 +296,15 @@ async fn run_container_in(
     a: &ContainerAssignment,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
-) -> Result<ExitReport, String> {
+) -> Result<ExitReport, WorkerError> {
     let cid = a.container_id.clone();
     let t0 = std::time::Instant::now();
     // Calls from inside the container reach the API through this socket only.
     let api_path = cfg.socket_dir.join(format!("{cid}.sock"));
-    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| format!("api socket dir: {e}"))?;
+    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| WorkerError::io("api socket dir", e))?;
     let _ = std::fs::remove_file(&api_path);
     let listener = tokio::net::UnixListener::bind(&api_path)
-        .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+        .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     let _socket_guard = RemoveOnDrop(api_path.clone());
     {
         // Root in the container is an unprivileged host uid (user namespace): it connects
@@ -403,11 +312,12 @@ async fn run_container_in(
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
         std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
-            .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+            .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     }
     // Every request on this socket names its container, so the control plane scopes it to
     // the container's app (any value the container sends is replaced).
-    let caller = axum::http::HeaderValue::from_str(&cid).map_err(|e| format!("container id: {e}"))?;
+    let caller = axum::http::HeaderValue::from_str(&cid)
+        .map_err(|e| WorkerError::io("container id", std::io::Error::other(e)))?;
     let api = cfg.api.clone().layer(axum::middleware::from_fn(
         move |mut req: axum::extract::Request, next: axum::middleware::Next| {
             req.headers_mut().insert(flare_api::CALLER_CONTAINER_HEADER, caller.clone());
@@ -422,14 +332,15 @@ async fn run_container_in(
             ensure_mount(&cfg.home.join("mounts"), m, src).await?;
         }
     }
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
+    let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+    let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
     let image_dirs = match &a.def.image {
         None => ImageDirs::default(),
         Some(img) => {
-            let host =
-                cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
+            let img_id = img.image_id.clone();
+            let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
@@ -447,35 +358,38 @@ async fn run_container_in(
                 Ok(ImageDirs { root, mounts })
             })
             .await
-            .map_err(|e| format!("image task: {e}"))?
-            .map_err(|e| {
-                format!(
-                    "could not mount image {}: {e}",
-                    a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("")
-                )
-            })?
+            .map_err(|e| WorkerError::task("image", e))?
+            .map_err(|message| WorkerError::ImageMount { image_id: img_id.clone(), message })?
         }
     };
-    let spec = build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs), image_dirs)
-        .map_err(|e| e.to_string())?;
+    // Side effects first (the code mount's mountpoints), then the pure spec.
+    let sources = binds::bind_sources(cfg, &a.def, &image_dirs, &api_path).map_err(WorkerError::Binds)?;
+    binds::make_code_mountpoints(&sources).map_err(WorkerError::Binds)?;
+    let spec = spec::function_spec(spec::SpecInputs {
+        assignment: a,
+        binds: sources.plan(),
+        image_root: image_dirs.root,
+        nat_available: cfg.runtime.nat_available().is_none(),
+    })?
+    .with_stdio(out_w, err_w, vec![(OwnedFd::from(theirs), 3)]);
     let rt = cfg.runtime.clone();
     let mut container = tokio::task::spawn_blocking(move || rt.spawn(spec))
         .await
-        .map_err(|e| format!("spawn task: {e}"))?
-        .map_err(|e| format!("could not start the container: {e}"))?;
+        .map_err(|e| WorkerError::task("spawn", e))?
+        .map_err(WorkerError::Spawn)?;
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
 
     let memory_limit = container.memory_limit();
-    let pidfd = container.pidfd().try_clone_to_owned().map_err(|e| format!("pidfd: {e}"))?;
+    let pidfd = container.pidfd().try_clone_to_owned().map_err(|e| WorkerError::io("pidfd", e))?;
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; its raw
     // fd stays the same open pidfd for that whole time.
     let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|e| format!("pidfd: {e}"))?;
-    let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| format!("pipe: {e}"))?;
-    let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| format!("pipe: {e}"))?;
+        .map_err(|e| WorkerError::io("pidfd", e.into()))?;
+    let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| WorkerError::io("pipe", e))?;
+    let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| WorkerError::io("pipe", e))?;
 
-    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    ours.set_nonblocking(true).map_err(|e| WorkerError::io("container socket", e))?;
+    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| WorkerError::io("container socket", e))?;
     let (mut rd, mut wr) = sock.into_split();
     // Writer: frames to the container, in order, without blocking the event loop.
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
@@ -690,27 +604,26 @@ async fn run_container_in(
 
 /// Fetches a mount from the control plane into `mounts/<id>` unless it is there already
 /// (written to a temporary dir, then renamed, so a half-written mount is never used).
-async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> Result<(), String> {
+async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> Result<(), WorkerError> {
     if mount_id.is_empty() || mount_id.contains('/') || mount_id.starts_with('.') {
-        return Err(format!("invalid mount id {mount_id:?}"));
+        return Err(WorkerError::InvalidMountId(mount_id.to_owned()));
     }
+    let fetch = |message: String| WorkerError::FetchMount { id: mount_id.to_owned(), message };
     let dir = mounts.join(mount_id);
     if dir.is_dir() {
         return Ok(());
     }
-    let body = src
-        .get(&format!("/v1/mounts/{mount_id}"))
-        .await
-        .map_err(|e| format!("fetching mount {mount_id}: {e}"))?;
+    let body = src.get(&format!("/v1/mounts/{mount_id}")).await.map_err(fetch)?;
     let m: flare_api::CreateMount =
-        serde_json::from_slice(&body).map_err(|e| format!("fetching mount {mount_id}: bad response: {e}"))?;
-    m.validate().map_err(|e| format!("fetching mount {mount_id}: {}", e.message))?;
+        serde_json::from_slice(&body).map_err(|e| fetch(format!("bad response: {e}")))?;
+    m.validate().map_err(|e| fetch(e.message))?;
     // Unique per fetch: containers of one function often fetch the same mount at once.
     static FETCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = FETCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = mounts.join(format!(".tmp-{mount_id}-{}-{n}", std::process::id()));
     let write = || flare_api::write_mount_dir(&dir, &tmp, &m.files);
-    tokio::task::block_in_place(write).map_err(|e| format!("storing mount {mount_id}: {e}"))
+    tokio::task::block_in_place(write)
+        .map_err(|source| WorkerError::StoreMount { id: mount_id.to_owned(), source })
 }
 
 async fn sleep_until_opt(d: Option<Instant>) {
