@@ -11,6 +11,7 @@ pub mod frame;
 pub mod gpu;
 pub mod http;
 pub mod images;
+mod phase;
 pub mod remote;
 mod spec;
 
@@ -35,8 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Time a container gets to exit after a graceful stop before it is killed.
-const GRACE: Duration = Duration::from_secs(3);
+use phase::{Action, Event};
+
 /// Bytes of stderr kept to explain a container that died while starting.
 const STDERR_TAIL: usize = 4096;
 /// Where the worker's API socket appears inside containers.
@@ -425,134 +426,120 @@ async fn run_container_in(
 
     let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
     let start_limit = timeout.max(Duration::from_secs(60));
-    let start_deadline = Instant::now() + start_limit;
-    let mut ready = false;
-    let mut init_failed = false;
-    let mut deadlines: HashMap<String, Instant> = HashMap::new();
-    let mut stop_deadline: Option<Instant> = None;
+    let mut state = phase::State::starting(Instant::now() + start_limit);
     let mut report = ExitReport { memory_limit, ..Default::default() };
+    // The event sources that are still open (a closed one is not polled again).
     let mut frames_open = true;
     let mut cmds_open = true;
+    let mut explain_exit = false;
     let mut obuf = vec![0u8; 64 * 1024];
     let mut ebuf = vec![0u8; 64 * 1024];
-    let mut killed = false;
 
     loop {
-        let next_deadline = deadlines
-            .values()
-            .copied()
-            .chain(stop_deadline)
-            .chain(if ready || killed { None } else { Some(start_deadline) })
-            .min();
-        tokio::select! {
+        let next_deadline = state.next_deadline();
+        // Wait for the next event; the pipes are forwarded as they are read.
+        let event = tokio::select! {
             f = frx.recv(), if frames_open => match f {
                 Some(Ok(f)) => match f.kind {
-                    frame::READY => {
-                        ready = true;
-                        tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
-                        if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
-                            let (host, manifest) = (host.clone(), img.manifest.clone());
-                            tokio::task::spawn_blocking(move || host.record_start(&manifest));
-                        }
-                        let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
-                    }
-                    frame::INIT_FAILURE => {
-                        init_failed = true;
-                        let exception = serde_json::from_slice::<InitFailureHeader>(&f.header)
+                    frame::READY => Event::Ready,
+                    frame::INIT_FAILURE => Event::InitFailure(
+                        serde_json::from_slice::<InitFailureHeader>(&f.header)
                             .map(|h| h.exception)
-                            .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})")));
-                        out.drain_now(&mut obuf, &cid, events);
-                        err.drain_now(&mut ebuf, &cid, events);
-                        let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
-                    }
+                            .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})"))),
+                    ),
                     frame::OUTPUTS => match parse_outputs(&f) {
-                        Ok(outputs) => {
-                            for o in &outputs {
-                                if o.gen != Some(GenMark::Item) {
-                                    deadlines.remove(&o.input_id);
-                                }
-                            }
-                            // Prints made before the result go out before it.
-                            out.drain_now(&mut obuf, &cid, events);
-                            err.drain_now(&mut ebuf, &cid, events);
-                            let _ = events.send(FromWorker::Outputs { container_id: cid.clone(), outputs });
-                        }
+                        Ok(outputs) => Event::Outputs(outputs),
                         Err(e) => {
                             tracing::error!(container = %cid, error = %e, "protocol error; stopping container");
-                            let _ = container.kill();
-                            killed = true;
+                            Event::ProtocolError
                         }
                     },
                     other => {
                         tracing::error!(container = %cid, kind = other, "unexpected frame; stopping container");
-                        let _ = container.kill();
-                        killed = true;
+                        Event::ProtocolError
                     }
                 },
                 Some(Err(e)) => {
-                    if killed || report.requested {
+                    if state.stopping() || report.requested {
                         tracing::debug!(container = %cid, error = %e, "socket closed while stopping");
                     } else {
                         tracing::error!(container = %cid, error = %e, "bad frame; stopping container");
                     }
-                    let _ = container.kill();
-                    killed = true;
-                }
-                None => frames_open = false,
-            },
-            c = cmds.recv(), if cmds_open => match c {
-                Some(Cmd::Inputs(inputs)) => {
-                    let now = Instant::now();
-                    for i in &inputs {
-                        let t = Duration::from_millis(i.timeout_ms.max(1));
-                        deadlines.insert(i.input_id.clone(), now + t);
-                    }
-                    let _ = wtx.send(inputs_frame(&inputs));
-                }
-                Some(Cmd::Stop { graceful }) => {
-                    report.requested = true;
-                    if graceful && ready {
-                        let _ = wtx.send(frame::encode(frame::SHUTDOWN, b"{}", b""));
-                        stop_deadline.get_or_insert(Instant::now() + GRACE);
-                    } else {
-                        let _ = container.kill();
-                        killed = true;
-                    }
+                    Event::ProtocolError
                 }
                 None => {
+                    frames_open = false;
+                    continue;
+                }
+            },
+            c = cmds.recv(), if cmds_open => match c {
+                Some(Cmd::Inputs(inputs)) => Event::Inputs(inputs),
+                Some(Cmd::Stop { graceful }) => Event::Stop { graceful },
+                None => {
                     cmds_open = false;
-                    report.requested = true;
-                    let _ = container.kill();
-                    killed = true;
+                    Event::CommandsClosed
                 }
             },
             r = out.rx.read(&mut obuf), if !out.eof => {
                 let n = r.unwrap_or(0);
                 out.emit(n, &obuf, &cid, events);
+                continue;
             }
             r = err.rx.read(&mut ebuf), if !err.eof => {
                 let n = r.unwrap_or(0);
                 err.emit(n, &ebuf, &cid, events);
+                continue;
             }
-            _ = pidfd.readable() => break,
-            _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => {
-                let now = Instant::now();
-                if let Some((id, _)) = deadlines.iter().filter(|(_, d)| **d <= now).min_by_key(|(_, d)| **d) {
-                    report.timed_out_input = Some(id.clone());
-                    tracing::info!(container = %cid, input = %id, "input timed out; killing its container");
-                    let _ = container.kill();
-                    killed = true;
-                    deadlines.clear();
-                } else if stop_deadline.is_some_and(|d| d <= now) {
-                    let _ = container.kill();
-                    killed = true;
-                    stop_deadline = None;
-                } else if !ready && !killed && start_deadline <= now {
-                    report.start_error = Some(format!("container did not become ready within {} s", start_limit.as_secs()));
-                    let _ = container.kill();
-                    killed = true;
+            _ = pidfd.readable() => Event::Exited,
+            _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => Event::Timer,
+        };
+        let exited = matches!(event, Event::Exited);
+        let actions;
+        (state, actions) = phase::step(state, event, Instant::now());
+        for action in actions {
+            match action {
+                Action::Ready => {
+                    tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
+                    if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
+                        let (host, manifest) = (host.clone(), img.manifest.clone());
+                        tokio::task::spawn_blocking(move || host.record_start(&manifest));
+                    }
+                    let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
                 }
+                Action::InitFailed(exception) => {
+                    out.drain_now(&mut obuf, &cid, events);
+                    err.drain_now(&mut ebuf, &cid, events);
+                    let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
+                }
+                Action::Forward(outputs) => {
+                    // Prints made before the result go out before it.
+                    out.drain_now(&mut obuf, &cid, events);
+                    err.drain_now(&mut ebuf, &cid, events);
+                    let _ = events.send(FromWorker::Outputs { container_id: cid.clone(), outputs });
+                }
+                Action::SendInputs(inputs) => {
+                    let _ = wtx.send(inputs_frame(&inputs));
+                }
+                Action::SendShutdown => {
+                    let _ = wtx.send(frame::encode(frame::SHUTDOWN, b"{}", b""));
+                }
+                Action::Kill => {
+                    let _ = container.kill();
+                }
+                Action::MarkRequested => report.requested = true,
+                Action::InputTimedOut(id) => {
+                    tracing::info!(container = %cid, input = %id, "input timed out; killing its container");
+                    report.timed_out_input = Some(id);
+                }
+                Action::StartTimedOut => {
+                    report.start_error =
+                        Some(format!("container did not become ready within {} s", start_limit.as_secs()));
+                }
+                Action::ExplainEarlyExit => explain_exit = true,
             }
+        }
+        if exited {
+            break;
         }
     }
     // Everything in the container is gone with its init; the pipes reach EOF.
@@ -573,7 +560,7 @@ async fn run_container_in(
         report.signal = info.signal;
         report.oom_killed = info.oom_killed;
     }
-    if !ready && !init_failed && report.start_error.is_none() && !report.requested {
+    if explain_exit {
         let status = flare_runtime::ExitInfo { code: report.code, signal: report.signal, oom_killed: false }
             .describe();
         let tail = err.dec.tail_text();
