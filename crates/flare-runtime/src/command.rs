@@ -5,7 +5,20 @@
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 
-use crate::{Bind, ContainerSpec, Limits, Network, Rootfs};
+use crate::{Bind, ContainerSpec, ExitInfo, Limits, Network, Rootfs, RuntimeError, UserNamespace};
+
+/// The base environment of every container (the lowest precedence: images, functions,
+/// build steps and the platform set theirs over it).
+pub const BASE_ENV: [(&str, &str); 3] = [
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+];
+
+/// [`BASE_ENV`] as an environment to add to.
+pub fn base_env() -> Vec<(String, String)> {
+    BASE_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
 
 /// A [`ContainerSpec`] without its file descriptors: a plain value that pure code builds
 /// and tests compare; [`CommandSpec::with_stdio`] makes the spec once the pipes exist.
@@ -59,4 +72,26 @@ impl CommandSpec {
 pub fn set_env(env: &mut Vec<(String, String)>, key: &str, value: String) {
     env.retain(|(k, _)| k != key);
     env.push((key.to_owned(), value));
+}
+
+/// How a plain command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandExit {
+    pub exit: ExitInfo,
+    /// Whether it ran in a user namespace (`None`: unknown, it was gone too soon).
+    pub in_userns: Option<bool>,
+}
+
+/// Runs plain commands in containers: image build steps today, sandboxes later. A spec
+/// (argv, env, root, binds in order, limits, network) in; its output and how it ended
+/// out. Implemented by the worker's container path (`flare_worker::sandbox`), so build
+/// steps and function containers start the same way.
+pub trait CommandRunner: Send + Sync {
+    /// The user namespace commands run in, if any (their root's host ids).
+    fn userns(&self) -> Option<UserNamespace>;
+    /// Why commands get no outbound network; `None`: NAT works.
+    fn nat_available(&self) -> Option<String>;
+    /// Runs `spec` to its end (blocking). `output` gets its stdout and stderr as one
+    /// stream, in order, in whole UTF-8 characters.
+    fn run(&self, spec: CommandSpec, output: &mut dyn FnMut(&str)) -> Result<CommandExit, RuntimeError>;
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
 pub use child::KEPT_CAPS;
-pub use command::{set_env, CommandSpec};
+pub use command::{base_env, set_env, CommandExit, CommandRunner, CommandSpec, BASE_ENV};
 pub use error::RuntimeError;
 pub use output::LogDecoder;
 pub use sys::pipe_cloexec;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod images;
 mod phase;
 pub mod remote;
+pub mod sandbox;
 mod spec;
 
 pub use error::WorkerError;
@@ -371,10 +372,10 @@ async fn run_container_in(
         binds: sources.plan(),
         image_root: image_dirs.root,
         nat_available: cfg.runtime.nat_available().is_none(),
-    })?
-    .with_stdio(out_w, err_w, vec![(OwnedFd::from(theirs), 3)]);
+    })?;
     let rt = cfg.runtime.clone();
-    let mut container = tokio::task::spawn_blocking(move || rt.spawn(spec))
+    let fd3 = vec![(OwnedFd::from(theirs), 3)];
+    let mut container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
         .await
         .map_err(|e| WorkerError::task("spawn", e))?
         .map_err(WorkerError::Spawn)?;

@@ -4,7 +4,8 @@
 //! effects (mountpoints in the code mount, pipes, the socketpair) happen elsewhere.
 //!
 //! Environment precedence, lowest first (a later source replaces a variable):
-//! 1. the base: `PATH`, `HOME=/root`, `LANG=C.UTF-8`, `PYTHONUNBUFFERED=1`,
+//! 1. the base: [`flare_runtime::BASE_ENV`] (`PATH`, `HOME=/root`, `LANG=C.UTF-8`),
+//!    `PYTHONUNBUFFERED=1`,
 //!    `PYTHONDONTWRITEBYTECODE=1`;
 //! 2. the image's env (`.env`, a registry image's config);
 //! 3. the function's env (`env=`);
@@ -14,7 +15,7 @@
 use std::path::PathBuf;
 
 use flare_proto::{ContainerAssignment, FunctionConfig};
-use flare_runtime::{set_env, Bind, CommandSpec, Limits, Network, Rootfs};
+use flare_runtime::{base_env, set_env, Bind, CommandSpec, Limits, Network, Rootfs};
 
 use crate::{WorkerError, API_SOCKET_IN_CONTAINER};
 
@@ -23,13 +24,6 @@ pub(crate) const RUNNER_MODULE: &str = "flare._runtime";
 
 /// The platform's own dir in containers: on PYTHONPATH (the SDK, cloudpickle, modal).
 const PLATFORM_PYTHONPATH: &str = "/__flare";
-
-/// The base environment of every container (lowest precedence).
-pub(crate) const BASE_ENV: [(&str, &str); 3] = [
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
-    ("HOME", "/root"),
-    ("LANG", "C.UTF-8"),
-];
 
 /// What a function container's spec is made of.
 pub(crate) struct SpecInputs<'a> {
@@ -47,8 +41,7 @@ pub(crate) struct SpecInputs<'a> {
 pub(crate) fn function_env(a: &ContainerAssignment) -> Vec<(String, String)> {
     let def = &a.def;
     let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
-    let mut env: Vec<(String, String)> =
-        BASE_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut env = base_env();
     env.push(("PYTHONUNBUFFERED".into(), "1".into()));
     env.push(("PYTHONDONTWRITEBYTECODE".into(), "1".into()));
     if let Some(img) = &def.image {
@@ -188,7 +181,7 @@ mod tests {
         let env = function_env(&a);
         assert_eq!(get(&env, "PYTHONPATH"), Some("/__flare"));
         assert_eq!(get(&env, "FLARE_SYS_PATH"), Some("/a:/b"));
-        assert_eq!(get(&env, "PATH"), Some(BASE_ENV[0].1));
+        assert_eq!(get(&env, "PATH"), Some(flare_runtime::BASE_ENV[0].1));
     }
 
     #[test]
