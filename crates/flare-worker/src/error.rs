@@ -39,14 +39,36 @@ pub enum WorkerError {
     /// The runner sent something that breaks the fd-3 protocol.
     #[error("{0}")]
     Protocol(String),
-    /// A plain command (a build step, a sandbox) could not be run.
+    /// The image store or a lazy image mount failed (`context`: which image or tree).
+    #[error("{context}: {message}")]
+    Images { context: String, message: String },
+    #[error("control plane URL must start with http:// (got {0:?})")]
+    ControlUrlScheme(String),
+    #[error("invalid control plane URL {url:?}: {message}")]
+    ControlUrl { url: String, message: String },
+    #[error("bad URL: {0}")]
+    BadUrl(String),
+    /// The control plane could not be reached (`base`: its URL).
+    #[error("{base}: {message}")]
+    Unreachable { base: String, message: String },
+    /// The control plane answered with an error status.
+    #[error("{status}: {body}")]
+    HttpStatus { status: axum::http::StatusCode, body: String },
+    /// The control plane refused this worker's session (a bad token, or the agent stopped).
     #[error("{0}")]
-    Command(String),
+    Refused(String),
+    /// An HTTP request or response body failed.
+    #[error("{0}")]
+    Http(String),
 }
 
 impl WorkerError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         WorkerError::Io { context: context.into(), source }
+    }
+
+    pub(crate) fn images(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        WorkerError::Images { context: context.into(), message: e.to_string() }
     }
 
     pub(crate) fn task(what: &'static str, e: tokio::task::JoinError) -> Self {

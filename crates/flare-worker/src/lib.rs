@@ -345,7 +345,7 @@ async fn run_container_in(
             let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
+            tokio::task::spawn_blocking(move || -> Result<ImageDirs, WorkerError> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all,
                 // but only dirs the operator allows to bind (`--host-bind-allow`).
@@ -361,7 +361,7 @@ async fn run_container_in(
             })
             .await
             .map_err(|e| WorkerError::task("image", e))?
-            .map_err(|message| WorkerError::ImageMount { image_id: img_id.clone(), message })?
+            .map_err(|e| WorkerError::ImageMount { image_id: img_id.clone(), message: e.to_string() })?
         }
     };
     // Side effects first (the code mount's mountpoints), then the pure spec.
@@ -601,7 +601,7 @@ async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> 
     if dir.is_dir() {
         return Ok(());
     }
-    let body = src.get(&format!("/v1/mounts/{mount_id}")).await.map_err(fetch)?;
+    let body = src.get(&format!("/v1/mounts/{mount_id}")).await.map_err(|e| fetch(e.to_string()))?;
     let m: flare_api::CreateMount =
         serde_json::from_slice(&body).map_err(|e| fetch(format!("bad response: {e}")))?;
     m.validate().map_err(|e| fetch(e.message))?;
