@@ -291,11 +291,11 @@ pub(crate) fn bind_sources(
         None
     };
     // The opt-in Modal compatibility package travels in the SDK mount, next to `flare/`.
-    let has_modal = !sdk_mount.is_empty()
-        && validate_mount_id("sdk mount", sdk_mount).is_ok()
-        && std::fs::symlink_metadata(cfg.home.join("mounts").join(sdk_mount).join("modal"))
-            .is_ok_and(|m| m.is_dir());
-    let modal = if has_modal { Some(mount_dir(cfg, "sdk mount", sdk_mount, "modal")?) } else { None };
+    let modal = if sdk_has_modal(&cfg.home.join("mounts"), sdk_mount) {
+        Some(mount_dir(cfg, "sdk mount", sdk_mount, "modal")?)
+    } else {
+        None
+    };
     Ok(BindSources {
         code,
         start_time,
@@ -306,6 +306,14 @@ pub(crate) fn bind_sources(
         modal,
         api_socket: api_socket.to_path_buf(),
     })
+}
+
+/// Whether SDK mount `id` of the mount store `mounts` holds the `modal` compatibility
+/// package (a real directory; a symlink there is not followed and not bound).
+fn sdk_has_modal(mounts: &Path, id: &str) -> bool {
+    !id.is_empty()
+        && validate_mount_id("sdk mount", id).is_ok()
+        && std::fs::symlink_metadata(mounts.join(id).join("modal")).is_ok_and(|m| m.is_dir())
 }
 
 /// Creates the mountpoints that binds under `/root` need in the code mount dir (the
@@ -437,5 +445,22 @@ mod tests {
         // Without a modal dir in the SDK mount, nothing is bound there.
         let without = BindSources { modal: None, ..sources };
         assert!(without.plan().iter().all(|b| b.dst != Path::new(MODAL_IN_CONTAINER)));
+    }
+
+    #[test]
+    fn modal_is_found_in_the_sdk_mount() {
+        let d = tmp("modal");
+        std::fs::create_dir_all(d.join("with/flare")).unwrap();
+        std::fs::create_dir_all(d.join("with/modal")).unwrap();
+        std::fs::create_dir_all(d.join("without/flare")).unwrap();
+        std::fs::create_dir_all(d.join("linked/flare")).unwrap();
+        std::os::unix::fs::symlink(d.join("with/modal"), d.join("linked/modal")).unwrap();
+        std::fs::create_dir_all(d.join("file")).unwrap();
+        std::fs::write(d.join("file/modal"), b"").unwrap();
+        assert!(sdk_has_modal(&d, "with"));
+        for id in ["without", "linked", "file", "", "../with", "missing"] {
+            assert!(!sdk_has_modal(&d, id), "{id}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
