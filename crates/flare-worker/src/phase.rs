@@ -469,4 +469,78 @@ mod tests {
         t.go(Event::Stop { graceful: true }, 0);
         assert!(t.s.stopping());
     }
+
+    /// Every phase against every event: the invariants hold.
+    #[test]
+    fn every_phase_and_event() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(100);
+        let phases = [
+            Phase::Starting { deadline: later },
+            Phase::InitFailed { deadline: later },
+            Phase::Idle,
+            Phase::Busy,
+            Phase::Draining { grace: later },
+            Phase::Killed { explain: false },
+            Phase::Killed { explain: true },
+            Phase::Exited,
+        ];
+        let events = || {
+            vec![
+                Event::Ready,
+                Event::InitFailure(ExceptionInfo::new("E", "x")),
+                Event::Outputs(vec![output("a", None)]),
+                Event::ProtocolError,
+                Event::Inputs(vec![input("b", 1000)]),
+                Event::Stop { graceful: true },
+                Event::Stop { graceful: false },
+                Event::CommandsClosed,
+                Event::Timer,
+                Event::Exited,
+            ]
+        };
+        for phase in phases {
+            for event in events() {
+                let mut inflight = BTreeMap::new();
+                if phase == Phase::Busy {
+                    inflight.insert("a".to_owned(), later);
+                }
+                let before = State { phase, inflight };
+                let what = format!("{phase:?} + {event:?}");
+                let exited = matches!(event, Event::Exited);
+                let timer = matches!(event, Event::Timer);
+                let (after, actions) = step(before.clone(), event, t0 + Duration::from_millis(1));
+                let names = names(&actions);
+                // The exit ends everything; nothing follows it.
+                if exited || phase == Phase::Exited {
+                    assert_eq!(after.phase, Phase::Exited, "{what}");
+                    assert!(after.inflight.is_empty(), "{what}");
+                    assert!(names.iter().all(|n| *n == "explain"), "{what}: {names:?}");
+                }
+                // A killed container is never live again and tracks no inputs.
+                if matches!(phase, Phase::Killed { .. }) {
+                    assert!(matches!(after.phase, Phase::Killed { .. } | Phase::Exited), "{what}");
+                    assert!(after.inflight.is_empty(), "{what}");
+                }
+                // Killing always lands in Killed; Killed always came with a kill (or was there).
+                if names.contains(&"kill") {
+                    assert!(matches!(after.phase, Phase::Killed { .. }), "{what}");
+                }
+                if matches!(after.phase, Phase::Killed { .. }) && !matches!(phase, Phase::Killed { .. }) {
+                    assert!(names.contains(&"kill"), "{what}: {names:?}");
+                }
+                // Busy means inputs in flight, Idle none.
+                match after.phase {
+                    Phase::Busy => assert!(!after.inflight.is_empty(), "{what}"),
+                    Phase::Idle => assert!(after.inflight.is_empty(), "{what}"),
+                    _ => {}
+                }
+                // A timer before every deadline changes nothing.
+                if timer {
+                    assert_eq!(after, before, "{what}");
+                    assert!(names.is_empty(), "{what}");
+                }
+            }
+        }
+    }
 }
