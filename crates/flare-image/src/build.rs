@@ -10,8 +10,6 @@
 //! on a file system as big as its disk quota ([`crate::layer_disk`]).
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,7 +18,7 @@ use flare_api::hostpaths::{host_bind_policy, no_symlinks_below, validate_mount_i
 use flare_cas::{get_manifest, put_manifest, BlobStore, Digest, EntryKind, Hasher, Manifest};
 use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions};
 use flare_proto::{ImageMount, ImageUse};
-use flare_runtime::{Bind, ContainerSpec, Limits, Network, Rootfs, Runtime};
+use flare_runtime::{set_env, Bind, CommandRunner, CommandSpec, Limits, Network, Rootfs, UserNamespace};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -70,8 +68,12 @@ pub struct BuilderConfig {
     pub home: PathBuf,
     pub store: Arc<dyn BlobStore>,
     pub cache: Arc<ChunkCache>,
-    /// The runtime build steps run in; `None`: only steps without commands can build.
-    pub runtime: Option<Arc<Runtime>>,
+    /// What runs build steps' commands in containers (the worker's container path,
+    /// `flare_worker::sandbox::Sandboxes`); `None`: only steps without commands can build.
+    pub runner: Option<Arc<dyn CommandRunner>>,
+    /// The cpu, memory and pids limits of a build step's container (see
+    /// [`step_limits_from_env`]); its disk is `step_disk_quota`.
+    pub step_limits: Limits,
     /// The cloudpickle package directory on this host, bound into `run_function` steps.
     pub cloudpickle_dir: Option<PathBuf>,
     /// The disk quota of a build step's writable layer, in bytes (at least
@@ -103,17 +105,61 @@ pub fn step_disk_quota_from_env() -> Result<Option<u64>, String> {
     Ok(Some(bytes))
 }
 
-/// The image owner shift for a runtime's user namespace.
-fn id_shift(runtime: &Runtime) -> Option<IdShift> {
-    runtime.userns().map(|ns| IdShift { host_base: ns.host_base, size: ns.size })
+/// The default memory limit of a build step's container: 8 GiB.
+pub const DEFAULT_STEP_MEMORY: u64 = 8 << 30;
+
+/// The limits of a build step's container the operator set: `FLARE_BUILD_CPU` (cores,
+/// fractions allowed; default: every core of this machine), `FLARE_BUILD_MEMORY_GB`
+/// (GiB; default [`DEFAULT_STEP_MEMORY`]; `0`: none), `FLARE_BUILD_PIDS` (default
+/// [`flare_runtime::DEFAULT_PIDS_MAX`]).
+pub fn step_limits_from_env() -> Result<Limits, String> {
+    step_limits_from(|k| std::env::var(k).ok())
 }
 
-/// Whether process `pid` runs in a user namespace other than the host's (its uid map
-/// is not the identity of all ids). `None` if it cannot be read (the process is gone).
-fn in_user_namespace(pid: i32) -> Option<bool> {
-    let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).ok()?;
-    let identity = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
-    Some(!identity)
+/// [`step_limits_from_env`] with the variables from `lookup`.
+fn step_limits_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Limits, String> {
+    let var = |k: &str| lookup(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let number = |k: &str, v: &str| -> Result<f64, String> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+            .ok_or_else(|| format!("{k}={v:?} is not a number"))
+    };
+    let cores = match var("FLARE_BUILD_CPU") {
+        Some(v) => number("FLARE_BUILD_CPU", &v).and_then(|c| {
+            if c > 0.0 {
+                Ok(c)
+            } else {
+                Err(format!("FLARE_BUILD_CPU={v} must be more than 0 cores"))
+            }
+        })?,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64,
+    };
+    let memory = match var("FLARE_BUILD_MEMORY_GB") {
+        Some(v) => Some(number("FLARE_BUILD_MEMORY_GB", &v)?)
+            .filter(|g| *g > 0.0)
+            .map(|g| (g * (1u64 << 30) as f64) as u64),
+        None => Some(DEFAULT_STEP_MEMORY),
+    };
+    let pids = match var("FLARE_BUILD_PIDS") {
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("FLARE_BUILD_PIDS={v:?} is not a positive count"))?,
+        None => flare_runtime::DEFAULT_PIDS_MAX,
+    };
+    Ok(Limits {
+        cpu_millicores: Some((cores * 1000.0).round().max(1.0) as u64),
+        memory_bytes: memory,
+        pids_max: Some(pids),
+        ..Limits::default()
+    })
+}
+
+/// The image owner shift for a user namespace.
+fn id_shift(userns: Option<UserNamespace>) -> Option<IdShift> {
+    userns.map(|ns| IdShift { host_base: ns.host_base, size: ns.size })
 }
 
 /// What one command of a build step left.
@@ -657,7 +703,7 @@ impl Builder {
                 layer.describe()
             )));
         }
-        let runtime = self.cfg.runtime.clone().ok_or_else(|| {
+        let runner = self.cfg.runner.clone().ok_or_else(|| {
             ImageError::Unavailable(
                 "this server cannot run build steps (no container runtime; run flared as root)".into(),
             )
@@ -675,7 +721,7 @@ impl Builder {
             Some(limit) => Some(LayerDisk::create(&scratch.0.join("layer.img"), &upper, limit)?),
             None => None,
         };
-        let ids = id_shift(&runtime);
+        let ids = id_shift(runner.userns());
         match layer {
             Layer::PipInstallFromRequirements { requirements, .. } => {
                 write_input(&inputs, REQUIREMENTS_IN_BUILD, requirements.as_bytes())?;
@@ -714,7 +760,7 @@ impl Builder {
         for (n, cmd) in commands.iter().enumerate() {
             log(&format!("$ {cmd}\n"));
             let r = self.run_in_container(
-                &runtime,
+                runner.as_ref(),
                 &lower,
                 &scratch.0,
                 &inputs,
@@ -796,7 +842,7 @@ impl Builder {
     #[allow(clippy::too_many_arguments)]
     fn run_in_container(
         &self,
-        runtime: &Runtime,
+        runner: &dyn CommandRunner,
         lower: &Path,
         scratch: &Path,
         inputs: &Path,
@@ -807,101 +853,96 @@ impl Builder {
         tag: &str,
         log: Log<'_>,
     ) -> Result<CommandRun, ImageError> {
-        let (out_r, out_w) = pipe()?;
-        let err_w = out_w.try_clone().map_err(|e| ImageError::io("dup", e))?;
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-            ("HOME".into(), "/root".into()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
-            ("PYTHONUNBUFFERED".into(), "1".into()),
-            ("PIP_PROGRESS_BAR".into(), "off".into()),
-        ];
-        if host_ca {
-            for k in ["PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
-                env.push((k.into(), HOST_CA_IN_BUILD.into()));
-            }
-        }
-        for (k, v) in &config.env {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-        let mut binds =
-            vec![Bind { src: inputs.to_path_buf(), dst: "/run/flare-build".into(), readonly: true }];
-        if Path::new("/etc/resolv.conf").exists() {
-            binds.push(Bind {
-                src: "/etc/resolv.conf".into(),
-                dst: "/etc/resolv.conf".into(),
-                readonly: true,
-            });
-        }
-        if let Some(cp) = cloudpickle {
-            binds.push(Bind { src: cp.to_path_buf(), dst: "/__flare/cloudpickle".into(), readonly: true });
-        }
-        let network = if runtime.nat_available().is_none() {
-            Network::Nat
-        } else {
+        let nat = runner.nat_available().is_none();
+        if !nat {
             log("warning: no outbound network for build steps on this server (NAT unavailable)\n");
-            Network::Isolated
-        };
-        let id = format!("build-{}-{tag}", uuid::Uuid::new_v4().simple());
-        let spec = ContainerSpec {
-            id,
-            hostname: "flare-build".into(),
-            argv: vec!["/bin/sh".into(), "-c".into(), cmd.to_owned()],
-            env,
-            cwd: config.workdir.clone().unwrap_or_else(|| "/".into()),
-            rootfs: Rootfs::Dir(lower.to_path_buf()),
-            binds,
-            limits: Limits::default(),
-            network,
-            stdout: out_w,
-            stderr: err_w,
-            extra_fds: vec![],
-            upper_dir: Some(scratch.join("layer")),
-        };
-        let mut container = runtime.spawn(spec)?;
-        // Read now: the process stays (at least a zombie) until `wait` reaps it.
-        let in_userns = in_user_namespace(container.pid());
-        if in_userns == Some(false) && runtime.userns().is_some() {
-            tracing::debug!("build step runs without a user namespace although one is configured");
         }
+        let spec = step_spec(StepInputs {
+            id: format!("build-{}-{tag}", uuid::Uuid::new_v4().simple()),
+            cmd,
+            config,
+            lower,
+            upper_dir: &scratch.join("layer"),
+            inputs,
+            cloudpickle,
+            host_ca,
+            resolv_conf: Path::new("/etc/resolv.conf").exists(),
+            nat,
+            limits: self.cfg.step_limits.clone(),
+        });
         let mut tail = Tail::default();
-        let mut reader = std::fs::File::from(out_r);
-        let mut buf = [0u8; 16 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    pending.extend_from_slice(&buf[..n]);
-                    // Whole UTF-8 characters only.
-                    let cut = match std::str::from_utf8(&pending) {
-                        Ok(_) => pending.len(),
-                        Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                        Err(_) => pending.len(),
-                    };
-                    let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
-                    pending.drain(..cut);
-                    tail.push(&text);
-                    log(&text);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
+        let run = runner.run(spec, &mut |text: &str| {
+            tail.push(text);
+            log(text);
+        })?;
+        if run.exit.code == Some(0) {
+            return Ok(CommandRun { tail: tail.text(), in_userns: run.in_userns });
         }
-        let exit = container.wait()?;
-        let _ = container.cleanup();
-        if exit.code == Some(0) {
-            return Ok(CommandRun { tail: tail.text(), in_userns });
+        Err(ImageError::StepFailed {
+            message: format!("`{cmd}` failed ({})", run.exit.describe()),
+            log_tail: tail.text(),
+        })
+    }
+}
+
+/// What a build step's container is made of.
+struct StepInputs<'a> {
+    id: String,
+    cmd: &'a str,
+    /// The parent image's config (env, workdir).
+    config: &'a ImageConfig,
+    /// The parent image, mounted: the overlay's lower dir.
+    lower: &'a Path,
+    /// Where the overlay's upper dir is kept (the step's layer disk).
+    upper_dir: &'a Path,
+    /// The step's inputs dir, bound read-only at `/run/flare-build`.
+    inputs: &'a Path,
+    cloudpickle: Option<&'a Path>,
+    /// Whether the server's CA bundle is among the inputs.
+    host_ca: bool,
+    /// Whether the host has an `/etc/resolv.conf` to bind.
+    resolv_conf: bool,
+    nat: bool,
+    limits: Limits,
+}
+
+/// The container spec of one build step's command (pure). Environment, lowest first:
+/// [`flare_runtime::BASE_ENV`], the build defaults (`DEBIAN_FRONTEND`,
+/// `PYTHONUNBUFFERED`, `PIP_PROGRESS_BAR`), the CA bundle variables, the image's env.
+fn step_spec(s: StepInputs<'_>) -> CommandSpec {
+    let mut env = flare_runtime::base_env();
+    for (k, v) in
+        [("DEBIAN_FRONTEND", "noninteractive"), ("PYTHONUNBUFFERED", "1"), ("PIP_PROGRESS_BAR", "off")]
+    {
+        set_env(&mut env, k, v.into());
+    }
+    if s.host_ca {
+        for k in ["PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+            set_env(&mut env, k, HOST_CA_IN_BUILD.into());
         }
-        let how = match (exit.code, exit.signal, exit.oom_killed) {
-            (_, _, true) => "killed: out of memory".to_owned(),
-            (Some(c), _, _) => format!("exit code {c}"),
-            (_, Some(s), _) => format!("killed by signal {s}"),
-            _ => "failed".to_owned(),
-        };
-        Err(ImageError::StepFailed { message: format!("`{cmd}` failed ({how})"), log_tail: tail.text() })
+    }
+    for (k, v) in &s.config.env {
+        set_env(&mut env, k, v.clone());
+    }
+    let mut binds =
+        vec![Bind { src: s.inputs.to_path_buf(), dst: "/run/flare-build".into(), readonly: true }];
+    if s.resolv_conf {
+        binds.push(Bind { src: "/etc/resolv.conf".into(), dst: "/etc/resolv.conf".into(), readonly: true });
+    }
+    if let Some(cp) = s.cloudpickle {
+        binds.push(Bind { src: cp.to_path_buf(), dst: "/__flare/cloudpickle".into(), readonly: true });
+    }
+    CommandSpec {
+        id: s.id,
+        hostname: "flare-build".into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), s.cmd.to_owned()],
+        env,
+        cwd: s.config.workdir.clone().unwrap_or_else(|| "/".into()),
+        rootfs: Rootfs::Dir(s.lower.to_path_buf()),
+        binds,
+        limits: s.limits,
+        network: if s.nat { Network::Nat } else { Network::Isolated },
+        upper_dir: Some(s.upper_dir.to_path_buf()),
     }
 }
 
@@ -924,17 +965,6 @@ fn write_input(dir: &Path, in_container: &str, data: &[u8]) -> Result<(), ImageE
     let name = Path::new(in_container).file_name().expect("constant has a file name");
     let p = dir.join(name);
     std::fs::write(&p, data).map_err(|e| ImageError::io(format!("writing {}", p.display()), e))
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), ImageError> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(ImageError::io("pipe", std::io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The last lines of a step's output.
@@ -982,6 +1012,100 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.0) {
             tracing::warn!(dir = %self.0.display(), error = %e, "could not remove build scratch");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(env: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str())
+    }
+
+    fn inputs<'a>(
+        config: &'a ImageConfig,
+        cloudpickle: Option<&'a Path>,
+        host_ca: bool,
+        nat: bool,
+    ) -> StepInputs<'a> {
+        StepInputs {
+            id: "build-x-0-0".into(),
+            cmd: "pip install x",
+            config,
+            lower: Path::new("/h/build/s/lower"),
+            upper_dir: Path::new("/h/build/s/layer"),
+            inputs: Path::new("/h/build/s/inputs"),
+            cloudpickle,
+            host_ca,
+            resolv_conf: true,
+            nat,
+            limits: Limits { memory_bytes: Some(1 << 30), ..Limits::default() },
+        }
+    }
+
+    #[test]
+    fn step_spec_env_binds_and_limits() {
+        let config = ImageConfig {
+            env: vec![("PIP_CERT".into(), "/mine.crt".into()), ("LANG".into(), "de_DE.UTF-8".into())],
+            workdir: Some("/app".into()),
+            ..Default::default()
+        };
+        let s = step_spec(inputs(&config, Some(Path::new("/h/mounts/sdk/cloudpickle")), true, true));
+        assert_eq!(s.argv, ["/bin/sh", "-c", "pip install x"]);
+        assert_eq!(s.cwd, "/app");
+        assert_eq!(s.rootfs, Rootfs::Dir("/h/build/s/lower".into()));
+        assert_eq!(s.upper_dir.as_deref(), Some(Path::new("/h/build/s/layer")));
+        assert_eq!(s.network, Network::Nat);
+        assert_eq!(s.limits.memory_bytes, Some(1 << 30));
+        // The image's env wins over the CA variables and the base.
+        assert_eq!(get(&s.env, "PIP_CERT"), Some("/mine.crt"));
+        assert_eq!(get(&s.env, "SSL_CERT_FILE"), Some(HOST_CA_IN_BUILD));
+        assert_eq!(get(&s.env, "LANG"), Some("de_DE.UTF-8"));
+        assert_eq!(get(&s.env, "DEBIAN_FRONTEND"), Some("noninteractive"));
+        assert_eq!(get(&s.env, "HOME"), Some("/root"));
+        let dsts: Vec<_> = s.binds.iter().map(|b| (b.dst.display().to_string(), b.readonly)).collect();
+        assert_eq!(
+            dsts,
+            [("/run/flare-build", true), ("/etc/resolv.conf", true), ("/__flare/cloudpickle", true)]
+                .map(|(d, r)| (d.to_owned(), r))
+        );
+
+        let config = ImageConfig::default();
+        let s = step_spec(inputs(&config, None, false, false));
+        assert_eq!(s.cwd, "/");
+        assert_eq!(s.network, Network::Isolated);
+        assert_eq!(get(&s.env, "SSL_CERT_FILE"), None);
+        assert_eq!(s.binds.len(), 2);
+    }
+
+    #[test]
+    fn step_limits() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(pk, _)| *pk == k).map(|(_, v)| v.to_string())
+        };
+        let d = step_limits_from(vars(&[])).unwrap();
+        assert_eq!(d.memory_bytes, Some(DEFAULT_STEP_MEMORY));
+        assert_eq!(d.pids_max, Some(flare_runtime::DEFAULT_PIDS_MAX));
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+        assert_eq!(d.cpu_millicores, Some(cores * 1000));
+        let l = step_limits_from(vars(&[
+            ("FLARE_BUILD_CPU", "1.5"),
+            ("FLARE_BUILD_MEMORY_GB", "0.5"),
+            ("FLARE_BUILD_PIDS", "100"),
+        ]))
+        .unwrap();
+        assert_eq!((l.cpu_millicores, l.memory_bytes, l.pids_max), (Some(1500), Some(512 << 20), Some(100)));
+        assert_eq!(step_limits_from(vars(&[("FLARE_BUILD_MEMORY_GB", "0")])).unwrap().memory_bytes, None);
+        for bad in [
+            ("FLARE_BUILD_CPU", "0"),
+            ("FLARE_BUILD_CPU", "x"),
+            ("FLARE_BUILD_PIDS", "-1"),
+            ("FLARE_BUILD_MEMORY_GB", "-2"),
+        ] {
+            let pairs: &'static [(&str, &str)] = Box::leak(Box::new([bad]));
+            assert!(step_limits_from(vars(pairs)).is_err(), "{bad:?}");
         }
     }
 }

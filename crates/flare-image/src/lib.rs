@@ -12,7 +12,10 @@ pub mod records;
 pub mod spec;
 pub mod upper;
 
-pub use build::{step_disk_quota_from_env, BuildEvent, Builder, BuilderConfig, DEFAULT_STEP_DISK_QUOTA};
+pub use build::{
+    step_disk_quota_from_env, step_limits_from_env, BuildEvent, Builder, BuilderConfig,
+    DEFAULT_STEP_DISK_QUOTA, DEFAULT_STEP_MEMORY,
+};
 
 /// Everything that can go wrong with images.
 #[derive(Debug, thiserror::Error)]

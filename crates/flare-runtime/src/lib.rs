@@ -13,10 +13,12 @@
 
 mod cgroup;
 mod child;
+mod command;
 mod detached;
 mod error;
 mod etc;
 mod net;
+mod output;
 mod plan;
 pub mod seccomp;
 mod sys;
@@ -28,7 +30,10 @@ use std::sync::Arc;
 
 pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
 pub use child::KEPT_CAPS;
+pub use command::{base_env, set_env, CommandExit, CommandRunner, CommandSpec, BASE_ENV};
 pub use error::RuntimeError;
+pub use output::LogDecoder;
+pub use sys::pipe_cloexec;
 
 /// Return freed heap memory to the system. Containers are cloned from the calling
 /// process and clone copies its page tables (and each container's init keeps its pages
@@ -103,7 +108,7 @@ impl UserNamespace {
 }
 
 /// The container's root file system.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rootfs {
     /// The host's own environment, read-only: an overlay (lower = a generated skeleton,
     /// upper = a per-container tmpfs) with read-only binds of the host's system dirs that
@@ -116,7 +121,7 @@ pub enum Rootfs {
 }
 
 /// A bind mount into the container.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
     /// Host path.
     pub src: PathBuf,
@@ -127,7 +132,7 @@ pub struct Bind {
 }
 
 /// Resource limits.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
     /// CPU quota in thousandths of a CPU.
     pub cpu_millicores: Option<u64>,
@@ -196,6 +201,17 @@ pub struct ExitInfo {
 }
 
 impl ExitInfo {
+    /// How the program ended, in words: `exit code 1`, `killed by signal 9`,
+    /// `killed: out of memory` (the cgroup's OOM killer fired), `unknown status`.
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal, self.oom_killed) {
+            (_, _, true) => "killed: out of memory".to_owned(),
+            (_, Some(s), _) => format!("killed by signal {s}"),
+            (Some(c), _, _) => format!("exit code {c}"),
+            _ => "unknown status".to_owned(),
+        }
+    }
+
     fn from_status(status: i32, oom_killed: bool) -> ExitInfo {
         if libc::WIFEXITED(status) {
             ExitInfo { code: Some(libc::WEXITSTATUS(status)), signal: None, oom_killed }
@@ -823,6 +839,16 @@ impl Drop for Container {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_descriptions() {
+        let e = |code, signal, oom_killed| ExitInfo { code, signal, oom_killed }.describe();
+        assert_eq!(e(Some(0), None, false), "exit code 0");
+        assert_eq!(e(Some(3), None, false), "exit code 3");
+        assert_eq!(e(None, Some(9), false), "killed by signal 9");
+        assert_eq!(e(None, Some(9), true), "killed: out of memory");
+        assert_eq!(e(None, None, false), "unknown status");
+    }
 
     #[test]
     fn ids() {

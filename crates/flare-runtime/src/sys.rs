@@ -31,7 +31,7 @@ pub(crate) fn kill(pid: i32, sig: i32) {
 }
 
 /// A close-on-exec pipe: (read, write).
-pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds is a valid 2-element array for pipe2 to fill.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;

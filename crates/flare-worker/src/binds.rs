@@ -26,6 +26,9 @@ use crate::{ImageDirs, WorkerConfig, API_SOCKET_IN_CONTAINER, SDK_IN_CONTAINER};
 
 /// Where the caller's cloudpickle appears in containers on an image root (on PYTHONPATH).
 const CLOUDPICKLE_IN_CONTAINER: &str = "/__flare/cloudpickle";
+/// Where the SDK mount's `modal` compatibility package appears (on PYTHONPATH, so that
+/// `import modal` works in containers).
+const MODAL_IN_CONTAINER: &str = "/__flare/modal";
 
 /// Container paths a mount or environment dir may not be bound at: the platform's own
 /// dir and the kernel's file systems.
@@ -194,63 +197,134 @@ fn code_mountpoint(mdir: &Path, rel: &Path, dir: bool) -> io::Result<()> {
     }
 }
 
-/// Every bind of a container of `def`, in mount order.
-pub(crate) fn container_binds(
+/// The resolved sources of a container's binds: every host path checked (the
+/// filesystem side of a container's binds); [`BindSources::plan`] orders them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct BindSources {
+    /// The code mount dir, bound read-only at `/root`.
+    pub code: Option<PathBuf>,
+    /// Start-time mounts: (container path, source).
+    pub start_time: Vec<(PathBuf, PathBuf)>,
+    /// cloudpickle (image roots only).
+    pub cloudpickle: Option<PathBuf>,
+    /// The host's resolv.conf (image roots only).
+    pub resolv_conf: Option<PathBuf>,
+    /// Python environment dirs: (container path, source).
+    pub environment: Vec<(PathBuf, PathBuf)>,
+    /// The SDK's `flare` package.
+    pub sdk: Option<PathBuf>,
+    /// The SDK mount's `modal` compatibility package, when it has one.
+    pub modal: Option<PathBuf>,
+    /// The container's API socket.
+    pub api_socket: PathBuf,
+}
+
+impl BindSources {
+    /// Every bind, in mount order: the code mount at `/root`, start-time mounts,
+    /// cloudpickle and resolv.conf, environment dirs (after the code mount: those under
+    /// `/root` go on top of it), the SDK at `/__flare/flare`, `modal` at
+    /// `/__flare/modal`, the API socket.
+    pub fn plan(&self) -> Vec<Bind> {
+        let ro = |src: &PathBuf, dst: PathBuf| Bind { src: src.clone(), dst, readonly: true };
+        let mut binds = Vec::new();
+        binds.extend(self.code.iter().map(|src| ro(src, "/root".into())));
+        binds.extend(self.start_time.iter().map(|(dst, src)| ro(src, dst.clone())));
+        binds.extend(self.cloudpickle.iter().map(|src| ro(src, CLOUDPICKLE_IN_CONTAINER.into())));
+        binds.extend(self.resolv_conf.iter().map(|src| ro(src, "/etc/resolv.conf".into())));
+        binds.extend(self.environment.iter().map(|(dst, src)| ro(src, dst.clone())));
+        binds.extend(self.sdk.iter().map(|src| ro(src, SDK_IN_CONTAINER.into())));
+        binds.extend(self.modal.iter().map(|src| ro(src, MODAL_IN_CONTAINER.into())));
+        binds.push(Bind {
+            src: self.api_socket.clone(),
+            dst: API_SOCKET_IN_CONTAINER.into(),
+            readonly: false,
+        });
+        binds
+    }
+
+    /// The mountpoints binds under `/root` need inside the code mount dir: (path
+    /// relative to `/root`, source), for environment dirs and start-time mounts.
+    pub fn code_mountpoints(&self) -> Vec<(&Path, &Path)> {
+        if self.code.is_none() {
+            return Vec::new();
+        }
+        self.environment
+            .iter()
+            .chain(&self.start_time)
+            .filter_map(|(dst, src)| dst.strip_prefix("/root").ok().map(|rel| (rel, src.as_path())))
+            .collect()
+    }
+}
+
+/// Resolves (and checks on this machine) every bind source of a container of `def`.
+pub(crate) fn bind_sources(
     cfg: &WorkerConfig,
     def: &FunctionDef,
     image: &ImageDirs,
     api_socket: &Path,
-) -> io::Result<Vec<Bind>> {
+) -> io::Result<BindSources> {
     let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
-    let env = environment(cfg, def, image)?;
-    let mounts = start_time_mounts(image, def.mount_id.is_some())?;
-    let mut binds = Vec::new();
-    if let Some(m) = &def.mount_id {
-        let mdir = mount_dir(cfg, "mount", m, "")?;
-        // Environment dirs under /root (e.g. pyenv's) and start-time mounts under /root
-        // are bound on top of the read-only code mount: their mountpoints must exist in it.
-        for (dst, src) in env.iter().chain(&mounts) {
-            if let Ok(rel) = dst.strip_prefix("/root") {
-                let is_dir = std::fs::symlink_metadata(src).map(|m| m.is_dir()).unwrap_or(true);
-                code_mountpoint(&mdir, rel, is_dir)?;
-            }
-        }
-        binds.push(Bind { src: mdir, dst: "/root".into(), readonly: true });
-    }
-    for (dst, src) in mounts {
-        binds.push(Bind { src, dst, readonly: true });
-    }
+    let environment = environment(cfg, def, image)?;
+    let start_time = start_time_mounts(image, def.mount_id.is_some())?;
+    let code = match &def.mount_id {
+        Some(m) => Some(mount_dir(cfg, "mount", m, "")?),
+        None => None,
+    };
+    let sdk_mount = &def.python.sdk_mount;
+    let (mut cloudpickle, mut resolv_conf) = (None, None);
     if on_image_root {
-        let cloudpickle = if !def.python.sdk_mount.is_empty() {
-            mount_dir(cfg, "sdk mount", &def.python.sdk_mount, "cloudpickle").ok()
+        cloudpickle = if !sdk_mount.is_empty() {
+            mount_dir(cfg, "sdk mount", sdk_mount, "cloudpickle").ok()
         } else if !def.python.cloudpickle_path.is_empty() {
             Some(host_path(cfg, "cloudpickle_path", &def.python.cloudpickle_path)?)
         } else {
             None
         };
-        if let Some(src) = cloudpickle {
-            binds.push(Bind { src, dst: CLOUDPICKLE_IN_CONTAINER.into(), readonly: true });
-        }
         // The operator's own file (often a symlink into /run): resolved as the operator set it.
-        if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf") {
-            binds.push(Bind { src: resolv, dst: "/etc/resolv.conf".into(), readonly: true });
-        }
+        resolv_conf = std::fs::canonicalize("/etc/resolv.conf").ok();
     }
-    for (dst, src) in env {
-        binds.push(Bind { src, dst, readonly: true });
-    }
-    let sdk = if !def.python.sdk_mount.is_empty() {
-        Some(mount_dir(cfg, "sdk mount", &def.python.sdk_mount, "flare")?)
+    let sdk = if !sdk_mount.is_empty() {
+        Some(mount_dir(cfg, "sdk mount", sdk_mount, "flare")?)
     } else if !def.python.sdk_path.is_empty() {
         Some(host_path(cfg, "sdk_path", &def.python.sdk_path)?)
     } else {
         None
     };
-    if let Some(src) = sdk {
-        binds.push(Bind { src, dst: SDK_IN_CONTAINER.into(), readonly: true });
+    // The opt-in Modal compatibility package travels in the SDK mount, next to `flare/`.
+    let modal = if sdk_has_modal(&cfg.home.join("mounts"), sdk_mount) {
+        Some(mount_dir(cfg, "sdk mount", sdk_mount, "modal")?)
+    } else {
+        None
+    };
+    Ok(BindSources {
+        code,
+        start_time,
+        cloudpickle,
+        resolv_conf,
+        environment,
+        sdk,
+        modal,
+        api_socket: api_socket.to_path_buf(),
+    })
+}
+
+/// Whether SDK mount `id` of the mount store `mounts` holds the `modal` compatibility
+/// package (a real directory; a symlink there is not followed and not bound).
+fn sdk_has_modal(mounts: &Path, id: &str) -> bool {
+    !id.is_empty()
+        && validate_mount_id("sdk mount", id).is_ok()
+        && std::fs::symlink_metadata(mounts.join(id).join("modal")).is_ok_and(|m| m.is_dir())
+}
+
+/// Creates the mountpoints that binds under `/root` need in the code mount dir (the
+/// filesystem side effect of a bind plan; the code mount is bound read-only).
+pub(crate) fn make_code_mountpoints(sources: &BindSources) -> io::Result<()> {
+    let Some(mdir) = &sources.code else { return Ok(()) };
+    for (rel, src) in sources.code_mountpoints() {
+        let is_dir = std::fs::symlink_metadata(src).map(|m| m.is_dir()).unwrap_or(true);
+        code_mountpoint(mdir, rel, is_dir)?;
     }
-    binds.push(Bind { src: api_socket.to_path_buf(), dst: API_SOCKET_IN_CONTAINER.into(), readonly: false });
-    Ok(binds)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -297,6 +371,95 @@ mod tests {
         for dest in ["/root/../etc", "relative", "/__flare/flare", "/proc/sys"] {
             let image = ImageDirs { root: None, mounts: vec![(dest.into(), plain.clone())] };
             assert!(start_time_mounts(&image, true).is_err(), "{dest}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn dsts(binds: &[Bind]) -> Vec<(String, bool)> {
+        binds.iter().map(|b| (b.dst.display().to_string(), b.readonly)).collect()
+    }
+
+    #[test]
+    fn bind_plan_order() {
+        let p = PathBuf::from;
+        let sources = BindSources {
+            code: Some(p("/h/mounts/code")),
+            start_time: vec![(p("/app/a"), p("/h/trees/1/a")), (p("/root/data"), p("/h/trees/2/data"))],
+            cloudpickle: Some(p("/h/mounts/sdk/cloudpickle")),
+            resolv_conf: Some(p("/run/resolv.conf")),
+            environment: vec![
+                (p("/root/.pyenv"), p("/h/mnt/x/root/.pyenv")),
+                (p("/opt/env"), p("/h/mnt/x/opt/env")),
+            ],
+            sdk: Some(p("/h/mounts/sdk/flare")),
+            modal: None,
+            api_socket: p("/run/s/c.sock"),
+        };
+        let binds = sources.plan();
+        assert_eq!(
+            dsts(&binds),
+            [
+                ("/root", true),
+                ("/app/a", true),
+                ("/root/data", true),
+                ("/__flare/cloudpickle", true),
+                ("/etc/resolv.conf", true),
+                ("/root/.pyenv", true),
+                ("/opt/env", true),
+                ("/__flare/flare", true),
+                ("/__flare/api.sock", false),
+            ]
+            .map(|(d, r)| (d.to_owned(), r))
+        );
+        assert_eq!(binds[0].src, p("/h/mounts/code"));
+        assert_eq!(binds[5].src, p("/h/mnt/x/root/.pyenv"));
+        // Mountpoints in the code mount: for environment dirs and mounts under /root.
+        assert_eq!(
+            sources.code_mountpoints(),
+            vec![
+                (Path::new(".pyenv"), Path::new("/h/mnt/x/root/.pyenv")),
+                (Path::new("data"), Path::new("/h/trees/2/data"))
+            ]
+        );
+        let no_code = BindSources { code: None, ..sources.clone() };
+        assert!(no_code.code_mountpoints().is_empty());
+        assert_eq!(no_code.plan()[0].dst, p("/app/a"));
+    }
+
+    #[test]
+    fn modal_is_bound_next_to_the_sdk() {
+        let p = PathBuf::from;
+        let sources = BindSources {
+            sdk: Some(p("/h/mounts/sdk/flare")),
+            modal: Some(p("/h/mounts/sdk/modal")),
+            api_socket: p("/run/s/c.sock"),
+            ..Default::default()
+        };
+        let binds = sources.plan();
+        assert_eq!(
+            dsts(&binds),
+            [("/__flare/flare", true), ("/__flare/modal", true), ("/__flare/api.sock", false)]
+                .map(|(d, r)| (d.to_owned(), r))
+        );
+        assert_eq!(binds[1].src, p("/h/mounts/sdk/modal"));
+        // Without a modal dir in the SDK mount, nothing is bound there.
+        let without = BindSources { modal: None, ..sources };
+        assert!(without.plan().iter().all(|b| b.dst != Path::new(MODAL_IN_CONTAINER)));
+    }
+
+    #[test]
+    fn modal_is_found_in_the_sdk_mount() {
+        let d = tmp("modal");
+        std::fs::create_dir_all(d.join("with/flare")).unwrap();
+        std::fs::create_dir_all(d.join("with/modal")).unwrap();
+        std::fs::create_dir_all(d.join("without/flare")).unwrap();
+        std::fs::create_dir_all(d.join("linked/flare")).unwrap();
+        std::os::unix::fs::symlink(d.join("with/modal"), d.join("linked/modal")).unwrap();
+        std::fs::create_dir_all(d.join("file")).unwrap();
+        std::fs::write(d.join("file/modal"), b"").unwrap();
+        assert!(sdk_has_modal(&d, "with"));
+        for id in ["without", "linked", "file", "", "../with", "missing"] {
+            assert!(!sdk_has_modal(&d, id), "{id}");
         }
         std::fs::remove_dir_all(&d).unwrap();
     }

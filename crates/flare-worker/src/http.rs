@@ -9,6 +9,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::WorkerError;
+
 /// A client bound to one base URL (`http://host:port`).
 #[derive(Clone)]
 pub struct HttpClient {
@@ -17,12 +19,13 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub fn new(base: &str) -> Result<Self, String> {
+    pub fn new(base: &str) -> Result<Self, WorkerError> {
         let base = base.trim_end_matches('/').to_string();
         if !base.starts_with("http://") {
-            return Err(format!("control plane URL must start with http:// (got {base:?})"));
+            return Err(WorkerError::ControlUrlScheme(base));
         }
-        base.parse::<Uri>().map_err(|e| format!("invalid control plane URL {base:?}: {e}"))?;
+        base.parse::<Uri>()
+            .map_err(|e| WorkerError::ControlUrl { url: base.clone(), message: e.to_string() })?;
         Ok(HttpClient { base, client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
@@ -30,18 +33,29 @@ impl HttpClient {
         &self.base
     }
 
-    fn uri(&self, path_and_query: &str) -> Result<Uri, String> {
-        format!("{}{}", self.base, path_and_query).parse().map_err(|e| format!("bad URL: {e}"))
+    fn uri(&self, path_and_query: &str) -> Result<Uri, WorkerError> {
+        format!("{}{}", self.base, path_and_query)
+            .parse()
+            .map_err(|e: axum::http::uri::InvalidUri| WorkerError::BadUrl(e.to_string()))
     }
 
     /// GET a path; the body of a 2xx answer, else an error with the status and body.
-    pub async fn get(&self, path: &str) -> Result<Bytes, String> {
-        let req = Request::get(self.uri(path)?).body(Body::empty()).map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| format!("{}: {e}", self.base))?;
+    pub async fn get(&self, path: &str) -> Result<Bytes, WorkerError> {
+        let req = Request::get(self.uri(path)?)
+            .body(Body::empty())
+            .map_err(|e| WorkerError::Http(e.to_string()))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| WorkerError::Unreachable { base: self.base.clone(), message: e.to_string() })?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| WorkerError::Http(e.to_string()))?.to_bytes();
         if !status.is_success() {
-            return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+            return Err(WorkerError::HttpStatus {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         }
         Ok(body)
     }

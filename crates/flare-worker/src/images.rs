@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use flare_cas::{get_manifest, materialize, BlobStore, Digest};
 use flare_imagefs::{ChunkCache, IdShift, ImageFs, ImageFsOptions, MountHandle};
 
+use crate::WorkerError;
+
 /// Default size bound of the worker's chunk cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 20 << 30;
 
@@ -33,10 +35,6 @@ pub struct ImageHost {
     ids: Option<IdShift>,
 }
 
-fn bad(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 /// Mount options of image `d`. `FLARE_IMAGEFS_PASSTHROUGH=0` turns FUSE passthrough off.
 fn image_fs_options(d: &Digest, ids: Option<IdShift>) -> ImageFsOptions {
     let mut o =
@@ -49,10 +47,14 @@ fn image_fs_options(d: &Digest, ids: Option<IdShift>) -> ImageFsOptions {
 
 impl ImageHost {
     /// `root` holds the mountpoints, access logs and materialized mounts.
-    pub fn new(store: Arc<dyn BlobStore>, cache: Arc<ChunkCache>, root: &Path) -> Result<ImageHost, String> {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        cache: Arc<ChunkCache>,
+        root: &Path,
+    ) -> Result<ImageHost, WorkerError> {
         for d in ["mnt", "access", "trees"] {
             std::fs::create_dir_all(root.join(d))
-                .map_err(|e| format!("creating {}: {e}", root.join(d).display()))?;
+                .map_err(|e| WorkerError::io(format!("creating {}", root.join(d).display()), e))?;
         }
         // Mounts left by a previous run of this worker.
         if let Ok(rd) = std::fs::read_dir(root.join("mnt")) {
@@ -83,8 +85,10 @@ impl ImageHost {
     }
 
     /// The mountpoint of image `manifest` (mounting it on first use). Blocking.
-    pub fn ensure(&self, manifest: &str) -> Result<PathBuf, String> {
-        let d: Digest = manifest.parse().map_err(|_| format!("bad image manifest digest {manifest:?}"))?;
+    pub fn ensure(&self, manifest: &str) -> Result<PathBuf, WorkerError> {
+        let d: Digest = manifest
+            .parse()
+            .map_err(|_| WorkerError::images("bad image manifest digest", format!("{manifest:?}")))?;
         let slot = {
             let mut m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
             m.entry(d).or_default().clone()
@@ -93,14 +97,15 @@ impl ImageHost {
         if let Some(m) = slot.as_ref() {
             return Ok(m.path.clone());
         }
-        let tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("image {d}: {e}"))?;
+        let tree = get_manifest(self.store.as_ref(), &d)
+            .map_err(|e| WorkerError::images(format!("image {d}"), e))?;
         let fs = ImageFs::new(
             Arc::new(tree),
             self.store.clone(),
             self.cache.clone(),
             image_fs_options(&d, self.ids),
         )
-        .map_err(bad)?;
+        .map_err(|e| WorkerError::images(format!("image {d}"), e))?;
         let fs = Arc::new(fs);
         // What the last start of this image read: fetch it in parallel before starting.
         let access = self.root.join("access").join(d.hex());
@@ -112,8 +117,9 @@ impl ImageHost {
             tracing::debug!(image = %d, report = ?r, "prefetched the recorded start");
         }
         let path = self.root.join("mnt").join(d.hex());
-        std::fs::create_dir_all(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-        let handle = fs.mount(&path).map_err(bad)?;
+        std::fs::create_dir_all(&path)
+            .map_err(|e| WorkerError::io(format!("creating {}", path.display()), e))?;
+        let handle = fs.mount(&path).map_err(|e| WorkerError::images(format!("mounting image {d}"), e))?;
         flare_runtime::trim_heap();
         *slot = Some(Mounted { fs, _handle: handle, path: path.clone(), access_saved });
         Ok(path)
@@ -176,8 +182,10 @@ impl ImageHost {
     /// A directory holding file tree `manifest` (materialized once), its owners shifted
     /// into the containers' user namespace like the image mounts' (so a private file is
     /// its owner's inside, not the overflow id's). Blocking.
-    pub fn tree(&self, manifest: &str) -> Result<PathBuf, String> {
-        let d: Digest = manifest.parse().map_err(|_| format!("bad mount manifest digest {manifest:?}"))?;
+    pub fn tree(&self, manifest: &str) -> Result<PathBuf, WorkerError> {
+        let d: Digest = manifest
+            .parse()
+            .map_err(|_| WorkerError::images("bad mount manifest digest", format!("{manifest:?}")))?;
         let name = match self.ids {
             Some(s) => format!("{}-u{}", d.hex(), s.host_base),
             None => d.hex(),
@@ -186,7 +194,8 @@ impl ImageHost {
         if dir.is_dir() {
             return Ok(dir);
         }
-        let mut tree = get_manifest(self.store.as_ref(), &d).map_err(|e| format!("mount {d}: {e}"))?;
+        let mut tree = get_manifest(self.store.as_ref(), &d)
+            .map_err(|e| WorkerError::images(format!("mount {d}"), e))?;
         if let Some(s) = self.ids {
             for e in tree.entries.values_mut() {
                 (e.uid, e.gid) = (s.to_host(e.uid), s.to_host(e.gid));
@@ -196,12 +205,14 @@ impl ImageHost {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.root.join("trees").join(format!(".tmp-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-        materialize(self.store.as_ref(), &tree, &tmp).map_err(|e| format!("mount {d}: {e}"))?;
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| WorkerError::io(format!("creating {}", tmp.display()), e))?;
+        materialize(self.store.as_ref(), &tree, &tmp)
+            .map_err(|e| WorkerError::images(format!("mount {d}"), e))?;
         if let Some(s) = self.ids {
             let root = s.to_host(0);
             std::os::unix::fs::chown(&tmp, Some(root), Some(root))
-                .map_err(|e| format!("chown {}: {e}", tmp.display()))?;
+                .map_err(|e| WorkerError::io(format!("chown {}", tmp.display()), e))?;
         }
         match std::fs::rename(&tmp, &dir) {
             Ok(()) => Ok(dir),
@@ -209,7 +220,7 @@ impl ImageHost {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Ok(dir)
             }
-            Err(e) => Err(format!("storing mount {d}: {e}")),
+            Err(e) => Err(WorkerError::io(format!("storing mount {d}"), e)),
         }
     }
 }
@@ -279,7 +290,7 @@ impl HttpBlobStore {
                 }
                 Ok(Some(body.to_vec()))
             }
-            Err(e) if e.starts_with("404") => Ok(None),
+            Err(WorkerError::HttpStatus { status: axum::http::StatusCode::NOT_FOUND, .. }) => Ok(None),
             Err(e) => Err(flare_cas::CasError::Io {
                 context: format!("fetching {d} from {}", self.client.base()),
                 source: std::io::Error::other(e),

@@ -6,11 +6,17 @@
 
 mod binds;
 mod codemount;
+mod error;
 pub mod frame;
 pub mod gpu;
 pub mod http;
 pub mod images;
+mod phase;
 pub mod remote;
+pub mod sandbox;
+mod spec;
+
+pub use error::WorkerError;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -24,15 +30,15 @@ use flare_proto::{
     ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, GenMark, InputMsg, LogStream, OutputMsg,
     OutputStatus, ToWorker,
 };
-use flare_runtime::{ContainerSpec, Limits, Network, Rootfs, Runtime};
+use flare_runtime::{pipe_cloexec as pipe, LogDecoder, Runtime};
 use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Time a container gets to exit after a graceful stop before it is killed.
-const GRACE: Duration = Duration::from_secs(3);
+use phase::{Action, Event};
+
 /// Bytes of stderr kept to explain a container that died while starting.
 const STDERR_TAIL: usize = 4096;
 /// Where the worker's API socket appears inside containers.
@@ -147,18 +153,6 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
     handle
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    use std::os::fd::FromRawFd;
-    // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 pub use flare_api::python_roots;
 
 /// Where an image's file systems are on this worker, for one container start.
@@ -168,102 +162,6 @@ struct ImageDirs {
     root: Option<PathBuf>,
     /// Start-time mounts: (destination, materialized dir).
     mounts: Vec<(String, PathBuf)>,
-}
-
-fn build_spec(
-    cfg: &WorkerConfig,
-    a: &ContainerAssignment,
-    api_socket: &Path,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    sock: OwnedFd,
-    image: ImageDirs,
-) -> std::io::Result<ContainerSpec> {
-    let def = &a.def;
-    let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
-    let binds = binds::container_binds(cfg, def, &image, api_socket)?;
-
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        ("HOME".into(), "/root".into()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("PYTHONUNBUFFERED".into(), "1".into()),
-        ("PYTHONDONTWRITEBYTECODE".into(), "1".into()),
-    ];
-    if let Some(img) = &def.image {
-        for (k, v) in &img.env {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-    }
-    for (k, v) in &def.config.env {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
-    }
-    // Platform variables win over user ones.
-    let pythonpath = match def.config.env.get("PYTHONPATH") {
-        Some(user) => format!("/__flare:{user}"),
-        None => "/__flare".into(),
-    };
-    for (k, v) in [
-        ("PYTHONPATH", pythonpath),
-        ("FLARE_CONTAINER_ID", a.container_id.clone()),
-        ("FLARE_APP_ID", a.app_id.clone()),
-        ("FLARE_APP_NAME", a.app_name.clone()),
-        ("FLARE_FUNCTION_NAME", def.name.clone()),
-        ("FLARE_SERVER_URL", format!("unix://{API_SOCKET_IN_CONTAINER}")),
-        ("FLARE_IS_REMOTE", "1".into()),
-        // What the runtime sizes the writable layer and /tmp to (named in ENOSPC errors).
-        ("FLARE_DISK_QUOTA_BYTES", flare_runtime::DEFAULT_DISK_BYTES.to_string()),
-        // The caller's import paths (bound read-only above); the runner adds those the
-        // container's interpreter does not already have.
-        ("FLARE_SYS_PATH", if on_image_root { String::new() } else { def.python.paths.join(":") }),
-    ] {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.into(), v));
-    }
-    let network = if def.config.block_network || cfg.runtime.nat_available().is_some() {
-        Network::Isolated
-    } else {
-        Network::Nat
-    };
-    let (python, rootfs, cwd) = match (&def.image, image.root) {
-        (Some(img), _) if !img.host_roots.is_empty() => (img.python.clone(), Rootfs::Host, "/root".into()),
-        (Some(img), Some(root)) => {
-            (img.python.clone(), Rootfs::Dir(root), img.workdir.clone().unwrap_or_else(|| "/root".into()))
-        }
-        (Some(img), None) => {
-            return Err(std::io::Error::other(format!(
-                "image {} is not mounted on this worker",
-                img.image_id
-            )))
-        }
-        (None, _) => (def.python.executable.clone(), Rootfs::Host, "/root".into()),
-    };
-    Ok(ContainerSpec {
-        id: a.container_id.clone(),
-        hostname: "flare".into(),
-        argv: vec![python, "-m".into(), "flare._runtime".into()],
-        env,
-        cwd,
-        rootfs,
-        binds,
-        limits: Limits {
-            cpu_millicores: def
-                .config
-                .cpu_limit
-                .or(def.config.cpu.map(|c| c + flare_proto::CPU_BURST_CORES))
-                .map(|c| (c * 1000.0).round() as u64),
-            memory_bytes: def.config.memory.map(|m| m * 1024 * 1024),
-            pids_max: None,
-            ..Limits::default()
-        },
-        network,
-        stdout,
-        stderr,
-        extra_fds: vec![(sock, 3)],
-        upper_dir: None,
-    })
 }
 
 #[derive(Deserialize)]
@@ -318,53 +216,21 @@ fn inputs_frame(inputs: &[InputMsg]) -> Bytes {
     frame::encode(frame::INPUTS, header.as_bytes(), &body)
 }
 
-fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, String> {
+fn parse_outputs(f: &frame::Frame) -> Result<Vec<OutputMsg>, WorkerError> {
+    let bad = WorkerError::Protocol;
     let h: OutputHeader =
-        serde_json::from_slice(&f.header).map_err(|e| format!("bad OUTPUTS header: {e}"))?;
+        serde_json::from_slice(&f.header).map_err(|e| bad(format!("bad OUTPUTS header: {e}")))?;
     let lens: Vec<usize> = h.outputs.iter().map(|o| o.len).collect();
-    let bodies = frame::split_body(&f.body, &lens).map_err(|e| e.to_string())?;
+    let bodies = frame::split_body(&f.body, &lens).map_err(|e| bad(e.to_string()))?;
     h.outputs
         .into_iter()
         .zip(bodies)
         .map(|(o, data)| {
-            let status =
-                OutputStatus::parse(&o.status).ok_or_else(|| format!("unknown status {:?}", o.status))?;
+            let status = OutputStatus::parse(&o.status)
+                .ok_or_else(|| bad(format!("unknown status {:?}", o.status)))?;
             Ok(OutputMsg { input_id: o.input_id, status, gen: o.gen, data, exception: o.exception })
         })
         .collect()
-}
-
-/// Keeps the tail of a stream and turns chunks into text without splitting characters.
-struct LogDecoder {
-    pending: Vec<u8>,
-    tail: Vec<u8>,
-}
-
-impl LogDecoder {
-    fn new() -> Self {
-        LogDecoder { pending: Vec::new(), tail: Vec::new() }
-    }
-
-    fn push(&mut self, chunk: &[u8]) -> String {
-        self.tail.extend_from_slice(chunk);
-        if self.tail.len() > STDERR_TAIL {
-            let cut = self.tail.len() - STDERR_TAIL;
-            self.tail.drain(..cut);
-        }
-        self.pending.extend_from_slice(chunk);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.pending.len(),
-        };
-        let text = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
-        self.pending.drain(..valid);
-        text
-    }
-
-    fn tail_text(&self) -> String {
-        String::from_utf8_lossy(&self.tail).into_owned()
-    }
 }
 
 struct Pipe {
@@ -378,7 +244,7 @@ impl Pipe {
     fn new(fd: OwnedFd, stream: LogStream) -> std::io::Result<Self> {
         Ok(Pipe {
             rx: tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?,
-            dec: LogDecoder::new(),
+            dec: LogDecoder::new(STDERR_TAIL),
             stream,
             eof: false,
         })
@@ -420,9 +286,9 @@ async fn run_container(
     let cid = a.container_id.clone();
     match run_container_in(cfg, &a, &mut cmds, events).await {
         Ok(r) => r,
-        Err(msg) => {
-            tracing::warn!(container = %cid, error = %msg, "container failed to start");
-            ExitReport { start_error: Some(msg), ..Default::default() }
+        Err(e) => {
+            tracing::warn!(container = %cid, error = %e, "container failed to start");
+            ExitReport { start_error: Some(e.to_string()), ..Default::default() }
         }
     }
 }
@@ -432,15 +298,15 @@ async fn run_container_in(
     a: &ContainerAssignment,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
-) -> Result<ExitReport, String> {
+) -> Result<ExitReport, WorkerError> {
     let cid = a.container_id.clone();
     let t0 = std::time::Instant::now();
     // Calls from inside the container reach the API through this socket only.
     let api_path = cfg.socket_dir.join(format!("{cid}.sock"));
-    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| format!("api socket dir: {e}"))?;
+    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| WorkerError::io("api socket dir", e))?;
     let _ = std::fs::remove_file(&api_path);
     let listener = tokio::net::UnixListener::bind(&api_path)
-        .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+        .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     let _socket_guard = RemoveOnDrop(api_path.clone());
     {
         // Root in the container is an unprivileged host uid (user namespace): it connects
@@ -448,11 +314,12 @@ async fn run_container_in(
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
         std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
-            .map_err(|e| format!("api socket {}: {e}", api_path.display()))?;
+            .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     }
     // Every request on this socket names its container, so the control plane scopes it to
     // the container's app (any value the container sends is replaced).
-    let caller = axum::http::HeaderValue::from_str(&cid).map_err(|e| format!("container id: {e}"))?;
+    let caller = axum::http::HeaderValue::from_str(&cid)
+        .map_err(|e| WorkerError::io("container id", std::io::Error::other(e)))?;
     let api = cfg.api.clone().layer(axum::middleware::from_fn(
         move |mut req: axum::extract::Request, next: axum::middleware::Next| {
             req.headers_mut().insert(flare_api::CALLER_CONTAINER_HEADER, caller.clone());
@@ -467,17 +334,18 @@ async fn run_container_in(
             ensure_mount(&cfg.home.join("mounts"), m, src).await?;
         }
     }
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let (out_r, out_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
+    let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+    let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
     let image_dirs = match &a.def.image {
         None => ImageDirs::default(),
         Some(img) => {
-            let host =
-                cfg.images.clone().ok_or("this worker cannot run images (no image store configured)")?;
+            let img_id = img.image_id.clone();
+            let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || -> Result<ImageDirs, String> {
+            tokio::task::spawn_blocking(move || -> Result<ImageDirs, WorkerError> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all,
                 // but only dirs the operator allows to bind (`--host-bind-allow`).
@@ -492,35 +360,38 @@ async fn run_container_in(
                 Ok(ImageDirs { root, mounts })
             })
             .await
-            .map_err(|e| format!("image task: {e}"))?
-            .map_err(|e| {
-                format!(
-                    "could not mount image {}: {e}",
-                    a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("")
-                )
-            })?
+            .map_err(|e| WorkerError::task("image", e))?
+            .map_err(|e| WorkerError::ImageMount { image_id: img_id.clone(), message: e.to_string() })?
         }
     };
-    let spec = build_spec(cfg, a, &api_path, out_w, err_w, OwnedFd::from(theirs), image_dirs)
-        .map_err(|e| e.to_string())?;
+    // Side effects first (the code mount's mountpoints), then the pure spec.
+    let sources = binds::bind_sources(cfg, &a.def, &image_dirs, &api_path).map_err(WorkerError::Binds)?;
+    binds::make_code_mountpoints(&sources).map_err(WorkerError::Binds)?;
+    let spec = spec::function_spec(spec::SpecInputs {
+        assignment: a,
+        binds: sources.plan(),
+        image_root: image_dirs.root,
+        nat_available: cfg.runtime.nat_available().is_none(),
+    })?;
     let rt = cfg.runtime.clone();
-    let mut container = tokio::task::spawn_blocking(move || rt.spawn(spec))
+    let fd3 = vec![(OwnedFd::from(theirs), 3)];
+    let mut container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
         .await
-        .map_err(|e| format!("spawn task: {e}"))?
-        .map_err(|e| format!("could not start the container: {e}"))?;
+        .map_err(|e| WorkerError::task("spawn", e))?
+        .map_err(WorkerError::Spawn)?;
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
 
     let memory_limit = container.memory_limit();
-    let pidfd = container.pidfd().try_clone_to_owned().map_err(|e| format!("pidfd: {e}"))?;
+    let pidfd = container.pidfd().try_clone_to_owned().map_err(|e| WorkerError::io("pidfd", e))?;
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; its raw
     // fd stays the same open pidfd for that whole time.
     let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|e| format!("pidfd: {e}"))?;
-    let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| format!("pipe: {e}"))?;
-    let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| format!("pipe: {e}"))?;
+        .map_err(|e| WorkerError::io("pidfd", e.into()))?;
+    let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| WorkerError::io("pipe", e))?;
+    let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| WorkerError::io("pipe", e))?;
 
-    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    ours.set_nonblocking(true).map_err(|e| WorkerError::io("container socket", e))?;
+    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| WorkerError::io("container socket", e))?;
     let (mut rd, mut wr) = sock.into_split();
     // Writer: frames to the container, in order, without blocking the event loop.
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
@@ -556,134 +427,120 @@ async fn run_container_in(
 
     let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
     let start_limit = timeout.max(Duration::from_secs(60));
-    let start_deadline = Instant::now() + start_limit;
-    let mut ready = false;
-    let mut init_failed = false;
-    let mut deadlines: HashMap<String, Instant> = HashMap::new();
-    let mut stop_deadline: Option<Instant> = None;
+    let mut state = phase::State::starting(Instant::now() + start_limit);
     let mut report = ExitReport { memory_limit, ..Default::default() };
+    // The event sources that are still open (a closed one is not polled again).
     let mut frames_open = true;
     let mut cmds_open = true;
+    let mut explain_exit = false;
     let mut obuf = vec![0u8; 64 * 1024];
     let mut ebuf = vec![0u8; 64 * 1024];
-    let mut killed = false;
 
     loop {
-        let next_deadline = deadlines
-            .values()
-            .copied()
-            .chain(stop_deadline)
-            .chain(if ready || killed { None } else { Some(start_deadline) })
-            .min();
-        tokio::select! {
+        let next_deadline = state.next_deadline();
+        // Wait for the next event; the pipes are forwarded as they are read.
+        let event = tokio::select! {
             f = frx.recv(), if frames_open => match f {
                 Some(Ok(f)) => match f.kind {
-                    frame::READY => {
-                        ready = true;
-                        tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
-                        if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
-                            let (host, manifest) = (host.clone(), img.manifest.clone());
-                            tokio::task::spawn_blocking(move || host.record_start(&manifest));
-                        }
-                        let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
-                    }
-                    frame::INIT_FAILURE => {
-                        init_failed = true;
-                        let exception = serde_json::from_slice::<InitFailureHeader>(&f.header)
+                    frame::READY => Event::Ready,
+                    frame::INIT_FAILURE => Event::InitFailure(
+                        serde_json::from_slice::<InitFailureHeader>(&f.header)
                             .map(|h| h.exception)
-                            .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})")));
-                        out.drain_now(&mut obuf, &cid, events);
-                        err.drain_now(&mut ebuf, &cid, events);
-                        let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
-                    }
+                            .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})"))),
+                    ),
                     frame::OUTPUTS => match parse_outputs(&f) {
-                        Ok(outputs) => {
-                            for o in &outputs {
-                                if o.gen != Some(GenMark::Item) {
-                                    deadlines.remove(&o.input_id);
-                                }
-                            }
-                            // Prints made before the result go out before it.
-                            out.drain_now(&mut obuf, &cid, events);
-                            err.drain_now(&mut ebuf, &cid, events);
-                            let _ = events.send(FromWorker::Outputs { container_id: cid.clone(), outputs });
-                        }
+                        Ok(outputs) => Event::Outputs(outputs),
                         Err(e) => {
                             tracing::error!(container = %cid, error = %e, "protocol error; stopping container");
-                            let _ = container.kill();
-                            killed = true;
+                            Event::ProtocolError
                         }
                     },
                     other => {
                         tracing::error!(container = %cid, kind = other, "unexpected frame; stopping container");
-                        let _ = container.kill();
-                        killed = true;
+                        Event::ProtocolError
                     }
                 },
                 Some(Err(e)) => {
-                    if killed || report.requested {
+                    if state.stopping() || report.requested {
                         tracing::debug!(container = %cid, error = %e, "socket closed while stopping");
                     } else {
                         tracing::error!(container = %cid, error = %e, "bad frame; stopping container");
                     }
-                    let _ = container.kill();
-                    killed = true;
-                }
-                None => frames_open = false,
-            },
-            c = cmds.recv(), if cmds_open => match c {
-                Some(Cmd::Inputs(inputs)) => {
-                    let now = Instant::now();
-                    for i in &inputs {
-                        let t = Duration::from_millis(i.timeout_ms.max(1));
-                        deadlines.insert(i.input_id.clone(), now + t);
-                    }
-                    let _ = wtx.send(inputs_frame(&inputs));
-                }
-                Some(Cmd::Stop { graceful }) => {
-                    report.requested = true;
-                    if graceful && ready {
-                        let _ = wtx.send(frame::encode(frame::SHUTDOWN, b"{}", b""));
-                        stop_deadline.get_or_insert(Instant::now() + GRACE);
-                    } else {
-                        let _ = container.kill();
-                        killed = true;
-                    }
+                    Event::ProtocolError
                 }
                 None => {
+                    frames_open = false;
+                    continue;
+                }
+            },
+            c = cmds.recv(), if cmds_open => match c {
+                Some(Cmd::Inputs(inputs)) => Event::Inputs(inputs),
+                Some(Cmd::Stop { graceful }) => Event::Stop { graceful },
+                None => {
                     cmds_open = false;
-                    report.requested = true;
-                    let _ = container.kill();
-                    killed = true;
+                    Event::CommandsClosed
                 }
             },
             r = out.rx.read(&mut obuf), if !out.eof => {
                 let n = r.unwrap_or(0);
                 out.emit(n, &obuf, &cid, events);
+                continue;
             }
             r = err.rx.read(&mut ebuf), if !err.eof => {
                 let n = r.unwrap_or(0);
                 err.emit(n, &ebuf, &cid, events);
+                continue;
             }
-            _ = pidfd.readable() => break,
-            _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => {
-                let now = Instant::now();
-                if let Some((id, _)) = deadlines.iter().filter(|(_, d)| **d <= now).min_by_key(|(_, d)| **d) {
-                    report.timed_out_input = Some(id.clone());
-                    tracing::info!(container = %cid, input = %id, "input timed out; killing its container");
-                    let _ = container.kill();
-                    killed = true;
-                    deadlines.clear();
-                } else if stop_deadline.is_some_and(|d| d <= now) {
-                    let _ = container.kill();
-                    killed = true;
-                    stop_deadline = None;
-                } else if !ready && !killed && start_deadline <= now {
-                    report.start_error = Some(format!("container did not become ready within {} s", start_limit.as_secs()));
-                    let _ = container.kill();
-                    killed = true;
+            _ = pidfd.readable() => Event::Exited,
+            _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => Event::Timer,
+        };
+        let exited = matches!(event, Event::Exited);
+        let actions;
+        (state, actions) = phase::step(state, event, Instant::now());
+        for action in actions {
+            match action {
+                Action::Ready => {
+                    tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
+                    if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
+                        let (host, manifest) = (host.clone(), img.manifest.clone());
+                        tokio::task::spawn_blocking(move || host.record_start(&manifest));
+                    }
+                    let _ = events.send(FromWorker::Ready { container_id: cid.clone() });
                 }
+                Action::InitFailed(exception) => {
+                    out.drain_now(&mut obuf, &cid, events);
+                    err.drain_now(&mut ebuf, &cid, events);
+                    let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
+                }
+                Action::Forward(outputs) => {
+                    // Prints made before the result go out before it.
+                    out.drain_now(&mut obuf, &cid, events);
+                    err.drain_now(&mut ebuf, &cid, events);
+                    let _ = events.send(FromWorker::Outputs { container_id: cid.clone(), outputs });
+                }
+                Action::SendInputs(inputs) => {
+                    let _ = wtx.send(inputs_frame(&inputs));
+                }
+                Action::SendShutdown => {
+                    let _ = wtx.send(frame::encode(frame::SHUTDOWN, b"{}", b""));
+                }
+                Action::Kill => {
+                    let _ = container.kill();
+                }
+                Action::MarkRequested => report.requested = true,
+                Action::InputTimedOut(id) => {
+                    tracing::info!(container = %cid, input = %id, "input timed out; killing its container");
+                    report.timed_out_input = Some(id);
+                }
+                Action::StartTimedOut => {
+                    report.start_error =
+                        Some(format!("container did not become ready within {} s", start_limit.as_secs()));
+                }
+                Action::ExplainEarlyExit => explain_exit = true,
             }
+        }
+        if exited {
+            break;
         }
     }
     // Everything in the container is gone with its init; the pipes reach EOF.
@@ -704,12 +561,9 @@ async fn run_container_in(
         report.signal = info.signal;
         report.oom_killed = info.oom_killed;
     }
-    if !ready && !init_failed && report.start_error.is_none() && !report.requested {
-        let status = match (report.code, report.signal) {
-            (_, Some(s)) => format!("killed by signal {s}"),
-            (Some(c), _) => format!("exit code {c}"),
-            _ => "unknown status".into(),
-        };
+    if explain_exit {
+        let status = flare_runtime::ExitInfo { code: report.code, signal: report.signal, oom_killed: false }
+            .describe();
         let tail = err.dec.tail_text();
         report.start_error = Some(if report.oom_killed {
             format!(
@@ -738,27 +592,26 @@ async fn run_container_in(
 
 /// Fetches a mount from the control plane into `mounts/<id>` unless it is there already
 /// (written to a temporary dir, then renamed, so a half-written mount is never used).
-async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> Result<(), String> {
+async fn ensure_mount(mounts: &Path, mount_id: &str, src: &http::HttpClient) -> Result<(), WorkerError> {
     if mount_id.is_empty() || mount_id.contains('/') || mount_id.starts_with('.') {
-        return Err(format!("invalid mount id {mount_id:?}"));
+        return Err(WorkerError::InvalidMountId(mount_id.to_owned()));
     }
+    let fetch = |message: String| WorkerError::FetchMount { id: mount_id.to_owned(), message };
     let dir = mounts.join(mount_id);
     if dir.is_dir() {
         return Ok(());
     }
-    let body = src
-        .get(&format!("/v1/mounts/{mount_id}"))
-        .await
-        .map_err(|e| format!("fetching mount {mount_id}: {e}"))?;
+    let body = src.get(&format!("/v1/mounts/{mount_id}")).await.map_err(|e| fetch(e.to_string()))?;
     let m: flare_api::CreateMount =
-        serde_json::from_slice(&body).map_err(|e| format!("fetching mount {mount_id}: bad response: {e}"))?;
-    m.validate().map_err(|e| format!("fetching mount {mount_id}: {}", e.message))?;
+        serde_json::from_slice(&body).map_err(|e| fetch(format!("bad response: {e}")))?;
+    m.validate().map_err(|e| fetch(e.message))?;
     // Unique per fetch: containers of one function often fetch the same mount at once.
     static FETCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = FETCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = mounts.join(format!(".tmp-{mount_id}-{}-{n}", std::process::id()));
     let write = || flare_api::write_mount_dir(&dir, &tmp, &m.files);
-    tokio::task::block_in_place(write).map_err(|e| format!("storing mount {mount_id}: {e}"))
+    tokio::task::block_in_place(write)
+        .map_err(|source| WorkerError::StoreMount { id: mount_id.to_owned(), source })
 }
 
 async fn sleep_until_opt(d: Option<Instant>) {
@@ -781,19 +634,5 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_decoder_keeps_characters_whole() {
-        let mut d = LogDecoder::new();
-        let s = "héllo".as_bytes();
-        assert_eq!(d.push(&s[..2]), "h");
-        assert_eq!(d.push(&s[2..]), "éllo");
-        assert_eq!(d.tail_text(), "héllo");
     }
 }

@@ -41,7 +41,7 @@ pub async fn run(
     cfg: RemoteConfig,
     handle: WorkerHandle,
     mut events: mpsc::UnboundedReceiver<FromWorker>,
-) -> Result<(), String> {
+) -> Result<(), crate::WorkerError> {
     let mut backoff = Duration::from_millis(200);
     loop {
         match session(&cfg, &handle, &mut events).await {
@@ -49,7 +49,7 @@ pub async fn run(
                 tracing::info!("worker drained: leaving");
                 return Ok(());
             }
-            Err(SessionError::Refused(msg)) => return Err(msg),
+            Err(SessionError::Refused(msg)) => return Err(crate::WorkerError::Refused(msg)),
             Err(SessionError::Lost(msg)) => {
                 tracing::warn!(error = %msg, retry_in_ms = backoff.as_millis() as u64, "session with the control plane lost");
                 tokio::time::sleep(backoff).await;

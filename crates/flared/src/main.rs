@@ -359,7 +359,8 @@ fn open_images(home: &Path, runtime: Option<Arc<Runtime>>) -> Result<Images> {
         home: home.to_path_buf(),
         store: store.clone(),
         cache: cache.clone(),
-        runtime,
+        runner: runtime.map(|rt| Arc::new(flare_worker::sandbox::Sandboxes::new(rt)) as _),
+        step_limits: flare_image::step_limits_from_env().map_err(anyhow::Error::msg)?,
         cloudpickle_dir: None,
         step_disk_quota: flare_image::step_disk_quota_from_env().map_err(anyhow::Error::msg)?,
     })
