@@ -409,10 +409,10 @@ async fn logs(
         let (logs, app_state, mut rx) = cp.logs(&app_id, q.after, limit)?;
         if !logs.is_empty()
             || Instant::now() >= deadline
-            || app_state == "stopped" && cp.app_containers(&app_id) == 0
+            || app_state == crate::AppState::Stopped && cp.app_containers(&app_id) == 0
         {
             let next = logs.last().map(|l| l.seq as i64).unwrap_or(q.after);
-            return Ok(Json(LogsPage { logs, next, app_state }));
+            return Ok(Json(LogsPage { logs, next, app_state: app_state.as_str().into() }));
         }
         let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
     }

@@ -9,13 +9,16 @@ impl ControlPlane {
         // Every app that was not stopped comes back, ephemeral ones included: a client
         // that is still there (a `flare run` in the middle of a `.map`) heartbeats again
         // and carries on; one that is gone lets the app time out like any lost client.
-        for app in store.list_apps()? {
-            if app.state == "stopped" {
+        for row in store.list_apps()? {
+            let app = AppRecord::from_row(&row);
+            if app.stopped() {
                 continue;
             }
             let mut functions = BTreeMap::new();
             for f in store.functions_of_app(&app.app_id)? {
                 functions.insert(f.name.clone(), f.function_id.clone());
+                // Scheduled once a worker is there (warm floors, re-queued inputs).
+                st.mark_dirty(&f.function_id);
                 st.functions.insert(
                     f.function_id.clone(),
                     FnRt {
@@ -37,7 +40,7 @@ impl ControlPlane {
             st.apps.insert(
                 app.app_id.clone(),
                 AppRt {
-                    row: app,
+                    app,
                     functions,
                     last_heartbeat: Instant::now(),
                     logs: VecDeque::new(),
@@ -95,32 +98,31 @@ impl ControlPlane {
     pub fn create_app(&self, name: &str, mode: AppMode) -> ApiResult<(AppRow, bool)> {
         let mut st = self.lock();
         if mode == AppMode::Deployed {
-            let existing = st
-                .apps
-                .values()
-                .find(|a| a.row.name == name && a.row.mode == "deployed" && a.row.state != "stopped")
-                .map(|a| a.row.app_id.clone());
+            let existing =
+                st.apps.values().find(|a| a.app.is_live_deployed(name)).map(|a| a.app.app_id.clone());
             if let Some(id) = existing {
                 let app = st.apps.get_mut(&id).expect("found");
-                app.row.version += 1;
-                app.row.state = "deployed".into();
-                self.store().put_app(&app.row).map_err(store_err)?;
-                return Ok((app.row.clone(), false));
+                app.app.version += 1;
+                app.app.state = AppState::Deployed;
+                let row = app.app.to_row();
+                self.store().put_app(&row).map_err(store_err)?;
+                return Ok((row, false));
             }
         }
-        let row = AppRow {
+        let app = AppRecord {
             app_id: new_id("ap"),
             name: name.to_string(),
-            mode: mode.as_str().to_string(),
-            state: if mode == AppMode::Deployed { "deployed".into() } else { "running".into() },
+            mode,
+            state: AppState::initial(mode),
             version: 1,
             created_at: now_ts(),
         };
+        let row = app.to_row();
         self.store().put_app(&row).map_err(store_err)?;
         st.apps.insert(
-            row.app_id.clone(),
+            app.app_id.clone(),
             AppRt {
-                row: row.clone(),
+                app,
                 functions: BTreeMap::new(),
                 last_heartbeat: Instant::now(),
                 logs: VecDeque::new(),
@@ -137,8 +139,8 @@ impl ControlPlane {
         let mut st = self.lock();
         let app =
             st.apps.get_mut(app_id).ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
-        if app.row.state == "stopped" {
-            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.row.name)));
+        if app.app.stopped() {
+            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.app.name)));
         }
         app.last_heartbeat = Instant::now();
         Ok(())
@@ -147,8 +149,8 @@ impl ControlPlane {
     pub(crate) fn running_app<'a>(st: &'a mut State, app_id: &str) -> ApiResult<&'a mut AppRt> {
         let app =
             st.apps.get_mut(app_id).ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
-        if app.row.state == "stopped" {
-            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.row.name)));
+        if app.app.stopped() {
+            return Err(ApiError::precondition(format!("app {} ({app_id}) is stopped", app.app.name)));
         }
         Ok(app)
     }
@@ -245,8 +247,8 @@ impl ControlPlane {
 
     pub(crate) fn stop_app_locked(&self, st: &mut State, app_id: &str) {
         let Some(app) = st.apps.get_mut(app_id) else { return };
-        app.row.state = "stopped".into();
-        let _ = self.store().set_app_state(app_id, "stopped");
+        app.app.state = AppState::Stopped;
+        let _ = self.store().set_app_state(app_id, AppState::Stopped.as_str());
         let fids: Vec<String> = app.functions.values().cloned().collect();
         let exc = ExceptionInfo::new("flare.exception.ExecutionError", "the app was stopped");
         for fid in &fids {
@@ -281,20 +283,15 @@ impl ControlPlane {
         Ok(rows
             .into_iter()
             .map(|row| {
-                let row = st.apps.get(&row.app_id).map(|a| a.row.clone()).unwrap_or(row);
-                app_info(&st, row)
+                let app = st.apps.get(&row.app_id).map(|a| a.app.clone());
+                app_info(&st, app.unwrap_or_else(|| AppRecord::from_row(&row)))
             })
             .collect())
     }
 
     pub fn app_by_name(&self, name: &str) -> ApiResult<flare_api::AppInfo> {
         let st = self.lock();
-        let found = st
-            .apps
-            .values()
-            .filter(|a| a.row.name == name && a.row.mode == "deployed" && a.row.state != "stopped")
-            .map(|a| a.row.clone())
-            .next();
+        let found = st.apps.values().find(|a| a.app.is_live_deployed(name)).map(|a| a.app.clone());
         match found {
             Some(row) => Ok(app_info(&st, row)),
             None => Err(ApiError::not_found(format!("no deployed app named {name:?}"))),
@@ -311,11 +308,11 @@ impl ControlPlane {
             AppRef::DeployedName(n) => st
                 .apps
                 .values()
-                .find(|a| a.row.name == n && a.row.mode == "deployed" && a.row.state != "stopped")
+                .find(|a| a.app.is_live_deployed(n))
                 .ok_or_else(|| ApiError::not_found(format!("no deployed app named {n:?}")))?,
         };
         let fid = app_rt.functions.get(name).ok_or_else(|| {
-            ApiError::not_found(format!("app {:?} has no function named {name:?}", app_rt.row.name))
+            ApiError::not_found(format!("app {:?} has no function named {name:?}", app_rt.app.name))
         })?;
         let f =
             st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
@@ -437,10 +434,10 @@ impl ControlPlane {
 
     pub fn app_id_by_name(&self, name: &str) -> ApiResult<String> {
         let st = self.lock();
-        let mut apps: Vec<&AppRt> = st.apps.values().filter(|a| a.row.name == name).collect();
-        apps.sort_by(|a, b| a.row.created_at.total_cmp(&b.row.created_at));
+        let mut apps: Vec<&AppRt> = st.apps.values().filter(|a| a.app.name == name).collect();
+        apps.sort_by(|a, b| a.app.created_at.total_cmp(&b.app.created_at));
         apps.last()
-            .map(|a| a.row.app_id.clone())
+            .map(|a| a.app.app_id.clone())
             .ok_or_else(|| ApiError::not_found(format!("no app named {name:?}")))
     }
 }
@@ -450,7 +447,7 @@ impl ControlPlane {
 pub(crate) fn check_function_access(st: &State, caller: &Caller, fid: &str) -> ApiResult<()> {
     let Caller::Container { app_id, .. } = caller else { return Ok(()) };
     let ok = st.functions.get(fid).is_some_and(|f| {
-        f.app_id == *app_id || st.apps.get(&f.app_id).is_some_and(|a| a.row.mode == "deployed")
+        f.app_id == *app_id || st.apps.get(&f.app_id).is_some_and(|a| a.app.mode == AppMode::Deployed)
     });
     if ok {
         Ok(())
@@ -459,7 +456,7 @@ pub(crate) fn check_function_access(st: &State, caller: &Caller, fid: &str) -> A
     }
 }
 
-pub(crate) fn app_info(st: &State, row: AppRow) -> flare_api::AppInfo {
+pub(crate) fn app_info(st: &State, row: AppRecord) -> flare_api::AppInfo {
     let functions = st
         .apps
         .get(&row.app_id)
@@ -481,8 +478,8 @@ pub(crate) fn app_info(st: &State, row: AppRow) -> flare_api::AppInfo {
     flare_api::AppInfo {
         app_id: row.app_id,
         name: row.name,
-        mode: if row.mode == "deployed" { AppMode::Deployed } else { AppMode::Ephemeral },
-        state: row.state,
+        mode: row.mode,
+        state: row.state.as_str().into(),
         version: row.version,
         created_at: row.created_at,
         functions,

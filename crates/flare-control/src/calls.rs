@@ -37,10 +37,10 @@ impl ControlPlane {
         let fname = f.name.clone();
         let is_gen = f.def.is_generator;
         let app = st.apps.get(&app_id).ok_or_else(|| ApiError::not_found("app not found"))?;
-        if app.row.state == "stopped" || !f.active {
+        if app.app.stopped() || !f.active {
             return Err(ApiError::precondition(format!(
                 "app {:?} is stopped; function {fname:?} cannot take inputs",
-                app.row.name
+                app.app.name
             )));
         }
         match (kind, is_gen) {
@@ -106,7 +106,7 @@ impl ControlPlane {
         call_id: &str,
         inputs: Vec<Bytes>,
         more: bool,
-    ) -> ApiResult<Result<(u64, u64), (Vec<Bytes>, NoRoom)>> {
+    ) -> ApiResult<Admitted> {
         let mut st = self.lock();
         let window = st.config.call_window;
         let call =

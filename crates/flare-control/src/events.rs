@@ -172,15 +172,7 @@ impl ControlPlane {
         if let Some(note) = c.logs.take_note(&st.config) {
             push_log(st, &self.inner.log_tx, &c.app_id, container_id, LogStream::System, &note);
         }
-        if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == c.worker_id) {
-            w.cpu_used = w.cpu_used.saturating_sub(c.cpu);
-            w.mem_used = w.mem_used.saturating_sub(c.mem);
-            if let Some(g) = &c.gpu {
-                if let Some(used) = w.gpus_used.get_mut(&g.kind) {
-                    *used = used.saturating_sub(g.count);
-                }
-            }
-        }
+        st.ledger.release(&c.worker_id, &c.reservation);
         let fid = c.function_id.clone();
         if let Some(f) = st.functions.get_mut(&fid) {
             f.containers.remove(container_id);
@@ -271,15 +263,8 @@ impl ControlPlane {
         }
         schedule(st, &fid);
         // The freed capacity may be what another function's backlog is waiting for.
-        let waiting: Vec<String> = st
-            .functions
-            .values()
-            .filter(|f| f.id != fid && !f.queue.is_empty())
-            .map(|f| f.id.clone())
-            .collect();
-        for other in waiting {
-            schedule(st, &other);
-        }
+        st.dirty.extend(st.functions.values().filter(|f| !f.queue.is_empty()).map(|f| f.id.clone()));
+        schedule_dirty(st);
     }
 }
 

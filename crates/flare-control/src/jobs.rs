@@ -90,11 +90,11 @@ impl ControlPlane {
             .apps
             .values()
             .filter(|a| {
-                a.row.mode == "ephemeral"
-                    && a.row.state == "running"
+                a.app.mode == AppMode::Ephemeral
+                    && a.app.state == AppState::Running
                     && now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT
             })
-            .map(|a| a.row.app_id.clone())
+            .map(|a| a.app.app_id.clone())
             .collect();
         for app_id in dead {
             tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
@@ -129,7 +129,7 @@ impl ControlPlane {
     /// logs are in the store). True if the heap should be trimmed now.
     pub(crate) fn sweep(&self, st: &mut State, now: Instant) -> bool {
         let stopped: HashSet<String> =
-            st.apps.values().filter(|a| a.row.state == "stopped").map(|a| a.row.app_id.clone()).collect();
+            st.apps.values().filter(|a| a.app.stopped()).map(|a| a.app.app_id.clone()).collect();
         let app_stopped = |st: &State, fid: &str| {
             st.functions.get(fid).is_none_or(|f| !f.active && stopped.contains(&f.app_id))
         };
@@ -169,8 +169,8 @@ impl ControlPlane {
         // Stopped apps: their record and log ring, once the tail of the logs is stored.
         let busy: HashSet<&str> = st.containers.values().map(|c| c.app_id.as_str()).collect();
         let mut gone_apps = Vec::new();
-        for a in st.apps.values_mut().filter(|a| a.row.state == "stopped") {
-            if busy.contains(a.row.app_id.as_str()) {
+        for a in st.apps.values_mut().filter(|a| a.app.stopped()) {
+            if busy.contains(a.app.app_id.as_str()) {
                 a.stopped_idle_since = None;
                 continue;
             }
@@ -178,7 +178,7 @@ impl ControlPlane {
             let functions_left =
                 a.functions.values().any(|fid| !gone_fns.contains(fid) && st.functions.contains_key(fid));
             if !functions_left && retention::stopped_app_evictable(0, since, STOPPED_APP_LOG_KEEP, now) {
-                gone_apps.push(a.row.app_id.clone());
+                gone_apps.push(a.app.app_id.clone());
             }
         }
         let app_gone = !gone_apps.is_empty() || !gone_fns.is_empty();

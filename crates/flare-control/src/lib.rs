@@ -7,28 +7,31 @@
 
 pub mod api;
 mod apps;
+mod autoscale;
 mod calls;
+mod dispatch;
 mod events;
 pub mod grpc;
 mod jobs;
 mod logs;
 mod mounts;
 mod retention;
-mod schedule;
 pub mod scheduler;
 mod state;
 mod workers;
 
 use apps::*;
 use calls::*;
+use dispatch::*;
 use events::*;
 use jobs::*;
 use logs::*;
-use schedule::*;
 use state::*;
+
+pub use state::AppState;
 use workers::*;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -143,6 +146,10 @@ impl WorkerLink {
         }
     }
 }
+
+/// What [`ControlPlane::try_add_inputs`] answers: the first index and count of the
+/// inputs taken, or the inputs back with why there is no room yet.
+pub type Admitted = Result<(u64, u64), (Vec<Bytes>, NoRoom)>;
 
 /// Inputs a call could not take yet: the caller has not read enough outputs.
 pub struct NoRoom {

@@ -59,12 +59,12 @@ impl ControlPlane {
         app_id: &str,
         after: i64,
         limit: usize,
-    ) -> ApiResult<(Vec<LogRecord>, String, watch::Receiver<u64>)> {
+    ) -> ApiResult<(Vec<LogRecord>, AppState, watch::Receiver<u64>)> {
         let st = self.lock();
         let app = st.apps.get(app_id);
         let (state, rx, ring_start) = match app {
             Some(a) => (
-                a.row.state.clone(),
+                a.app.state,
                 a.log_notify.subscribe(),
                 a.logs.front().map(|l| l.seq as i64).unwrap_or(a.next_log_seq as i64),
             ),
@@ -73,7 +73,8 @@ impl ControlPlane {
                 let row = self.store().get_app(app_id).map_err(store_err)?;
                 let row = row.ok_or_else(|| ApiError::not_found(format!("app {app_id} not found")))?;
                 let logs = self.store().logs_after(app_id, after, limit).map_err(store_err)?;
-                return Ok((logs.into_iter().map(log_from_row).collect(), row.state, watch::channel(0).1));
+                let state = AppRecord::from_row(&row).state;
+                return Ok((logs.into_iter().map(log_from_row).collect(), state, watch::channel(0).1));
             }
         };
         if after + 1 >= ring_start {

@@ -309,3 +309,45 @@ async fn map_submitter_is_held_back_until_outputs_are_read() {
     assert!(no_room.room.has_changed().unwrap(), "the waiting submitter is woken");
     assert!(cp.try_add_inputs(&call_id, batch(2), false).unwrap().is_ok());
 }
+
+/// Eviction counts GPUs: an idle GPU container of another function stops so that a GPU
+/// request fits, and the ledger gives the GPU back when it exits.
+#[tokio::test]
+async fn idle_gpu_containers_make_room_for_gpu_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cp = ControlPlane::new(store, dir.path()).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut link = WorkerLink::local("w1", tx, 8000, 65536);
+    link.gpus.insert("H100".into(), 1);
+    cp.add_worker(link);
+    let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let gpu_def = |name: &str| {
+        let mut d = def(name);
+        d.config.gpu = vec![GpuRequest { kind: "H100".into(), count: 1 }];
+        d
+    };
+    let fns = cp.register_functions(&app.app_id, vec![gpu_def("f"), gpu_def("g")]).unwrap();
+    let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
+    cp.create_call(&f, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
+    });
+    assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
+    cp.create_call(&g, CallKind::Call, vec![Bytes::from_static(b"y")], false).unwrap();
+    let ToWorker::Stop { container_id, .. } = rx.recv().await.unwrap() else { panic!("expected a stop") };
+    assert_eq!(container_id, a.container_id);
+    cp.on_worker_event(FromWorker::Exited {
+        container_id,
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let ToWorker::Start(b) = rx.recv().await.unwrap() else { panic!("expected g to start") };
+    assert_eq!(b.function_id, g);
+    // The GPU went from f's container to g's: booked once.
+    assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
+    assert_eq!(cp.list_workers()[0].cpu_millis_used, 125);
+}

@@ -16,21 +16,20 @@ impl ControlPlane {
             worker = %link.id, session = %link.session, cpu_millis = link.cpu_millis,
             memory_mb = link.memory_mb, gpus = ?link.gpus, "worker registered"
         );
+        st.ledger.open(
+            &link.id,
+            Capacity { cpu_millis: link.cpu_millis, memory_mb: link.memory_mb, gpus: link.gpus.clone() },
+        );
         st.workers.push(WorkerRt {
             link,
-            cpu_used: 0,
-            mem_used: 0,
-            gpus_used: BTreeMap::new(),
             accepting: true,
             draining: false,
             images: Default::default(),
             last_seen: Instant::now(),
             joined_at: now_ts(),
         });
-        let ids: Vec<String> = st.functions.keys().cloned().collect();
-        for id in ids {
-            schedule(st, &id);
-        }
+        // New capacity: what waits for a worker may fit now.
+        schedule_dirty(st);
     }
 
     /// A heartbeat of a worker's session; `draining` stops new work from going there.
@@ -55,10 +54,11 @@ impl ControlPlane {
             for cid in idle {
                 stop_container(st, &cid, true);
             }
-            let fids: Vec<String> = st.functions.keys().cloned().collect();
-            for fid in fids {
-                schedule(st, &fid);
-            }
+            // Functions with containers there get theirs elsewhere.
+            st.dirty.extend(
+                st.containers.values().filter(|c| c.worker_id == worker_id).map(|c| c.function_id.clone()),
+            );
+            schedule_dirty(st);
         }
         true
     }
@@ -100,13 +100,13 @@ impl ControlPlane {
     pub(crate) fn worker_lost_locked(&self, st: &mut State, worker_id: &str, why: &str) {
         let Some(pos) = st.workers.iter().position(|w| w.link.id == worker_id) else { return };
         let w = st.workers.remove(pos);
+        st.ledger.close(worker_id);
         let cids: Vec<String> =
             st.containers.values().filter(|c| c.worker_id == worker_id).map(|c| c.id.clone()).collect();
         tracing::warn!(worker = %worker_id, containers = cids.len(), %why, "worker lost");
-        let mut fids = HashSet::new();
         for cid in cids {
             let Some(c) = st.containers.remove(&cid) else { continue };
-            fids.insert(c.function_id.clone());
+            st.mark_dirty(&c.function_id);
             if let Some(f) = st.functions.get_mut(&c.function_id) {
                 f.containers.remove(&cid);
             }
@@ -134,10 +134,7 @@ impl ControlPlane {
         }
         drop(w);
         self.inner.containers_changed.send_modify(|v| *v += 1);
-        let all: Vec<String> = st.functions.keys().cloned().collect();
-        for fid in all {
-            schedule(st, &fid);
-        }
+        schedule_dirty(st);
     }
 
     /// Ends every remote worker's session (control-plane shutdown): their streams close,
@@ -157,16 +154,17 @@ impl ControlPlane {
         let st = self.lock();
         st.workers
             .iter()
-            .map(|w| flare_api::WorkerInfo {
+            .map(|w| (w, st.ledger.used(&w.link.id)))
+            .map(|(w, used)| flare_api::WorkerInfo {
                 worker_id: w.link.id.clone(),
                 address: w.link.address.clone(),
                 state: if w.draining { "draining".into() } else { "ready".into() },
                 cpu_millis: w.link.cpu_millis,
-                cpu_millis_used: w.cpu_used,
+                cpu_millis_used: used.cpu_millis,
                 memory_mb: w.link.memory_mb,
-                memory_mb_used: w.mem_used,
+                memory_mb_used: used.memory_mb,
                 gpus: w.link.gpus.clone(),
-                gpus_used: w.gpus_used.clone(),
+                gpus_used: used.gpus,
                 containers: st.containers.values().filter(|c| c.worker_id == w.link.id).count() as u32,
                 joined_at: w.joined_at,
             })

@@ -1,12 +1,19 @@
-//! The live state of the control plane.
+//! The live state of the control plane: typed records of apps, functions, calls,
+//! containers and workers, and the [`ledger::Ledger`] of the resources containers hold.
+//! Everything here sits behind the control plane's one mutex.
+
+mod app;
+pub(crate) mod ledger;
+
+pub(crate) use app::AppRecord;
+pub use app::AppState;
+pub(crate) use ledger::{Capacity, Ledger, Reservation};
 
 use crate::*;
 
+/// A worker with a current session (its resources are in [`State::ledger`]).
 pub(crate) struct WorkerRt {
     pub(crate) link: WorkerLink,
-    pub(crate) cpu_used: u64,
-    pub(crate) mem_used: u64,
-    pub(crate) gpus_used: BTreeMap<String, u32>,
     pub(crate) accepting: bool,
     pub(crate) draining: bool,
     pub(crate) last_seen: Instant,
@@ -16,6 +23,7 @@ pub(crate) struct WorkerRt {
     pub(crate) images: scheduler::ImageSet,
 }
 
+/// An input waiting in a function's queue or running in a container.
 #[derive(Clone)]
 pub(crate) struct QueuedInput {
     pub(crate) input_id: String,
@@ -28,8 +36,9 @@ pub(crate) struct QueuedInput {
     pub(crate) platform_retries: u32,
 }
 
+/// An app in memory, with its functions by name and its log ring.
 pub(crate) struct AppRt {
-    pub(crate) row: AppRow,
+    pub(crate) app: AppRecord,
     pub(crate) functions: BTreeMap<String, String>,
     pub(crate) last_heartbeat: Instant,
     pub(crate) logs: VecDeque<LogRecord>,
@@ -41,6 +50,7 @@ pub(crate) struct AppRt {
     pub(crate) stopped_idle_since: Option<Instant>,
 }
 
+/// A function: its definition, queue, delayed retries and containers.
 pub(crate) struct FnRt {
     pub(crate) id: String,
     pub(crate) app_id: String,
@@ -84,9 +94,8 @@ pub(crate) struct ContainerRt {
     pub(crate) inflight: HashMap<String, QueuedInput>,
     pub(crate) started_at: Instant,
     pub(crate) idle_since: Instant,
-    pub(crate) cpu: u64,
-    pub(crate) mem: u64,
-    pub(crate) gpu: Option<flare_proto::GpuRequest>,
+    /// What it holds on its worker (booked in [`State::ledger`]).
+    pub(crate) reservation: Reservation,
     /// Inputs killed with this container because the user asked (cancel): no output for them.
     pub(crate) cancelled: HashSet<String>,
     /// Memory limit (MiB) and core cap the worker was told to apply.
@@ -138,9 +147,20 @@ pub(crate) struct State {
     pub(crate) calls: HashMap<String, CallRt>,
     pub(crate) containers: HashMap<String, ContainerRt>,
     pub(crate) workers: Vec<WorkerRt>,
+    /// Cpu, memory and GPUs of every worker and what its containers hold.
+    pub(crate) ledger: Ledger,
     pub(crate) config: ControlConfig,
     /// Outputs dropped (read by their caller, or their call left memory) since the heap
     /// was last trimmed.
     pub(crate) freed_outputs: u64,
     pub(crate) last_sweep: Option<Instant>,
+    /// Functions to schedule at the next [`crate::dispatch::schedule_dirty`].
+    pub(crate) dirty: BTreeSet<String>,
+}
+
+impl State {
+    /// Marks a function for scheduling once the current change is done.
+    pub(crate) fn mark_dirty(&mut self, fid: &str) {
+        self.dirty.insert(fid.to_string());
+    }
 }
