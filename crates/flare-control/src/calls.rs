@@ -101,12 +101,7 @@ impl ControlPlane {
     /// [`Self::add_inputs`] with back-pressure: a call whose caller reads its outputs takes
     /// inputs only while fewer than [`ControlConfig::call_window`] are unconsumed. Without
     /// room the inputs come back with a receiver that changes when there may be some.
-    pub fn try_add_inputs(
-        &self,
-        call_id: &str,
-        inputs: Vec<Bytes>,
-        more: bool,
-    ) -> ApiResult<Admitted> {
+    pub fn try_add_inputs(&self, call_id: &str, inputs: Vec<Bytes>, more: bool) -> ApiResult<Admitted> {
         let mut st = self.lock();
         let window = st.config.call_window;
         let call =

@@ -5,18 +5,19 @@
 //! for short, non-blocking sections. Workers are reached through channels carrying
 //! [`flare_proto::ToWorker`] messages and answer with [`flare_proto::FromWorker`].
 
-pub mod api;
 mod apps;
 mod autoscale;
 mod calls;
 mod dispatch;
 mod events;
 pub mod grpc;
+pub mod http;
 mod jobs;
 mod logs;
 mod mounts;
 mod retention;
 pub mod scheduler;
+pub mod services;
 mod state;
 mod workers;
 
@@ -29,6 +30,9 @@ use logs::*;
 use state::*;
 
 pub use state::AppState;
+
+/// The HTTP API under its earlier name.
+pub use http as api;
 use workers::*;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};

@@ -23,7 +23,7 @@ pub(crate) struct Harness {
     pub(crate) _dir: tempfile::TempDir,
 }
 
-async fn harness() -> Harness {
+pub(crate) async fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let cp = ControlPlane::new(store, dir.path()).unwrap();
