@@ -86,7 +86,7 @@ impl ControlPlane {
                         "the app of this call was stopped while the server was down",
                     ),
                 );
-                finish_input(&mut st, store, &qi, out);
+                finish_input(&mut st, self.persist(), &qi, out);
             }
         }
         if requeued > 0 {
@@ -95,7 +95,16 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Creates an app, or deploys a new version of the deployed app of that name (false:
+    /// it existed). The app is in the store when this returns.
     pub fn create_app(&self, name: &str, mode: AppMode) -> ApiResult<(AppRow, bool)> {
+        let (created, ticket) = self.create_app_queued(name, mode)?;
+        ticket.wait_blocking()?;
+        Ok(created)
+    }
+
+    /// [`Self::create_app`] with the ticket of its commit, not waited for.
+    pub(crate) fn create_app_queued(&self, name: &str, mode: AppMode) -> ApiResult<((AppRow, bool), Ticket)> {
         let mut st = self.lock();
         if mode == AppMode::Deployed {
             let existing =
@@ -105,8 +114,8 @@ impl ControlPlane {
                 app.app.version += 1;
                 app.app.state = AppState::Deployed;
                 let row = app.app.to_row();
-                self.store().put_app(&row).map_err(store_err)?;
-                return Ok((row, false));
+                self.persist().write(Write::App(row.clone()));
+                return Ok(((row, false), self.persist().ticket()));
             }
         }
         let app = AppRecord {
@@ -118,7 +127,7 @@ impl ControlPlane {
             created_at: now_ts(),
         };
         let row = app.to_row();
-        self.store().put_app(&row).map_err(store_err)?;
+        self.persist().write(Write::App(row.clone()));
         st.apps.insert(
             app.app_id.clone(),
             AppRt {
@@ -132,7 +141,7 @@ impl ControlPlane {
                 stopped_idle_since: None,
             },
         );
-        Ok((row, true))
+        Ok(((row, true), self.persist().ticket()))
     }
 
     pub fn heartbeat(&self, app_id: &str) -> ApiResult<()> {
@@ -155,11 +164,24 @@ impl ControlPlane {
         Ok(app)
     }
 
+    /// Registers (or re-registers, bumping their versions) an app's functions; they are in
+    /// the store when this returns. Answers each function's name and id.
     pub fn register_functions(
         &self,
         app_id: &str,
-        mut defs: Vec<FunctionDef>,
+        defs: Vec<FunctionDef>,
     ) -> ApiResult<Vec<(String, String)>> {
+        let (out, ticket) = self.register_functions_queued(app_id, defs)?;
+        ticket.wait_blocking()?;
+        Ok(out)
+    }
+
+    /// [`Self::register_functions`] with the ticket of its commit, not waited for.
+    pub(crate) fn register_functions_queued(
+        &self,
+        app_id: &str,
+        mut defs: Vec<FunctionDef>,
+    ) -> ApiResult<(Vec<(String, String)>, Ticket)> {
         for d in &mut defs {
             d.image = match &d.image_id {
                 None => None,
@@ -191,7 +213,7 @@ impl ControlPlane {
                 def: def.clone(),
                 created_at: now_ts(),
             };
-            self.store().put_function(&row).map_err(store_err)?;
+            self.persist().write(Write::Function(Box::new(row)));
             match st.functions.get_mut(&fid) {
                 Some(f) => {
                     f.def = def.clone();
@@ -226,10 +248,19 @@ impl ControlPlane {
             schedule(st, &fid);
             out.push((def.name, fid));
         }
-        Ok(out)
+        Ok((out, self.persist().ticket()))
     }
 
+    /// Stops an app (stored as stopped when this returns); the receiver changes as
+    /// containers exit.
     pub fn stop_app(&self, app_id: &str) -> ApiResult<watch::Receiver<u64>> {
+        let (rx, ticket) = self.stop_app_queued(app_id)?;
+        ticket.wait_blocking()?;
+        Ok(rx)
+    }
+
+    /// [`Self::stop_app`] with the ticket of its commit, not waited for.
+    pub(crate) fn stop_app_queued(&self, app_id: &str) -> ApiResult<(watch::Receiver<u64>, Ticket)> {
         let mut st = self.lock();
         let st = &mut *st;
         if !st.apps.contains_key(app_id) {
@@ -237,7 +268,7 @@ impl ControlPlane {
         }
         let rx = self.inner.containers_changed.subscribe();
         self.stop_app_locked(st, app_id);
-        Ok(rx)
+        Ok((rx, self.persist().ticket()))
     }
 
     /// Containers of an app that have not exited yet.
@@ -248,7 +279,8 @@ impl ControlPlane {
     pub(crate) fn stop_app_locked(&self, st: &mut State, app_id: &str) {
         let Some(app) = st.apps.get_mut(app_id) else { return };
         app.app.state = AppState::Stopped;
-        let _ = self.store().set_app_state(app_id, AppState::Stopped.as_str());
+        self.persist()
+            .write(Write::AppState { app_id: app_id.to_string(), state: AppState::Stopped.as_str().into() });
         let fids: Vec<String> = app.functions.values().cloned().collect();
         let exc = ExceptionInfo::new("flare.exception.ExecutionError", "the app was stopped");
         for fid in &fids {
@@ -259,7 +291,7 @@ impl ControlPlane {
             for c in st.calls.values().filter(|c| c.function_id == *fid) {
                 c.room.send_modify(|v| *v += 1);
             }
-            fail_queue(st, self.store(), fid, OutputStatus::Terminated, &exc);
+            fail_queue(st, self.persist(), fid, OutputStatus::Terminated, &exc);
             let cids: Vec<String> =
                 st.functions.get(fid).map(|f| f.containers.iter().cloned().collect()).unwrap_or_default();
             for cid in cids {
@@ -269,7 +301,7 @@ impl ControlPlane {
                     c.cancelled.extend(inflight.iter().map(|q| q.input_id.clone()));
                     for qi in inflight {
                         let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
-                        finish_input(st, self.store(), &qi, out);
+                        finish_input(st, self.persist(), &qi, out);
                     }
                 }
                 stop_container(st, &cid, false);
@@ -377,8 +409,8 @@ impl ControlPlane {
 
     /// Changes a function's autoscaler settings at run time.
     pub fn update_autoscaler(&self, fid: &str, u: flare_api::UpdateAutoscaler) -> ApiResult<()> {
-        let mut st = self.lock();
-        let st = &mut *st;
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let f = st
             .functions
             .get_mut(fid)
@@ -412,9 +444,11 @@ impl ControlPlane {
             def: f.def.clone(),
             created_at: now_ts(),
         };
-        self.store().put_function(&row).map_err(store_err)?;
+        self.persist().write(Write::Function(Box::new(row)));
         schedule(st, fid);
-        Ok(())
+        let ticket = self.persist().ticket();
+        drop(guard);
+        ticket.wait_blocking()
     }
 
     /// Whether `caller` may look up, inspect or call a function (see [`check_function_access`]).

@@ -2,6 +2,9 @@
 
 use crate::*;
 
+/// A call just created: its id and a receiver of its output count.
+pub(crate) type NewCall = (String, watch::Receiver<u64>);
+
 impl ControlPlane {
     /// Creates a call with its first inputs; returns the call id and a receiver of output counts.
     pub fn create_call(
@@ -15,7 +18,8 @@ impl ControlPlane {
     }
 
     /// [`Self::create_call`] on behalf of `caller`: a container may call functions of its
-    /// own app and of deployed apps; the call remembers the caller's app.
+    /// own app and of deployed apps; the call remembers the caller's app. A spawned call is
+    /// in the store when this returns.
     pub fn create_call_by(
         &self,
         caller: &Caller,
@@ -24,6 +28,23 @@ impl ControlPlane {
         inputs: Vec<Bytes>,
         more: bool,
     ) -> ApiResult<(String, watch::Receiver<u64>)> {
+        let ((call_id, rx), ticket) = self.create_call_queued(caller, fid, kind, inputs, more)?;
+        if let Some(t) = ticket {
+            t.wait_blocking()?;
+        }
+        Ok((call_id, rx))
+    }
+
+    /// [`Self::create_call_by`] without waiting: a spawned call comes with the ticket of
+    /// its commit.
+    pub(crate) fn create_call_queued(
+        &self,
+        caller: &Caller,
+        fid: &str,
+        kind: CallKind,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<(NewCall, Option<Ticket>)> {
         let mut st = self.lock();
         let st = &mut *st;
         check_function_access(st, caller, fid)?;
@@ -56,16 +77,14 @@ impl ControlPlane {
         let persisted = kind == CallKind::Spawn;
         let created_at = now_ts();
         if persisted {
-            self.store()
-                .put_call(&CallRow {
-                    call_id: call_id.clone(),
-                    function_id: fid.to_string(),
-                    kind: kind.as_str().into(),
-                    num_inputs: inputs.len() as u64,
-                    created_at,
-                    caller_app_id: caller_app.clone(),
-                })
-                .map_err(store_err)?;
+            self.persist().write(Write::Call(CallRow {
+                call_id: call_id.clone(),
+                function_id: fid.to_string(),
+                kind: kind.as_str().into(),
+                num_inputs: inputs.len() as u64,
+                created_at,
+                caller_app_id: caller_app.clone(),
+            }));
         }
         let (tx, rx) = watch::channel(0);
         st.calls.insert(
@@ -90,18 +109,46 @@ impl ControlPlane {
             },
         );
         self.add_inputs_locked(st, &call_id, inputs, more)?;
-        Ok((call_id, rx))
+        let ticket = persisted.then(|| self.persist().ticket());
+        Ok(((call_id, rx), ticket))
     }
 
+    /// Adds inputs to a call; a spawned call's are in the store when this returns.
     pub fn add_inputs(&self, call_id: &str, inputs: Vec<Bytes>, more: bool) -> ApiResult<(u64, u64)> {
-        let mut st = self.lock();
-        self.add_inputs_locked(&mut st, call_id, inputs, more)
+        let (added, ticket) = {
+            let mut st = self.lock();
+            let added = self.add_inputs_locked(&mut st, call_id, inputs, more)?;
+            (added, self.ticket_if_persisted(&st, call_id))
+        };
+        if let Some(t) = ticket {
+            t.wait_blocking()?;
+        }
+        Ok(added)
+    }
+
+    /// A ticket for the writes queued so far if `call_id` is persisted (spawned).
+    fn ticket_if_persisted(&self, st: &State, call_id: &str) -> Option<Ticket> {
+        st.calls.get(call_id).is_some_and(|c| c.persisted).then(|| self.persist().ticket())
     }
 
     /// [`Self::add_inputs`] with back-pressure: a call whose caller reads its outputs takes
     /// inputs only while fewer than [`ControlConfig::call_window`] are unconsumed. Without
     /// room the inputs come back with a receiver that changes when there may be some.
     pub fn try_add_inputs(&self, call_id: &str, inputs: Vec<Bytes>, more: bool) -> ApiResult<Admitted> {
+        let (admitted, ticket) = self.try_add_inputs_queued(call_id, inputs, more)?;
+        if let Some(t) = ticket {
+            t.wait_blocking()?;
+        }
+        Ok(admitted)
+    }
+
+    /// [`Self::try_add_inputs`] without waiting for the commit of a spawned call's inputs.
+    pub(crate) fn try_add_inputs_queued(
+        &self,
+        call_id: &str,
+        inputs: Vec<Bytes>,
+        more: bool,
+    ) -> ApiResult<(Admitted, Option<Ticket>)> {
         let mut st = self.lock();
         let window = st.config.call_window;
         let call =
@@ -110,9 +157,10 @@ impl ControlPlane {
         let accepting = call.more || call.num_inputs == 0;
         if accepting && !retention::has_room(call.read_by_caller, unconsumed, inputs.len() as u64, window) {
             let room = call.room.subscribe();
-            return Ok(Err((inputs, NoRoom { room, unconsumed, window })));
+            return Ok((Err((inputs, NoRoom { room, unconsumed, window })), None));
         }
-        self.add_inputs_locked(&mut st, call_id, inputs, more).map(Ok)
+        let added = self.add_inputs_locked(&mut st, call_id, inputs, more)?;
+        Ok((Ok(added), self.ticket_if_persisted(&st, call_id)))
     }
 
     pub(crate) fn add_inputs_locked(
@@ -155,16 +203,14 @@ impl ControlPlane {
         }
         if persisted {
             for qi in &qis {
-                self.store()
-                    .put_input(&PendingInputRow {
-                        call_id: qi.call_id.clone(),
-                        function_id: fid.clone(),
-                        idx: qi.idx,
-                        input_id: qi.input_id.clone(),
-                        args: qi.args.to_vec(),
-                        retry_count: 0,
-                    })
-                    .map_err(store_err)?;
+                self.persist().write(Write::Input(PendingInputRow {
+                    call_id: qi.call_id.clone(),
+                    function_id: fid.clone(),
+                    idx: qi.idx,
+                    input_id: qi.input_id.clone(),
+                    args: qi.args.to_vec(),
+                    retry_count: 0,
+                }));
             }
         }
         let notify_done = call.done();
@@ -338,7 +384,7 @@ impl ControlPlane {
         }
         for qi in cancelled {
             let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
-            finish_input(st, self.store(), &qi, out);
+            finish_input(st, self.persist(), &qi, out);
         }
         kill.dedup();
         for cid in kill {
@@ -402,7 +448,7 @@ pub(crate) fn call_from_row(row: &CallRow, outputs: Vec<Output>, final_count: u6
 /// Appends an output to its call's log (and to the store for persisted calls).
 pub(crate) fn append_output(
     st: &mut State,
-    store: &dyn Store,
+    persist: &Persist,
     call_id: &str,
     mut out: Output,
     final_output: bool,
@@ -423,32 +469,28 @@ pub(crate) fn append_output(
             exception: out.exception.clone(),
             retry_count: out.retry_count,
         };
-        if let Err(e) = store.put_output(call_id, &row, final_output) {
-            tracing::error!(error = %e, call = call_id, "could not persist output");
-        }
+        persist.write(Write::Output { call_id: call_id.to_string(), row, final_output });
     }
     call.outputs.push(out);
     if final_output {
         call.final_count += 1;
         if call.persisted && call.done() {
             // The retention period of its results starts now.
-            if let Err(e) = store.set_call_done(call_id, now_ts()) {
-                tracing::error!(error = %e, call = call_id, "could not mark call done");
-            }
+            persist.write(Write::CallDone { call_id: call_id.to_string(), done_at: now_ts() });
         }
     }
     let n = call.outputs.total();
     call.notify.send_replace(n);
 }
 
-pub(crate) fn finish_input(st: &mut State, store: &dyn Store, qi: &QueuedInput, out: Output) {
-    append_output(st, store, &qi.call_id, out, true);
+pub(crate) fn finish_input(st: &mut State, persist: &Persist, qi: &QueuedInput, out: Output) {
+    append_output(st, persist, &qi.call_id, out, true);
 }
 
 /// Fails every queued input of a function (init failures, app stop).
 pub(crate) fn fail_queue(
     st: &mut State,
-    store: &dyn Store,
+    persist: &Persist,
     fid: &str,
     status: OutputStatus,
     exc: &ExceptionInfo,
@@ -458,6 +500,6 @@ pub(crate) fn fail_queue(
     all.extend(f.delayed.drain(..).map(|(_, q)| q));
     for qi in all {
         let out = platform_output(&qi, status, exc.clone());
-        finish_input(st, store, &qi, out);
+        finish_input(st, persist, &qi, out);
     }
 }

@@ -54,7 +54,7 @@ impl ControlPlane {
                         exception.type_name, exception.message, exception.traceback
                     ),
                 );
-                fail_queue(st, self.store(), &fid, OutputStatus::InitFailure, &exception);
+                fail_queue(st, self.persist(), &fid, OutputStatus::InitFailure, &exception);
             }
             FromWorker::Outputs { container_id, outputs } => {
                 self.on_outputs(st, &container_id, outputs);
@@ -126,7 +126,7 @@ impl ControlPlane {
                 exception: o.exception,
                 retry_count: qi.retry_count,
             };
-            append_output(st, self.store(), &qi.call_id, out, false);
+            append_output(st, self.persist(), &qi.call_id, out, false);
         }
         for (qi, o) in finals {
             let too_large =
@@ -144,7 +144,7 @@ impl ControlPlane {
                 exception: o.exception,
                 retry_count: qi.retry_count,
             };
-            finish_input(st, self.store(), &qi, out);
+            finish_input(st, self.persist(), &qi, out);
         }
         schedule(st, &fid);
     }
@@ -207,7 +207,7 @@ impl ControlPlane {
                 }
             });
             let exc = ExceptionInfo::new("flare.exception.ExecutionError", msg);
-            fail_queue(st, self.store(), &fid, OutputStatus::InitFailure, &exc);
+            fail_queue(st, self.persist(), &fid, OutputStatus::InitFailure, &exc);
         }
         for (input_id, qi) in c.inflight {
             if c.cancelled.contains(&input_id) {
@@ -259,7 +259,7 @@ impl ControlPlane {
                 continue;
             }
             let out = platform_output(&qi, status, exc);
-            finish_input(st, self.store(), &qi, out);
+            finish_input(st, self.persist(), &qi, out);
         }
         schedule(st, &fid);
         // The freed capacity may be what another function's backlog is waiting for.

@@ -15,6 +15,7 @@ pub mod http;
 mod jobs;
 mod logs;
 mod mounts;
+mod persist;
 mod retention;
 pub mod scheduler;
 pub mod services;
@@ -27,6 +28,7 @@ use dispatch::*;
 use events::*;
 use jobs::*;
 use logs::*;
+use persist::{Persist, Ticket};
 use state::*;
 
 pub use state::AppState;
@@ -46,7 +48,7 @@ use flare_proto::{
     ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, FunctionDef, GenMark, InputMsg, LogStream,
     OutputMsg, OutputStatus, ToWorker, B64,
 };
-use flare_store::{AppRow, CallRow, FunctionRow, LogRow, OutputRow, PendingInputRow, Store};
+use flare_store::{AppRow, CallRow, FunctionRow, LogRow, OutputRow, PendingInputRow, Store, Write};
 use tokio::sync::{mpsc, watch};
 
 /// A remote worker with no heartbeat for this long is treated as dead.
@@ -166,6 +168,8 @@ pub struct NoRoom {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// The store's writes, committed in groups off the state lock.
+    persist: Persist,
     home: PathBuf,
     state: Mutex<State>,
     server_id: String,
@@ -216,8 +220,10 @@ impl ControlPlane {
         let (log_tx, log_rx) = mpsc::unbounded_channel();
         let (containers_changed, _) = watch::channel(0);
         let body_budget_kib = (config.body_budget_bytes / 1024).clamp(1, u32::MAX as usize >> 1) as u32;
+        let persist = Persist::start(store.clone()).map_err(ControlError::Writer)?;
         let inner = Arc::new(Inner {
             store,
+            persist,
             home: home.to_path_buf(),
             state: Mutex::new(State { config: config.clone(), ..State::default() }),
             server_id: new_id("srv"),
@@ -286,6 +292,24 @@ impl ControlPlane {
         &*self.inner.store
     }
 
+    pub(crate) fn persist(&self) -> &Persist {
+        &self.inner.persist
+    }
+
+    /// Waits until every store write queued so far is committed (at shutdown, so that the
+    /// last outputs are not lost).
+    pub async fn flush(&self) {
+        if let Err(e) = self.persist().ticket().wait().await {
+            tracing::error!(error = %e.message, "store writes lost at shutdown");
+        }
+        let stats = self.persist().stats();
+        tracing::info!(
+            batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed),
+            writes = stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+            "store writes committed"
+        );
+    }
+
     pub fn mounts_dir(&self) -> PathBuf {
         self.inner.home.join("mounts")
     }
@@ -302,6 +326,8 @@ pub enum AppRef<'a> {
 pub enum ControlError {
     #[error("loading state: {0}")]
     Store(#[from] flare_store::StoreError),
+    #[error("starting the store writer: {0}")]
+    Writer(std::io::Error),
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ impl ControlPlane {
                         ),
                     );
                     let out = platform_output(&qi, OutputStatus::InternalFailure, exc);
-                    finish_input(st, self.store(), &qi, out);
+                    finish_input(st, self.persist(), &qi, out);
                 }
             }
         }

@@ -24,7 +24,8 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 async fn create_app(State(cp): State<ControlPlane>, Valid(req): Valid<CreateApp>) -> R<AppCreated> {
-    let (row, _) = cp.create_app(&req.name, req.mode)?;
+    let ((row, _), ticket) = cp.create_app_queued(&req.name, req.mode)?;
+    ticket.wait().await?;
     Ok(Json(AppCreated { app_id: row.app_id, name: row.name, mode: req.mode, version: row.version }))
 }
 
@@ -42,7 +43,8 @@ async fn heartbeat(State(cp): State<ControlPlane>, Path(app_id): Path<String>) -
 }
 
 async fn stop_app(State(cp): State<ControlPlane>, Path(app_id): Path<String>) -> R<Empty> {
-    let mut rx = cp.stop_app(&app_id)?;
+    let (mut rx, ticket) = cp.stop_app_queued(&app_id)?;
+    ticket.wait().await?;
     // Wait for the app's containers to exit, so their last logs are stored.
     let deadline = Instant::now() + Duration::from_secs(15);
     while cp.app_containers(&app_id) > 0 {

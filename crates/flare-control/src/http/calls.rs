@@ -52,7 +52,10 @@ async fn create_call(
     Valid(req): Valid<CreateCall>,
 ) -> R<CallCreated> {
     let inputs = req.inputs.into_iter().map(|i| i.args.0).collect();
-    let (call_id, _rx) = cp.create_call_by(&caller(who), &fid, req.kind, inputs, req.more)?;
+    let ((call_id, _rx), ticket) = cp.create_call_queued(&caller(who), &fid, req.kind, inputs, req.more)?;
+    if let Some(t) = ticket {
+        t.wait().await?;
+    }
     let (outputs, done) = if req.wait_ms > 0 {
         wait_outputs(&cp, &call_id, -1, Duration::from_millis(req.wait_ms), 10_000).await?
     } else {
@@ -74,7 +77,11 @@ async fn add_inputs(
     // (at most BACKPRESSURE_WAIT, then the client is told to send them again).
     let deadline = Instant::now() + crate::BACKPRESSURE_WAIT;
     loop {
-        match cp.try_add_inputs(&call_id, inputs, req.more)? {
+        let (admitted, ticket) = cp.try_add_inputs_queued(&call_id, inputs, req.more)?;
+        if let Some(t) = ticket {
+            t.wait().await?;
+        }
+        match admitted {
             Ok((first_idx, count)) => return Ok(Json(InputsAdded { first_idx, count })),
             Err((back, mut no_room)) => {
                 inputs = back;

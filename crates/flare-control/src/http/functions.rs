@@ -24,7 +24,8 @@ async fn register_functions(
     Path(app_id): Path<String>,
     Valid(req): Valid<RegisterFunctions>,
 ) -> R<FunctionsRegistered> {
-    let done = cp.register_functions(&app_id, req.functions)?;
+    let (done, ticket) = cp.register_functions_queued(&app_id, req.functions)?;
+    ticket.wait().await?;
     Ok(Json(FunctionsRegistered {
         functions: done.into_iter().map(|(name, function_id)| FunctionRef { name, function_id }).collect(),
     }))
