@@ -115,8 +115,10 @@ pub(crate) fn autoscale(st: &mut State, fid: &str) {
         };
         let w = &mut st.workers[placement.worker];
         if w.link.tx.send(ToWorker::Start(assignment)).is_err() {
+            // The worker is going away; the next round places elsewhere.
             w.accepting = false;
             views[placement.worker].accepting = false;
+            st.dirty.insert(fid.to_string());
             continue;
         }
         let reservation = Reservation::of(&req, placement.gpu.clone());

@@ -1,11 +1,7 @@
-//! Worker events become state transitions.
+//! Worker events become state transitions (the decisions on faults are `faults.rs`'s).
 
+use crate::faults::{self, InputFate, StartFault};
 use crate::*;
-
-/// Containers of a function that may fail to start in a row before its queue fails.
-pub(crate) const START_FAILURE_LIMIT: u32 = 3;
-/// Inputs a platform fault may re-run before the input fails, beyond the user's retries.
-pub(crate) const PLATFORM_RETRIES: u32 = 3;
 
 impl ControlPlane {
     /// Feeds worker events into the state; run this on the worker's event stream.
@@ -152,16 +148,14 @@ impl ControlPlane {
     /// Re-queues a failed input if the function's retry policy allows; true if it did.
     pub(crate) fn maybe_retry(&self, st: &mut State, fid: &str, qi: &QueuedInput) -> bool {
         let Some(f) = st.functions.get_mut(fid) else { return false };
-        let Some(policy) = f.def.config.retries.clone() else { return false };
-        if qi.retry_count >= policy.max_retries || !f.active {
-            return false;
-        }
         if !st.calls.contains_key(&qi.call_id) {
             return false;
         }
+        let Some(delay) = faults::retry_delay(f.def.config.retries.as_ref(), qi.retry_count, f.active) else {
+            return false;
+        };
         let mut next = qi.clone();
         next.retry_count += 1;
-        let delay = Duration::from_secs_f64(policy.delay(next.retry_count));
         tracing::info!(input = %qi.input_id, retry = next.retry_count, delay_ms = delay.as_millis() as u64, "retrying input");
         f.delayed.push((Instant::now() + delay, next));
         true
@@ -178,88 +172,34 @@ impl ControlPlane {
             f.containers.remove(container_id);
         }
         tracing::debug!(container = %container_id, ?report, "container exited");
-        let limit_text = report
-            .memory_limit
-            .map(|b| format!("{} MiB", b / (1024 * 1024)))
-            .unwrap_or_else(|| "the machine's memory".into());
-        // A container that dies before it is ready (without reporting an import error,
-        // which fails the queue at once) may have hit a passing platform fault: the
-        // function gets a few more tries, then its queue fails, so nothing loops.
-        let start_failures = if c.state == CState::Starting && !report.requested {
-            st.functions.get_mut(&fid).map(|f| {
-                f.start_failures += 1;
-                f.start_failures
-            })
-        } else {
-            None
-        };
-        if let Some(n) = start_failures.filter(|n| *n < START_FAILURE_LIMIT && !report.oom_killed) {
-            tracing::warn!(container = %container_id, failures = n, error = ?report.start_error, "container failed to start; trying again");
-        } else if start_failures.is_some() {
-            if let Some(f) = st.functions.get_mut(&fid) {
-                f.start_failures = 0;
-            }
-            let msg = report.start_error.clone().unwrap_or_else(|| {
-                if report.oom_killed {
-                    format!("container ran out of memory (OOM) while starting: limit {limit_text}")
-                } else {
-                    format!("container exited before it was ready ({})", describe_exit(&report))
-                }
-            });
-            let exc = ExceptionInfo::new("flare.exception.ExecutionError", msg);
-            fail_queue(st, self.persist(), &fid, OutputStatus::InitFailure, &exc);
+        let failures = st.functions.get(&fid).map_or(0, |f| f.start_failures);
+        let (failures, fault) = faults::start_fault(c.state == CState::Starting, &report, failures);
+        if let Some(f) = st.functions.get_mut(&fid) {
+            f.start_failures = failures;
         }
+        match fault {
+            StartFault::None => {}
+            StartFault::TryAgain(n) => {
+                tracing::warn!(container = %container_id, failures = n, error = ?report.start_error, "container failed to start; trying again");
+            }
+            StartFault::FailQueue(exc) => {
+                fail_queue(st, self.persist(), &fid, OutputStatus::InitFailure, &exc);
+            }
+        }
+        let timeout = st.functions.get(&fid).map_or(0, |f| f.def.config.timeout);
         for (input_id, qi) in c.inflight {
             if c.cancelled.contains(&input_id) {
                 continue;
             }
-            let (status, exc) = if report.timed_out_input.as_deref() == Some(input_id.as_str()) {
-                let t = st.functions.get(&fid).map(|f| f.def.config.timeout).unwrap_or(0);
-                (
-                    OutputStatus::Timeout,
-                    ExceptionInfo::new(
-                        "flare.exception.FunctionTimeoutError",
-                        format!("function timed out after {t} s (timeout={t}); its container was stopped"),
-                    ),
-                )
-            } else if report.timed_out_input.is_some() || (report.requested && !report.oom_killed) {
-                // Killed along with another input, or by a scale-down race: run again.
-                if qi.platform_retries < PLATFORM_RETRIES {
-                    let mut again = qi;
-                    again.platform_retries += 1;
-                    if let Some(f) = st.functions.get_mut(&fid) {
-                        f.queue.push_front(again);
+            match faults::exited_input_fate(&input_id, qi.platform_retries, &report, timeout) {
+                InputFate::Rerun => requeue_front(st, &fid, qi),
+                InputFate::Fail(status, exc) => {
+                    if !self.maybe_retry(st, &fid, &qi) {
+                        let out = platform_output(&qi, status, exc);
+                        finish_input(st, self.persist(), &qi, out);
                     }
-                    continue;
                 }
-                (
-                    OutputStatus::Terminated,
-                    ExceptionInfo::new("flare.exception.ExecutionError", "the container was stopped"),
-                )
-            } else if report.oom_killed {
-                (
-                    OutputStatus::Terminated,
-                    ExceptionInfo::new(
-                        "flare.exception.OutOfMemoryError",
-                        format!(
-                            "container was OOM-killed: out of memory (memory limit {limit_text}); raise memory= on the function"
-                        ),
-                    ),
-                )
-            } else {
-                (
-                    OutputStatus::Terminated,
-                    ExceptionInfo::new(
-                        "flare.exception.ExecutionError",
-                        format!("the container running this input died ({})", describe_exit(&report)),
-                    ),
-                )
-            };
-            if self.maybe_retry(st, &fid, &qi) {
-                continue;
             }
-            let out = platform_output(&qi, status, exc);
-            finish_input(st, self.persist(), &qi, out);
         }
         schedule(st, &fid);
         // The freed capacity may be what another function's backlog is waiting for.
@@ -268,6 +208,15 @@ impl ControlPlane {
     }
 }
 
+/// Puts an input back at the front of its function's queue as a platform re-run.
+pub(crate) fn requeue_front(st: &mut State, fid: &str, mut qi: QueuedInput) {
+    qi.platform_retries += 1;
+    if let Some(f) = st.functions.get_mut(fid) {
+        f.queue.push_front(qi);
+    }
+}
+
+/// An exit status as text.
 pub(crate) fn describe_exit(r: &ExitReport) -> String {
     match (r.code, r.signal) {
         (_, Some(sig)) => format!("killed by signal {sig}"),

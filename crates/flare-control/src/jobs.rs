@@ -1,4 +1,5 @@
-//! Periodic jobs.
+//! Periodic jobs: each a named function with its own period (see [`JOBS`]), instead of one
+//! tick doing everything; and the store's own jobs (expiry of spawned calls and of logs).
 
 use crate::*;
 
@@ -16,111 +17,63 @@ pub(crate) const STOPPED_APP_LOG_KEEP: Duration = Duration::from_secs(60);
 /// How often old logs are deleted from the store.
 pub(crate) const LOG_EXPIRY_EVERY: Duration = Duration::from_secs(60);
 
+/// A named periodic job over the state: each runs on its own period, under the state lock
+/// for one short section.
+pub(crate) struct Job {
+    pub(crate) name: &'static str,
+    pub(crate) every: Duration,
+    pub(crate) run: fn(&ControlPlane, &mut State, Instant),
+}
+
+/// The jobs over the state, in the order [`ControlPlane::tick`] runs them. Store-only jobs
+/// (call and log expiry, log size) run on the store's side: see [`spawn`].
+pub(crate) const JOBS: &[Job] = &[
+    Job { name: "retries_due", every: Duration::from_millis(100), run: retries_due },
+    Job { name: "scale_down", every: Duration::from_millis(100), run: scale_down },
+    Job { name: "worker_heartbeats", every: Duration::from_millis(100), run: worker_heartbeats },
+    Job { name: "drain_idle", every: Duration::from_millis(100), run: drain_idle },
+    Job { name: "app_heartbeats", every: Duration::from_secs(1), run: app_heartbeats },
+    Job { name: "dropped_log_notes", every: Duration::from_millis(100), run: dropped_log_notes },
+    Job { name: "sweep", every: SWEEP_EVERY, run: sweep },
+    Job { name: "reschedule", every: Duration::from_millis(100), run: reschedule },
+];
+
+/// Starts every job: one task each for the state jobs, and the store's own jobs.
+pub(crate) fn spawn(cp: &ControlPlane, config: &ControlConfig) {
+    for job in JOBS {
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(job.every);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                let started = Instant::now();
+                let mut st = cp.lock();
+                (job.run)(&cp, &mut st, Instant::now());
+                drop(st);
+                let took = started.elapsed();
+                if took > SLOW_JOB {
+                    tracing::warn!(job = job.name, ms = took.as_millis() as u64, "slow periodic job");
+                }
+            }
+        });
+    }
+    tokio::spawn(call_expiry(cp.inner.store.clone(), config.call_retention));
+    tokio::spawn(log_expiry(cp.inner.store.clone(), config.clone()));
+}
+
+/// A state job that takes longer than this (the lock held, or waited for) is logged.
+const SLOW_JOB: Duration = Duration::from_millis(100);
+
 impl ControlPlane {
-    /// Periodic work: delayed retries, heartbeats, scale-down, warm floors, call eviction.
+    /// Runs every state job once, now (what the periodic tasks do, on demand).
+    #[cfg(test)]
     pub(crate) fn tick(&self) {
         let mut st = self.lock();
-        let st = &mut *st;
         let now = Instant::now();
-        let fids: Vec<String> = st.functions.keys().cloned().collect();
-        for fid in &fids {
-            let f = st.functions.get_mut(fid).expect("listed");
-            if !f.delayed.is_empty() {
-                let (due, later): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut f.delayed).into_iter().partition(|(t, _)| *t <= now);
-                f.delayed = later;
-                for (_, qi) in due {
-                    f.queue.push_back(qi);
-                }
-            }
-            // Scale down idle containers above the floor.
-            let min = f.def.config.min_containers as usize;
-            let window = Duration::from_secs(f.def.config.scaledown_window);
-            let idle: Vec<String> = f
-                .containers
-                .iter()
-                .filter(|id| {
-                    st.containers.get(*id).is_some_and(|c| {
-                        c.state == CState::Ready
-                            && c.inflight.is_empty()
-                            && now.duration_since(c.idle_since) >= window
-                    })
-                })
-                .cloned()
-                .collect();
-            let live = f
-                .containers
-                .iter()
-                .filter(|id| st.containers.get(*id).is_some_and(|c| c.state != CState::Stopping))
-                .count();
-            let excess = if f.active { live.saturating_sub(min) } else { live };
-            for id in idle.into_iter().take(excess) {
-                stop_container(st, &id, true);
-            }
-            schedule(st, fid);
-        }
-        // Remote workers that stopped heartbeating are gone (a cut-off network looks like this).
-        let silent: Vec<String> = st
-            .workers
-            .iter()
-            .filter(|w| w.link.remote && now.duration_since(w.last_seen) > WORKER_TIMEOUT)
-            .map(|w| w.link.id.clone())
-            .collect();
-        for wid in silent {
-            self.worker_lost_locked(st, &wid, &format!("no heartbeat for {} s", WORKER_TIMEOUT.as_secs()));
-        }
-        // Draining workers: containers stop as soon as they are idle.
-        let draining: Vec<String> =
-            st.workers.iter().filter(|w| w.draining).map(|w| w.link.id.clone()).collect();
-        if !draining.is_empty() {
-            let idle: Vec<String> = st
-                .containers
-                .values()
-                .filter(|c| {
-                    draining.contains(&c.worker_id) && c.inflight.is_empty() && c.state != CState::Stopping
-                })
-                .map(|c| c.id.clone())
-                .collect();
-            for cid in idle {
-                stop_container(st, &cid, true);
-            }
-        }
-        // Ephemeral apps whose client went away.
-        let dead: Vec<String> = st
-            .apps
-            .values()
-            .filter(|a| {
-                a.app.mode == AppMode::Ephemeral
-                    && a.app.state == AppState::Running
-                    && now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT
-            })
-            .map(|a| a.app.app_id.clone())
-            .collect();
-        for app_id in dead {
-            tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
-            self.stop_app_locked(st, &app_id);
-        }
-        // Notes about dropped output of containers that have been quiet for a second.
-        let cfg = st.config.clone();
-        let notes: Vec<(String, String, String)> = st
-            .containers
-            .values_mut()
-            .filter(|c| {
-                c.logs.dropped_lines > 0 && now.duration_since(c.logs.last_drop) >= Duration::from_secs(1)
-            })
-            .filter_map(|c| c.logs.take_note(&cfg).map(|n| (c.app_id.clone(), c.id.clone(), n)))
-            .collect();
-        for (app_id, cid, note) in notes {
-            push_log(st, &self.inner.log_tx, &app_id, &cid, LogStream::System, &note);
-        }
-        if st.last_sweep.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
-            st.last_sweep = Some(now);
-            if self.sweep(st, now) {
-                if let Some(trim) = self.inner.heap_trim.get().copied() {
-                    // Outside the state lock; the allocator's own lock is held briefly.
-                    tokio::task::spawn_blocking(trim);
-                }
-            }
+        for job in JOBS {
+            tracing::trace!(job = job.name, "running job");
+            (job.run)(self, &mut st, now);
         }
     }
 
@@ -233,4 +186,133 @@ pub(crate) async fn log_expiry(store: Arc<dyn Store>, cfg: ControlConfig) {
             _ => {}
         }
     }
+}
+
+/// Delayed retries whose time has come go back to their queues.
+fn retries_due(_: &ControlPlane, st: &mut State, now: Instant) {
+    for f in st.functions.values_mut().filter(|f| f.delayed.iter().any(|(t, _)| *t <= now)) {
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut f.delayed).into_iter().partition(|(t, _)| *t <= now);
+        f.delayed = later;
+        f.queue.extend(due.into_iter().map(|(_, qi)| qi));
+        st.dirty.insert(f.id.clone());
+    }
+    schedule_dirty(st);
+}
+
+/// Idle containers past their function's `scaledown_window` stop, down to its
+/// `min_containers` (all of them for a stopped app's functions).
+fn scale_down(_: &ControlPlane, st: &mut State, now: Instant) {
+    let mut stop = Vec::new();
+    for f in st.functions.values() {
+        let window = Duration::from_secs(f.def.config.scaledown_window);
+        let live = f
+            .containers
+            .iter()
+            .filter(|id| st.containers.get(*id).is_some_and(|c| c.state != CState::Stopping))
+            .count();
+        let min = f.def.config.min_containers as usize;
+        let excess = if f.active { live.saturating_sub(min) } else { live };
+        let idle = f.containers.iter().filter(|id| {
+            st.containers.get(*id).is_some_and(|c| {
+                c.state == CState::Ready
+                    && c.inflight.is_empty()
+                    && now.duration_since(c.idle_since) >= window
+            })
+        });
+        let before = stop.len();
+        stop.extend(idle.take(excess).cloned());
+        if stop.len() > before {
+            st.dirty.insert(f.id.clone());
+        }
+    }
+    for cid in stop {
+        stop_container(st, &cid, true);
+    }
+    schedule_dirty(st);
+}
+
+/// Remote workers that stopped heartbeating are gone (a cut-off network looks like this).
+fn worker_heartbeats(cp: &ControlPlane, st: &mut State, now: Instant) {
+    let silent: Vec<String> = st
+        .workers
+        .iter()
+        .filter(|w| w.link.remote && now.duration_since(w.last_seen) > WORKER_TIMEOUT)
+        .map(|w| w.link.id.clone())
+        .collect();
+    for wid in silent {
+        cp.worker_lost_locked(st, &wid, &format!("no heartbeat for {} s", WORKER_TIMEOUT.as_secs()));
+    }
+}
+
+/// Containers of draining workers stop as soon as they are idle.
+fn drain_idle(_: &ControlPlane, st: &mut State, _: Instant) {
+    let draining: HashSet<&str> =
+        st.workers.iter().filter(|w| w.draining).map(|w| w.link.id.as_str()).collect();
+    if draining.is_empty() {
+        return;
+    }
+    let idle: Vec<String> = st
+        .containers
+        .values()
+        .filter(|c| {
+            draining.contains(c.worker_id.as_str()) && c.inflight.is_empty() && c.state != CState::Stopping
+        })
+        .map(|c| c.id.clone())
+        .collect();
+    for cid in idle {
+        stop_container(st, &cid, true);
+    }
+}
+
+/// Ephemeral apps whose client went away (no heartbeat for [`EPHEMERAL_TIMEOUT`]) stop.
+fn app_heartbeats(cp: &ControlPlane, st: &mut State, now: Instant) {
+    let dead: Vec<String> = st
+        .apps
+        .values()
+        .filter(|a| {
+            a.app.mode == AppMode::Ephemeral
+                && a.app.state == AppState::Running
+                && now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT
+        })
+        .map(|a| a.app.app_id.clone())
+        .collect();
+    for app_id in dead {
+        tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
+        cp.stop_app_locked(st, &app_id);
+    }
+}
+
+/// Notes about dropped output of containers that have been quiet for a second.
+fn dropped_log_notes(cp: &ControlPlane, st: &mut State, now: Instant) {
+    let cfg = st.config.clone();
+    let notes: Vec<(String, String, String)> = st
+        .containers
+        .values_mut()
+        .filter(|c| {
+            c.logs.dropped_lines > 0 && now.duration_since(c.logs.last_drop) >= Duration::from_secs(1)
+        })
+        .filter_map(|c| c.logs.take_note(&cfg).map(|n| (c.app_id.clone(), c.id.clone(), n)))
+        .collect();
+    for (app_id, cid, note) in notes {
+        push_log(st, &cp.inner.log_tx, &app_id, &cid, LogStream::System, &note);
+    }
+}
+
+/// What is no longer live leaves memory ([`ControlPlane::sweep`]); then the heap is trimmed
+/// if much was freed.
+fn sweep(cp: &ControlPlane, st: &mut State, now: Instant) {
+    if cp.sweep(st, now) {
+        if let Some(trim) = cp.inner.heap_trim.get().copied() {
+            // Outside the state lock; the allocator's own lock is held briefly.
+            tokio::task::spawn_blocking(trim);
+        }
+    }
+}
+
+/// The safety net of dirty tracking: functions marked dirty, waiting for capacity, or with
+/// a backlog are scheduled again.
+fn reschedule(_: &ControlPlane, st: &mut State, _: Instant) {
+    st.dirty.extend(st.functions.values().filter(|f| !f.queue.is_empty()).map(|f| f.id.clone()));
+    schedule_dirty(st);
 }

@@ -10,6 +10,7 @@ mod autoscale;
 mod calls;
 mod dispatch;
 mod events;
+mod faults;
 pub mod grpc;
 pub mod http;
 mod jobs;
@@ -26,7 +27,6 @@ use apps::*;
 use calls::*;
 use dispatch::*;
 use events::*;
-use jobs::*;
 use logs::*;
 use persist::{Persist, Ticket};
 use state::*;
@@ -238,17 +238,7 @@ impl ControlPlane {
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
-        tokio::spawn(call_expiry(cp.inner.store.clone(), config.call_retention));
-        tokio::spawn(log_expiry(cp.inner.store.clone(), config));
-        let ticker = cp.clone();
-        tokio::spawn(async move {
-            let mut iv = tokio::time::interval(Duration::from_millis(100));
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                iv.tick().await;
-                ticker.tick();
-            }
-        });
+        jobs::spawn(&cp, &config);
         Ok(cp)
     }
 

@@ -114,21 +114,12 @@ impl ControlPlane {
                 if c.cancelled.contains(&input_id) {
                     continue;
                 }
-                if qi.platform_retries < PLATFORM_RETRIES {
-                    let mut again = qi;
-                    again.platform_retries += 1;
-                    if let Some(f) = st.functions.get_mut(&c.function_id) {
-                        f.queue.push_front(again);
+                match crate::faults::lost_input_fate(qi.platform_retries, worker_id, why) {
+                    crate::faults::InputFate::Rerun => requeue_front(st, &c.function_id, qi),
+                    crate::faults::InputFate::Fail(status, exc) => {
+                        let out = platform_output(&qi, status, exc);
+                        finish_input(st, self.persist(), &qi, out);
                     }
-                } else {
-                    let exc = ExceptionInfo::new(
-                        "flare.exception.ExecutionError",
-                        format!(
-                            "the input was lost with its worker {PLATFORM_RETRIES} times (last: worker {worker_id}: {why})"
-                        ),
-                    );
-                    let out = platform_output(&qi, OutputStatus::InternalFailure, exc);
-                    finish_input(st, self.persist(), &qi, out);
                 }
             }
         }

@@ -153,7 +153,6 @@ pub(crate) struct State {
     /// Outputs dropped (read by their caller, or their call left memory) since the heap
     /// was last trimmed.
     pub(crate) freed_outputs: u64,
-    pub(crate) last_sweep: Option<Instant>,
     /// Functions to schedule at the next [`crate::dispatch::schedule_dirty`].
     pub(crate) dirty: BTreeSet<String>,
 }
