@@ -124,6 +124,11 @@ pub(crate) fn autoscale(st: &mut State, fid: &str) {
         let reservation = Reservation::of(&req, placement.gpu.clone());
         views[placement.worker].reserve(&req, placement.gpu.as_ref());
         st.ledger.reserve(&w.link.id, &reservation);
+        st.lifecycle.emit(ContainerEvent::started(
+            (&cid, &f.app_id, &f.id, &w.link.id),
+            &reservation,
+            now_ts(),
+        ));
         let now = Instant::now();
         st.containers.insert(
             cid.clone(),

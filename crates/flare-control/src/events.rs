@@ -20,6 +20,8 @@ impl ControlPlane {
                 if c.state == CState::Starting {
                     c.state = CState::Ready;
                     c.idle_since = Instant::now();
+                    st.lifecycle
+                        .emit(ContainerEvent::Ready { container_id: container_id.clone(), at: now_ts() });
                 }
                 let fid = c.function_id.clone();
                 let wid = c.worker_id.clone();
@@ -37,6 +39,8 @@ impl ControlPlane {
             FromWorker::InitFailed { container_id, exception } => {
                 let Some(c) = st.containers.get_mut(&container_id) else { return };
                 c.state = CState::Stopping;
+                st.lifecycle
+                    .emit(ContainerEvent::Stopping { container_id: container_id.clone(), at: now_ts() });
                 let fid = c.function_id.clone();
                 let app_id = c.app_id.clone();
                 push_log(
@@ -167,6 +171,7 @@ impl ControlPlane {
             push_log(st, &self.inner.log_tx, &c.app_id, container_id, LogStream::System, &note);
         }
         st.ledger.release(&c.worker_id, &c.reservation);
+        st.lifecycle.emit(ContainerEvent::Exited { container_id: container_id.to_string(), at: now_ts() });
         let fid = c.function_id.clone();
         if let Some(f) = st.functions.get_mut(&fid) {
             f.containers.remove(container_id);

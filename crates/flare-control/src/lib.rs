@@ -31,7 +31,7 @@ use logs::*;
 use persist::{Persist, Ticket};
 use state::*;
 
-pub use state::AppState;
+pub use state::{AppState, ContainerEvent};
 
 /// The HTTP API under its earlier name.
 pub use http as api;

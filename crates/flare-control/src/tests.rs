@@ -351,3 +351,35 @@ async fn idle_gpu_containers_make_room_for_gpu_requests() {
     assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
     assert_eq!(cp.list_workers()[0].cpu_millis_used, 125);
 }
+
+/// Container lifecycle events come in the order of the state's changes, with what the
+/// container holds.
+#[tokio::test]
+async fn lifecycle_events_follow_a_container() {
+    use crate::ContainerEvent;
+    let mut h = harness().await;
+    let mut events = h.cp.subscribe_lifecycle();
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+    h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    h.cp.stop_app(&app.app_id).unwrap();
+    h.cp.on_worker_event(FromWorker::Exited {
+        container_id: a.container_id.clone(),
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let ContainerEvent::Started { container_id, function_id, cpu_millis, gpu, .. } =
+        events.recv().await.unwrap()
+    else {
+        panic!("expected started")
+    };
+    assert_eq!(
+        (container_id.as_str(), function_id.as_str(), cpu_millis, gpu),
+        (a.container_id.as_str(), fid.as_str(), 125, None)
+    );
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Ready { .. }));
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Stopping { .. }));
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Exited { .. }));
+    assert_eq!(h.cp.list_workers()[0].cpu_millis_used, 0, "the ledger freed what the container held");
+}

@@ -106,6 +106,7 @@ impl ControlPlane {
         tracing::warn!(worker = %worker_id, containers = cids.len(), %why, "worker lost");
         for cid in cids {
             let Some(c) = st.containers.remove(&cid) else { continue };
+            st.lifecycle.emit(ContainerEvent::Exited { container_id: cid.clone(), at: now_ts() });
             st.mark_dirty(&c.function_id);
             if let Some(f) = st.functions.get_mut(&c.function_id) {
                 f.containers.remove(&cid);
@@ -162,6 +163,12 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Container lifecycle events from now on (started with its resources, ready,
+    /// stopping, exited), in the order of the state's changes.
+    pub fn subscribe_lifecycle(&self) -> tokio::sync::broadcast::Receiver<ContainerEvent> {
+        self.lock().lifecycle.subscribe()
+    }
+
     /// Stops every container (server shutdown).
     pub fn shutdown(&self) {
         let mut st = self.lock();
@@ -184,6 +191,9 @@ pub(crate) fn stop_container(st: &mut State, cid: &str, graceful: bool) {
     let Some(c) = st.containers.get_mut(cid) else { return };
     if c.state == CState::Stopping && graceful {
         return;
+    }
+    if c.state != CState::Stopping {
+        st.lifecycle.emit(ContainerEvent::Stopping { container_id: cid.to_string(), at: now_ts() });
     }
     c.state = CState::Stopping;
     if let Some(w) = st.workers.iter().find(|w| w.link.id == c.worker_id) {

@@ -4,10 +4,13 @@
 
 mod app;
 pub(crate) mod ledger;
+mod lifecycle;
 
 pub(crate) use app::AppRecord;
 pub use app::AppState;
 pub(crate) use ledger::{Capacity, Ledger, Reservation};
+pub use lifecycle::ContainerEvent;
+pub(crate) use lifecycle::Lifecycle;
 
 use crate::*;
 
@@ -153,6 +156,8 @@ pub(crate) struct State {
     /// Outputs dropped (read by their caller, or their call left memory) since the heap
     /// was last trimmed.
     pub(crate) freed_outputs: u64,
+    /// Container lifecycle events for subscribers.
+    pub(crate) lifecycle: Lifecycle,
     /// Functions to schedule at the next [`crate::dispatch::schedule_dirty`].
     pub(crate) dirty: BTreeSet<String>,
 }
