@@ -5,7 +5,6 @@ use crate::*;
 impl ControlPlane {
     /// Stores a mount's files under `home/mounts/<id>`; identical uploads share one id.
     pub fn create_mount(&self, files: Vec<flare_api::MountFile>) -> ApiResult<String> {
-        use sha2::Digest;
         // The API checked the request as received; this is what gets written (a file list's
         // files included), checked again before anything of it is.
         flare_api::validate_file_list(
@@ -15,15 +14,17 @@ impl ControlPlane {
         )?;
         let mut sorted: Vec<&flare_api::MountFile> = files.iter().collect();
         sorted.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut h = sha2::Sha256::new();
+        // The id is the server's own (clients only pass it back): BLAKE3, like the rest of
+        // the content addressing, over each file's path, mode and contents.
+        let mut h = flare_cas::Hasher::new();
         for f in &sorted {
-            h.update((f.path.len() as u64).to_le_bytes());
+            h.update(&(f.path.len() as u64).to_le_bytes());
             h.update(f.path.as_bytes());
-            h.update(f.mode.to_le_bytes());
-            h.update((f.data.0.len() as u64).to_le_bytes());
+            h.update(&f.mode.to_le_bytes());
+            h.update(&(f.data.0.len() as u64).to_le_bytes());
             h.update(&f.data.0);
         }
-        let id = format!("mo-{}", &hex::encode(h.finalize())[..32]);
+        let id = format!("mo-{}", &h.finalize().hex()[..32]);
         let dir = self.mounts_dir().join(&id);
         if dir.is_dir() {
             return Ok(id);

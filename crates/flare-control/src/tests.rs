@@ -383,3 +383,21 @@ async fn lifecycle_events_follow_a_container() {
     assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Exited { .. }));
     assert_eq!(h.cp.list_workers()[0].cpu_millis_used, 0, "the ledger freed what the container held");
 }
+
+/// Mount ids are the server's BLAKE3 of the files: identical uploads share one.
+#[tokio::test]
+async fn identical_mounts_share_an_id() {
+    let h = harness().await;
+    let file = |data: &'static [u8]| flare_api::MountFile {
+        path: "m.py".into(),
+        data: B64(Bytes::from_static(data)),
+        mode: 0o644,
+    };
+    let a = h.cp.create_mount(vec![file(b"x = 1\n")]).unwrap();
+    let b = h.cp.create_mount(vec![file(b"x = 1\n")]).unwrap();
+    let c = h.cp.create_mount(vec![file(b"x = 2\n")]).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(a.starts_with("mo-") && a.len() == 35 && a[3..].bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+    assert_eq!(h.cp.read_mount(&a).unwrap()[0].data.0, Bytes::from_static(b"x = 1\n"));
+}
