@@ -63,6 +63,38 @@ fn openapi_documents_every_route() {
     assert!(unknown.is_empty(), "openapi.json documents routes the server does not have: {unknown:?}");
 }
 
+/// Each documented route of the table declares its path parameters (by name, resolving
+/// `$ref`s) and its responses.
+#[test]
+fn openapi_operations_declare_their_path_parameters() {
+    let doc: serde_json::Value = serde_json::from_str(flare_api::OPENAPI_JSON).unwrap();
+    let resolve = |p: &serde_json::Value| match p["$ref"].as_str() {
+        Some(r) => doc.pointer(r.trim_start_matches('#')).cloned().unwrap_or_default(),
+        None => p.clone(),
+    };
+    for r in specs().iter() {
+        let op = &doc["paths"][r.path][r.method.to_ascii_lowercase()];
+        let mut declared: Vec<String> = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(resolve)
+            .filter(|p| p["in"] == "path")
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect();
+        declared.sort();
+        let mut wanted: Vec<String> = r
+            .path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(str::to_string)
+            .collect();
+        wanted.sort();
+        assert_eq!(declared, wanted, "{} {}: path parameters", r.method, r.path);
+        assert!(op["responses"].is_object(), "{} {}: no responses", r.method, r.path);
+    }
+}
+
 async fn send(router: &axum::Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
     let resp = router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
