@@ -1,6 +1,20 @@
 //! App lifecycle: create, deploy, heartbeat, stop, register functions, and what the API shows of apps and functions.
 
-use crate::*;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use flare_api::{ApiError, AppMode};
+use flare_proto::{ExceptionInfo, FunctionDef, OutputStatus};
+use flare_store::{AppRow, FunctionRow, Write};
+use tokio::sync::watch;
+
+use crate::calls::{call_from_row, fail_queue, finish_input, output_from_row, platform_output};
+use crate::dispatch::schedule;
+use crate::persist::Ticket;
+use crate::state::{AppRecord, AppRt, AppState, FnRt, QueuedInput, State};
+use crate::workers::stop_container;
+use crate::{new_id, now_ts, store_err, ApiResult, AppRef, Caller, ControlError, ControlPlane};
 
 impl ControlPlane {
     pub(crate) fn load(&self) -> Result<(), ControlError> {

@@ -2,7 +2,15 @@
 //! where they go (`scheduler::place` over the ledger's views), and which idle containers of
 //! other functions stop to make room.
 
-use crate::*;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use flare_proto::{ContainerAssignment, FunctionDef, ToWorker};
+
+use crate::logs::LogBucket;
+use crate::state::{CState, ContainerEvent, ContainerRt, FnRt, Reservation, State};
+use crate::workers::stop_container;
+use crate::{new_id, now_ts, scheduler};
 
 /// Containers of one function starting at the same time.
 pub(crate) const MAX_STARTING_PER_FUNCTION: u32 = 8;

@@ -1,6 +1,20 @@
 //! Calls and their output logs: inputs in, outputs out, cancellation, access checks.
 
-use crate::*;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+use flare_api::{ApiError, CallKind, Output};
+use flare_proto::{ExceptionInfo, OutputStatus, B64};
+use flare_store::{CallRow, OutputRow, PendingInputRow, Write};
+use tokio::sync::watch;
+
+use crate::apps::check_function_access;
+use crate::dispatch::schedule;
+use crate::persist::{Persist, Ticket};
+use crate::state::{CallRt, QueuedInput, State};
+use crate::workers::stop_container;
+use crate::{new_id, now_ts, retention, store_err, Admitted, ApiResult, Caller, ControlPlane, NoRoom};
 
 /// A call just created: its id and a receiver of its output count.
 pub(crate) type NewCall = (String, watch::Receiver<u64>);

@@ -1,7 +1,9 @@
 //! Dispatch: queued inputs go to ready containers of the function's current version with
 //! free slots (`max_inputs` per container), never to a draining worker's containers.
 
-use crate::*;
+use flare_proto::{InputMsg, ToWorker};
+
+use crate::state::{CState, State};
 
 /// Hands a function's queued inputs to its containers with free slots.
 pub(crate) fn dispatch(st: &mut State, fid: &str) {

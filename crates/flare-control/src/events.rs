@@ -1,7 +1,18 @@
 //! Worker events become state transitions (the decisions on faults are `faults.rs`'s).
 
 use crate::faults::{self, InputFate, StartFault};
-use crate::*;
+use std::time::Instant;
+
+use bytes::Bytes;
+use flare_api::Output;
+use flare_proto::{ExceptionInfo, ExitReport, FromWorker, GenMark, LogStream, OutputMsg, OutputStatus, B64};
+use tokio::sync::mpsc;
+
+use crate::calls::{append_output, fail_queue, finish_input, platform_output};
+use crate::dispatch::{schedule, schedule_dirty};
+use crate::logs::push_log;
+use crate::state::{CState, ContainerEvent, QueuedInput, State};
+use crate::{now_ts, ControlPlane};
 
 impl ControlPlane {
     /// Feeds worker events into the state; run this on the worker's event stream.

@@ -1,7 +1,19 @@
 //! Periodic jobs: each a named function with its own period (see [`JOBS`]), instead of one
 //! tick doing everything; and the store's own jobs (expiry of spawned calls and of logs).
 
-use crate::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flare_api::AppMode;
+use flare_proto::LogStream;
+use flare_store::Store;
+
+use crate::dispatch::schedule_dirty;
+use crate::logs::{push_log, retention_note};
+use crate::state::{AppState, CState, State};
+use crate::workers::stop_container;
+use crate::{now_ts, retention, ControlConfig, ControlPlane, WORKER_TIMEOUT};
 
 /// An ephemeral app with no heartbeat for this long is stopped.
 pub(crate) const EPHEMERAL_TIMEOUT: Duration = Duration::from_secs(60);

@@ -23,33 +23,29 @@ pub mod services;
 mod state;
 mod workers;
 
-use apps::*;
-use calls::*;
-use dispatch::*;
-use events::*;
-use logs::*;
-use persist::{Persist, Ticket};
-use state::*;
-
 pub use state::{AppState, ContainerEvent};
 
 /// The HTTP API under its earlier name.
 pub use http as api;
-use workers::*;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flare_api::{ApiError, AppMode, CallKind, LogRecord, Output};
-use flare_proto::{
-    ContainerAssignment, ExceptionInfo, ExitReport, FromWorker, FunctionDef, GenMark, InputMsg, LogStream,
-    OutputMsg, OutputStatus, ToWorker, B64,
-};
-use flare_store::{AppRow, CallRow, FunctionRow, LogRow, OutputRow, PendingInputRow, Store, Write};
+use flare_api::ApiError;
+use flare_proto::ToWorker;
+use flare_store::{LogRow, Store};
 use tokio::sync::{mpsc, watch};
+
+use crate::logs::log_writer;
+use crate::persist::Persist;
+use crate::state::State;
+
+// The tests name the log ring's byte bound from the crate root.
+#[cfg(test)]
+use crate::logs::LOG_RING_BYTES;
 
 /// A remote worker with no heartbeat for this long is treated as dead.
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(6);
@@ -59,6 +55,7 @@ pub const DEFAULT_CALL_WINDOW: u64 = 20_000;
 pub const DEFAULT_CALL_RETENTION_DAYS: f64 = 7.0;
 /// A submitter waiting for room (back-pressure) is answered after this long at most.
 pub const BACKPRESSURE_WAIT: Duration = Duration::from_secs(10);
+
 /// Operator settings of the control plane (`flared server` / `flared control` flags).
 #[derive(Clone, Debug)]
 pub struct ControlConfig {

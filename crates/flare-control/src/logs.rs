@@ -1,6 +1,16 @@
 //! App logs: the in-memory ring, per-container rate limits, and the store writer.
 
-use crate::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flare_api::{ApiError, LogRecord};
+use flare_proto::LogStream;
+use flare_store::{LogRow, Store};
+use tokio::sync::{mpsc, watch};
+
+use crate::state::{AppRecord, AppState, State};
+use crate::{now_ts, store_err, ApiResult, ControlConfig, ControlPlane};
 
 /// Log records kept in memory per app (older ones are read from the store).
 pub(crate) const LOG_RING: usize = 20_000;

@@ -1,6 +1,10 @@
 //! Code mounts: uploaded files stored under `home/mounts/<id>`.
 
-use crate::*;
+use bytes::Bytes;
+use flare_api::ApiError;
+use flare_proto::B64;
+
+use crate::{new_id, now_ts, store_err, ApiResult, ControlPlane};
 
 impl ControlPlane {
     /// Stores a mount's files under `home/mounts/<id>`; identical uploads share one id.

@@ -1,6 +1,15 @@
 //! Worker sessions: registration, heartbeats, fencing of stale sessions, loss.
 
-use crate::*;
+use std::time::Instant;
+
+use flare_proto::{FromWorker, ToWorker};
+use tokio::sync::watch;
+
+use crate::calls::{finish_input, platform_output};
+use crate::dispatch::schedule_dirty;
+use crate::events::requeue_front;
+use crate::state::{CState, Capacity, ContainerEvent, State, WorkerRt};
+use crate::{now_ts, ControlPlane, WorkerLink};
 
 impl ControlPlane {
     /// Adds a worker; it receives containers from now on. A worker that registers again

@@ -12,7 +12,16 @@ pub(crate) use ledger::{Capacity, Ledger, Reservation};
 pub use lifecycle::ContainerEvent;
 pub(crate) use lifecycle::Lifecycle;
 
-use crate::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use flare_api::{CallKind, LogRecord};
+use flare_proto::FunctionDef;
+use tokio::sync::watch;
+
+use crate::logs::LogBucket;
+use crate::{retention, scheduler, ControlConfig, WorkerLink};
 
 /// A worker with a current session (its resources are in [`State::ledger`]).
 pub(crate) struct WorkerRt {
