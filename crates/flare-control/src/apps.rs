@@ -421,10 +421,19 @@ impl ControlPlane {
         v
     }
 
-    /// Changes a function's autoscaler settings at run time.
+    /// Changes a function's autoscaler settings at run time (stored when this returns).
     pub fn update_autoscaler(&self, fid: &str, u: flare_api::UpdateAutoscaler) -> ApiResult<()> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
+        self.update_autoscaler_queued(fid, u)?.wait_blocking()
+    }
+
+    /// [`Self::update_autoscaler`] with the ticket of its commit, not waited for.
+    pub(crate) fn update_autoscaler_queued(
+        &self,
+        fid: &str,
+        u: flare_api::UpdateAutoscaler,
+    ) -> ApiResult<Ticket> {
+        let mut st = self.lock();
+        let st = &mut *st;
         let f = st
             .functions
             .get_mut(fid)
@@ -460,9 +469,7 @@ impl ControlPlane {
         };
         self.persist().write(Write::Function(Box::new(row)));
         schedule(st, fid);
-        let ticket = self.persist().ticket();
-        drop(guard);
-        ticket.wait_blocking()
+        Ok(self.persist().ticket())
     }
 
     /// Whether `caller` may look up, inspect or call a function (see [`check_function_access`]).

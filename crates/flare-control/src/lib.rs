@@ -1,9 +1,16 @@
 //! The control plane: apps, functions, calls, input queues, the autoscaler, and the
-//! public HTTP API (see `api`).
+//! public HTTP API (see [`http`]).
 //!
-//! All live state sits in one [`State`] behind a mutex; every handler holds it only
-//! for short, non-blocking sections. Workers are reached through channels carrying
-//! [`flare_proto::ToWorker`] messages and answer with [`flare_proto::FromWorker`].
+//! All live state sits in one `State` (`state/`) behind a mutex; every handler holds it
+//! only for short, non-blocking sections, and store writes leave it through `persist`.
+//! Workers are reached through channels carrying [`flare_proto::ToWorker`] messages and
+//! answer with [`flare_proto::FromWorker`].
+//!
+//! This file is the wiring: configuration, construction, the public types. The rest:
+//! `apps`, `calls`, `workers`, `mounts`, `logs` (operations behind the API), `dispatch`
+//! and `autoscale` (with the pure `scheduler`), `events` and `faults` (worker events and
+//! the decisions on them), `jobs` (periodic jobs), `persist` (write-behind), `retention`
+//! (what stays in memory), [`http`] (the route table and its routers), [`services`].
 
 mod apps;
 mod autoscale;

@@ -25,7 +25,19 @@ const MAX_BATCH: usize = 4096;
 enum Msg {
     Write(Write),
     /// Resolves once everything queued before it is committed.
-    Barrier(Arc<Slot>),
+    Barrier(Barrier),
+}
+
+/// A ticket's slot on the writer's side: resolved after the commit, or with an error if it
+/// is dropped first (the writer stopped), so that no waiter waits forever.
+struct Barrier(Arc<Slot>);
+
+impl Drop for Barrier {
+    fn drop(&mut self) {
+        if self.0.get().is_none() {
+            self.0.resolve(Err("the store writer stopped".into()));
+        }
+    }
 }
 
 /// Where the writer puts a ticket's result.
@@ -44,7 +56,7 @@ impl Slot {
         self.notify.notify_one();
     }
 
-    fn take(&self) -> Option<Result<(), String>> {
+    fn get(&self) -> Option<Result<(), String>> {
         self.result.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -73,7 +85,7 @@ impl Ticket {
     pub(crate) async fn wait(self) -> Result<(), ApiError> {
         loop {
             let notified = self.0.notify.notified();
-            if let Some(r) = self.0.take() {
+            if let Some(r) = self.0.get() {
                 return Self::result(r);
             }
             notified.await;
@@ -105,6 +117,7 @@ impl Persist {
     }
 
     fn send(&self, m: Msg) {
+        // A barrier sent to a writer that is gone is dropped here, which resolves it.
         if self.tx.send(m).is_err() {
             tracing::error!("the store writer is gone; a write is lost");
         }
@@ -118,7 +131,7 @@ impl Persist {
     /// A ticket that resolves once everything queued so far is committed.
     pub(crate) fn ticket(&self) -> Ticket {
         let slot = Arc::new(Slot::default());
-        self.send(Msg::Barrier(slot.clone()));
+        self.send(Msg::Barrier(Barrier(slot.clone())));
         Ticket(slot)
     }
 
@@ -129,7 +142,7 @@ impl Persist {
 
 fn writer(store: &dyn Store, rx: &mpsc::Receiver<Msg>, stats: &PersistStats) {
     let mut writes = Vec::new();
-    let mut barriers: Vec<Arc<Slot>> = Vec::new();
+    let mut barriers: Vec<Barrier> = Vec::new();
     // A write lost since the last ticket resolved: the next tickets report it.
     let mut lost: Option<String> = None;
     while let Ok(first) = rx.recv() {
@@ -150,7 +163,7 @@ fn writer(store: &dyn Store, rx: &mpsc::Receiver<Msg>, stats: &PersistStats) {
         if !barriers.is_empty() {
             let result = lost.take().map_or(Ok(()), Err);
             for b in barriers.drain(..) {
-                b.resolve(result.clone());
+                b.0.resolve(result.clone());
             }
         }
     }

@@ -61,6 +61,6 @@ async fn update_autoscaler(
     Path(fid): Path<String>,
     Valid(req): Valid<UpdateAutoscaler>,
 ) -> R<Empty> {
-    cp.update_autoscaler(&fid, req)?;
+    cp.update_autoscaler_queued(&fid, req)?.wait().await?;
     Ok(Json(Empty {}))
 }

@@ -17,6 +17,8 @@ struct Gated {
     cv: std::sync::Condvar,
     /// Batches waiting at the gate.
     waiting: std::sync::atomic::AtomicUsize,
+    /// The next batch panics (a writer that dies).
+    panic: std::sync::atomic::AtomicBool,
 }
 
 impl Gated {
@@ -27,6 +29,7 @@ impl Gated {
             gate: Mutex::new(false),
             cv: Default::default(),
             waiting: Default::default(),
+            panic: Default::default(),
         })
     }
     fn hold(&self) {
@@ -50,6 +53,7 @@ impl Store for Gated {
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         drop(held);
+        assert!(!self.panic.load(Ordering::SeqCst), "the store writer dies (test)");
         self.batches.lock().unwrap().push(writes.len());
         self.inner.write_batch(writes)
     }
@@ -204,4 +208,16 @@ async fn durable_calls_wait_for_the_commit_outside_the_lock() {
     store.release();
     let row = creating.join().unwrap();
     assert_eq!(store.get_app(&row.app_id).unwrap().unwrap().name, "dep");
+}
+
+/// A writer that dies does not leave a waiter waiting: its tickets, and later ones, fail.
+#[tokio::test]
+async fn tickets_fail_when_the_writer_dies() {
+    let store = Gated::new(SqliteStore::open_in_memory().unwrap());
+    let p = Persist::start(store.clone()).unwrap();
+    store.panic.store(true, Ordering::SeqCst);
+    p.write(Write::App(app("a1")));
+    assert!(p.ticket().wait().await.is_err());
+    p.write(Write::App(app("a2")));
+    assert!(p.ticket().wait_blocking().is_err());
 }
