@@ -772,22 +772,40 @@ pub struct UpdateAutoscaler {
     pub scaledown_window: Option<u64>,
 }
 
-/// Whether code inside a container may make this API request (through its worker's
-/// socket): looking functions up, calling them, reading outputs, cancelling calls.
+/// The API calls code inside a container may make (through its worker's socket): looking
+/// functions up, calling them, reading outputs, cancelling calls. Method and path template
+/// as in the OpenAPI document. The control plane's route table marks the same routes
+/// `container`; a test there checks that the two agree route by route.
+pub const CONTAINER_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/v1/apps/by-name/{app_name}/functions/{name}"),
+    ("GET", "/v1/apps/{app_id}/functions/{name}"),
+    ("GET", "/v1/functions/{function_id}/stats"),
+    ("POST", "/v1/functions/{function_id}/calls"),
+    ("GET", "/v1/calls/{call_id}"),
+    ("POST", "/v1/calls/{call_id}/inputs"),
+    ("GET", "/v1/calls/{call_id}/outputs"),
+    ("POST", "/v1/calls/{call_id}/cancel"),
+];
+
+/// Whether a concrete path (a query is ignored) matches a path template with `{name}`
+/// segments.
+pub fn path_matches(template: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("");
+    let mut t = template.trim_start_matches('/').split('/');
+    let mut p = path.trim_start_matches('/').split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') || ts == ps => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether code inside a container may make this API request: one of [`CONTAINER_ROUTES`].
 pub fn container_may_call(method: &str, path: &str) -> bool {
-    let p: Vec<&str> = path.split('?').next().unwrap_or("").trim_start_matches('/').split('/').collect();
-    matches!(
-        (method, p.as_slice()),
-        ("GET", ["v1", "health"])
-            | ("GET", ["v1", "apps", "by-name", _, "functions", _])
-            | ("GET", ["v1", "apps", _, "functions", _])
-            | ("GET", ["v1", "functions", _, "stats"])
-            | ("POST", ["v1", "functions", _, "calls"])
-            | ("GET", ["v1", "calls", _])
-            | ("POST", ["v1", "calls", _, "inputs"])
-            | ("GET", ["v1", "calls", _, "outputs"])
-            | ("POST", ["v1", "calls", _, "cancel"])
-    )
+    CONTAINER_ROUTES.iter().any(|(m, t)| *m == method && path_matches(t, path))
 }
 
 /// Empty JSON object response.

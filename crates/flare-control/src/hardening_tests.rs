@@ -318,7 +318,7 @@ async fn the_container_socket_is_scoped_to_the_containers_app() {
         let (s, _) = send(&r, from(cid, "POST", &format!("/v1/calls/{id}/cancel"), "{}")).await;
         assert_eq!(s, StatusCode::OK);
     }
-    let (s, _) = send(&r, from(cid, "GET", &format!("/v1/apps/by-name/dep/functions/f"), "")).await;
+    let (s, _) = send(&r, from(cid, "GET", "/v1/apps/by-name/dep/functions/f", "")).await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = send(&r, from(cid, "GET", &format!("/v1/apps/{}/functions/g", a.app_id), "")).await;
     assert_eq!(s, StatusCode::OK);

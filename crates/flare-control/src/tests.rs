@@ -23,7 +23,7 @@ pub(crate) struct Harness {
     pub(crate) _dir: tempfile::TempDir,
 }
 
-async fn harness() -> Harness {
+pub(crate) async fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let cp = ControlPlane::new(store, dir.path()).unwrap();
@@ -308,4 +308,96 @@ async fn map_submitter_is_held_back_until_outputs_are_read() {
     let _ = cp.outputs(&call_id, outs.last().unwrap().seq as i64, 10).unwrap();
     assert!(no_room.room.has_changed().unwrap(), "the waiting submitter is woken");
     assert!(cp.try_add_inputs(&call_id, batch(2), false).unwrap().is_ok());
+}
+
+/// Eviction counts GPUs: an idle GPU container of another function stops so that a GPU
+/// request fits, and the ledger gives the GPU back when it exits.
+#[tokio::test]
+async fn idle_gpu_containers_make_room_for_gpu_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let cp = ControlPlane::new(store, dir.path()).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut link = WorkerLink::local("w1", tx, 8000, 65536);
+    link.gpus.insert("H100".into(), 1);
+    cp.add_worker(link);
+    let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let gpu_def = |name: &str| {
+        let mut d = def(name);
+        d.config.gpu = vec![GpuRequest { kind: "H100".into(), count: 1 }];
+        d
+    };
+    let fns = cp.register_functions(&app.app_id, vec![gpu_def("f"), gpu_def("g")]).unwrap();
+    let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
+    cp.create_call(&f, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
+    });
+    assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
+    cp.create_call(&g, CallKind::Call, vec![Bytes::from_static(b"y")], false).unwrap();
+    let ToWorker::Stop { container_id, .. } = rx.recv().await.unwrap() else { panic!("expected a stop") };
+    assert_eq!(container_id, a.container_id);
+    cp.on_worker_event(FromWorker::Exited {
+        container_id,
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let ToWorker::Start(b) = rx.recv().await.unwrap() else { panic!("expected g to start") };
+    assert_eq!(b.function_id, g);
+    // The GPU went from f's container to g's: booked once.
+    assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
+    assert_eq!(cp.list_workers()[0].cpu_millis_used, 125);
+}
+
+/// Container lifecycle events come in the order of the state's changes, with what the
+/// container holds.
+#[tokio::test]
+async fn lifecycle_events_follow_a_container() {
+    use crate::ContainerEvent;
+    let mut h = harness().await;
+    let mut events = h.cp.subscribe_lifecycle();
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+    h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    h.cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    h.cp.stop_app(&app.app_id).unwrap();
+    h.cp.on_worker_event(FromWorker::Exited {
+        container_id: a.container_id.clone(),
+        report: ExitReport { requested: true, ..Default::default() },
+    });
+    let ContainerEvent::Started { container_id, function_id, cpu_millis, gpu, .. } =
+        events.recv().await.unwrap()
+    else {
+        panic!("expected started")
+    };
+    assert_eq!(
+        (container_id.as_str(), function_id.as_str(), cpu_millis, gpu),
+        (a.container_id.as_str(), fid.as_str(), 125, None)
+    );
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Ready { .. }));
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Stopping { .. }));
+    assert!(matches!(events.recv().await.unwrap(), ContainerEvent::Exited { .. }));
+    assert_eq!(h.cp.list_workers()[0].cpu_millis_used, 0, "the ledger freed what the container held");
+}
+
+/// Mount ids are the server's BLAKE3 of the files: identical uploads share one.
+#[tokio::test]
+async fn identical_mounts_share_an_id() {
+    let h = harness().await;
+    let file = |data: &'static [u8]| flare_api::MountFile {
+        path: "m.py".into(),
+        data: B64(Bytes::from_static(data)),
+        mode: 0o644,
+    };
+    let a = h.cp.create_mount(vec![file(b"x = 1\n")]).unwrap();
+    let b = h.cp.create_mount(vec![file(b"x = 1\n")]).unwrap();
+    let c = h.cp.create_mount(vec![file(b"x = 2\n")]).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(a.starts_with("mo-") && a.len() == 35 && a[3..].bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+    assert_eq!(h.cp.read_mount(&a).unwrap()[0].data.0, Bytes::from_static(b"x = 1\n"));
 }

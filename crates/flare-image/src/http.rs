@@ -12,10 +12,12 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flare_api::ApiError;
 use flare_cas::{get_manifest, shared_bytes, Digest, Manifest};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use flare_proto::ImageMount;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::build::{BuildEvent, Builder};
+
 use crate::spec::{FileEntry, ImageSpec};
 use crate::ImageError;
 
@@ -82,7 +84,84 @@ struct Missing {
     digests: Vec<String>,
 }
 
-async fn missing(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
+/// `POST /v1/blobs/missing`: the digests the server does not have.
+#[derive(Serialize)]
+struct MissingBlobs {
+    missing: Vec<String>,
+}
+
+/// `PUT /v1/blobs/{digest}`: what was stored.
+#[derive(Serialize)]
+struct Uploaded {
+    digest: String,
+    size: usize,
+}
+
+/// `POST /v1/blobs/batch`: how many blobs and bytes were stored.
+#[derive(Serialize)]
+struct BatchStored {
+    stored: usize,
+    bytes: usize,
+}
+
+/// `GET /v1/images`.
+#[derive(Serialize)]
+struct ImageList {
+    images: Vec<ImageSummary>,
+}
+
+/// One image of [`ImageList`]; the sizes are its final layer's.
+#[derive(Serialize)]
+struct ImageSummary {
+    image_id: String,
+    created_at: f64,
+    description: String,
+    layers: usize,
+    total_bytes: Option<u64>,
+    files: Option<u64>,
+    python: Option<String>,
+}
+
+/// `GET /v1/images/{image_id}`.
+#[derive(Serialize)]
+struct ImageDetail {
+    image_id: String,
+    description: String,
+    created_at: f64,
+    python: Option<String>,
+    env: std::collections::BTreeMap<String, String>,
+    workdir: Option<String>,
+    mounts: Vec<ImageMount>,
+    total_bytes: u64,
+    /// Bytes of chunks no other image shares (None: the manifest is gone).
+    unique_bytes: Option<u64>,
+    files: u64,
+    layers: Vec<LayerInfo>,
+    shared: Vec<SharedWith>,
+}
+
+/// One layer of [`ImageDetail`], base first.
+#[derive(Serialize)]
+struct LayerInfo {
+    index: usize,
+    description: String,
+    key: String,
+    manifest: String,
+    files: u64,
+    total_bytes: u64,
+    added_bytes: u64,
+    build_seconds: f64,
+    created_at: f64,
+}
+
+/// Another image sharing chunks with the inspected one.
+#[derive(Serialize)]
+struct SharedWith {
+    image_id: String,
+    bytes: u64,
+}
+
+async fn missing(State(b): State<Arc<Builder>>, body: Bytes) -> R<MissingBlobs> {
     let req: Missing = parse(&body)?;
     let digests = req.digests.iter().map(|d| digest(d)).collect::<Result<Vec<_>, _>>()?;
     let missing = blocking(move || {
@@ -95,14 +174,14 @@ async fn missing(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
         Ok(out)
     })
     .await?;
-    Ok(Json(json!({ "missing": missing })))
+    Ok(Json(MissingBlobs { missing }))
 }
 
-async fn upload(State(b): State<Arc<Builder>>, Path(d): Path<String>, body: Bytes) -> R<Value> {
+async fn upload(State(b): State<Arc<Builder>>, Path(d): Path<String>, body: Bytes) -> R<Uploaded> {
     let d = digest(&d)?;
     let size = body.len();
     blocking(move || b.files().put(&d, &body)).await?;
-    Ok(Json(json!({ "digest": d.to_string(), "size": size })))
+    Ok(Json(Uploaded { digest: d.to_string(), size }))
 }
 
 #[derive(Deserialize)]
@@ -118,7 +197,7 @@ struct BatchItem {
 
 /// Many small files in one request: a JSON header line `{"blobs": [{"digest", "size"}]}`,
 /// then the files' bytes back to back in that order. Each is verified like a PUT.
-async fn upload_batch(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
+async fn upload_batch(State(b): State<Arc<Builder>>, body: Bytes) -> R<BatchStored> {
     let nl = body
         .iter()
         .position(|&c| c == b'\n')
@@ -145,7 +224,7 @@ async fn upload_batch(State(b): State<Arc<Builder>>, body: Bytes) -> R<Value> {
         Ok(())
     })
     .await?;
-    Ok(Json(json!({ "stored": n, "bytes": total })))
+    Ok(Json(BatchStored { stored: n, bytes: total }))
 }
 
 /// A stored blob (whole file or chunk), for workers that do not share the store.
@@ -188,7 +267,7 @@ async fn build(State(b): State<Arc<Builder>>, body: Bytes) -> Result<Response, E
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response())
 }
 
-async fn list(State(b): State<Arc<Builder>>) -> R<Value> {
+async fn list(State(b): State<Arc<Builder>>) -> R<ImageList> {
     let images = blocking(move || {
         let mut out = Vec::new();
         for img in b.records().images()? {
@@ -196,23 +275,23 @@ async fn list(State(b): State<Arc<Builder>>) -> R<Value> {
                 Some(k) => b.records().layer(k)?,
                 None => None,
             };
-            out.push(json!({
-                "image_id": img.image_id,
-                "created_at": img.created_at,
-                "description": img.description,
-                "layers": img.layers.len(),
-                "total_bytes": last.as_ref().map(|l| l.total_bytes),
-                "files": last.as_ref().map(|l| l.files),
-                "python": last.as_ref().and_then(|l| l.config.python.clone()),
-            }));
+            out.push(ImageSummary {
+                layers: img.layers.len(),
+                image_id: img.image_id,
+                created_at: img.created_at,
+                description: img.description,
+                total_bytes: last.as_ref().map(|l| l.total_bytes),
+                files: last.as_ref().map(|l| l.files),
+                python: last.as_ref().and_then(|l| l.config.python.clone()),
+            });
         }
         Ok(out)
     })
     .await?;
-    Ok(Json(json!({ "images": images })))
+    Ok(Json(ImageList { images }))
 }
 
-async fn inspect(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> R<Value> {
+async fn inspect(State(b): State<Arc<Builder>>, Path(id): Path<String>) -> R<ImageDetail> {
     let v = blocking(move || inspect_image(&b, &id)).await?;
     Ok(Json(v))
 }
@@ -223,7 +302,7 @@ fn final_manifest(b: &Builder, layer_key: &str) -> Result<Option<Manifest>, Imag
     Ok(Some(get_manifest(b.store().as_ref(), &d)?))
 }
 
-fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
+fn inspect_image(b: &Builder, id: &str) -> Result<ImageDetail, ImageError> {
     let img = b.records().image(id)?.ok_or_else(|| ImageError::NotFound(format!("image {id} not found")))?;
     let mut layers = Vec::new();
     let mut last = None;
@@ -232,11 +311,17 @@ fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
             .records()
             .layer(k)?
             .ok_or_else(|| ImageError::NotFound(format!("layer {k} of {id} is gone")))?;
-        layers.push(json!({
-            "index": i, "description": l.description, "key": l.key, "manifest": l.manifest,
-            "files": l.files, "total_bytes": l.total_bytes, "added_bytes": l.added_bytes,
-            "build_seconds": l.build_seconds, "created_at": l.created_at,
-        }));
+        layers.push(LayerInfo {
+            index: i,
+            description: l.description.clone(),
+            key: l.key.clone(),
+            manifest: l.manifest.clone(),
+            files: l.files,
+            total_bytes: l.total_bytes,
+            added_bytes: l.added_bytes,
+            build_seconds: l.build_seconds,
+            created_at: l.created_at,
+        });
         last = Some(l);
     }
     let last = last.ok_or_else(|| ImageError::Invalid(format!("image {id} has no layers")))?;
@@ -255,26 +340,26 @@ fn inspect_image(b: &Builder, id: &str) -> Result<Value, ImageError> {
             if let Some(om) = final_manifest(b, k)? {
                 let bytes = shared_bytes(mine, &om);
                 if bytes > 0 {
-                    shared.push(json!({ "image_id": other.image_id, "bytes": bytes }));
+                    shared.push(SharedWith { image_id: other.image_id, bytes });
                 }
             }
         }
     }
     let unique = mine.as_ref().map(|m| m.stats().unique_bytes);
-    Ok(json!({
-        "image_id": img.image_id,
-        "description": img.description,
-        "created_at": img.created_at,
-        "python": last.config.python,
-        "env": last.config.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<String, Value>>(),
-        "workdir": last.config.workdir,
-        "mounts": img.mounts,
-        "total_bytes": last.total_bytes,
-        "unique_bytes": unique,
-        "files": last.files,
-        "layers": layers,
-        "shared": shared,
-    }))
+    Ok(ImageDetail {
+        image_id: img.image_id,
+        description: img.description,
+        created_at: img.created_at,
+        python: last.config.python,
+        env: last.config.env.into_iter().collect(),
+        workdir: last.config.workdir,
+        mounts: img.mounts,
+        total_bytes: last.total_bytes,
+        unique_bytes: unique,
+        files: last.files,
+        layers,
+        shared,
+    })
 }
 
 /// Read a file list's files into memory for a code mount (small source files).
@@ -365,4 +450,39 @@ fn write_tar(b: &Builder, m: &Manifest, out: ChannelWriter) -> Result<(), ImageE
         }
     }
     t.finish().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed responses keep the wire names the JSON ones had.
+    #[test]
+    fn responses_keep_their_wire_names() {
+        let v = serde_json::to_value(Uploaded { digest: "blake3:00".into(), size: 3 }).unwrap();
+        assert_eq!(v, serde_json::json!({"digest": "blake3:00", "size": 3}));
+        let v = serde_json::to_value(BatchStored { stored: 2, bytes: 9 }).unwrap();
+        assert_eq!(v, serde_json::json!({"stored": 2, "bytes": 9}));
+        let v = serde_json::to_value(MissingBlobs { missing: vec!["blake3:01".into()] }).unwrap();
+        assert_eq!(v, serde_json::json!({"missing": ["blake3:01"]}));
+        let v = serde_json::to_value(ImageList {
+            images: vec![ImageSummary {
+                image_id: "im-1".into(),
+                created_at: 1.0,
+                description: "d".into(),
+                layers: 2,
+                total_bytes: Some(10),
+                files: None,
+                python: Some("/usr/bin/python3".into()),
+            }],
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"images": [{
+                "image_id": "im-1", "created_at": 1.0, "description": "d", "layers": 2,
+                "total_bytes": 10, "files": null, "python": "/usr/bin/python3"
+            }]})
+        );
+    }
 }

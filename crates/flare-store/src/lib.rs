@@ -83,8 +83,23 @@ pub struct LogRow {
     pub data: String,
 }
 
+/// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    App(AppRow),
+    AppState { app_id: String, state: String },
+    Function(Box<FunctionRow>),
+    Call(CallRow),
+    Input(PendingInputRow),
+    Output { call_id: String, row: OutputRow, final_output: bool },
+    CallDone { call_id: String, done_at: f64 },
+}
+
 /// Everything the control plane persists.
 pub trait Store: Send + Sync {
+    /// Applies the writes in order, in one transaction: all of them or none.
+    fn write_batch(&self, writes: &[Write]) -> Result<()>;
+
     fn put_app(&self, app: &AppRow) -> Result<()>;
     fn set_app_state(&self, app_id: &str, state: &str) -> Result<()>;
     fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
@@ -270,19 +285,118 @@ fn gen_parse(s: Option<String>) -> Option<GenMark> {
     }
 }
 
-impl Store for SqliteStore {
-    fn put_app(&self, a: &AppRow) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO apps (app_id, name, mode, state, version, created_at) VALUES (?1,?2,?3,?4,?5,?6)
-             ON CONFLICT(app_id) DO UPDATE SET state=excluded.state, version=excluded.version",
-            params![a.app_id, a.name, a.mode, a.state, a.version, a.created_at],
+fn put_app(c: &Connection, a: &AppRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO apps (app_id, name, mode, state, version, created_at) VALUES (?1,?2,?3,?4,?5,?6)
+         ON CONFLICT(app_id) DO UPDATE SET state=excluded.state, version=excluded.version",
+        params![a.app_id, a.name, a.mode, a.state, a.version, a.created_at],
+    )?;
+    Ok(())
+}
+
+fn set_app_state(c: &Connection, app_id: &str, state: &str) -> Result<()> {
+    c.execute("UPDATE apps SET state=?2 WHERE app_id=?1", params![app_id, state])?;
+    Ok(())
+}
+
+fn put_function(c: &Connection, f: &FunctionRow) -> Result<()> {
+    let json = serde_json::to_string(&f.def).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    c.execute(
+        "INSERT OR REPLACE INTO functions (function_id, app_id, name, def_json, created_at) VALUES (?1,?2,?3,?4,?5)",
+        params![f.function_id, f.app_id, f.name, json, f.created_at],
+    )?;
+    Ok(())
+}
+
+fn put_call(c: &Connection, call: &CallRow) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO calls (call_id, function_id, kind, num_inputs, created_at, caller_app_id) VALUES (?1,?2,?3,?4,?5,?6)",
+        params![
+            call.call_id,
+            call.function_id,
+            call.kind,
+            call.num_inputs as i64,
+            call.created_at,
+            call.caller_app_id
+        ],
+    )?;
+    Ok(())
+}
+
+fn put_input(c: &Connection, i: &PendingInputRow) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO inputs (call_id, idx, input_id, function_id, args, retry_count, done)
+         VALUES (?1,?2,?3,?4,?5,?6,0)",
+        params![i.call_id, i.idx as i64, i.input_id, i.function_id, i.args, i.retry_count],
+    )?;
+    Ok(())
+}
+
+/// An output, and for a final one its input marked done; inside the caller's transaction.
+fn put_output(c: &Connection, call_id: &str, o: &OutputRow, final_output: bool) -> Result<()> {
+    let exc = match &o.exception {
+        Some(e) => Some(serde_json::to_string(e).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+        None => None,
+    };
+    c.execute(
+        "INSERT OR REPLACE INTO outputs (call_id, seq, idx, input_id, status, data, gen, exception_json, retry_count, final)
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+        params![
+            call_id,
+            o.seq as i64,
+            o.idx as i64,
+            o.input_id,
+            o.status.as_str(),
+            o.data,
+            gen_str(o.gen),
+            exc,
+            o.retry_count,
+            final_output as i64
+        ],
+    )?;
+    if final_output {
+        c.execute(
+            "UPDATE inputs SET done=1, args=x'' WHERE call_id=?1 AND idx=?2",
+            params![call_id, o.idx as i64],
         )?;
+    }
+    Ok(())
+}
+
+fn set_call_done(c: &Connection, call_id: &str, done_at: f64) -> Result<()> {
+    c.execute("UPDATE calls SET done_at=?2 WHERE call_id=?1", params![call_id, done_at])?;
+    Ok(())
+}
+
+fn apply(c: &Connection, w: &Write) -> Result<()> {
+    match w {
+        Write::App(a) => put_app(c, a),
+        Write::AppState { app_id, state } => set_app_state(c, app_id, state),
+        Write::Function(f) => put_function(c, f),
+        Write::Call(call) => put_call(c, call),
+        Write::Input(i) => put_input(c, i),
+        Write::Output { call_id, row, final_output } => put_output(c, call_id, row, *final_output),
+        Write::CallDone { call_id, done_at } => set_call_done(c, call_id, *done_at),
+    }
+}
+
+impl Store for SqliteStore {
+    fn write_batch(&self, writes: &[Write]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        for w in writes {
+            apply(&tx, w)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
+    fn put_app(&self, a: &AppRow) -> Result<()> {
+        put_app(&self.conn(), a)
+    }
+
     fn set_app_state(&self, app_id: &str, state: &str) -> Result<()> {
-        self.conn().execute("UPDATE apps SET state=?2 WHERE app_id=?1", params![app_id, state])?;
-        Ok(())
+        set_app_state(&self.conn(), app_id, state)
     }
 
     fn get_app(&self, app_id: &str) -> Result<Option<AppRow>> {
@@ -309,12 +423,7 @@ impl Store for SqliteStore {
     }
 
     fn put_function(&self, f: &FunctionRow) -> Result<()> {
-        let json = serde_json::to_string(&f.def).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn().execute(
-            "INSERT OR REPLACE INTO functions (function_id, app_id, name, def_json, created_at) VALUES (?1,?2,?3,?4,?5)",
-            params![f.function_id, f.app_id, f.name, json, f.created_at],
-        )?;
-        Ok(())
+        put_function(&self.conn(), f)
     }
 
     fn functions_of_app(&self, app_id: &str) -> Result<Vec<FunctionRow>> {
@@ -344,18 +453,7 @@ impl Store for SqliteStore {
     }
 
     fn put_call(&self, call: &CallRow) -> Result<()> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO calls (call_id, function_id, kind, num_inputs, created_at, caller_app_id) VALUES (?1,?2,?3,?4,?5,?6)",
-            params![
-                call.call_id,
-                call.function_id,
-                call.kind,
-                call.num_inputs as i64,
-                call.created_at,
-                call.caller_app_id
-            ],
-        )?;
-        Ok(())
+        put_call(&self.conn(), call)
     }
 
     fn get_call(&self, call_id: &str) -> Result<Option<CallRow>> {
@@ -378,43 +476,13 @@ impl Store for SqliteStore {
     }
 
     fn put_input(&self, i: &PendingInputRow) -> Result<()> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO inputs (call_id, idx, input_id, function_id, args, retry_count, done)
-             VALUES (?1,?2,?3,?4,?5,?6,0)",
-            params![i.call_id, i.idx as i64, i.input_id, i.function_id, i.args, i.retry_count],
-        )?;
-        Ok(())
+        put_input(&self.conn(), i)
     }
 
     fn put_output(&self, call_id: &str, o: &OutputRow, final_output: bool) -> Result<()> {
-        let exc = match &o.exception {
-            Some(e) => Some(serde_json::to_string(e).map_err(|e| StoreError::Corrupt(e.to_string()))?),
-            None => None,
-        };
         let mut c = self.conn();
         let tx = c.transaction()?;
-        tx.execute(
-            "INSERT OR REPLACE INTO outputs (call_id, seq, idx, input_id, status, data, gen, exception_json, retry_count, final)
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
-            params![
-                call_id,
-                o.seq as i64,
-                o.idx as i64,
-                o.input_id,
-                o.status.as_str(),
-                o.data,
-                gen_str(o.gen),
-                exc,
-                o.retry_count,
-                final_output as i64
-            ],
-        )?;
-        if final_output {
-            tx.execute(
-                "UPDATE inputs SET done=1, args=x'' WHERE call_id=?1 AND idx=?2",
-                params![call_id, o.idx as i64],
-            )?;
-        }
+        put_output(&tx, call_id, o, final_output)?;
         tx.commit()?;
         Ok(())
     }
@@ -493,8 +561,7 @@ impl Store for SqliteStore {
     }
 
     fn set_call_done(&self, call_id: &str, done_at: f64) -> Result<()> {
-        self.conn().execute("UPDATE calls SET done_at=?2 WHERE call_id=?1", params![call_id, done_at])?;
-        Ok(())
+        set_call_done(&self.conn(), call_id, done_at)
     }
 
     fn expire_calls(&self, before_ts: f64) -> Result<u64> {
@@ -865,5 +932,69 @@ mod tests {
         let page = s.logs_after("a", 1, 2).unwrap();
         assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(s.max_log_seq("a").unwrap(), Some(4));
+    }
+
+    #[test]
+    fn a_batch_is_one_transaction() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let app = AppRow {
+            app_id: "a1".into(),
+            name: "a".into(),
+            mode: "deployed".into(),
+            state: "deployed".into(),
+            version: 1,
+            created_at: 1.0,
+        };
+        let call = CallRow {
+            call_id: "c1".into(),
+            function_id: "fn1".into(),
+            kind: "spawn".into(),
+            num_inputs: 1,
+            created_at: 1.0,
+            caller_app_id: None,
+        };
+        let input = PendingInputRow {
+            call_id: "c1".into(),
+            function_id: "fn1".into(),
+            idx: 0,
+            input_id: "in1".into(),
+            args: vec![1],
+            retry_count: 0,
+        };
+        let out = OutputRow {
+            seq: 0,
+            idx: 0,
+            input_id: "in1".into(),
+            status: OutputStatus::Success,
+            data: vec![2],
+            gen: None,
+            exception: None,
+            retry_count: 0,
+        };
+        s.write_batch(&[
+            Write::App(app.clone()),
+            Write::Function(Box::new(FunctionRow {
+                function_id: "fn1".into(),
+                app_id: "a1".into(),
+                name: "f".into(),
+                def: def(),
+                created_at: 1.0,
+            })),
+            Write::Call(call),
+            Write::Input(input),
+            Write::Output { call_id: "c1".into(), row: out.clone(), final_output: true },
+            Write::CallDone { call_id: "c1".into(), done_at: 2.0 },
+            Write::AppState { app_id: "a1".into(), state: "stopped".into() },
+        ])
+        .unwrap();
+        assert_eq!(s.get_app("a1").unwrap().unwrap().state, "stopped");
+        assert_eq!(s.functions_of_app("a1").unwrap().len(), 1);
+        assert_eq!(s.outputs_after("c1", -1, 10).unwrap(), vec![out]);
+        assert!(s.pending_inputs().unwrap().is_empty(), "the final output marked its input done");
+        // A failing write (NOT NULL) takes the whole batch with it.
+        let bad = AppRow { app_id: "a3".into(), created_at: f64::NAN, ..app.clone() };
+        let ok = AppRow { app_id: "a2".into(), ..app };
+        assert!(s.write_batch(&[Write::App(ok), Write::App(bad)]).is_err());
+        assert!(s.get_app("a2").unwrap().is_none());
     }
 }

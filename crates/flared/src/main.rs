@@ -476,6 +476,8 @@ async fn stop_containers(cp: &ControlPlane) {
             break;
         }
     }
+    // The store's writes are committed behind the API; the last ones before exiting.
+    cp.flush().await;
 }
 
 async fn server(args: ServerArgs) -> Result<()> {

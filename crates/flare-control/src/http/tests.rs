@@ -1,0 +1,141 @@
+//! The route table against the container scope and the OpenAPI document.
+
+use std::collections::BTreeSet;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bytes::Bytes;
+use flare_api::{container_may_call, AppMode, CallKind, CALLER_CONTAINER_HEADER, CONTAINER_ROUTES};
+use flare_proto::ToWorker;
+use tower::ServiceExt as _;
+
+use super::routes::{specs, RouteSpec};
+use super::{container_router, harden, router, SitePolicy};
+use crate::tests::{def, harness};
+
+/// A concrete path for a template: each `{name}` becomes `x-1`.
+fn sample(template: &str) -> String {
+    template.split('/').map(|s| if s.starts_with('{') { "x-1" } else { s }).collect::<Vec<_>>().join("/")
+}
+
+#[test]
+fn routes_are_unique() {
+    let all = specs();
+    let set: BTreeSet<(&str, &str)> = all.iter().map(|r| (r.method, r.path)).collect();
+    assert_eq!(set.len(), all.len(), "a route is in the table twice");
+}
+
+/// `flare_api::container_may_call` (what a remote worker relays) and the table's
+/// `container` flags are the same set of routes.
+#[test]
+fn container_flags_agree_with_container_may_call() {
+    let table: BTreeSet<(&str, &str)> =
+        specs().iter().filter(|r| r.container).map(|r| (r.method, r.path)).collect();
+    let api: BTreeSet<(&str, &str)> = CONTAINER_ROUTES.iter().copied().collect();
+    assert_eq!(table, api);
+    for r in specs().iter() {
+        let p = sample(r.path);
+        assert_eq!(container_may_call(r.method, &p), r.container, "{} {p}", r.method);
+        assert_eq!(container_may_call(r.method, &format!("{p}?after=1")), r.container);
+    }
+}
+
+/// Every route of the table is in `openapi.json` with its method, and every operation
+/// there is a route (the image routes are `flare-image`'s, merged by `flared`).
+#[test]
+fn openapi_documents_every_route() {
+    let doc: serde_json::Value = serde_json::from_str(flare_api::OPENAPI_JSON).unwrap();
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut documented = BTreeSet::new();
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("operations").keys() {
+            if ["get", "post", "put", "delete", "patch", "head", "options"].contains(&method.as_str()) {
+                documented.insert((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+    }
+    let table: BTreeSet<(String, String)> =
+        specs().iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    let undocumented: Vec<_> = table.difference(&documented).collect();
+    assert!(undocumented.is_empty(), "routes missing from openapi.json: {undocumented:?}");
+    let image_service = |p: &str| p.starts_with("/v1/blobs") || p.starts_with("/v1/images");
+    let unknown: Vec<_> = documented.difference(&table).filter(|(_, p)| !image_service(p)).collect();
+    assert!(unknown.is_empty(), "openapi.json documents routes the server does not have: {unknown:?}");
+}
+
+/// Each documented route of the table declares its path parameters (by name, resolving
+/// `$ref`s) and its responses.
+#[test]
+fn openapi_operations_declare_their_path_parameters() {
+    let doc: serde_json::Value = serde_json::from_str(flare_api::OPENAPI_JSON).unwrap();
+    let resolve = |p: &serde_json::Value| match p["$ref"].as_str() {
+        Some(r) => doc.pointer(r.trim_start_matches('#')).cloned().unwrap_or_default(),
+        None => p.clone(),
+    };
+    for r in specs().iter() {
+        let op = &doc["paths"][r.path][r.method.to_ascii_lowercase()];
+        let mut declared: Vec<String> = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(resolve)
+            .filter(|p| p["in"] == "path")
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect();
+        declared.sort();
+        let mut wanted: Vec<String> = r
+            .path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(str::to_string)
+            .collect();
+        wanted.sort();
+        assert_eq!(declared, wanted, "{} {}: path parameters", r.method, r.path);
+        assert!(op["responses"].is_object(), "{} {}: no responses", r.method, r.path);
+    }
+}
+
+async fn send(router: &axum::Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+fn from_container(cid: &str, r: &RouteSpec) -> Request<Body> {
+    let body = if r.method == "GET" { "" } else { "{}" };
+    Request::builder()
+        .method(r.method)
+        .uri(sample(r.path))
+        .header("host", "127.0.0.1")
+        .header(CALLER_CONTAINER_HEADER, cid)
+        .header("content-type", "application/json")
+        .header("content-length", body.len().to_string())
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The container socket serves exactly the routes marked `container`; the public router
+/// refuses the others for requests relayed from a container.
+#[tokio::test]
+async fn container_routers_follow_the_flag() {
+    let mut h = harness().await;
+    let (app, _) = h.cp.create_app("a", AppMode::Ephemeral).unwrap();
+    let fid = h.cp.register_functions(&app.app_id, vec![def("f")]).unwrap()[0].1.clone();
+    h.cp.create_call(&fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = h.rx.recv().await.unwrap() else { panic!() };
+    let socket = container_router(h.cp.clone());
+    let public = harden(router(h.cp.clone()), &h.cp, SitePolicy::default());
+    let refused = |v: &serde_json::Value| v["error"]["message"] == "not available from inside a container";
+    for r in specs().iter() {
+        for (which, rt) in [("socket", &socket), ("public", &public)] {
+            let (s, v) = send(rt, from_container(&a.container_id, r)).await;
+            if r.container {
+                assert!(!refused(&v), "{which}: {} {} refused: {v}", r.method, r.path);
+            } else {
+                assert_eq!(s, StatusCode::NOT_FOUND, "{which}: {} {}", r.method, r.path);
+                assert!(refused(&v), "{which}: {} {}: {v}", r.method, r.path);
+            }
+        }
+    }
+}

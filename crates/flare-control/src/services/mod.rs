@@ -1,0 +1,26 @@
+//! Services: the capabilities built on the core control plane.
+//!
+//! Each later capability — ingress (web endpoints), volumes, dicts, queues, secrets,
+//! sandboxes, usage — lives in its own module here and owns its state, its store tables
+//! and its routes. It implements [`Service`] and is listed in [`registered`]; the HTTP
+//! layer merges each service's route table into the one table
+//! ([`crate::http::routes::table`]), so its routes get the same guards, the same error
+//! type, the same `container` flag and the same OpenAPI completeness check as the core's.
+//!
+//! No service exists yet.
+
+use crate::http::Route;
+
+/// A capability with its own routes.
+pub trait Service: Send + Sync {
+    /// Short name, for logs.
+    fn name(&self) -> &'static str;
+    /// Its routes (paths under `/v1/<name>...`), each marked `container` if code in a
+    /// container may call it.
+    fn routes(&self) -> Vec<Route>;
+}
+
+/// The services of this control plane, in route-table order.
+pub fn registered() -> Vec<Box<dyn Service>> {
+    Vec::new()
+}
