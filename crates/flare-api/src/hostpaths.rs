@@ -353,7 +353,10 @@ mod tests {
         }
         // The allow-list itself can hold neither /, nor the data dir, nor a kernel fs.
         assert!(HostBindPolicy::with_allowed(&[PathBuf::from("/")], Some(&home)).is_err());
-        assert!(HostBindPolicy::with_allowed(&[d.clone()], Some(&home)).is_err(), "contains FLARE_HOME");
+        assert!(
+            HostBindPolicy::with_allowed(std::slice::from_ref(&d), Some(&home)).is_err(),
+            "contains FLARE_HOME"
+        );
         assert!(HostBindPolicy::with_allowed(&[PathBuf::from("/proc/self")], None).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }

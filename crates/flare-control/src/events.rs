@@ -231,12 +231,3 @@ pub(crate) fn requeue_front(st: &mut State, fid: &str, mut qi: QueuedInput) {
         f.queue.push_front(qi);
     }
 }
-
-/// An exit status as text.
-pub(crate) fn describe_exit(r: &ExitReport) -> String {
-    match (r.code, r.signal) {
-        (_, Some(sig)) => format!("killed by signal {sig}"),
-        (Some(code), None) => format!("exit code {code}"),
-        _ => "unknown status".into(),
-    }
-}

@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use flare_proto::{ExceptionInfo, ExitReport, OutputStatus, RetryPolicy};
 
-use crate::events::describe_exit;
-
 /// Containers of a function that may fail to start in a row before its queue fails.
 pub(crate) const START_FAILURE_LIMIT: u32 = 3;
 /// Inputs a platform fault may re-run before the input fails, beyond the user's retries.
@@ -48,7 +46,7 @@ pub(crate) fn start_fault(was_starting: bool, report: &ExitReport, failures: u32
         if report.oom_killed {
             format!("container ran out of memory (OOM) while starting: limit {}", limit_text(report))
         } else {
-            format!("container exited before it was ready ({})", describe_exit(report))
+            format!("container exited before it was ready ({})", report.status_text())
         }
     });
     (0, StartFault::FailQueue(ExceptionInfo::new("flare.exception.ExecutionError", msg)))
@@ -107,7 +105,7 @@ pub(crate) fn exited_input_fate(
         OutputStatus::Terminated,
         ExceptionInfo::new(
             "flare.exception.ExecutionError",
-            format!("the container running this input died ({})", describe_exit(report)),
+            format!("the container running this input died ({})", report.status_text()),
         ),
     )
 }

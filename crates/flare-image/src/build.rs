@@ -879,7 +879,10 @@ impl Builder {
             return Ok(CommandRun { tail: tail.text(), in_userns: run.in_userns });
         }
         Err(ImageError::StepFailed {
-            message: format!("`{cmd}` failed ({})", run.exit.describe()),
+            message: format!(
+                "`{cmd}` failed ({})",
+                flare_proto::exit_status_text(run.exit.code, run.exit.signal, run.exit.oom_killed)
+            ),
             log_tail: tail.text(),
         })
     }

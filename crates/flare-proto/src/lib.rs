@@ -301,6 +301,18 @@ pub struct ContainerAssignment {
     pub def: FunctionDef,
 }
 
+/// How a process ended, in words: the one text for exit statuses, used by the worker,
+/// the image builder and the control plane ("exit code 3", "killed by signal 9",
+/// "killed: out of memory", "unknown status").
+pub fn exit_status_text(code: Option<i32>, signal: Option<i32>, oom_killed: bool) -> String {
+    match (code, signal, oom_killed) {
+        (_, _, true) => "killed: out of memory".to_owned(),
+        (_, Some(s), _) => format!("killed by signal {s}"),
+        (Some(c), _, _) => format!("exit code {c}"),
+        _ => "unknown status".to_owned(),
+    }
+}
+
 /// Why a container ended.
 #[derive(Clone, Debug, Default)]
 pub struct ExitReport {
@@ -314,6 +326,13 @@ pub struct ExitReport {
     pub start_error: Option<String>,
     /// True when the stop was asked for (scale-down, app stop, cancel).
     pub requested: bool,
+}
+
+impl ExitReport {
+    /// [`exit_status_text`] of this report.
+    pub fn status_text(&self) -> String {
+        exit_status_text(self.code, self.signal, self.oom_killed)
+    }
 }
 
 /// Control plane -> worker.
@@ -355,6 +374,16 @@ pub enum FromWorker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exit_status_texts() {
+        let e = exit_status_text;
+        assert_eq!(e(Some(0), None, false), "exit code 0");
+        assert_eq!(e(Some(3), None, false), "exit code 3");
+        assert_eq!(e(None, Some(9), false), "killed by signal 9");
+        assert_eq!(e(None, Some(9), true), "killed: out of memory");
+        assert_eq!(e(None, None, false), "unknown status");
+    }
+
     use super::*;
 
     #[test]

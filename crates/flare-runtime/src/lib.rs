@@ -201,17 +201,6 @@ pub struct ExitInfo {
 }
 
 impl ExitInfo {
-    /// How the program ended, in words: `exit code 1`, `killed by signal 9`,
-    /// `killed: out of memory` (the cgroup's OOM killer fired), `unknown status`.
-    pub fn describe(&self) -> String {
-        match (self.code, self.signal, self.oom_killed) {
-            (_, _, true) => "killed: out of memory".to_owned(),
-            (_, Some(s), _) => format!("killed by signal {s}"),
-            (Some(c), _, _) => format!("exit code {c}"),
-            _ => "unknown status".to_owned(),
-        }
-    }
-
     fn from_status(status: i32, oom_killed: bool) -> ExitInfo {
         if libc::WIFEXITED(status) {
             ExitInfo { code: Some(libc::WEXITSTATUS(status)), signal: None, oom_killed }
@@ -839,16 +828,6 @@ impl Drop for Container {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_descriptions() {
-        let e = |code, signal, oom_killed| ExitInfo { code, signal, oom_killed }.describe();
-        assert_eq!(e(Some(0), None, false), "exit code 0");
-        assert_eq!(e(Some(3), None, false), "exit code 3");
-        assert_eq!(e(None, Some(9), false), "killed by signal 9");
-        assert_eq!(e(None, Some(9), true), "killed: out of memory");
-        assert_eq!(e(None, None, false), "unknown status");
-    }
 
     #[test]
     fn ids() {

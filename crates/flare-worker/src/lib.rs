@@ -562,8 +562,7 @@ async fn run_container_in(
         report.oom_killed = info.oom_killed;
     }
     if explain_exit {
-        let status = flare_runtime::ExitInfo { code: report.code, signal: report.signal, oom_killed: false }
-            .describe();
+        let status = flare_proto::exit_status_text(report.code, report.signal, false);
         let tail = err.dec.tail_text();
         report.start_error = Some(if report.oom_killed {
             format!(

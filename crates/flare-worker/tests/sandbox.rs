@@ -68,7 +68,10 @@ fn a_command_streams_its_output_and_exit() {
         })
         .unwrap();
     assert_eq!(run.exit.code, Some(3), "{out}");
-    assert_eq!(run.exit.describe(), "exit code 3");
+    assert_eq!(
+        flare_proto::exit_status_text(run.exit.code, run.exit.signal, run.exit.oom_killed),
+        "exit code 3"
+    );
     assert_eq!(run.in_userns, Some(true));
     assert_eq!(out, "out\nerr\nhé\nC.UTF-8\n");
 }

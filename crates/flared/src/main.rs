@@ -420,7 +420,7 @@ async fn serve_api(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
             Err(_) => {
-                if last_full_warning.map_or(true, |t| t.elapsed() >= Duration::from_secs(10)) {
+                if last_full_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
                         max = limits.max_connections,
                         "connection limit reached; new connections wait"
