@@ -39,7 +39,7 @@ fn main() -> Result<(), RuntimeError> {
     let mut spawn = Vec::new();
     let mut total = Vec::new();
     for i in 0..51 {
-        let spec = ContainerSpec {
+        let spec = CommandSpec {
             id: format!("lat-{i}"),
             hostname: "lat".into(),
             argv: vec!["/bin/true".into()],
@@ -49,11 +49,9 @@ fn main() -> Result<(), RuntimeError> {
             binds: vec![],
             limits: Limits { cpu_millicores: Some(1000), memory_bytes: Some(512 << 20), ..Limits::default() },
             network: if nat { Network::Nat } else { Network::Isolated },
-            stdout: devnull(),
-            stderr: devnull(),
-            extra_fds: vec![],
             upper_dir: None,
-        };
+        }
+        .with_stdio(devnull(), devnull(), vec![]);
         let t0 = Instant::now();
         let mut c = rt.spawn(spec)?;
         let t1 = Instant::now();

@@ -37,7 +37,9 @@ pub struct CommandSpec {
     pub binds: Vec<Bind>,
     pub limits: Limits,
     pub network: Network,
-    /// See [`ContainerSpec::upper_dir`].
+    /// Keep the root overlay's upper layer in `<dir>/upper` (work dir `<dir>/work`) on
+    /// this host directory instead of a per-container tmpfs, so that what the container
+    /// wrote survives it (image builds snapshot it as a layer). `dir` must exist.
     pub upper_dir: Option<PathBuf>,
 }
 
@@ -49,21 +51,7 @@ impl CommandSpec {
         stderr: OwnedFd,
         extra_fds: Vec<(OwnedFd, RawFd)>,
     ) -> ContainerSpec {
-        ContainerSpec {
-            id: self.id,
-            hostname: self.hostname,
-            argv: self.argv,
-            env: self.env,
-            cwd: self.cwd,
-            rootfs: self.rootfs,
-            binds: self.binds,
-            limits: self.limits,
-            network: self.network,
-            stdout,
-            stderr,
-            extra_fds,
-            upper_dir: self.upper_dir,
-        }
+        ContainerSpec { command: self, stdout, stderr, extra_fds }
     }
 }
 

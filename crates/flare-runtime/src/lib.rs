@@ -162,31 +162,15 @@ pub enum Network {
     Nat,
 }
 
-/// What to run and how.
+/// What to run and how: a [`CommandSpec`] with the file descriptors the program gets.
 #[derive(Debug)]
 pub struct ContainerSpec {
-    /// `[a-zA-Z0-9_-]+`, unique among live containers.
-    pub id: String,
-    pub hostname: String,
-    /// `argv[0]` is an absolute path inside the container.
-    pub argv: Vec<String>,
-    /// The full environment (nothing is inherited).
-    pub env: Vec<(String, String)>,
-    pub cwd: String,
-    pub rootfs: Rootfs,
-    /// Applied in order after the base file system.
-    pub binds: Vec<Bind>,
-    pub limits: Limits,
-    pub network: Network,
+    pub command: CommandSpec,
     /// stdin is /dev/null.
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     /// (fd, number it must have in the container), e.g. a unix socket as fd 3.
     pub extra_fds: Vec<(OwnedFd, RawFd)>,
-    /// Keep the root overlay's upper layer in `<dir>/upper` (work dir `<dir>/work`) on
-    /// this host directory instead of a per-container tmpfs, so that what the container
-    /// wrote survives it (image builds snapshot it as a layer). `dir` must exist.
-    pub upper_dir: Option<PathBuf>,
 }
 
 /// How the container's program ended.
@@ -430,10 +414,10 @@ impl Runtime {
     pub fn spawn(&self, spec: ContainerSpec) -> Result<Container, RuntimeError> {
         let inner = &self.inner;
         validate(&spec)?;
-        let dir = inner.cfg.state_dir.join("containers").join(&spec.id);
+        let dir = inner.cfg.state_dir.join("containers").join(&spec.command.id);
         fs::create_dir(&dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                RuntimeError::InvalidSpec(format!("container id {:?} is already in use", spec.id))
+                RuntimeError::InvalidSpec(format!("container id {:?} is already in use", spec.command.id))
             } else {
                 RuntimeError::io(format!("create {}", dir.display()), e)
             }
@@ -443,11 +427,11 @@ impl Runtime {
         for d in ["scratch", "rootfs"] {
             fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
         }
-        let cg = inner.cgroups.create(&spec.id, &spec.limits)?;
+        let cg = inner.cgroups.create(&spec.command.id, &spec.command.limits)?;
         let procs = cg.open_procs();
         res.cgroup = Some(cg);
         let procs = procs?;
-        let netns = match spec.network {
+        let netns = match spec.command.network {
             Network::Isolated => None,
             Network::Nat => {
                 let pool = inner.nat.as_ref().map_err(|r| RuntimeError::NetworkUnavailable(r.clone()))?;
@@ -479,7 +463,7 @@ impl Runtime {
         };
 
         let (mut plan, prep) = plan::build_plan(inner, &spec, &dir, sysfs)?;
-        plan.loopback_up = spec.network == Network::Isolated;
+        plan.loopback_up = spec.command.network == Network::Isolated;
         plan.cgroup_fds = procs.iter().map(|f| f.as_raw_fd()).collect();
         let (err_r, err_w) = sys::pipe_cloexec().ctx(|| "create pipe".into())?;
         plan.err_fd = err_w.as_raw_fd();
@@ -493,7 +477,7 @@ impl Runtime {
         let stack = sys::Stack::new(CLONE_STACK).ctx(|| "mmap clone stack".into())?;
 
         let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-        if spec.network == Network::Isolated {
+        if spec.command.network == Network::Isolated {
             flags |= libc::CLONE_NEWNET;
         }
         if inner.cfg.userns.is_some() {
@@ -577,12 +561,12 @@ impl Runtime {
         let pidfd = pidfd.ctx(|| "pidfd_open".into())?;
         tracing::debug!(container = %res.id(), pid, "container started");
         Ok(Container {
-            id: spec.id,
+            id: spec.command.id,
             pid,
             pidfd,
             page,
             scratch: prep.scratch,
-            memory_limit: spec.limits.memory_bytes,
+            memory_limit: spec.command.limits.memory_bytes,
             exit: None,
             res,
         })
@@ -591,19 +575,19 @@ impl Runtime {
 
 fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
     let bad = |m: String| Err(RuntimeError::InvalidSpec(m));
-    if !valid_id(&spec.id) {
-        return bad(format!("id {:?} must match [a-zA-Z0-9_-]+", spec.id));
+    if !valid_id(&spec.command.id) {
+        return bad(format!("id {:?} must match [a-zA-Z0-9_-]+", spec.command.id));
     }
-    if spec.argv.is_empty() || !spec.argv[0].starts_with('/') {
+    if spec.command.argv.is_empty() || !spec.command.argv[0].starts_with('/') {
         return bad("argv[0] must be an absolute path".into());
     }
-    if !spec.cwd.starts_with('/') {
+    if !spec.command.cwd.starts_with('/') {
         return bad("cwd must be absolute".into());
     }
-    if spec.hostname.len() > 64 {
+    if spec.command.hostname.len() > 64 {
         return bad("hostname longer than 64 bytes".into());
     }
-    for (k, _) in &spec.env {
+    for (k, _) in &spec.command.env {
         if k.is_empty() || k.contains('=') {
             return bad(format!("invalid environment variable name {k:?}"));
         }
@@ -614,7 +598,7 @@ fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
     if targets.len() != spec.extra_fds.len() || targets.iter().any(|t| *t < 3 || *t > 1 << 20) {
         return bad("extra fd targets must be distinct and >= 3".into());
     }
-    for b in &spec.binds {
+    for b in &spec.command.binds {
         if !b.dst.is_absolute() || b.dst.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return bad(format!("bind destination {} must be absolute without '..'", b.dst.display()));
         }

@@ -126,13 +126,13 @@ pub(crate) fn build_plan(
 ) -> Result<(ChildPlan, Prepared), RuntimeError> {
     let mut prep = Prepared { fds: Vec::new(), scratch: None };
     let root_owner = inner.cfg.userns.map(|u| (u.host_base, u.host_base)).unwrap_or((0, 0));
-    let disk = spec.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
-    let shm = spec.limits.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
+    let disk = spec.command.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
+    let shm = spec.command.limits.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
     let nosuid_nodev = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
 
     // The root overlay, mounted here by the host: its upper layer on a tmpfs of `disk`
     // bytes (or the spec's host dir), its root dir owned by the container's root.
-    let (upper, work) = match &spec.upper_dir {
+    let (upper, work) = match &spec.command.upper_dir {
         None => {
             let scratch =
                 detached::tmpfs(disk, 0o755, nosuid_nodev).ctx(|| "mount the container's tmpfs".into())?;
@@ -150,7 +150,7 @@ pub(crate) fn build_plan(
             (format!("{}/upper", d.display()), format!("{}/work", d.display()))
         }
     };
-    let lower = match &spec.rootfs {
+    let lower = match &spec.command.rootfs {
         Rootfs::Host => inner.skeleton.clone(),
         Rootfs::Dir(p) => p.clone(),
     };
@@ -167,7 +167,7 @@ pub(crate) fn build_plan(
     prep.fds.push(root);
 
     let mut ops: Vec<LabeledOp> = Vec::with_capacity(96);
-    if matches!(spec.rootfs, Rootfs::Host) {
+    if matches!(spec.command.rootfs, Rootfs::Host) {
         for d in &inner.host_dirs {
             let src = if d == "etc" { inner.etc_dir.clone() } else { Path::new("/").join(d) };
             // /opt holds whatever software put there (configs with secrets included): it
@@ -251,7 +251,7 @@ pub(crate) fn build_plan(
 
     // User binds: sources opened without following links, cloned as detached trees
     // (read-only ones recursively read-only) before the container exists.
-    for (i, b) in spec.binds.iter().enumerate() {
+    for (i, b) in spec.command.binds.iter().enumerate() {
         // Not idmapped: in user-supplied trees a host root-only file must stay unreadable
         // to the container's root.
         let (tree, kind) = detached::bind(&b.src, b.readonly)
@@ -278,9 +278,9 @@ pub(crate) fn build_plan(
         ));
     }
 
-    let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a, "argv")).collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = spec.command.argv.iter().map(|a| cstr(a, "argv")).collect::<Result<_, _>>()?;
     let envp: Vec<CString> =
-        spec.env.iter().map(|(k, v)| cstr(format!("{k}={v}"), "env")).collect::<Result<_, _>>()?;
+        spec.command.env.iter().map(|(k, v)| cstr(format!("{k}={v}"), "env")).collect::<Result<_, _>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
@@ -297,9 +297,9 @@ pub(crate) fn build_plan(
         sysfs_fd: -1,
         loopback_up: false,
         cgroup_fds: Vec::new(),
-        hostname: cstr(&spec.hostname, "hostname")?,
+        hostname: cstr(&spec.command.hostname, "hostname")?,
         ops,
-        cwd: cstr(&spec.cwd, "cwd")?,
+        cwd: cstr(&spec.command.cwd, "cwd")?,
         argv_ptrs,
         envp_ptrs,
         strings: (argv, envp),

@@ -67,7 +67,7 @@ fn setup_failure_names_the_step() {
         other => panic!("expected setup error, got {other:?}"),
     }
     let (mut s, r2) = spec(&["/bin/true"]);
-    s.binds.push(Bind {
+    s.command.binds.push(Bind {
         src: "/etc/hostname".into(),
         dst: "/usr/flare-cannot-create".into(),
         readonly: true,
@@ -190,7 +190,7 @@ fn memory_usage_and_limit_reported() {
     require_root!();
     let rt = runtime("memusage", false);
     let (mut s, readers) = spec(&["/bin/sleep", "2"]);
-    s.limits.memory_bytes = Some(128 << 20);
+    s.command.limits.memory_bytes = Some(128 << 20);
     let mut c = rt.spawn(s).unwrap();
     assert_eq!(c.memory_limit(), Some(128 << 20));
     let u = c.memory_usage().expect("usage");
@@ -220,8 +220,8 @@ fn cpu_limit_written() {
     require_root!();
     let rt = runtime("cpu", false);
     let (mut s, readers) = spec(&["/bin/sleep", "10"]);
-    s.limits.cpu_millicores = Some(500);
-    let id = s.id.clone();
+    s.command.limits.cpu_millicores = Some(500);
+    let id = s.command.id.clone();
     let mut c = rt.spawn(s).unwrap();
     let (file, want) = match rt.cgroup_mode() {
         CgroupMode::V1 => {
@@ -319,7 +319,7 @@ for addr in [('127.0.0.1', {p1}), (gw, {p2})]:\n    s = socket.socket(); s.setti
     // The host side of a running container's veth exists (one NAT test only: a runtime
     // start removes every leftover fl* link, which would break a parallel NAT runtime).
     let (mut s, readers) = spec(&["/bin/sh", "-c", "sleep 10"]);
-    s.network = Network::Nat;
+    s.command.network = Network::Nat;
     let mut c = rt.spawn(s).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let out = std::process::Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap();
@@ -448,8 +448,8 @@ for a in {addrs:?} + ["fe80::1"]:
 "#
     );
     let (mut s, readers) = spec(&[PYTHON, "-c", &script]);
-    s.binds.push(pyenv_bind());
-    s.network = Network::Nat;
+    s.command.binds.push(pyenv_bind());
+    s.command.network = Network::Nat;
     let mut c = rt.spawn(s).unwrap();
     let exit = c.wait().unwrap();
     c.cleanup().unwrap();

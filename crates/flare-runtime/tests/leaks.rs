@@ -33,9 +33,9 @@ fn hundred_containers_leave_nothing_behind() {
     for i in 0..100 {
         let (mut s, readers) = spec(&["/bin/true"]);
         if i % 2 == 0 {
-            s.binds.push(pyenv_bind());
-            s.limits.memory_bytes = Some(256 << 20);
-            s.limits.cpu_millicores = Some(1000);
+            s.command.binds.push(pyenv_bind());
+            s.command.limits.memory_bytes = Some(256 << 20);
+            s.command.limits.cpu_millicores = Some(1000);
         }
         let t0 = Instant::now();
         let mut c = rt.spawn(s).expect("spawn");

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use flare_runtime::{ContainerSpec, Limits, Network, Rootfs, Runtime, RuntimeConfig, UserNamespace};
+use flare_runtime::{
+    CommandSpec, ContainerSpec, Limits, Network, Rootfs, Runtime, RuntimeConfig, UserNamespace,
+};
 use flare_snapshot::{CgroupMode, DumpOpts, ExternalMount};
 
 struct Rt {
@@ -47,7 +49,7 @@ fn devnull() -> OwnedFd {
 }
 
 fn holder_spec(id: &str, py: &str) -> ContainerSpec {
-    ContainerSpec {
+    CommandSpec {
         id: id.into(),
         hostname: "flare-snap".into(),
         argv: vec![py.into(), "-c".into(), HOLDER.into(), "/tmp/report".into()],
@@ -57,11 +59,9 @@ fn holder_spec(id: &str, py: &str) -> ContainerSpec {
         binds: vec![],
         limits: Limits::default(),
         network: Network::Isolated,
-        stdout: devnull(),
-        stderr: devnull(),
-        extra_fds: vec![],
         upper_dir: None,
     }
+    .with_stdio(devnull(), devnull(), vec![])
 }
 
 /// The container's program: init's only child.

@@ -110,7 +110,7 @@ fn reader(mut f: File) -> std::thread::JoinHandle<String> {
 pub fn spec(argv: &[&str]) -> (ContainerSpec, Readers) {
     let (out_r, out_w) = pipe();
     let (err_r, err_w) = pipe();
-    let spec = ContainerSpec {
+    let spec = CommandSpec {
         id: next_id("t"),
         hostname: "flare-test".into(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -123,11 +123,9 @@ pub fn spec(argv: &[&str]) -> (ContainerSpec, Readers) {
         binds: vec![],
         limits: Limits::default(),
         network: Network::Isolated,
-        stdout: out_w,
-        stderr: err_w,
-        extra_fds: vec![],
         upper_dir: None,
-    };
+    }
+    .with_stdio(out_w, err_w, vec![]);
     (spec, Readers { stdout: reader(out_r), stderr: reader(err_r) })
 }
 
@@ -142,9 +140,9 @@ pub struct Out {
 }
 
 /// Spawn, wait, clean up.
-pub fn run(rt: &Runtime, argv: &[&str], edit: impl FnOnce(&mut ContainerSpec)) -> Out {
+pub fn run(rt: &Runtime, argv: &[&str], edit: impl FnOnce(&mut CommandSpec)) -> Out {
     let (mut s, readers) = spec(argv);
-    edit(&mut s);
+    edit(&mut s.command);
     let mut c = rt.spawn(s).expect("spawn");
     let exit = c.wait().expect("wait");
     c.cleanup().expect("cleanup");
@@ -152,6 +150,6 @@ pub fn run(rt: &Runtime, argv: &[&str], edit: impl FnOnce(&mut ContainerSpec)) -
     Out { exit, stdout, stderr }
 }
 
-pub fn sh(rt: &Runtime, script: &str, edit: impl FnOnce(&mut ContainerSpec)) -> Out {
+pub fn sh(rt: &Runtime, script: &str, edit: impl FnOnce(&mut CommandSpec)) -> Out {
     run(rt, &["/bin/sh", "-c", script], edit)
 }
