@@ -1,6 +1,6 @@
 //! App lifecycle: create, deploy, heartbeat, stop, register functions, and what the API shows of apps and functions.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -35,19 +35,7 @@ impl ControlPlane {
                 st.mark_dirty(&f.function_id);
                 st.functions.insert(
                     f.function_id.clone(),
-                    FnRt {
-                        id: f.function_id,
-                        app_id: app.app_id.clone(),
-                        name: f.name,
-                        def: f.def,
-                        version: 1,
-                        queue: VecDeque::new(),
-                        delayed: Vec::new(),
-                        containers: HashSet::new(),
-                        active: true,
-                        waiting: None,
-                        start_failures: 0,
-                    },
+                    FnRt::new(f.function_id, app.app_id.clone(), f.name, f.def),
                 );
             }
             let next_log_seq = store.max_log_seq(&app.app_id)?.map(|s| s + 1).unwrap_or(0);
@@ -242,19 +230,7 @@ impl ControlPlane {
                 None => {
                     st.functions.insert(
                         fid.clone(),
-                        FnRt {
-                            id: fid.clone(),
-                            app_id: app_id.to_string(),
-                            name: def.name.clone(),
-                            def: def.clone(),
-                            version: 1,
-                            queue: VecDeque::new(),
-                            delayed: Vec::new(),
-                            containers: HashSet::new(),
-                            active: true,
-                            waiting: None,
-                            start_failures: 0,
-                        },
+                        FnRt::new(fid.clone(), app_id.to_string(), def.name.clone(), def.clone()),
                     );
                 }
             }

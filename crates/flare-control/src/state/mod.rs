@@ -79,6 +79,25 @@ pub(crate) struct FnRt {
     pub(crate) start_failures: u32,
 }
 
+impl FnRt {
+    /// A function's first version: active, nothing queued, no containers.
+    pub(crate) fn new(id: String, app_id: String, name: String, def: FunctionDef) -> Self {
+        FnRt {
+            id,
+            app_id,
+            name,
+            def,
+            version: 1,
+            queue: VecDeque::new(),
+            delayed: Vec::new(),
+            containers: HashSet::new(),
+            active: true,
+            waiting: None,
+            start_failures: 0,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum CState {
     Starting,
