@@ -285,16 +285,20 @@ impl ControlPlane {
             let cids: Vec<String> =
                 st.functions.get(fid).map(|f| f.containers.iter().cloned().collect()).unwrap_or_default();
             for cid in cids {
-                // Inputs still running fail now; the container is stopped.
+                // Inputs still running fail now and their container is killed; an idle
+                // one is stopped gracefully (SHUTDOWN, then the worker's grace), so that
+                // a class's exit hooks run and their prints reach the app's logs.
+                let mut idle = true;
                 if let Some(c) = st.containers.get_mut(&cid) {
                     let inflight: Vec<QueuedInput> = c.inflight.values().cloned().collect();
+                    idle = inflight.is_empty();
                     c.cancelled.extend(inflight.iter().map(|q| q.input_id.clone()));
                     for qi in inflight {
                         let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
                         finish_input(st, self.persist(), &qi, out);
                     }
                 }
-                stop_container(st, &cid, false);
+                stop_container(st, &cid, idle);
             }
         }
     }
