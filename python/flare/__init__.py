@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         is_local as is_local,
     )
     from .app import App as App
+    from .cls import Cls as Cls, enter as enter, exit as exit, method as method, parameter as parameter
     from .exception import Error as Error
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 _LAZY = {
     "App": ("flare.app", "App"),
     "Function": ("flare.function", "Function"),
+    "Cls": ("flare.cls", "Cls"),
+    "enter": ("flare.cls", "enter"),
+    "exit": ("flare.cls", "exit"),
+    "method": ("flare.cls", "method"),
+    "parameter": ("flare.cls", "parameter"),
     "Image": ("flare.image", "Image"),
     "FilePatternMatcher": ("flare.image", "FilePatternMatcher"),
     "FunctionCall": ("flare.function_call", "FunctionCall"),

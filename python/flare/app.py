@@ -62,6 +62,10 @@ class App:
         # Images given to @app.function(image=...), by function tag.
         self._function_images: dict[str, Image] = {}
         self._functions: dict[str, Function] = {}
+        # Classes (@app.cls) by tag, and the registered definitions by tag (the classes'
+        # parameter/options variants are derived from them, flare/cls.py).
+        self._classes: dict[str, Any] = {}
+        self._defs: dict[str, dict[str, Any]] = {}
         self._local_entrypoints: dict[str, LocalEntrypoint] = {}
         self._app_id: str | None = None
         self._entry_file = _caller_file()
@@ -140,6 +144,11 @@ class App:
                 raise exception.InvalidError("@app.function() is applied twice to the same function")
             if not callable(f):
                 raise exception.InvalidError(f"@app.function() must decorate a function, not {type(f).__name__}")
+            if isinstance(f, type):
+                raise exception.InvalidError("@app.function() cannot decorate a class: use @app.cls()")
+            from .cls import check_not_lifecycle
+
+            check_not_lifecycle(f)
             if self._running:
                 raise exception.InvalidError("functions must be defined before app.run() starts")
             tag = name or getattr(f, "__qualname__", None) or getattr(f, "__name__", None)
@@ -164,6 +173,58 @@ class App:
 
         if _f is not None:
             return decorator(_f)
+        return decorator
+
+    def cls(
+        self,
+        _c: type | None = None,
+        *,
+        image: Image | None = None,
+        cpu: float | tuple[float, float] | None = None,
+        memory: int | None = None,
+        gpu: Any = None,
+        timeout: int = 300,
+        retries: int | Retries | None = None,
+        env: dict[str, str] | None = None,
+        min_containers: int = 0,
+        max_containers: int | None = None,
+        buffer_containers: int = 0,
+        scaledown_window: int = 60,
+        serialized: bool = False,
+        name: str | None = None,
+        block_network: bool = False,
+    ) -> Any:
+        """Decorator turning a class into a ``flare.Cls``: its ``@flare.method()``s run in
+        containers that share the class's ``@flare.enter()`` state (``flare/cls.py``).
+        Takes every option ``@app.function()`` takes."""
+        from .cls import Cls, class_info
+
+        decorator_kwargs: dict[str, Any] = {
+            "cpu": cpu, "memory": memory, "gpu": gpu, "timeout": timeout, "retries": retries, "env": env,
+            "min_containers": min_containers, "max_containers": max_containers,
+            "buffer_containers": buffer_containers, "scaledown_window": scaledown_window,
+            "block_network": block_network,
+        }
+        register = self.function(image=image, serialized=serialized, name=name, **decorator_kwargs)
+
+        def decorator(c: type) -> Cls:
+            if isinstance(c, Cls):
+                raise exception.InvalidError("@app.cls() is applied twice to the same class")
+            info = class_info(c)
+            if not info["methods"]:
+                raise exception.InvalidError(f"{c.__qualname__} has no @flare.method(): nothing to call")
+            # The class's own concurrency (@flare.concurrent above or below @app.cls).
+            base = _register_class(register, c)
+            try:
+                c.__flare_cls_info__ = info  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                raise exception.InvalidError(f"@app.cls() cannot annotate {c.__qualname__}") from None
+            obj = Cls(c, self, base._tag, base, info, decorator_kwargs=decorator_kwargs)
+            self._classes[base._tag] = obj
+            return obj
+
+        if _c is not None:
+            return decorator(_c)
         return decorator
 
     def local_entrypoint(self, _f: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
@@ -211,6 +272,26 @@ class App:
         return "app"
 
 
+def _register_class(register: Callable[[Any], Function], c: type) -> Function:
+    """``@app.function`` for a class's base registration (it refuses classes elsewhere)."""
+
+    def stand_in() -> None:  # pragma: no cover - replaced below
+        pass
+
+    stand_in.__qualname__ = c.__qualname__
+    stand_in.__name__ = c.__name__
+    stand_in.__module__ = c.__module__
+    conc = getattr(c, "__flare_concurrency__", None)
+    if conc is not None:
+        stand_in.__flare_concurrency__ = conc  # type: ignore[attr-defined]
+    fn = register(stand_in)
+    fn._raw_f = c
+    fn.__flare_raw_f__ = c
+    fn._is_generator = fn._is_async = False
+    fn._is_class = True  # type: ignore[attr-defined]
+    return fn
+
+
 def _check_image(image: Any) -> Image | None:
     if image is None:
         return None
@@ -228,6 +309,8 @@ def _restore_app(name: str | None, app_id: str | None) -> App:
     app._image = None
     app._function_images = {}
     app._functions = {}
+    app._classes = {}
+    app._defs = {}
     app._local_entrypoints = {}
     app._app_id = app_id
     app._entry_file = None
@@ -298,6 +381,8 @@ def _function_def(
         "python": python,
         "config": dict(fn._config),
     }
+    if getattr(fn, "_is_class", False):
+        fdef["is_class"] = True
     if image_id is not None:
         fdef["image_id"] = image_id
     return fdef
@@ -340,6 +425,7 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
         img = images.get(fn._tag)
         image_id = image_ids[id(img)] if img is not None else local_image_id
         defs.append(_function_def(fn, entry_dir, mount_id, image_id, sdk_mount))
+    app._defs = {d["name"]: d for d in defs}
     if defs:
         registered = client.request("POST", _api.app_functions(app_id), {"functions": defs})["functions"]
         ids = {r["name"]: r["function_id"] for r in registered}
@@ -455,3 +541,6 @@ class _RunContext:
             app._app_id = None
             for fn in app._functions.values():
                 fn._function_id = None
+            for c in app._classes.values():
+                c._bound.clear()
+            app._defs = {}

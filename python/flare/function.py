@@ -38,6 +38,8 @@ class Function(_Object):
 
     _is_flare_function = True
     _kind = "Function"
+    # Prepended to every input's positional arguments (a class method's name, flare.cls).
+    _arg_prefix: tuple[Any, ...] = ()
 
     def __init__(
         self,
@@ -162,7 +164,7 @@ class Function(_Object):
             raise exception.InvalidError(
                 f"{self._tag} is a generator function: call it with .remote_gen() (and iterate the result)"
             )
-        payload = serialize_args(args, kwargs)
+        payload = serialize_args(self._arg_prefix + args, kwargs)
         fid = self._hydrate()
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: call it with .remote_gen()")
@@ -184,7 +186,7 @@ class Function(_Object):
     def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         from ._serialization import b64, serialize_args
 
-        payload = serialize_args(args, kwargs)
+        payload = serialize_args(self._arg_prefix + args, kwargs)
         fid = self._hydrate()
         if not self._is_generator:
             raise exception.InvalidError(f"{self._tag} is not a generator function: call it with .remote()")
@@ -234,7 +236,7 @@ class Function(_Object):
     def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
         from ._serialization import b64, serialize_args
 
-        payload = serialize_args(args, kwargs)
+        payload = serialize_args(self._arg_prefix + args, kwargs)
         fid = self._hydrate()
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: it cannot be spawned; use .remote_gen()")
@@ -249,6 +251,19 @@ class Function(_Object):
         return await in_thread(self._spawn, *args, **kwargs)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ map
+
+    def _map_items(self, iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
+        if not self._arg_prefix:
+            return zip(*iterables)
+        import itertools
+
+        return zip(*(itertools.repeat(p) for p in self._arg_prefix), *iterables)
+
+    def _starmap_items(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        if not self._arg_prefix:
+            return iter(iterable)
+        prefix = self._arg_prefix
+        return (prefix + tuple(item) for item in iterable)
 
     def _check_mappable(self) -> str:
         fid = self._hydrate()
@@ -269,7 +284,7 @@ class Function(_Object):
         from ._map import MapRun
 
         fid = self._check_mappable()
-        return MapRun(fid, self._tag, zip(*iterables), kwargs or {}, False, self._catch_up_logs).results(order_outputs, return_exceptions)
+        return MapRun(fid, self._tag, self._map_items(iterables), kwargs or {}, False, self._catch_up_logs).results(order_outputs, return_exceptions)
 
     def _starmap(
         self,
@@ -282,7 +297,7 @@ class Function(_Object):
         from ._map import MapRun
 
         fid = self._check_mappable()
-        return MapRun(fid, self._tag, iter(iterable), kwargs or {}, True, self._catch_up_logs).results(order_outputs, return_exceptions)
+        return MapRun(fid, self._tag, self._starmap_items(iterable), kwargs or {}, True, self._catch_up_logs).results(order_outputs, return_exceptions)
 
     def _for_each(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
         """Run the function over the inputs for its side effects, discarding results."""
@@ -297,7 +312,7 @@ class Function(_Object):
         from .function_call import FunctionCall
 
         fid = self._check_mappable()
-        run = MapRun(fid, self._tag, zip(*iterables), kwargs or {}, False, self._catch_up_logs)
+        run = MapRun(fid, self._tag, self._map_items(iterables), kwargs or {}, False, self._catch_up_logs)
         run.send_all()
         if run.error is not None:
             raise run.error
@@ -405,6 +420,10 @@ def concurrent(*, max_inputs: int, target_inputs: int | None = None) -> Callable
     Concurrency(max_inputs, target_inputs)  # checks both
 
     def wrapper(f: F) -> F:
+        base = getattr(f, "_base", None)  # a flare.Cls: its class's own function
+        if isinstance(base, Function) and base._options is not None:
+            base._options = base._options.with_concurrency(max_inputs, target_inputs)
+            return f
         if isinstance(f, Function):
             # Also accepted above @app.function(): the definition is sent at app.run().
             if f._options is not None:

@@ -211,3 +211,49 @@ def test_modal_deploy_and_app_commands(server: Server, modal_bin: Path, tmp_path
     finally:
         r = _modal(modal_bin, "app", "stop", name, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+CLS_PROGRAM = '''
+import modal
+
+app = modal.App("{name}")
+
+
+@app.cls(cpu=0.25, scaledown_window=60)
+class Model:
+    size: int = modal.parameter(default=3)
+
+    @modal.enter()
+    def load(self):
+        self.w = [1] * self.size
+
+    @modal.method()
+    def predict(self, x: int) -> int:
+        return sum(self.w) * x
+
+    @modal.method()
+    def stream(self, n: int):
+        yield from range(n)
+
+    @modal.exit()
+    def close(self):
+        print("bye")
+
+
+@app.local_entrypoint()
+def main():
+    print("predict", Model().predict.remote(2))
+    print("params", sum(Model(size=8).predict.map(range(10))))
+    print("gen", list(Model().stream.remote_gen(3)))
+'''
+
+
+def test_unmodified_modal_class_program(server: Server, modal_bin: Path, tmp_path: Path) -> None:
+    path = tmp_path / f"{unique('modal_cls')}.py"
+    path.write_text(CLS_PROGRAM.format(name=unique("modal-cls")))
+    r = _modal(modal_bin, "run", str(path), cwd=tmp_path)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert re.search(r"(^|\n)predict 6\n", out), out
+    assert re.search(rf"(^|\n)params {8 * sum(range(10))}\n", out), out
+    assert re.search(r"(^|\n)gen \[0, 1, 2\]\n", out), out

@@ -71,6 +71,7 @@ impl ControlPlane {
         let app_id = f.app_id.clone();
         let fname = f.name.clone();
         let is_gen = f.def.is_generator;
+        let is_class = f.def.is_class;
         let app = st.apps.get(&app_id).ok_or_else(|| ApiError::not_found("app not found"))?;
         if app.app.stopped() || !f.active {
             return Err(ApiError::precondition(format!(
@@ -79,6 +80,7 @@ impl ControlPlane {
             )));
         }
         match (kind, is_gen) {
+            _ if is_class => {}
             (CallKind::Gen, false) => {
                 return Err(ApiError::invalid(format!("{fname} is not a generator function; use .remote()")))
             }

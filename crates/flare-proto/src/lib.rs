@@ -185,6 +185,10 @@ pub struct FunctionDef {
     pub is_generator: bool,
     #[serde(default)]
     pub is_async: bool,
+    /// A class (`@app.cls`): each input names one of its methods, some of which may be
+    /// generators, so both `call`/`spawn`/`map` and `gen` calls are taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_class: bool,
     pub python: PythonEnv,
     #[serde(default)]
     pub config: FunctionConfig,

@@ -318,6 +318,9 @@ class Runner:
         self.is_async = bool(info.get("is_async")) or bool(flags & 0x280)
         self.is_generator = bool(info.get("is_generator")) or bool(flags & 0x220)
         self.max_inputs = max(1, int(info.get("max_inputs") or 1))
+        # A class (@app.cls): method name -> (bound method, is_async, is_generator); the
+        # method is each input's first positional argument. None for plain functions.
+        self.methods: dict[str, tuple[Callable[..., Any], bool, bool]] | None = None
         self.pending: list[Input] = []
         self.cancelled: set[str] = set()
         self.stopping = False
@@ -443,13 +446,22 @@ class Runner:
                 self.failure(inp, err, None, True, 0)
                 return
             inp.payload = memoryview(b"")
-            if self.is_async:
-                self._run_async(inp, args, kwargs, flush_last)
-            elif self.is_generator:
-                self._run_gen(inp, args, kwargs)
+            func = self.func
+            is_async = self.is_async
+            is_generator = self.is_generator
+            if self.methods is not None:
+                try:
+                    func, is_async, is_generator, args = self._method(args)
+                except BaseException as e:  # noqa: BLE001
+                    self.failure(inp, e, None, True, 0)
+                    return
+            if is_async:
+                self._run_async(inp, func, is_generator, args, kwargs, flush_last)
+            elif is_generator:
+                self._run_gen(inp, func, args, kwargs)
             else:
                 try:
-                    result = self.func(*args, **kwargs)
+                    result = func(*args, **kwargs)
                 except BaseException as e:  # noqa: BLE001
                     self.failure(inp, e, None, flush_last)
                     return
@@ -457,6 +469,15 @@ class Runner:
         finally:
             ctx._input_id.reset(t1)
             ctx._call_id.reset(t2)
+
+    def _method(self, args: tuple[Any, ...]) -> tuple[Callable[..., Any], bool, bool, tuple[Any, ...]]:
+        """The class method an input names (its first positional argument) and the rest."""
+        methods = self.methods or {}
+        name = args[0] if args else None
+        entry = methods.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise AttributeError(f"the class has no method {name!r} (its methods: {', '.join(sorted(methods))})")
+        return entry[0], entry[1], entry[2], args[1:]
 
     def _send_result(self, inp: Input, result: Any, gen: str | None, flush: bool) -> None:
         try:
@@ -476,9 +497,9 @@ class Runner:
         self.output(inp, "success", data, "item", None, True)
         return True
 
-    def _run_gen(self, inp: Input, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _run_gen(self, inp: Input, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            for item in self.func(*args, **kwargs):
+            for item in func(*args, **kwargs):
                 if not self._emit_item(inp, item):
                     return
         except BaseException as e:  # noqa: BLE001
@@ -493,13 +514,15 @@ class Runner:
             self.loop = asyncio.new_event_loop()
         return self.loop
 
-    async def _call_async(self, inp: Input, args: tuple[Any, ...], kwargs: dict[str, Any], flush: bool) -> None:
+    async def _call_async(
+        self, inp: Input, func: Callable[..., Any], is_generator: bool, args: tuple[Any, ...], kwargs: dict[str, Any], flush: bool
+    ) -> None:
         ctx = self.ctx
         ctx._input_id.set(inp.input_id)
         ctx._call_id.set(inp.call_id)
-        if self.is_generator:
+        if is_generator:
             try:
-                async for item in self.func(*args, **kwargs):
+                async for item in func(*args, **kwargs):
                     if not self._emit_item(inp, item):
                         return
             except BaseException as e:  # noqa: BLE001
@@ -508,14 +531,22 @@ class Runner:
             self.output(inp, "success", dumps_result(None), "done", None, True)
             return
         try:
-            result = await self.func(*args, **kwargs)
+            result = await func(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001
             self.failure(inp, e, None, flush)
             return
         self._send_result(inp, result, None, flush)
 
-    def _run_async(self, inp: Input, args: tuple[Any, ...], kwargs: dict[str, Any], flush: bool) -> None:
-        self._get_loop().run_until_complete(self._call_async(inp, args, kwargs, flush))
+    def _run_async(
+        self, inp: Input, func: Callable[..., Any], is_generator: bool, args: tuple[Any, ...], kwargs: dict[str, Any], flush: bool
+    ) -> None:
+        coro = self._call_async(inp, func, is_generator, args, kwargs, flush)
+        if self.methods is not None and self.max_inputs > 1:
+            import asyncio
+
+            asyncio.run(coro)  # a class's async method on an input thread: a loop of its own
+        else:
+            self._get_loop().run_until_complete(coro)
 
     # -- main loops
 
@@ -632,7 +663,80 @@ class Runner:
 
             self.failure(inp, DeserializationError(f"Could not deserialize the arguments: {type(e).__name__}: {e}"), None, True, 0)
             return
-        await self._call_async(inp, args, kwargs, True)
+        func = self.func
+        is_generator = self.is_generator
+        if self.methods is not None:
+            try:
+                func, _, is_generator, args = self._method(args)
+            except BaseException as e:  # noqa: BLE001
+                self.failure(inp, e, None, True, 0)
+                return
+        await self._call_async(inp, func, is_generator, args, kwargs, True)
+
+
+class ClassService:
+    """The instance of an ``@app.cls()`` class this container serves (``flare/cls.py``).
+
+    The class carries ``__flare_cls_info__`` (plain data: parameters, hooks, methods); the
+    parameter values come in ``FLARE_CLS_PARAMS`` (base64 of a pickled dict, absent for the
+    defaults). Exit hooks run once: after SHUTDOWN or EOF, or on SIGTERM.
+    """
+
+    def __init__(self, user_cls: type) -> None:
+        info = getattr(user_cls, "__flare_cls_info__", None) or {}
+        params: dict[str, Any] = {n: p["default"] for n, p in (info.get("params") or {}).items() if "default" in p}
+        blob = os.environ.get("FLARE_CLS_PARAMS")
+        if blob:
+            import pickle
+            from binascii import a2b_base64
+
+            params.update(pickle.loads(a2b_base64(blob)))
+        obj: Any = object.__new__(user_cls)
+        for k, v in params.items():
+            setattr(obj, k, v)
+        klass: Any = user_cls
+        if klass.__init__ is not object.__init__:
+            klass.__init__(obj)
+        self.obj = obj
+        self.info = info
+        self.exited = False
+        if info.get("exit"):
+            import signal
+
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        for name in info.get("enter") or ():
+            getattr(obj, name)()
+
+    def attach(self, runner: Runner) -> None:
+        methods: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
+        for name, flags in (self.info.get("methods") or {}).items():
+            methods[name] = (getattr(self.obj, name), bool(flags.get("is_async")), bool(flags.get("is_generator")))
+        runner.methods = methods
+        runner.is_generator = False
+        # One event loop serves concurrent inputs only when every method is async.
+        runner.is_async = bool(methods) and all(m[1] for m in methods.values())
+
+    def run_exit_hooks(self) -> None:
+        if self.exited:
+            return
+        self.exited = True
+        for name in self.info.get("exit") or ():
+            try:
+                getattr(self.obj, name)()
+            except BaseException as e:  # noqa: BLE001 - the others still run
+                try:
+                    sys.stderr.write(exception_info(e)["traceback"])
+                except Exception:  # noqa: BLE001
+                    pass
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.run_exit_hooks()
+        os._exit(0)
 
 
 def main() -> int:
@@ -654,8 +758,13 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         pass
     info = header.get("function") or {}
+    service: ClassService | None = None
     try:
         func = load_function(info, body)
+        if isinstance(func, type):
+            # A class (@app.cls): instantiate it and run its enter hooks now, so that a
+            # failing hook fails the start exactly like an import error.
+            service = ClassService(func)
     except BaseException as e:  # noqa: BLE001 - report anything, including SystemExit
         exc = exception_info(e)
         try:
@@ -668,12 +777,18 @@ def main() -> int:
     vi = sys.version_info
     write_all(fd, encode_frame(READY, {"pid": os.getpid(), "python": f"{vi[0]}.{vi[1]}.{vi[2]}"}))
     runner = Runner(fd, reader, func, info)
+    if service is not None:
+        service.attach(runner)
     if len(frames) > 1:
         runner.handle_frames(frames[1:])
     try:
         runner.serve()
     except BrokenPipeError:
+        if service is not None:
+            service.run_exit_hooks()
         return 0
+    if service is not None:
+        service.run_exit_hooks()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from flare import (
         App as App,
+        Cls as Cls,
         Error as Error,
         FilePatternMatcher as FilePatternMatcher,
         Function as Function,
@@ -34,7 +35,11 @@ if TYPE_CHECKING:
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,
         enable_output as enable_output,
+        enter as enter,
+        exit as exit,
         is_local as is_local,
+        method as method,
+        parameter as parameter,
     )
 
     from . import exception as exception

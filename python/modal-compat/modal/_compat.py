@@ -33,7 +33,6 @@ class UnavailableError(ImportError):
 # missing from Flare is still reported, with no note.
 NOTES = {
     "Client": "#14",
-    "Cls": "#11",
     "CloudBucketMount": "",
     "Cron": "#13",
     "Dict": "#13",
@@ -54,13 +53,9 @@ NOTES = {
     "asgi_app": "#12",
     "batched": "#11",
     "billing": "n/a: a self-hosted platform sends no bill",
-    "enter": "#11",
-    "exit": "#11",
     "fastapi_endpoint": "#12",
     "forward": "",
     "interact": "",
-    "method": "#11",
-    "parameter": "#11",
     "types": "",
     "web_endpoint": "#12",
     "web_server": "#12",

@@ -1,4 +1,4 @@
-"""Modal's ``modal.partial_function``: the decorators Flare has (``concurrent``);
+"""Modal's ``modal.partial_function``: the decorators Flare has (``concurrent``, ``enter``, ``exit``, ``method``);
 the others raise ``ImportError`` saying they are not available yet."""
 
 from __future__ import annotations

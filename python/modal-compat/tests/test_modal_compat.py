@@ -30,9 +30,9 @@ import flare.exception  # noqa: E402
 SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
+    "Cls", "enter", "exit", "method", "parameter",
 ]
-MISSING = ["Volume", "Secret", "Dict", "Queue", "Cls", "Sandbox", "Cron", "Period", "method", "enter",
-           "exit", "parameter", "web_endpoint", "fastapi_endpoint", "asgi_app", "batched", "Client"]
+MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "web_endpoint", "fastapi_endpoint", "asgi_app", "batched", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -78,7 +78,7 @@ def test_the_error_names_the_issue() -> None:
     with pytest.raises(ImportError, match=r"\(#13; see docs/COMPAT\.md\)"):
         _ = modal.Volume
     with pytest.raises(ImportError, match=r"\(#11; see docs/COMPAT\.md\)"):
-        _ = modal.method
+        _ = modal.batched
 
 
 @pytest.mark.parametrize("name", NOT_APPLICABLE)
@@ -174,8 +174,11 @@ def test_submodules(module: str, name: str) -> None:
 
 
 def test_partial_function_missing_decorators() -> None:
-    with pytest.raises(ImportError, match=r"^modal\.partial_function\.method is not available in Flare yet"):
-        exec("from modal.partial_function import method", {})
+    with pytest.raises(ImportError, match=r"^modal\.partial_function\.batched is not available in Flare yet"):
+        exec("from modal.partial_function import batched", {})
+    ns: dict[str, object] = {}
+    exec("from modal.partial_function import enter, exit, method", ns)
+    assert ns["method"] is flare.method and ns["enter"] is flare.enter and ns["exit"] is flare.exit
 
 
 @pytest.mark.parametrize("sub", ["volume", "cls", "secret", "dict", "queue", "sandbox", "runner", "config"])
