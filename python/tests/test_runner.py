@@ -408,3 +408,102 @@ def test_the_runner_imports_no_client_sdk() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": sdk_parent}).stdout
     assert out.strip() == "['flare', 'flare._runtime', 'flare._runtime.runner']"
+
+
+# ------------------------------------------------------------------------- classes
+
+CLASS_MODULE = """
+    import asyncio
+    import flare
+    app = flare.App("t")
+
+    @app.cls()
+    {concurrent}
+    class Model:
+        size: int = flare.parameter(default=3)
+
+        @flare.enter()
+        def load(self):
+            print("enter", self.size)
+            self.w = [1] * self.size
+            {fail}
+
+        @flare.enter(snap=True)
+        def first(self):
+            print("snap enter")
+
+        @flare.method()
+        def predict(self, x):
+            return sum(self.w) * x
+
+        @flare.method()
+        def stream(self, n):
+            yield from range(n)
+
+        @flare.method()
+        async def apredict(self, x):
+            await asyncio.sleep(0)
+            return -x
+
+        @flare.exit()
+        def close(self):
+            print("bye", self.size)
+"""
+
+
+def _class_module(fail: str = "", concurrent: str = "") -> str:
+    return CLASS_MODULE.format(fail=fail or "pass", concurrent=concurrent)
+
+
+@pytest.mark.parametrize("max_inputs", [1, 4])
+def test_class_methods_enter_and_exit(runners: list[RunnerProcess], tmp_path: Path, max_inputs: int) -> None:
+    r = start_module(runners, tmp_path, _class_module(), "Model", max_inputs=max_inputs)
+    typ, header, _ = r.recv()  # type: ignore[misc]
+    assert typ == READY, header
+    r.send_inputs([("a", ("predict", 2), {})])
+    assert value(r.outputs(1)[0]) == 6
+    r.send_inputs([("b", ("apredict", 5), {})])
+    assert value(r.outputs(1)[0]) == -5
+    r.send_inputs([("c", ("stream", 2), {})])
+    outs = r.outputs(3)
+    assert [o[0]["gen"] for o in outs] == ["item", "item", "done"]
+    assert [value(o) for o in outs[:2]] == [0, 1]
+    r.send_inputs([("d", ("nope",), {})])
+    [out] = r.outputs(1)
+    assert out[0]["status"] == "failure" and "its methods: apredict, predict, stream" in out[0]["exception"]["message"]
+    r.shutdown()
+    rc, stdout, _ = r.close()
+    assert rc == 0
+    assert stdout.index(b"snap enter") < stdout.index(b"enter 3") < stdout.index(b"bye 3")
+    assert stdout.count(b"enter 3") == 1
+
+
+def test_class_parameters_from_the_environment(runners: list[RunnerProcess], tmp_path: Path) -> None:
+    import base64
+
+    (tmp_path / "usermod.py").write_text(textwrap.dedent(_class_module()))
+    blob = base64.b64encode(pickle.dumps({"size": 8}, 4)).decode()
+    r = RunnerProcess(env={"PYTHONPATH": str(tmp_path), "FLARE_CLS_PARAMS": blob})
+    runners.append(r)
+    r.init(_info("Model", module="usermod"))
+    assert r.recv()[0] == READY  # type: ignore[index]
+    r.send_inputs([("a", ("predict", 1), {})])
+    assert value(r.outputs(1)[0]) == 8
+
+
+def test_class_enter_failure_is_init_failure(runners: list[RunnerProcess], tmp_path: Path) -> None:
+    r = start_module(runners, tmp_path, _class_module(fail='raise RuntimeError("hook broke")'), "Model")
+    typ, header, _ = r.recv()  # type: ignore[misc]
+    assert typ == INIT_FAILURE
+    assert 'raise RuntimeError("hook broke")' in header["exception"]["traceback"]
+    assert r.close()[0] == 1
+
+
+def test_class_exit_hook_on_sigterm(runners: list[RunnerProcess], tmp_path: Path) -> None:
+    import signal
+
+    r = start_module(runners, tmp_path, _class_module(), "Model")
+    assert r.recv()[0] == READY  # type: ignore[index]
+    os.kill(r.pid, signal.SIGTERM)
+    assert r.wait(10) == 0
+    assert b"bye 3" in r.logs()[0]
