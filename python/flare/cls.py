@@ -432,6 +432,15 @@ class _MethodFunction(Function):
     def local(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self._inst._local_instance(), self._method_name)(*args, **kwargs)
 
+    def get_raw_f(self) -> Callable[..., Any]:
+        """The method with ``self`` left out (its signature is the call's: ``flare run``'s flags)."""
+        user_cls = self._inst._owner._user_cls
+        if user_cls is None:
+            return Function.get_raw_f(self)
+        import functools
+
+        return functools.partial(getattr(user_cls, self._method_name), None)
+
     def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         if self._inst._owner._info.get("methods") is not None:
             return super()._remote_gen(*args, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -141,3 +142,28 @@ def test_cls_from_name_deployed(server: Server, tmp_path: Path) -> None:
             Model(size=2)
     finally:
         run_cli("app", "stop", name)
+
+
+def test_classes_example_cli(server: Server, tmp_path: Path) -> None:
+    import shutil
+
+    from .conftest import REPO
+
+    app_file = tmp_path / "classes.py"
+    shutil.copy(REPO / "examples" / "classes.py", app_file)
+    r = run_cli("run", str(app_file))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for token in ["6", str(8 * sum(range(100))), r"\[0, 1, 2\]", "3"]:
+        assert re.search(rf"(^|\n){token}\n", out), (token, out)
+    assert "loading weights of size 3" in out
+
+
+def test_cli_runs_a_class_method(server: Server, tmp_path: Path) -> None:
+    path = write_app(tmp_path, MODEL)
+    r = run_cli("run", f"{path}::Model.predict", "--x", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # predict's x has no annotation, so the flag's value is the string "5": 3 * "5"
+    assert re.search(r"(^|\n)555\n", r.stdout), r.stdout
+    r = run_cli("run", f"{path}::Model.nope")
+    assert r.returncode != 0 and "Model.predict" in r.stdout + r.stderr

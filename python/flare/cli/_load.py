@@ -68,7 +68,7 @@ def _resolve(module: Any, name: str | None) -> tuple[App, LocalEntrypoint | Func
     if not apps:
         raise UserError(f"no flare.App found in {module.__name__}", "define one with `app = flare.App(\"name\")`")
     entrypoints = [(a, ep) for a in apps for ep in a._local_entrypoints.values()]
-    functions = [(a, f) for a in apps for f in a._functions.values()]
+    functions = [(a, f) for a in apps for f in a._functions.values() if not getattr(f, "_is_class", False)]
     if name is not None:
         for a, ep in entrypoints:
             if ep.name == name:
@@ -76,7 +76,14 @@ def _resolve(module: Any, name: str | None) -> tuple[App, LocalEntrypoint | Func
         for a, f in functions:
             if f._tag == name:
                 return a, f
+        cls_name, _, method = name.partition(".")
+        for a in apps:
+            c = a._classes.get(cls_name)
+            if c is not None and method in (c._info.get("methods") or {}):
+                # A class's method with the default parameters (FILE::Model.predict).
+                return a, getattr(c(), method)
         available = [ep.name for _, ep in entrypoints] + [f._tag for _, f in functions]
+        available += [f"{t}.{m}" for a in apps for t, c in a._classes.items() for m in c._info.get("methods") or {}]
         raise UserError(f"no local entrypoint or function named {name!r} in {module.__name__}", f"available: {', '.join(available) or 'none'}")
     if len(entrypoints) == 1:
         return entrypoints[0]
