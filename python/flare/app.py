@@ -542,5 +542,7 @@ class _RunContext:
             for fn in app._functions.values():
                 fn._function_id = None
             for c in app._classes.values():
+                for bound in c._bound.values():
+                    bound._function_id = None
                 c._bound.clear()
             app._defs = {}

@@ -246,7 +246,7 @@ class Cls:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By reference: inside a container the class's own app finds it by its tag.
-        return (_restore_cls, (self._tag, self._lookup, self._info))
+        return (_restore_cls, (self._tag, self._lookup, self._info, self._options_override))
 
     @classmethod
     def from_name(cls, app_name: str, name: str, *, environment_name: str | None = None) -> Cls:
@@ -271,7 +271,9 @@ class Cls:
             raise exception.InvalidError("with_options() needs the class's definition; it is not available for Cls.from_name() yet")
         merged = {**self._options_override, **options}
         FunctionOptions.from_decorator(**merged)  # checks the values now
-        return Cls(self._user_cls, self._app, self._tag, self._base, self._info, merged, None, self._decorator_kwargs)
+        variant = Cls(self._user_cls, self._app, self._tag, self._base, self._info, merged, None, self._decorator_kwargs)
+        variant._bound = self._bound  # keyed by parameters and options: registered once per app run
+        return variant
 
     def __call__(self, *args: Any, **kwargs: Any) -> _ClsInstance:
         params_spec = self._info.get("params")
@@ -302,11 +304,13 @@ class Cls:
         return fn
 
 
-def _restore_cls(tag: str, lookup: tuple[str, str] | None, info: dict[str, Any]) -> Cls:
+def _restore_cls(
+    tag: str, lookup: tuple[str, str] | None, info: dict[str, Any], options_override: dict[str, Any] | None = None
+) -> Cls:
     if lookup is not None:
         return Cls.from_name(*lookup)
     base = Function._new_reference(tag)
-    return Cls(None, None, tag, base, info)
+    return Cls(None, None, tag, base, info, options_override)
 
 
 class _BoundFunction(Function):
@@ -316,6 +320,15 @@ class _BoundFunction(Function):
         super().__init__(None, owner._app, tag, None)
         self._owner = owner
         self._params = params
+        import _thread
+
+        # One registration even when several threads call a new variant at once (a second
+        # one would be a new version, draining the first one's containers).
+        self._register_lock = _thread.allocate_lock()
+
+    def _hydrate(self) -> str:
+        with self._register_lock:
+            return Function._hydrate(self)
 
     def _resolve(self) -> dict[str, Any]:
         app = self._owner._app

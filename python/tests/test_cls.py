@@ -140,6 +140,7 @@ def test_instances_methods_and_local() -> None:
     assert M()._fn is M._base and M(size=2)._fn is M._base
     assert M(size=5)._fn is M(size=5)._fn and M(size=5)._fn is not M(size=6)._fn
     assert M.with_options(cpu=2)()._fn is not M._base
+    assert M.with_options(cpu=2)()._fn is M.with_options(cpu=2)()._fn  # registered once
     with pytest.raises(exception.InvalidError, match="unknown option"):
         M.with_options(nope=1)
     assert M(size=5).predict._arg_prefix == ("predict",)
@@ -163,6 +164,10 @@ def test_pickling_by_reference() -> None:
     m = pickle.loads(pickle.dumps(P(size=7).go))
     assert m._method_name == "go" and m._inst._params == {"size": 7}
     assert m._tag == "P.go"
+    # A with_options variant stays that variant (its own pool) when pickled.
+    v = pickle.loads(pickle.dumps(P.with_options(cpu=2)(size=7)))
+    assert v._owner._options_override == {"cpu": 2}
+    assert v._fn._tag == P.with_options(cpu=2)(size=7)._fn._tag != P(size=7)._fn._tag
 
 
 def test_concurrent_on_a_class() -> None:
