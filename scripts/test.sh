@@ -19,6 +19,6 @@ echo "== ruff check python; mypy python/flare"
 echo "== cargo test --release --workspace --no-fail-fast"
 cargo test --release --workspace --no-fail-fast -- --test-threads=2 || status=1
 
-echo "== pytest python/tests tests/e2e"
-"$PY" -m pytest -q -p no:cacheprovider python/tests tests/e2e || status=1
+echo "== pytest python/tests python/modal-compat/tests tests/e2e"
+"$PY" -m pytest -q -p no:cacheprovider python/tests python/modal-compat/tests tests/e2e || status=1
 exit $status
