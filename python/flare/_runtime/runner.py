@@ -431,30 +431,15 @@ class Runner:
     # -- execution
 
     def run_input(self, inp: Input, flush_last: bool) -> None:
-        import pickle
-
         ctx = self.ctx
         t1 = ctx._input_id.set(inp.input_id)
         t2 = ctx._call_id.set(inp.call_id)
         try:
-            try:
-                args, kwargs = pickle.loads(inp.payload)
-            except BaseException as e:  # noqa: BLE001
-                from ..exception import DeserializationError
-
-                err = DeserializationError(f"Could not deserialize the arguments in the container: {type(e).__name__}: {e}")
-                self.failure(inp, err, None, True, 0)
+            call = self._decode(inp, "Could not deserialize the arguments in the container")
+            if call is None:
                 return
             inp.payload = memoryview(b"")
-            func = self.func
-            is_async = self.is_async
-            is_generator = self.is_generator
-            if self.methods is not None:
-                try:
-                    func, is_async, is_generator, args = self._method(args)
-                except BaseException as e:  # noqa: BLE001
-                    self.failure(inp, e, None, True, 0)
-                    return
+            func, is_async, is_generator, args, kwargs = call
             if is_async:
                 self._run_async(inp, func, is_generator, args, kwargs, flush_last)
             elif is_generator:
@@ -469,6 +454,30 @@ class Runner:
         finally:
             ctx._input_id.reset(t1)
             ctx._call_id.reset(t2)
+
+    def _decode(
+        self, inp: Input, what: str
+    ) -> tuple[Callable[..., Any], bool, bool, tuple[Any, ...], dict[str, Any]] | None:
+        """An input's arguments and what to call with them (the function, or the class method
+        the input names): ``(func, is_async, is_generator, args, kwargs)``; None after a
+        final failure output when they cannot be unpickled or name no method."""
+        import pickle
+
+        try:
+            args, kwargs = pickle.loads(inp.payload)
+        except BaseException as e:  # noqa: BLE001
+            from ..exception import DeserializationError
+
+            self.failure(inp, DeserializationError(f"{what}: {type(e).__name__}: {e}"), None, True, 0)
+            return None
+        if self.methods is None:
+            return self.func, self.is_async, self.is_generator, args, kwargs
+        try:
+            func, is_async, is_generator, args = self._method(args)
+        except BaseException as e:  # noqa: BLE001
+            self.failure(inp, e, None, True, 0)
+            return None
+        return func, is_async, is_generator, args, kwargs
 
     def _method(self, args: tuple[Any, ...]) -> tuple[Callable[..., Any], bool, bool, tuple[Any, ...]]:
         """The class method an input names (its first positional argument) and the rest."""
@@ -654,23 +663,10 @@ class Runner:
                 dispatch(self.pending.pop(0))
 
     async def _async_input(self, inp: Input) -> None:
-        import pickle
-
-        try:
-            args, kwargs = pickle.loads(inp.payload)
-        except BaseException as e:  # noqa: BLE001
-            from ..exception import DeserializationError
-
-            self.failure(inp, DeserializationError(f"Could not deserialize the arguments: {type(e).__name__}: {e}"), None, True, 0)
+        call = self._decode(inp, "Could not deserialize the arguments")
+        if call is None:
             return
-        func = self.func
-        is_generator = self.is_generator
-        if self.methods is not None:
-            try:
-                func, _, is_generator, args = self._method(args)
-            except BaseException as e:  # noqa: BLE001
-                self.failure(inp, e, None, True, 0)
-                return
+        func, _, is_generator, args, kwargs = call
         await self._call_async(inp, func, is_generator, args, kwargs, True)
 
 
