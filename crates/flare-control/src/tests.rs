@@ -153,6 +153,19 @@ async fn spawned_inputs_survive_a_restart() {
     assert_eq!(outs[0].data.as_ref().unwrap().0, Bytes::from_static(b"ok"));
 }
 
+/// One call of `fid` run to its output on a fresh container, which is then idle; its id.
+async fn serve_one_call(cp: &ControlPlane, rx: &mut mpsc::UnboundedReceiver<ToWorker>, fid: &str) -> String {
+    cp.create_call(fid, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
+    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
+    cp.on_worker_event(FromWorker::Outputs {
+        container_id: a.container_id.clone(),
+        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
+    });
+    a.container_id
+}
+
 #[tokio::test]
 async fn idle_containers_of_other_functions_make_room() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,20 +177,13 @@ async fn idle_containers_of_other_functions_make_room() {
     let (app, _) = cp.create_app("a", AppMode::Ephemeral).unwrap();
     let fns = cp.register_functions(&app.app_id, vec![def("f"), def("g")]).unwrap();
     let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
-    cp.create_call(&f, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
-    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
-    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
-    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
-    cp.on_worker_event(FromWorker::Outputs {
-        container_id: a.container_id.clone(),
-        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
-    });
+    let a = serve_one_call(&cp, &mut rx, &f).await;
     // f's container is now idle and holds the worker's only slot; g needs it.
     cp.create_call(&g, CallKind::Call, vec![Bytes::from_static(b"y")], false).unwrap();
     let ToWorker::Stop { container_id, graceful } = rx.recv().await.unwrap() else {
         panic!("expected a stop")
     };
-    assert_eq!(container_id, a.container_id);
+    assert_eq!(container_id, a);
     assert!(graceful);
     cp.on_worker_event(FromWorker::Exited {
         container_id,
@@ -329,18 +335,11 @@ async fn idle_gpu_containers_make_room_for_gpu_requests() {
     };
     let fns = cp.register_functions(&app.app_id, vec![gpu_def("f"), gpu_def("g")]).unwrap();
     let (f, g) = (fns[0].1.clone(), fns[1].1.clone());
-    cp.create_call(&f, CallKind::Call, vec![Bytes::from_static(b"x")], false).unwrap();
-    let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!() };
-    cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
-    let ToWorker::Inputs { inputs, .. } = rx.recv().await.unwrap() else { panic!() };
-    cp.on_worker_event(FromWorker::Outputs {
-        container_id: a.container_id.clone(),
-        outputs: vec![output(&inputs[0].input_id, OutputStatus::Success, b"ok")],
-    });
+    let a = serve_one_call(&cp, &mut rx, &f).await;
     assert_eq!(cp.list_workers()[0].gpus_used.get("H100"), Some(&1));
     cp.create_call(&g, CallKind::Call, vec![Bytes::from_static(b"y")], false).unwrap();
     let ToWorker::Stop { container_id, .. } = rx.recv().await.unwrap() else { panic!("expected a stop") };
-    assert_eq!(container_id, a.container_id);
+    assert_eq!(container_id, a);
     cp.on_worker_event(FromWorker::Exited {
         container_id,
         report: ExitReport { requested: true, ..Default::default() },
