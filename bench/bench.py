@@ -167,10 +167,12 @@ class Server:
         argv = [self.flared, "server", "--home", self.home, "--listen", f"127.0.0.1:{self.port}"]
         for d in host_bind_allow(self.home):
             argv += ["--host-bind-allow", d]
+        # The worker logs each container start's steps at debug (cold_start_steps reads them).
+        env = {**os.environ, "FLARE_LOG": os.environ.get("FLARE_LOG", "info,flare_worker=debug")}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -217,6 +219,35 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def cold_start_steps(log_path: str, skip: int) -> Json:
+    """p50 of each start step from the worker's "cold start steps" debug lines.
+
+    Each line holds ``step=us`` marks, microseconds since the worker got the assignment;
+    the first ``skip`` lines (untimed starts) are left out. Reported per step: the p50
+    of the mark itself and of the time since the previous mark."""
+    rows: list[list[tuple[str, int]]] = []
+    try:
+        with open(log_path, errors="replace") as fh:
+            for line in fh:
+                if "cold start steps" not in line:
+                    continue
+                marks = [(k, int(v)) for k, v in (kv.split("=", 1) for kv in line.split("steps=", 1)[1].split()
+                                                   if "=" in kv) if v.isdigit()]
+                rows.append(marks)
+    except OSError:
+        return {}
+    rows = rows[skip:]
+    if not rows:
+        return {}
+    out: Json = {"n": len(rows), "steps": []}
+    for i, (name, _) in enumerate(rows[0]):
+        at = [r[i][1] for r in rows if len(r) > i and r[i][0] == name]
+        delta = [r[i][1] - (r[i - 1][1] if i else 0) for r in rows if len(r) > i and r[i][0] == name]
+        out["steps"].append({"step": name, "at_p50_ms": round(percentile(at, 50) / 1000, 3),
+                             "delta_p50_ms": round(percentile(delta, 50) / 1000, 3)})
+    return out
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
@@ -380,6 +411,7 @@ def bench_cold_start(server: Server, runs: int, allow_install: bool) -> Json:
         "python_IS_c_pass": summary_ms(bare),
         "runc_run_python_c_pass": summary_ms(oci) if oci else {"skipped": runc_skip},
     }
+    out["worker_steps"] = cold_start_steps(server.log_path, skip=1)
     out["ratio_p50_vs_python"] = round(out["flare_cold_remote"]["p50_ms"] / out["python_c_pass"]["p50_ms"], 3)
     out["ratio_p90_vs_python"] = round(out["flare_cold_remote"]["p90_ms"] / out["python_c_pass"]["p90_ms"], 3)
     if oci:
@@ -593,6 +625,9 @@ def table(results: Json) -> str:
         rows.append(("  cold p50 / python p50", f"{c['ratio_p50_vs_python']:.2f}x", "<= 1.5x (aim 1.25x)"))
         if "ratio_p50_vs_runc" in c:
             rows.append(("  cold p50 / runc p50", f"{c['ratio_p50_vs_runc']:.2f}x", ""))
+        for st in (c.get("worker_steps") or {}).get("steps", []):
+            rows.append((f"  worker step {st['step']} (p50 at / since previous)",
+                         f"{fmt_ms(st['at_p50_ms'])} / {fmt_ms(st['delta_p50_ms'])}", ""))
     w = results.get("warm_remote")
     if w:
         rows.append((f"warm .remote() p50 / p99 ({w['calls']} calls)", f"{fmt_ms(w['p50_ms'])} / {fmt_ms(w['p99_ms'])}",
@@ -661,6 +696,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spawn-clients", type=int, default=8, help="client threads spawning calls at once (default 8)")
     p.add_argument("--spawns-per-client", type=int, help="spawns each client sends (default 250, --quick 100)")
     p.add_argument("--no-install", action="store_true", help="do not apt-get install runc when it is missing")
+    p.add_argument("--only", help="comma-separated subset of: memory,cold,warm,writes (default: all)")
     args = p.parse_args(argv)
     args.cold_runs = args.cold_runs or (20 if args.quick else 30)
     args.warm_calls = args.warm_calls or (200 if args.quick else 1000)
@@ -696,15 +732,21 @@ def main(argv: list[str] | None = None) -> int:
         idle = memory_snapshot(server.pid)
         print(f"flared pid {server.pid} on {server.url}: idle RSS {fmt_mb(idle['rss_kb'])}", flush=True)
 
-        print("memory: idle containers ...", flush=True)
-        results["memory"] = bench_memory(server, idle)
-        print(f"cold start: {args.cold_runs} runs ...", flush=True)
-        results["cold_start"] = bench_cold_start(server, args.cold_runs, not args.no_install)
-        print(f"warm .remote(): {args.warm_calls} calls; .map: 2 x {args.map_inputs} inputs ...", flush=True)
-        results["warm_remote"], results["map"] = bench_warm_and_map(server, args.warm_calls, args.map_inputs)
-        print(f"concurrent writes: {args.spawn_clients} clients x {args.spawns_per_client} spawns ...", flush=True)
-        results["concurrent_writes"] = bench_concurrent_writes(server, args.spawn_clients, args.spawns_per_client,
-                                                               probes=200)
+        only = set(args.only.split(",")) if args.only else {"memory", "cold", "warm", "writes"}
+        if "memory" in only:
+            print("memory: idle containers ...", flush=True)
+            results["memory"] = bench_memory(server, idle)
+        if "cold" in only:
+            print(f"cold start: {args.cold_runs} runs ...", flush=True)
+            results["cold_start"] = bench_cold_start(server, args.cold_runs, not args.no_install)
+        if "warm" in only:
+            print(f"warm .remote(): {args.warm_calls} calls; .map: 2 x {args.map_inputs} inputs ...", flush=True)
+            results["warm_remote"], results["map"] = bench_warm_and_map(server, args.warm_calls, args.map_inputs)
+        if "writes" in only:
+            print(f"concurrent writes: {args.spawn_clients} clients x {args.spawns_per_client} spawns ...",
+                  flush=True)
+            results["concurrent_writes"] = bench_concurrent_writes(server, args.spawn_clients,
+                                                                   args.spawns_per_client, probes=200)
         results["flared_after_all"] = memory_snapshot(server.pid)
     except BaseException:
         print("flared log tail:\n" + server.log_tail(), file=sys.stderr)

@@ -328,12 +328,15 @@ async fn run_container_in(
     ));
     let api_task = tokio::spawn(axum::serve(listener, api).into_future());
     let _api_guard = AbortOnDrop(api_task);
+    let mut steps = StartSteps::new(t0);
+    steps.mark("api_socket");
 
     if let Some(src) = &cfg.mount_source {
         for m in a.def.mount_id.iter().chain(Some(&a.def.python.sdk_mount).filter(|m| !m.is_empty())) {
             ensure_mount(&cfg.home.join("mounts"), m, src).await?;
         }
     }
+    steps.mark("mounts");
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
     let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
@@ -364,6 +367,7 @@ async fn run_container_in(
             .map_err(|e| WorkerError::ImageMount { image_id: img_id.clone(), message: e.to_string() })?
         }
     };
+    steps.mark("image_dirs");
     // Side effects first (the code mount's mountpoints), then the pure spec.
     let sources = binds::bind_sources(cfg, &a.def, &image_dirs, &api_path).map_err(WorkerError::Binds)?;
     binds::make_code_mountpoints(&sources).map_err(WorkerError::Binds)?;
@@ -373,12 +377,14 @@ async fn run_container_in(
         image_root: image_dirs.root,
         nat_available: cfg.runtime.nat_available().is_none(),
     })?;
+    steps.mark("binds_spec");
     let rt = cfg.runtime.clone();
     let fd3 = vec![(OwnedFd::from(theirs), 3)];
     let mut container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
         .await
         .map_err(|e| WorkerError::task("spawn", e))?
         .map_err(WorkerError::Spawn)?;
+    steps.mark("spawn");
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
 
     let memory_limit = container.memory_limit();
@@ -474,7 +480,10 @@ async fn run_container_in(
                 }
             },
             c = cmds.recv(), if cmds_open => match c {
-                Some(Cmd::Inputs(inputs)) => Event::Inputs(inputs),
+                Some(Cmd::Inputs(inputs)) => {
+                    steps.mark_once("inputs");
+                    Event::Inputs(inputs)
+                }
                 Some(Cmd::Stop { graceful }) => Event::Stop { graceful },
                 None => {
                     cmds_open = false;
@@ -500,6 +509,7 @@ async fn run_container_in(
         for action in actions {
             match action {
                 Action::Ready => {
+                    steps.mark("ready");
                     tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
                     if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
                         let (host, manifest) = (host.clone(), img.manifest.clone());
@@ -513,6 +523,9 @@ async fn run_container_in(
                     let _ = events.send(FromWorker::InitFailed { container_id: cid.clone(), exception });
                 }
                 Action::Forward(outputs) => {
+                    if steps.mark_once("first_output") {
+                        tracing::debug!(container = %cid, steps = %steps, "cold start steps");
+                    }
                     // Prints made before the result go out before it.
                     out.drain_now(&mut obuf, &cid, events);
                     err.drain_now(&mut ebuf, &cid, events);
@@ -617,6 +630,42 @@ async fn sleep_until_opt(d: Option<Instant>) {
     match d {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// When each step of a container's start finished (microseconds since the assignment
+/// arrived), logged at debug once its first output is forwarded: the measurement behind
+/// the cold-start step table in `bench/README.md`.
+struct StartSteps {
+    t0: Instant,
+    marks: Vec<(&'static str, u64)>,
+}
+
+impl StartSteps {
+    fn new(t0: std::time::Instant) -> Self {
+        Self { t0: Instant::from_std(t0), marks: Vec::with_capacity(8) }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        self.marks.push((step, self.t0.elapsed().as_micros() as u64));
+    }
+
+    /// Marks `step` unless it was marked before; whether it marked.
+    fn mark_once(&mut self, step: &'static str) -> bool {
+        if self.marks.iter().any(|(s, _)| *s == step) {
+            return false;
+        }
+        self.mark(step);
+        true
+    }
+}
+
+impl std::fmt::Display for StartSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, us)) in self.marks.iter().enumerate() {
+            write!(f, "{}{step}={us}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
     }
 }
 
