@@ -235,6 +235,52 @@ impl ContainerCgroup {
         Ok(())
     }
 
+    /// Replace the limits of a running container's group: each limit of `l`, and `None`
+    /// lifts it (v2 `max`, v1 `-1`); pids fall back to [`DEFAULT_PIDS_MAX`]. On v1 the
+    /// memory+swap limit must stay at or above the memory limit at every step, so the
+    /// order of the two writes depends on whether the limit goes up or down.
+    pub fn apply_limits(&self, layout: &CgroupLayout, l: &Limits) -> Result<(), RuntimeError> {
+        let pids = l.pids_max.unwrap_or(DEFAULT_PIDS_MAX).to_string();
+        match self.mode {
+            CgroupMode::V1 => {
+                let cpu = layout.cpu.join(&layout.parent).join(self.name());
+                let pidsd = layout.pids.join(&layout.parent).join(self.name());
+                write_file(&cpu, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string())?;
+                let quota = l.cpu_millicores.map_or("-1".to_owned(), |m| cpu_quota_us(m).to_string());
+                write_file(&cpu, "cpu.cfs_quota_us", &quota)?;
+                let mem = l.memory_bytes.map_or("-1".to_owned(), |b| b.to_string());
+                let memsw = self.memory.join("memory.memsw.limit_in_bytes").exists();
+                let current: Option<u64> = fs::read_to_string(self.memory.join("memory.limit_in_bytes"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                let raising = match (l.memory_bytes, current) {
+                    (None, _) => true,
+                    (Some(new), Some(cur)) => new > cur,
+                    (Some(_), None) => false,
+                };
+                if memsw && raising {
+                    write_file(&self.memory, "memory.memsw.limit_in_bytes", &mem)?;
+                }
+                write_file(&self.memory, "memory.limit_in_bytes", &mem)?;
+                if memsw && !raising {
+                    write_file(&self.memory, "memory.memsw.limit_in_bytes", &mem)?;
+                }
+                write_file(&pidsd, "pids.max", &pids)?;
+            }
+            CgroupMode::V2 => {
+                let d = &self.memory;
+                let cpu = l.cpu_millicores.map_or("max".to_owned(), |m| cpu_quota_us(m).to_string());
+                write_file(d, "cpu.max", &format!("{cpu} {CFS_PERIOD_US}"))?;
+                write_file(d, "memory.max", &l.memory_bytes.map_or("max".to_owned(), |b| b.to_string()))?;
+                if d.join("memory.swap.max").exists() {
+                    write_file(d, "memory.swap.max", "0")?;
+                }
+                write_file(d, "pids.max", &pids)?;
+            }
+        }
+        Ok(())
+    }
+
     fn name(&self) -> &std::ffi::OsStr {
         self.memory.file_name().unwrap_or_default()
     }

@@ -11,6 +11,7 @@
 //! it: nothing can leak on the host. See `child.rs` for the in-child code and the
 //! capability set.
 
+mod attach;
 mod cgroup;
 mod child;
 mod command;
