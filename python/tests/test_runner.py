@@ -507,3 +507,28 @@ def test_class_exit_hook_on_sigterm(runners: list[RunnerProcess], tmp_path: Path
     os.kill(r.pid, signal.SIGTERM)
     assert r.wait(10) == 0
     assert b"bye 3" in r.logs()[0]
+
+
+def test_prestarted_runner_takes_env_and_cwd_from_init(runners: list[RunnerProcess], tmp_path: Path) -> None:
+    """A pre-started runner (FLARE_PRESTART=1) warms up before INIT, then takes the whole
+    environment and the working dir from INIT before it imports the user's module."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "usermod.py").write_text(textwrap.dedent("""
+        import os, sys
+        SEEN = (os.environ.get("MY_VAR"), "FLARE_PRESTART" in os.environ, "OLD_VAR" in os.environ, os.getcwd())
+
+        def probe():
+            return SEEN + ("cloudpickle" in sys.modules,)
+    """))
+    r = RunnerProcess(env={"FLARE_PRESTART": "1", "OLD_VAR": "x", "PYTHONPATH": str(code)})
+    runners.append(r)
+    time.sleep(0.5)  # the warm-up runs before INIT arrives
+    env = {k: v for k, v in os.environ.items() if k not in ("OLD_VAR", "FLARE_PRESTART")}
+    env.update({"MY_VAR": "assigned", "PYTHONPATH": str(code), "FLARE_IS_REMOTE": "1"})
+    r.send(1, {"function": _info("probe", module="usermod"), "env": env, "cwd": str(code)})
+    typ, header, _ = r.recv()  # type: ignore[misc]
+    assert typ == READY, header
+    r.send_inputs([("in-1", (), {})])
+    [out] = r.outputs(1)
+    assert value(out) == ("assigned", False, False, str(code), True)

@@ -748,9 +748,42 @@ class ClassService:
         os._exit(0)
 
 
+def prestart_warmup() -> None:
+    """A pre-started runner (``FLARE_PRESTART=1``; no app's code is here yet) imports now
+    what a start would: the pickler, cloudpickle, the SDK objects a user's module
+    builds (``flare.App`` and its decorators). Platform code only, from the SDK mount."""
+    _pickler()
+    for name in ("cloudpickle", "flare.app"):
+        try:
+            __import__(name)
+        except Exception:  # noqa: BLE001 - whatever fails here is imported (and reported) later
+            pass
+
+
+def apply_assignment(header: dict[str, Any]) -> None:
+    """What an INIT to a pre-started runner carries (PROTOCOL.md section 2): the
+    container's whole environment (``env``, replacing the pre-start one) and working dir
+    (``cwd``: the code mount was attached over it after this process started)."""
+    env = header.get("env")
+    if isinstance(env, dict):
+        for k in [k for k in os.environ if k not in env]:
+            del os.environ[k]
+        for k, v in env.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+    cwd = header.get("cwd")
+    if isinstance(cwd, str) and cwd:
+        os.chdir(cwd)
+        # A finder cached for the dir before the code mount covered it lists the old dir.
+        for p in [p for p in sys.path_importer_cache if p == cwd or p == "/root"]:
+            del sys.path_importer_cache[p]
+
+
 def main() -> int:
     fd = FD
     reader = FrameReader(fd)
+    if os.environ.get("FLARE_PRESTART") == "1":
+        prestart_warmup()
     frames = reader.read_frames()
     if not frames:
         return 0
@@ -766,6 +799,7 @@ def main() -> int:
         sys.stderr.reconfigure(line_buffering=True, write_through=False)  # type: ignore[union-attr]
     except Exception:  # noqa: BLE001
         pass
+    apply_assignment(header)
     info = header.get("function") or {}
     service: ClassService | None = None
     try:
