@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod http;
 pub mod images;
 mod phase;
+pub mod prestart;
 pub mod remote;
 pub mod sandbox;
 mod spec;
@@ -65,6 +66,8 @@ pub struct WorkerConfig {
     /// The host directories containers may have bound (the operator's allow-list,
     /// `--host-bind-allow`); everything else they see comes from dirs this server created.
     pub host_binds: flare_api::HostBindPolicy,
+    /// Pre-started runners ([`prestart`]).
+    pub prestart: prestart::PrestartConfig,
 }
 
 /// Resources a worker offers.
@@ -101,6 +104,7 @@ type Registry = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>>;
 pub struct WorkerHandle {
     pub tx: mpsc::UnboundedSender<ToWorker>,
     registry: Registry,
+    pool: Arc<prestart::Pool>,
 }
 
 impl WorkerHandle {
@@ -108,14 +112,26 @@ impl WorkerHandle {
     pub fn container_ids(&self) -> Vec<String> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
+
+    /// Ids of the idle pre-started runners' containers (owned by no app).
+    pub fn prestarted_ids(&self) -> Vec<String> {
+        self.pool.idle_ids()
+    }
+
+    /// Stops the idle pre-started runners and starts no more (at shutdown); blocks until
+    /// they are gone.
+    pub fn shutdown_prestarted(&self) {
+        self.pool.shutdown();
+    }
 }
 
 /// Starts the worker; returns its handle.
 pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> WorkerHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    let pool = prestart::Pool::new(cfg.prestart.clone());
     let cfg = Arc::new(cfg);
     let registry: Registry = Arc::default();
-    let handle = WorkerHandle { tx: tx.clone(), registry: registry.clone() };
+    let handle = WorkerHandle { tx: tx.clone(), registry: registry.clone(), pool: pool.clone() };
     if let Some(reason) = cfg.runtime.nat_available() {
         tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
     }
@@ -128,9 +144,10 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
                     let cfg = cfg.clone();
                     let events = events.clone();
                     let registry = registry.clone();
+                    let pool = pool.clone();
                     tokio::spawn(async move {
                         let id = a.container_id.clone();
-                        let report = run_container(&cfg, a, crx, &events).await;
+                        let report = run_container(&cfg, &pool, a, crx, &events).await;
                         registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                         let _ = events.send(FromWorker::Exited { container_id: id, report });
                     });
@@ -185,9 +202,11 @@ struct InitFailureHeader {
     exception: ExceptionInfo,
 }
 
-fn init_frame(a: &ContainerAssignment) -> Bytes {
+/// INIT; `extra` (a pre-started runner's assignment): the container's whole environment
+/// and working dir, which the runner applies before it imports anything of the app.
+fn init_frame(a: &ContainerAssignment, extra: Option<(Vec<(String, String)>, String)>) -> Bytes {
     let d = &a.def;
-    let header = serde_json::json!({
+    let mut header = serde_json::json!({
         "function": {
             "name": d.name,
             "module": d.module,
@@ -198,6 +217,12 @@ fn init_frame(a: &ContainerAssignment) -> Bytes {
             "max_inputs": d.config.max_inputs,
         }
     });
+    if let Some((env, cwd)) = extra {
+        let env: serde_json::Map<String, serde_json::Value> =
+            env.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+        header["env"] = serde_json::Value::Object(env);
+        header["cwd"] = serde_json::Value::String(cwd);
+    }
     let body = d.pickled.as_ref().map(|p| p.0.clone()).unwrap_or_default();
     frame::encode(frame::INIT, header.to_string().as_bytes(), &body)
 }
@@ -279,12 +304,13 @@ impl Pipe {
 /// Runs one container from start to cleanup; returns how it ended.
 async fn run_container(
     cfg: &Arc<WorkerConfig>,
+    pool: &Arc<prestart::Pool>,
     a: ContainerAssignment,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> ExitReport {
     let cid = a.container_id.clone();
-    match run_container_in(cfg, &a, &mut cmds, events).await {
+    match run_container_in(cfg, pool, &a, &mut cmds, events).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(container = %cid, error = %e, "container failed to start");
@@ -295,6 +321,7 @@ async fn run_container(
 
 async fn run_container_in(
     cfg: &Arc<WorkerConfig>,
+    pool: &Arc<prestart::Pool>,
     a: &ContainerAssignment,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
@@ -303,44 +330,13 @@ async fn run_container_in(
     let t0 = std::time::Instant::now();
     // Calls from inside the container reach the API through this socket only.
     let api_path = cfg.socket_dir.join(format!("{cid}.sock"));
-    std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| WorkerError::io("api socket dir", e))?;
-    let _ = std::fs::remove_file(&api_path);
-    let listener = tokio::net::UnixListener::bind(&api_path)
-        .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
-    let _socket_guard = RemoveOnDrop(api_path.clone());
-    {
-        // Root in the container is an unprivileged host uid (user namespace): it connects
-        // through the bind mount, so the socket is open to all; the dir keeps host users out.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
-        std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
-            .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
-    }
-    // Every request on this socket names its container, so the control plane scopes it to
-    // the container's app (any value the container sends is replaced).
-    let caller = axum::http::HeaderValue::from_str(&cid)
-        .map_err(|e| WorkerError::io("container id", std::io::Error::other(e)))?;
-    let api = cfg.api.clone().layer(axum::middleware::from_fn(
-        move |mut req: axum::extract::Request, next: axum::middleware::Next| {
-            req.headers_mut().insert(flare_api::CALLER_CONTAINER_HEADER, caller.clone());
-            next.run(req)
-        },
-    ));
-    let api_task = tokio::spawn(axum::serve(listener, api).into_future());
-    let _api_guard = AbortOnDrop(api_task);
     let mut steps = StartSteps::new(t0);
-    steps.mark("api_socket");
-
     if let Some(src) = &cfg.mount_source {
         for m in a.def.mount_id.iter().chain(Some(&a.def.python.sdk_mount).filter(|m| !m.is_empty())) {
             ensure_mount(&cfg.home.join("mounts"), m, src).await?;
         }
     }
     steps.mark("mounts");
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
-    let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
-    let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
     let image_dirs = match &a.def.image {
         None => ImageDirs::default(),
         Some(img) => {
@@ -378,13 +374,70 @@ async fn run_container_in(
         nat_available: cfg.runtime.nat_available().is_none(),
     })?;
     steps.mark("binds_spec");
-    let rt = cfg.runtime.clone();
-    let fd3 = vec![(OwnedFd::from(theirs), 3)];
-    let mut container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
-        .await
-        .map_err(|e| WorkerError::task("spawn", e))?
-        .map_err(WorkerError::Spawn)?;
-    steps.mark("spawn");
+    // A pre-started runner of this spec's template, else a new container.
+    let mut template = match pool.enabled() {
+        true => prestart::template(&spec, &spec::prestart_env(a), sources.code.as_deref(), &api_path)
+            .inspect_err(
+                |why| tracing::debug!(container = %cid, %why, "no pre-started runner for this function"),
+            )
+            .ok(),
+        false => None,
+    };
+    let assigned = match template.as_ref().and_then(|t| pool.take(t)) {
+        Some(runner) => assign_runner(runner, &spec, &cid).await,
+        None => None,
+    };
+    let init_extra = assigned.is_some().then(|| (spec.env.clone(), spec.cwd.clone()));
+    let (mut container, listener, ours, out_r, err_r, _paths) = match assigned {
+        Some(r) => {
+            steps.mark("assign");
+            r.listener.set_nonblocking(true).map_err(|e| WorkerError::io("api socket", e))?;
+            let listener = tokio::net::UnixListener::from_std(r.listener)
+                .map_err(|e| WorkerError::io("api socket", e))?;
+            (r.container, listener, r.sock, r.stdout, r.stderr, Paths::Runner(r.paths))
+        }
+        None => {
+            std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| WorkerError::io("api socket dir", e))?;
+            let _ = std::fs::remove_file(&api_path);
+            let listener = tokio::net::UnixListener::bind(&api_path)
+                .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
+            let guard = RemoveOnDrop(api_path.clone());
+            {
+                // Root in the container is an unprivileged host uid (user namespace): it
+                // connects through the bind mount, so the socket is open to all; the dir
+                // keeps host users out.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
+                std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
+                    .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
+            }
+            steps.mark("api_socket");
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
+            let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+            let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+            let rt = cfg.runtime.clone();
+            let fd3 = vec![(OwnedFd::from(theirs), 3)];
+            let container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
+                .await
+                .map_err(|e| WorkerError::task("spawn", e))?
+                .map_err(WorkerError::Spawn)?;
+            steps.mark("spawn");
+            (container, listener, ours, out_r, err_r, Paths::Socket(guard))
+        }
+    };
+    // Every request on this socket names its container, so the control plane scopes it to
+    // the container's app (any value the container sends is replaced).
+    let caller = axum::http::HeaderValue::from_str(&cid)
+        .map_err(|e| WorkerError::io("container id", std::io::Error::other(e)))?;
+    let api = cfg.api.clone().layer(axum::middleware::from_fn(
+        move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+            req.headers_mut().insert(flare_api::CALLER_CONTAINER_HEADER, caller.clone());
+            next.run(req)
+        },
+    ));
+    let api_task = tokio::spawn(axum::serve(listener, api).into_future());
+    let _api_guard = AbortOnDrop(api_task);
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
 
     let memory_limit = container.memory_limit();
@@ -429,7 +482,7 @@ async fn run_container_in(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
-    let _ = wtx.send(init_frame(a));
+    let _ = wtx.send(init_frame(a, init_extra));
 
     let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
     let start_limit = timeout.max(Duration::from_secs(60));
@@ -511,6 +564,11 @@ async fn run_container_in(
                 Action::Ready => {
                     steps.mark("ready");
                     tracing::debug!(container = %cid, ms = t0.elapsed().as_millis() as u64, "ready");
+                    // Keep (or start) runners of this template for the next start.
+                    if let Some(t) = template.take() {
+                        pool.used(t, &sources);
+                        pool.reconcile_soon(cfg);
+                    }
                     if let (Some(img), Some(host)) = (&a.def.image, &cfg.images) {
                         let (host, manifest) = (host.clone(), img.manifest.clone());
                         tokio::task::spawn_blocking(move || host.record_start(&manifest));
@@ -667,6 +725,41 @@ impl std::fmt::Display for StartSteps {
         }
         Ok(())
     }
+}
+
+/// A pre-started runner made the container of `spec`: its code mount (and the binds
+/// under it) attached, its limits written. `None` (the runner stopped) when that failed.
+async fn assign_runner(
+    runner: prestart::Runner,
+    spec: &flare_runtime::CommandSpec,
+    cid: &str,
+) -> Option<prestart::Runner> {
+    let attach = prestart::attach_list(&spec.binds);
+    let limits = spec.limits.clone();
+    let cid = cid.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut r = runner;
+        let done = r.container.attach_binds(&attach).and_then(|()| r.container.apply_limits(&limits));
+        match done {
+            Ok(()) => {
+                tracing::debug!(container = %cid, runner = %r.container.id(), "assigned a pre-started runner");
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(container = %cid, runner = %r.container.id(), error = %e, "assigning a pre-started runner failed; starting a new container");
+                None
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// What a container's start left on the host that goes with it.
+enum Paths {
+    Socket(#[allow(dead_code)] RemoveOnDrop),
+    Runner(#[allow(dead_code)] prestart::RunnerPaths),
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -19,6 +19,9 @@ use flare_runtime::{base_env, set_env, Bind, CommandSpec, Limits, Network, Rootf
 
 use crate::{WorkerError, API_SOCKET_IN_CONTAINER};
 
+/// A function's own environment variables (`env=`).
+type FnEnv = std::collections::BTreeMap<String, String>;
+
 /// The in-container runner, started as `python -m RUNNER_MODULE`.
 pub(crate) const RUNNER_MODULE: &str = "flare._runtime";
 
@@ -39,6 +42,11 @@ pub(crate) struct SpecInputs<'a> {
 
 /// The container's environment, in the precedence documented above.
 pub(crate) fn function_env(a: &ContainerAssignment) -> Vec<(String, String)> {
+    env_with(a, &a.def.config.env)
+}
+
+/// [`function_env`] with `fn_env` as the function's own variables.
+fn env_with(a: &ContainerAssignment, fn_env: &FnEnv) -> Vec<(String, String)> {
     let def = &a.def;
     let on_image_root = def.image.as_ref().is_some_and(|i| i.host_roots.is_empty());
     let mut env = base_env();
@@ -49,11 +57,11 @@ pub(crate) fn function_env(a: &ContainerAssignment) -> Vec<(String, String)> {
             set_env(&mut env, k, v.clone());
         }
     }
-    for (k, v) in &def.config.env {
+    for (k, v) in fn_env {
         set_env(&mut env, k, v.clone());
     }
     // Platform variables win over user ones.
-    let pythonpath = match def.config.env.get("PYTHONPATH") {
+    let pythonpath = match fn_env.get("PYTHONPATH") {
         Some(user) => format!("{PLATFORM_PYTHONPATH}:{user}"),
         None => PLATFORM_PYTHONPATH.into(),
     };
@@ -73,6 +81,17 @@ pub(crate) fn function_env(a: &ContainerAssignment) -> Vec<(String, String)> {
     ] {
         set_env(&mut env, k, v);
     }
+    env
+}
+
+/// The environment a pre-started runner for `a`'s template starts with: the function's
+/// without its own variables (`env=`) and without the per-container ones, which INIT
+/// brings at assignment ([`crate::prestart`]).
+pub(crate) fn prestart_env(a: &ContainerAssignment) -> Vec<(String, String)> {
+    let per_container =
+        ["FLARE_CONTAINER_ID", "FLARE_APP_ID", "FLARE_APP_NAME", "FLARE_FUNCTION_NAME", "FLARE_SYS_PATH"];
+    let mut env = env_with(a, &FnEnv::default());
+    env.retain(|(k, _)| !per_container.contains(&k.as_str()));
     env
 }
 
@@ -141,6 +160,32 @@ mod tests {
             "image_id": "im-1", "manifest": "blake3:00", "python": "/usr/local/bin/python3",
             "env": env, "workdir": "/app", "host_roots": host_roots,
         })
+    }
+
+    #[test]
+    fn prestart_env_has_neither_the_functions_variables_nor_the_containers() {
+        let a = assignment(serde_json::json!({
+            "name": "f",
+            "python": {"executable": "/usr/bin/python3", "paths": ["/a"]},
+            "config": {"env": {"MY": "1", "PYTHONPATH": "/u"}},
+        }));
+        let env = prestart_env(&a);
+        assert_eq!(get(&env, "PYTHONPATH"), Some("/__flare"));
+        for k in [
+            "MY",
+            "FLARE_CONTAINER_ID",
+            "FLARE_APP_ID",
+            "FLARE_APP_NAME",
+            "FLARE_FUNCTION_NAME",
+            "FLARE_SYS_PATH",
+        ] {
+            assert_eq!(get(&env, k), None, "{k}");
+        }
+        assert_eq!(get(&env, "FLARE_SERVER_URL"), Some("unix:///__flare/api.sock"));
+        // The function's own env (what INIT brings) has them all.
+        let full = function_env(&a);
+        assert_eq!(get(&full, "MY"), Some("1"));
+        assert_eq!(get(&full, "PYTHONPATH"), Some("/__flare:/u"));
     }
 
     #[test]

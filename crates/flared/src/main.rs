@@ -154,6 +154,35 @@ struct ListenLimits {
 }
 
 #[derive(clap::Args)]
+struct PrestartArgs {
+    /// Pre-started runners this worker keeps idle, all images together (0: none). Each is
+    /// an interpreter with the runner imported, owned by no app until one is assigned; a
+    /// cold start of a function with its image then only imports the user's module.
+    #[arg(long = "prestart-runners", value_name = "N", env = "FLARE_PRESTART_RUNNERS",
+          default_value_t = flare_worker::prestart::PrestartConfig::default().runners)]
+    runners: usize,
+    /// At most this many idle runners of one image (and interpreter and network mode).
+    #[arg(long = "prestart-per-image", value_name = "N", env = "FLARE_PRESTART_PER_IMAGE",
+          default_value_t = flare_worker::prestart::PrestartConfig::default().per_template)]
+    per_image: usize,
+    /// Stop an image's idle runners when no container of it started for this long.
+    #[arg(long = "prestart-idle-secs", value_name = "SECS", env = "FLARE_PRESTART_IDLE_SECS",
+          default_value_t = flare_worker::prestart::PrestartConfig::default().idle_ttl.as_secs())]
+    idle_secs: u64,
+}
+
+impl PrestartArgs {
+    fn config(&self) -> flare_worker::prestart::PrestartConfig {
+        flare_worker::prestart::PrestartConfig {
+            runners: self.runners,
+            per_template: self.per_image,
+            idle_ttl: Duration::from_secs(self.idle_secs),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
 struct HostBindArgs {
     /// A host directory whose contents function definitions may have bound into their
     /// containers (repeatable; env: colon-separated). Default: none, so a captured Python
@@ -191,6 +220,8 @@ struct ServerArgs {
     /// Also accept remote workers that present this token.
     #[arg(long, env = "FLARE_WORKER_TOKEN")]
     worker_token: Option<String>,
+    #[command(flatten)]
+    prestart: PrestartArgs,
 }
 
 #[derive(clap::Args)]
@@ -244,6 +275,8 @@ struct WorkerArgs {
     address: String,
     #[command(flatten)]
     host_binds: HostBindArgs,
+    #[command(flatten)]
+    prestart: PrestartArgs,
 }
 
 fn default_home() -> PathBuf {
@@ -492,7 +525,10 @@ async fn server(args: ServerArgs) -> Result<()> {
     let images = Arc::new(open_images(&home, Some(runtime.clone()))?);
     cp.set_image_service(images.clone());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let res = flare_worker::host_resources();
+    let mut res = flare_worker::host_resources();
+    let prestart = args.prestart.config();
+    // Idle pre-started runners belong to no app: their memory is the worker's, not offered.
+    res.memory_mb = res.memory_mb.saturating_sub(prestart.reserved_mb());
     let worker = flare_worker::start(
         flare_worker::WorkerConfig {
             id: "local".into(),
@@ -503,6 +539,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             mount_source: None,
             images: Some(images.host.clone()),
             host_binds,
+            prestart,
         },
         events_tx,
     );
@@ -515,6 +552,8 @@ async fn server(args: ServerArgs) -> Result<()> {
     let router = api_router(&cp, args.worker_token).merge(flare_image::http::router(images.builder.clone()));
     serve_api(args.common.listen, router, &cp, limits).await?;
     stop_containers(&cp).await;
+    let w = worker.clone();
+    let _ = tokio::task::spawn_blocking(move || w.shutdown_prestarted()).await;
     let _ = std::fs::remove_file(&pid_path);
     Ok(())
 }
@@ -582,6 +621,9 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     if let Some(m) = args.memory {
         res.memory_mb = m;
     }
+    let prestart = args.prestart.config();
+    // Idle pre-started runners belong to no app: their memory is the worker's, not offered.
+    res.memory_mb = res.memory_mb.saturating_sub(prestart.reserved_mb());
     let id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), &cgroup_parent(&home)[6..])
@@ -609,6 +651,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             mount_source: Some(client),
             images: Some(Arc::new(image_host)),
             host_binds,
+            prestart,
         },
         events_tx,
     );
@@ -646,6 +689,8 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     while !handle.container_ids().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let h = handle.clone();
+    let _ = tokio::task::spawn_blocking(move || h.shutdown_prestarted()).await;
     let _ = std::fs::remove_file(&pid_path);
     result
 }

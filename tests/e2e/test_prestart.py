@@ -1,0 +1,214 @@
+"""Pre-started runners, end to end: a cold start served by a runner started before it
+was asked for, which then belongs to that one container only (crates/flare-worker/src/prestart.rs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .conftest import FLARED, PYTHON_DIR, Server, _free_port, _healthy, load_app, remove_home, write_app
+
+# What every function below returns about its own container.
+PROBE = """
+import os, sys, time
+import flare
+
+def _probe():
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return {
+        "age": uptime - start_ticks / os.sysconf("SC_CLK_TCK"),
+        "pid": os.getpid(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("FLARE_", "MY_"))},
+        "cwd": os.getcwd(),
+        "root": sorted(n for n in os.listdir("/root") if n.endswith(".py")),
+        "path0": "/root" in sys.path,
+    }
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(e))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.add(k)
+            todo.append(k)
+    return out
+
+
+def prestarted_pids(server_pid: int) -> set[int]:
+    """Processes of idle pre-started runners of one server (their cgroup is `pre-...`)."""
+    out = set()
+    for pid in _descendants(server_pid):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if "/pre-" in f.read():
+                    out.add(pid)
+        except OSError:
+            pass
+    return out
+
+
+def wait_for_runner(server_pid: int, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = prestarted_pids(server_pid)
+        if len(pids) >= 2:  # init and the interpreter
+            time.sleep(0.5)  # its imports
+            return pids
+        time.sleep(0.05)
+    raise AssertionError("no pre-started runner appeared")
+
+
+def _no_containers(server: Server, app_id: str, timeout: float = 30) -> None:
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(server.url + "/v1/containers", timeout=10) as r:
+            if not any(c["app_id"] == app_id for c in json.loads(r.read())["containers"]):
+                return
+        time.sleep(0.05)
+    raise AssertionError("containers did not scale down")
+
+
+def test_a_cold_start_takes_a_prestarted_runner_that_becomes_the_apps(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # Apart, so that each app's code mount holds its own module only.
+    a = load_app(tmp_path / "a", PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0, env={"MY_VAR": "from-a"})
+def probe():
+    return _probe()
+""")
+    b = load_app(tmp_path / "b", PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0, env={"MY_OTHER": "from-b"})
+def probe():
+    return _probe()
+""")
+    with a.app.run(), b.app.run():
+        first = a.probe.remote()
+        _no_containers(server, a.app.app_id)
+        # The first start of this image recorded its template: a runner is started for it.
+        runners = wait_for_runner(server.pid)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        got = b.probe.remote()
+        took = time.monotonic() - t0
+        # Started before the call (a new container's process is younger than the call).
+        assert got["age"] > took + 0.5, (got, took, first)
+        # It is b's container now: b's environment only, b's code only, at /root.
+        env = got["env"]
+        assert env["FLARE_APP_ID"] == b.app.app_id
+        assert env["MY_OTHER"] == "from-b"
+        assert "MY_VAR" not in env and "FLARE_PRESTART" not in env
+        assert got["root"] == [Path(b.__file__).name], got["root"]
+        assert got["cwd"] == "/root" and got["path0"]
+        _no_containers(server, b.app.app_id)
+        # Never back to the pool: the runner's processes died with b's container.
+        alive = [pid for pid in runners if os.path.exists(f"/proc/{pid}")]
+        assert not alive, alive
+
+
+def test_limits_are_the_functions_once_assigned(server: Server, tmp_path: Path) -> None:
+    mod = load_app(tmp_path, PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0)
+def warm():
+    return _probe()
+
+@app.function(scaledown_window=0, memory=1024)
+def big():
+    # Over the idle runner's 256 MiB limit, under the function's.
+    b = bytearray(400 << 20)
+    b[::4096] = b"x" * len(b[::4096])
+    return _probe()
+
+@app.function(scaledown_window=0, memory=128)
+def small():
+    b = bytearray(300 << 20)
+    b[::4096] = b"x" * len(b[::4096])
+    return _probe()
+""")
+    import flare
+
+    with mod.app.run():
+        mod.warm.remote()
+        _no_containers(server, mod.app.app_id)
+        wait_for_runner(server.pid)
+        time.sleep(1.0)
+        got = mod.big.remote()
+        assert got["age"] > 0.5, got
+        _no_containers(server, mod.app.app_id)
+        wait_for_runner(server.pid)
+        time.sleep(1.0)
+        try:
+            mod.small.remote()
+            raise AssertionError("a 300 MiB allocation passed a 128 MiB limit")
+        except flare.exception.Error as e:
+            assert "OutOfMemory" in type(e).__name__ or "memory" in str(e).lower(), e
+
+
+def test_prestarted_runners_are_stopped_at_shutdown(tmp_path: Path) -> None:
+    """A server of its own: its idle runners (processes, sockets, dirs) are gone once it
+    exits on SIGTERM."""
+    home = tempfile.mkdtemp(prefix="flare-e2e-prestart-")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(Path(home) / "flared.log", "wb")
+    proc = subprocess.Popen([str(FLARED), "server", "--home", home, "--listen", f"127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "flared did not start"
+            time.sleep(0.05)
+        app_file = write_app(tmp_path, PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0)
+def probe():
+    return _probe()
+""")
+        # A client process of its own, pointed at this server.
+        env = {**os.environ, "FLARE_SERVER_URL": url, "FLARE_HOME": home,
+               "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{tmp_path}"}
+        script = f"import {app_file.stem} as m\nwith m.app.run():\n    m.probe.remote()\n"
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        runners = wait_for_runner(proc.pid)
+        assert os.listdir(Path(home) / "prestart"), "no runner dir"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        alive = [p for p in runners if os.path.exists(f"/proc/{p}")]
+        assert not alive, f"pre-started runner processes left: {alive}"
+        assert not os.listdir(Path(home) / "prestart"), os.listdir(Path(home) / "prestart")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        remove_home(home)
