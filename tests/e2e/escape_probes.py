@@ -560,6 +560,9 @@ def probe_userns(cfg: Cfg) -> Obs:
         "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
         "uid_map": read("/proc/self/uid_map"), "gid_map": read("/proc/self/gid_map"),
         "owners": owners, "container_id": os.environ.get("FLARE_CONTAINER_ID"),
+        # The container's pid namespace: how the host finds its processes (a pre-started
+        # runner's initial environment does not name the container it became).
+        "pid_ns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else None,
     }
 
 

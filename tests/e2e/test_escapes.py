@@ -341,12 +341,16 @@ def test_capabilities_seccomp_and_no_new_privs(any_attacker: Any) -> None:
     _assert_blocked("capabilities", _probe(any_attacker, "capabilities"))
 
 
-def _host_processes_of(container_id: str) -> list[int]:
+def _host_processes_of(container_id: str, pid_ns: str | None = None) -> list[int]:
+    """Host pids of a container: by the id in their initial environment, or (a
+    pre-started runner's environment predates its container) by its pid namespace."""
     needle = f"FLARE_CONTAINER_ID={container_id}".encode()
     pids = []
     for env in glob.glob("/proc/[0-9]*/environ"):
         try:
             if needle in Path(env).read_bytes().split(b"\0"):
+                pids.append(int(env.split("/")[2]))
+            elif pid_ns and os.readlink(env.replace("environ", "ns/pid")) == pid_ns:
                 pids.append(int(env.split("/")[2]))
         except OSError:
             continue
@@ -364,7 +368,7 @@ def test_root_in_the_container_is_not_root_on_the_host(any_attacker: Any) -> Non
     obs = _probe(any_attacker, "userns")
     # The host's view, not the container's: the runner's effective uid outside.
     cid = obs["container_id"]
-    pids = _host_processes_of(cid)
+    pids = _host_processes_of(cid, obs.get("pid_ns"))
     assert pids, f"no host process of container {cid}"
     host_uids = {p: _host_uid(p) for p in pids}
     problems = probes.check_userns(obs)
