@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use flare_runtime::*;
 
@@ -33,11 +35,18 @@ fn attached_binds_appear_in_the_running_container_in_order() {
     ]);
     s.command.binds.push(Bind { src: placeholder.clone(), dst: "/work".into(), readonly: true });
     let mut c = rt.spawn(s).unwrap();
+    let ns = |p: &str| std::fs::read_link(p).unwrap();
+    let (mnt, root) = (ns("/proc/thread-self/ns/mnt"), std::fs::metadata("/").unwrap());
     c.attach_binds(&[
         Bind { src: code.clone(), dst: "/work".into(), readonly: true },
         Bind { src: env.clone(), dst: "/work/env".into(), readonly: true },
     ])
     .expect("attach");
+    // The helper shared our memory, not our namespaces or root.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(ns("/proc/thread-self/ns/mnt"), mnt);
+    assert_eq!(std::fs::metadata("/").unwrap().ino(), root.ino());
+    assert!(!Path::new("/work/marker").exists());
     let exit = c.wait().unwrap();
     c.cleanup().unwrap();
     let (out, err) = readers.finish();
