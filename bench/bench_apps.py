@@ -23,6 +23,14 @@ def cold_noop(x: int) -> int:
     return x
 
 
+# The same with the pre-started runner pool out of reach: a function whose environment
+# sets a PYTHON* variable (read only at interpreter start, so never applied to a runner
+# started earlier) always gets a new container. The interpreter ignores this one.
+@cold_app.function(scaledown_window=0, env={"PYTHONFLAREBENCHNOPOOL": "1"})
+def cold_noop_nopool(x: int) -> int:
+    return x
+
+
 # Warm round trips and .map: default settings, as a user would write them.
 warm_app = flare.App("bench-warm")
 
