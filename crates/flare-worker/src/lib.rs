@@ -128,6 +128,9 @@ impl WorkerHandle {
 /// Starts the worker; returns its handle.
 pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> WorkerHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    // What pre-started runners of an earlier run of this worker left (a crash: their
+    // containers were killed when the runtime started; their dirs and sockets remain).
+    prestart::remove_leftovers(&cfg.home, &cfg.socket_dir);
     let pool = prestart::Pool::new(cfg.prestart.clone());
     let cfg = Arc::new(cfg);
     let registry: Registry = Arc::default();

@@ -389,6 +389,21 @@ impl Pool {
     }
 }
 
+/// Removes the runner dirs (`home/prestart`) and runner sockets (`pre-*.sock`) an earlier
+/// run of this worker left behind (call at start, before any runner exists).
+pub(crate) fn remove_leftovers(home: &Path, socket_dir: &Path) {
+    let _ = std::fs::remove_dir_all(home.join("prestart"));
+    if let Ok(rd) = std::fs::read_dir(socket_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("pre-") && name.ends_with(".sock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Starts one runner of `template`: its own dir with an empty `/root` placeholder (with
 /// the mountpoints of binds under it), its API socket, the template's env plus
 /// `FLARE_PRESTART=1`, the pool's limits.
@@ -614,6 +629,22 @@ mod tests {
         let cfg = PrestartConfig { runners: 0, ..PrestartConfig::default() };
         let p = plan(&cfg, &[st(1, 1, 2, 0, now)], now);
         assert_eq!(p, Plan { start: vec![], stop: vec![1, 1] });
+    }
+
+    #[test]
+    fn leftovers_of_an_earlier_run_are_removed() {
+        let base = std::env::temp_dir().join(format!("flare-prestart-left-{}", std::process::id()));
+        let (home, socks) = (base.join("home"), base.join("socks"));
+        std::fs::create_dir_all(home.join("prestart/pre-local-3/root")).unwrap();
+        std::fs::create_dir_all(&socks).unwrap();
+        for f in ["pre-local-3.sock", "ct-1.sock"] {
+            std::fs::write(socks.join(f), b"").unwrap();
+        }
+        remove_leftovers(&home, &socks);
+        assert!(!home.join("prestart").exists());
+        assert!(!socks.join("pre-local-3.sock").exists());
+        assert!(socks.join("ct-1.sock").exists(), "only the pool's own sockets");
+        let _ = std::fs::remove_dir_all(base);
     }
 
     #[test]
