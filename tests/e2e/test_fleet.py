@@ -127,10 +127,12 @@ class Fleet:
                  timeout, f"workers {ids} registered")
 
     def worker_of_container(self, container_id: str) -> str | None:
-        """The id of the worker whose process tree holds the container (host /proc)."""
+        """The id of the worker whose process tree holds the container (host /proc; for a
+        container made from a pre-started runner, whose initial environment predates it,
+        the worker the control plane names)."""
         pid = _pid_with_env("FLARE_CONTAINER_ID", container_id)
         if pid is None:
-            return None
+            return next((c["worker_id"] for c in self.containers_now() if c["container_id"] == container_id), None)
         by_pid = {w.proc.pid: w.wid for w in self.workers.values() if w.proc is not None and w.proc.poll() is None}
         parents = _ppids()
         while pid > 1:
