@@ -220,7 +220,7 @@ def pickle_exception(exc: BaseException) -> bytes:
     pickle = _pickler()
 
     try:
-        data = pickle.dumps(exc, 4)
+        data: bytes = pickle.dumps(exc, 4)
     except Exception:  # noqa: BLE001
         try:
             import cloudpickle
@@ -253,7 +253,8 @@ def dumps_result(value: Any) -> bytes:
     pickle = _pickler()
 
     try:
-        return pickle.dumps(value, 4)
+        plain: bytes = pickle.dumps(value, 4)
+        return plain
     except Exception:  # noqa: BLE001
         pass
     try:
