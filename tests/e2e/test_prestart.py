@@ -181,20 +181,23 @@ def small():
             assert "OutOfMemory" in type(e).__name__ or "memory" in str(e).lower(), e
 
 
-def test_prestarted_runners_are_stopped_at_shutdown(tmp_path: Path) -> None:
-    """A server of its own: its idle runners (processes, sockets, dirs) are gone once it
-    exits on SIGTERM."""
-    home = tempfile.mkdtemp(prefix="flare-e2e-prestart-")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(Path(home) / "flared.log", "wb")  # noqa: SIM115 - open for the server's whole life, closed in finally
-    proc = subprocess.Popen([str(FLARED), "server", "--home", home, "--listen", f"127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
+class OwnServer:
+    """A flared server of the test's own (extra flags), and a client process for it."""
+
+    def __init__(self, *flags: str) -> None:
+        self.home = tempfile.mkdtemp(prefix="flare-e2e-prestart-")
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(Path(self.home) / "flared.log", "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [str(FLARED), "server", "--home", self.home, "--listen", f"127.0.0.1:{port}", *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while not _healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, "flared did not start"
+        while not _healthy(self.url):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "flared did not start"
             time.sleep(0.05)
+
+    def call_probe(self, tmp_path: Path) -> None:
         app_file = write_app(tmp_path, PROBE + """
 app = flare.App()
 
@@ -202,23 +205,48 @@ app = flare.App()
 def probe():
     return _probe()
 """)
-        # A client process of its own, pointed at this server.
-        env = {**os.environ, "FLARE_SERVER_URL": url, "FLARE_HOME": home,
+        env = {**os.environ, "FLARE_SERVER_URL": self.url, "FLARE_HOME": self.home,
                "PYTHONPATH": f"{PYTHON_DIR}{os.pathsep}{tmp_path}"}
         script = f"import {app_file.stem} as m\nwith m.app.run():\n    m.probe.remote()\n"
         r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                            check=False)
         assert r.returncode == 0, r.stderr
-        runners = wait_for_runner(proc.pid)
-        assert os.listdir(Path(home) / "prestart"), "no runner dir"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        remove_home(self.home)
+
+
+def test_prestarted_runners_are_stopped_at_shutdown(tmp_path: Path) -> None:
+    """Its idle runners (processes, sockets, dirs) are gone once the server exits on SIGTERM."""
+    srv = OwnServer()
+    try:
+        srv.call_probe(tmp_path)
+        runners = wait_for_runner(srv.proc.pid)
+        assert os.listdir(Path(srv.home) / "prestart"), "no runner dir"
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=30)
         alive = [p for p in runners if os.path.exists(f"/proc/{p}")]
         assert not alive, f"pre-started runner processes left: {alive}"
-        assert not os.listdir(Path(home) / "prestart"), os.listdir(Path(home) / "prestart")
+        assert not os.listdir(Path(srv.home) / "prestart"), os.listdir(Path(srv.home) / "prestart")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-        remove_home(home)
+        srv.close()
+
+
+def test_idle_runners_of_an_unused_image_are_stopped(tmp_path: Path) -> None:
+    """--prestart-idle-secs: no start of the image for that long and its runner goes, with
+    no other start to trigger the pool."""
+    srv = OwnServer("--prestart-idle-secs", "3")
+    try:
+        srv.call_probe(tmp_path)
+        runners = wait_for_runner(srv.proc.pid)
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{p}") for p in runners) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(os.path.exists(f"/proc/{p}") for p in runners), "the idle runner outlived its image's use"
+        assert not prestarted_pids(srv.proc.pid), "a new runner was started for an expired image"
+    finally:
+        srv.close()

@@ -135,6 +135,20 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
     let cfg = Arc::new(cfg);
     let registry: Registry = Arc::default();
     let handle = WorkerHandle { tx: tx.clone(), registry: registry.clone(), pool: pool.clone() };
+    if pool.enabled() {
+        // Runners of templates nobody used for the idle time are stopped even when no
+        // start comes along to trigger the pool.
+        let (pool, cfg) = (pool.clone(), cfg.clone());
+        let every = (cfg.prestart.idle_ttl / 4).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                pool.reconcile(&cfg);
+            }
+        });
+    }
     if let Some(reason) = cfg.runtime.nat_available() {
         tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
     }
