@@ -342,6 +342,15 @@ impl Pool {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || {
             for (key, id, template, sources) in starts {
+                {
+                    let mut st = pool.lock();
+                    if st.shut {
+                        if let Some(e) = st.entries.iter_mut().find(|e| e.key == key) {
+                            e.starting -= 1;
+                        }
+                        continue;
+                    }
+                }
                 let started = start_runner(&cfg, &pool.cfg, &id, &template, &sources);
                 let mut st = pool.lock();
                 let shut = st.shut;
@@ -352,15 +361,16 @@ impl Pool {
                         tracing::debug!(runner = %id, "pre-started runner idle");
                         e.idle.push(r);
                     }
-                    (started, e) => {
-                        if let Some(e) = e {
-                            e.starting -= 1;
-                        }
+                    (started, _) => {
                         if let Err(err) = &started {
                             tracing::warn!(runner = %id, error = %err, "pre-starting a runner failed");
                         }
+                        // Stopped before `starting` drops, so that shutdown waits for it.
                         drop(st);
                         drop(started);
+                        if let Some(e) = pool.lock().entries.iter_mut().find(|e| e.key == key) {
+                            e.starting -= 1;
+                        }
                     }
                 }
             }
@@ -368,11 +378,16 @@ impl Pool {
     }
 
     /// Stops every idle runner and starts no more (worker shutdown). Blocks until they
-    /// are gone.
+    /// are gone, and until runners being started have been started and dropped (at most
+    /// 10 s: a start that hangs is ended by the runtime's own set-up timeout).
     pub fn shutdown(&self) {
+        self.lock().shut = true;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.lock().entries.iter().any(|e| e.starting > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let runners: Vec<Runner> = {
             let mut st = self.lock();
-            st.shut = true;
             st.entries.iter_mut().flat_map(|e| e.idle.drain(..)).collect()
         };
         for r in runners {
