@@ -20,6 +20,7 @@ mod etc;
 mod net;
 mod output;
 mod plan;
+mod restore;
 pub mod seccomp;
 mod sys;
 
@@ -33,6 +34,7 @@ pub use child::KEPT_CAPS;
 pub use command::{base_env, set_env, CommandExit, CommandRunner, CommandSpec, BASE_ENV};
 pub use error::RuntimeError;
 pub use output::LogDecoder;
+pub use restore::RestoreTarget;
 pub use sys::pipe_cloexec;
 
 /// Return freed heap memory to the system. Containers are cloned from the calling
@@ -422,8 +424,13 @@ impl Runtime {
                 RuntimeError::io(format!("create {}", dir.display()), e)
             }
         })?;
-        let mut res =
-            Resources { inner: self.inner.clone(), dir: Some(dir.clone()), cgroup: None, netns: None };
+        let mut res = Resources {
+            inner: self.inner.clone(),
+            dir: Some(dir.clone()),
+            cgroup: None,
+            netns: None,
+            root_mount: None,
+        };
         for d in ["scratch", "rootfs"] {
             fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
         }
@@ -581,6 +588,9 @@ fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
     if spec.command.argv.is_empty() || !spec.command.argv[0].starts_with('/') {
         return bad("argv[0] must be an absolute path".into());
     }
+    if spec.command.checkpointable && spec.command.network != Network::Isolated {
+        return bad("a checkpointable container needs its own network namespace (Network::Isolated)".into());
+    }
     if !spec.command.cwd.starts_with('/') {
         return bad("cwd must be absolute".into());
     }
@@ -634,6 +644,8 @@ struct Resources {
     dir: Option<PathBuf>,
     cgroup: Option<ContainerCgroup>,
     netns: Option<NetNs>,
+    /// A root mounted on the host (restored containers), unmounted before `dir` goes.
+    root_mount: Option<PathBuf>,
 }
 
 impl Resources {
@@ -660,6 +672,13 @@ impl Resources {
             match &self.inner.nat {
                 Ok(pool) => pool.release(ns),
                 Err(_) => net::destroy(ns.index, &ns.pin),
+            }
+        }
+        if let Some(root) = self.root_mount.take() {
+            if let Err(e) = sys::umount_detach(&root) {
+                // Never remove files through a root that is still mounted.
+                self.dir = None;
+                first_err.get_or_insert(RuntimeError::io(format!("unmount {}", root.display()), e));
             }
         }
         if let Some(dir) = self.dir.take() {
