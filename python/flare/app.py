@@ -121,6 +121,7 @@ class App:
         serialized: bool = False,
         name: str | None = None,
         block_network: bool = False,
+        enable_memory_snapshot: bool = False,
     ) -> Any:
         """Decorator turning a function into a ``flare.Function`` that runs in containers."""
         image = _check_image(image)
@@ -137,6 +138,7 @@ class App:
             buffer_containers=buffer_containers,
             scaledown_window=scaledown_window,
             block_network=block_network,
+            enable_memory_snapshot=enable_memory_snapshot,
         )
 
         def decorator(f: Callable[..., Any]) -> Function:
@@ -193,6 +195,7 @@ class App:
         serialized: bool = False,
         name: str | None = None,
         block_network: bool = False,
+        enable_memory_snapshot: bool = False,
     ) -> Any:
         """Decorator turning a class into a ``flare.Cls``: its ``@flare.method()``s run in
         containers that share the class's ``@flare.enter()`` state (``flare/cls.py``).
@@ -203,7 +206,7 @@ class App:
             "cpu": cpu, "memory": memory, "gpu": gpu, "timeout": timeout, "retries": retries, "env": env,
             "min_containers": min_containers, "max_containers": max_containers,
             "buffer_containers": buffer_containers, "scaledown_window": scaledown_window,
-            "block_network": block_network,
+            "block_network": block_network, "enable_memory_snapshot": enable_memory_snapshot,
         }
         register = self.function(image=image, serialized=serialized, name=name, **decorator_kwargs)
 

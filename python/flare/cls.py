@@ -76,8 +76,10 @@ def _mark(kind: str, **fields: Any) -> Callable[[F], F]:
 def enter(*, snap: bool = False) -> Callable[[F], F]:
     """Run this method once per container, before its first input (Modal's ``@enter``).
 
-    Hooks run in definition order, those with ``snap=True`` first. Memory snapshots are not
-    implemented yet: ``snap`` only orders the hooks; both kinds run at every container start.
+    Hooks run in definition order, those with ``snap=True`` first. With
+    ``enable_memory_snapshot=True`` the ``snap=True`` hooks run before the container is
+    checkpointed (their state is in the snapshot) and the others after every start or
+    restore (docs/SNAPSHOTS.md); without it both kinds run at every container start.
     An exception fails the container's start like an import error (``init_failure``).
     """
     return _mark("enter", snap=bool(snap))
@@ -162,6 +164,7 @@ def class_info(user_cls: type) -> dict[str, Any]:
     return {
         "params": params,
         "enter": [n for _, n in enters],
+        "enter_snap": [n for snap, n in enters if snap],
         "exit": exits,
         "methods": methods,
     }

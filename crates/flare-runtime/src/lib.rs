@@ -802,6 +802,20 @@ impl Container {
         self.scratch.as_ref().and_then(|fd| detached::usage(fd).ok())
     }
 
+    /// Copy the root overlay's upper layer (what the container wrote to its root file
+    /// system, and the mountpoints the runtime made for its binds) to the new dir `dest`,
+    /// owners, modes and whiteouts kept: a restore of a checkpoint seeds its root with it.
+    /// Only for a container whose upper layer is on its own tmpfs.
+    pub fn copy_upper(&self, dest: &Path) -> Result<(), RuntimeError> {
+        let fd = self
+            .scratch
+            .as_ref()
+            .ok_or_else(|| RuntimeError::InvalidSpec("the container's upper layer is a host dir".into()))?;
+        // Seen through this process's fd table (the copying child has its own).
+        let src = format!("/proc/{}/fd/{}/upper", std::process::id(), fd.as_raw_fd());
+        restore::copy_tree(Path::new(&src), dest)
+    }
+
     /// Current memory usage of the container's cgroup.
     pub fn memory_usage(&self) -> Option<u64> {
         self.res.cgroup.as_ref().and_then(|c| c.memory_usage())

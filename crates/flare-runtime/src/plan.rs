@@ -121,6 +121,7 @@ fn attach(fd: MountFd, target: &str, label: String) -> LabeledOp {
 pub(crate) fn root_overlay(
     inner: &Inner,
     spec: &CommandSpec,
+    seed_upper: Option<&Path>,
 ) -> Result<(OwnedFd, Option<OwnedFd>), RuntimeError> {
     let root_owner = inner.cfg.userns.map(|u| (u.host_base, u.host_base)).unwrap_or((0, 0));
     let disk = spec.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
@@ -134,6 +135,11 @@ pub(crate) fn root_overlay(
                 detached::tmpfs(disk, 0o755, nosuid_nodev).ctx(|| "mount the container's tmpfs".into())?;
             detached::mkdir_in(&scratch, "upper", 0o755, Some(root_owner)).ctx(|| "mkdir upper".into())?;
             detached::mkdir_in(&scratch, "work", 0o700, None).ctx(|| "mkdir work".into())?;
+            if let Some(seed) = seed_upper {
+                // Through this process's fd table: the copying child has its own.
+                let upper = format!("/proc/{}/fd/{}/upper", std::process::id(), scratch.as_raw_fd());
+                crate::restore::copy_tree(seed, Path::new(&upper))?;
+            }
             let paths = (detached::fd_path(&scratch, "upper"), detached::fd_path(&scratch, "work"));
             kept = Some(scratch);
             paths
@@ -174,7 +180,7 @@ pub(crate) fn build_plan(
     let disk = spec.command.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
     let shm = spec.command.limits.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
 
-    let (root, scratch) = root_overlay(inner, &spec.command)?;
+    let (root, scratch) = root_overlay(inner, &spec.command, None)?;
     prep.scratch = scratch;
     let root_fd = root.as_raw_fd();
     prep.fds.push(root);

@@ -28,9 +28,13 @@ impl Runtime {
     /// checkpoint's) with `restore`, which must return the host pid of the restored pid 1,
     /// a child of this process (criu's `--restore-sibling`). On any error everything the
     /// runtime prepared is released.
+    ///
+    /// `upper` seeds the new root's upper layer (a [`Container::copy_upper`] of the
+    /// checkpointed container: its files and the mountpoints of its binds).
     pub fn restore<E: std::fmt::Display>(
         &self,
         spec: &CommandSpec,
+        upper: Option<&Path>,
         restore: impl FnOnce(&RestoreTarget<'_>) -> Result<i32, E>,
     ) -> Result<Container, RuntimeError> {
         let inner = &self.inner;
@@ -59,7 +63,7 @@ impl Runtime {
         res.cgroup = Some(cg);
         let root_dir = dir.join("rootfs");
         fs::create_dir(&root_dir).ctx(|| format!("create {}", root_dir.display()))?;
-        let (root, scratch) = plan::root_overlay(inner, spec)?;
+        let (root, scratch) = plan::root_overlay(inner, spec, upper)?;
         detached::attach_at(&root, &root_dir).ctx(|| format!("mount the root at {}", root_dir.display()))?;
         res.root_mount = Some(root_dir.clone());
         drop(root);
@@ -86,4 +90,25 @@ impl Runtime {
             res,
         })
     }
+}
+
+/// `cp -a SRC/. DEST` (DEST is created): owners, modes, times, symlinks, overlay whiteouts
+/// (character devices 0/0) and hard links kept.
+pub(crate) fn copy_tree(src: &Path, dest: &Path) -> Result<(), RuntimeError> {
+    fs::create_dir_all(dest).ctx(|| format!("create {}", dest.display()))?;
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(src.join("."))
+        .arg(dest)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ctx(|| "run cp".into())?;
+    if !out.status.success() {
+        return Err(RuntimeError::io(
+            format!("copy {} to {}", src.display(), dest.display()),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(())
 }

@@ -235,6 +235,9 @@ fn checkpointable_container_dumps_and_restores_into_new_containers() {
     };
     let rep = criu.dump(c.pid(), &images, &opts).unwrap_or_else(|e| panic!("dump: {e}"));
     eprintln!("dump {:?}, {} bytes", rep.elapsed, rep.image_bytes);
+    // Its root's upper layer seeds the restored roots.
+    let upper = dir.join("upper");
+    c.copy_upper(&upper).unwrap();
     // The original goes on.
     let a = ask(&mut ours, "a");
     assert_eq!((a[0].as_str(), a[1].as_str()), (token.as_str(), "a"));
@@ -244,7 +247,7 @@ fn checkpointable_container_dumps_and_restores_into_new_containers() {
         let (r_out_r, r_out_w) = flare_runtime::pipe_cloexec().unwrap();
         let (mut r_ours, r4, r3, _, _) = chan();
         let ct = runtime
-            .restore(&echo_spec(&format!("ckpt-{i}"), py), |t| {
+            .restore(&echo_spec(&format!("ckpt-{i}"), py), Some(&upper), |t| {
                 let ropts = flare_snapshot::RestoreOpts {
                     work_dir: Some(dir.join(format!("w{i}"))),
                     root: Some(t.root.to_path_buf()),

@@ -14,6 +14,7 @@ pub mod images;
 mod phase;
 pub mod remote;
 pub mod sandbox;
+mod snapshot;
 mod spec;
 
 pub use error::WorkerError;
@@ -95,6 +96,8 @@ enum Cmd {
 }
 
 type Registry = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>>;
+/// The worker's snapshots, once CRIU detection has finished.
+type Snaps = Arc<tokio::sync::OnceCell<Arc<snapshot::Snapshots>>>;
 
 /// A started worker: the channel the control plane sends on, and what it runs.
 #[derive(Clone)]
@@ -119,6 +122,13 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
     if let Some(reason) = cfg.runtime.nat_available() {
         tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
     }
+    // CRIU is detected at start, in the background: only functions that ask for a memory
+    // snapshot wait for it.
+    let snaps: Snaps = Arc::default();
+    {
+        let (snaps, dir) = (snaps.clone(), cfg.home.join("snapshots"));
+        tokio::spawn(async move { snapshots(&snaps, dir).await });
+    }
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             match msg {
@@ -128,9 +138,10 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
                     let cfg = cfg.clone();
                     let events = events.clone();
                     let registry = registry.clone();
+                    let snaps = snaps.clone();
                     tokio::spawn(async move {
                         let id = a.container_id.clone();
-                        let report = run_container(&cfg, a, crx, &events).await;
+                        let report = run_container(&cfg, &snaps, a, crx, &events).await;
                         registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                         let _ = events.send(FromWorker::Exited { container_id: id, report });
                     });
@@ -185,9 +196,27 @@ struct InitFailureHeader {
     exception: ExceptionInfo,
 }
 
-fn init_frame(a: &ContainerAssignment) -> Bytes {
+#[derive(Deserialize)]
+struct SnapshotReadyHeader {
+    /// Why the runner will not be checkpointed (open sockets, files outside the image).
+    #[serde(default)]
+    refused: Option<String>,
+}
+
+/// RESUME: go on after a checkpoint (`restored`: in a container restored from it), with
+/// the environment that differs from the checkpointed container's.
+fn resume_frame(a: &ContainerAssignment, restored: bool) -> Bytes {
+    let header = serde_json::json!({
+        "restored": restored,
+        "env": {"FLARE_CONTAINER_ID": a.container_id},
+    });
+    frame::encode(frame::RESUME, header.to_string().as_bytes(), b"")
+}
+
+fn init_frame(a: &ContainerAssignment, snapshot: bool) -> Bytes {
     let d = &a.def;
     let header = serde_json::json!({
+        "snapshot": snapshot,
         "function": {
             "name": d.name,
             "module": d.module,
@@ -277,14 +306,31 @@ impl Pipe {
 }
 
 /// Runs one container from start to cleanup; returns how it ended.
+/// The worker's snapshots (detecting CRIU the first time).
+async fn snapshots(snaps: &Snaps, dir: PathBuf) -> Arc<snapshot::Snapshots> {
+    snaps
+        .get_or_init(|| async move {
+            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir));
+            Arc::new(open.await.expect("snapshot detection task"))
+        })
+        .await
+        .clone()
+}
+
 async fn run_container(
     cfg: &Arc<WorkerConfig>,
+    snaps: &Snaps,
     a: ContainerAssignment,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> ExitReport {
     let cid = a.container_id.clone();
-    match run_container_in(cfg, &a, &mut cmds, events).await {
+    let snaps = if a.def.config.enable_memory_snapshot {
+        Some(snapshots(snaps, cfg.home.join("snapshots")).await)
+    } else {
+        None
+    };
+    match run_container_in(cfg, snaps, &a, &mut cmds, events).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(container = %cid, error = %e, "container failed to start");
@@ -295,6 +341,7 @@ async fn run_container(
 
 async fn run_container_in(
     cfg: &Arc<WorkerConfig>,
+    snaps: Option<Arc<snapshot::Snapshots>>,
     a: &ContainerAssignment,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
@@ -310,9 +357,19 @@ async fn run_container_in(
     let _socket_guard = RemoveOnDrop(api_path.clone());
     {
         // Root in the container is an unprivileged host uid (user namespace): it connects
-        // through the bind mount, so the socket is open to all; the dir keeps host users out.
+        // through the bind mount, so the socket is open to all; the dir keeps host users
+        // out. Its group is the containers' root (traverse only): restoring a memory
+        // snapshot binds the socket from inside the container's user namespace.
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
+        match cfg.runtime.userns() {
+            Some(u) => {
+                let _ = std::os::unix::fs::chown(&cfg.socket_dir, Some(0), Some(u.host_base));
+                let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o710));
+            }
+            None => {
+                let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
+            }
+        }
         std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
             .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     }
@@ -334,8 +391,11 @@ async fn run_container_in(
             ensure_mount(&cfg.home.join("mounts"), m, src).await?;
         }
     }
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
+    // Frames travel on two pipes (fd 3: container to worker, fd 4: worker to container):
+    // unlike a socket, a pipe belongs to no network namespace, so CRIU can hand a restored
+    // container new ones (docs/SNAPSHOTS.md).
+    let (frames_r, frames_w) = frame_pipe()?;
+    let (to_r, to_w) = frame_pipe()?;
     let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
     let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
     let image_dirs = match &a.def.image {
@@ -367,18 +427,96 @@ async fn run_container_in(
     // Side effects first (the code mount's mountpoints), then the pure spec.
     let sources = binds::bind_sources(cfg, &a.def, &image_dirs, &api_path).map_err(WorkerError::Binds)?;
     binds::make_code_mountpoints(&sources).map_err(WorkerError::Binds)?;
-    let spec = spec::function_spec(spec::SpecInputs {
+    let mut spec = spec::function_spec(spec::SpecInputs {
         assignment: a,
         binds: sources.plan(),
         image_root: image_dirs.root,
         nat_available: cfg.runtime.nat_available().is_none(),
     })?;
+    // Memory snapshots: restore this container from one, or make one after its
+    // snap=True hooks (docs/SNAPSHOTS.md).
+    let note = |text: String| {
+        let _ =
+            events.send(FromWorker::Log { container_id: cid.clone(), stream: LogStream::Stderr, data: text });
+    };
+    let mut plan = match &snaps {
+        Some(sn) => {
+            let (sn, a) = (sn.clone(), a.clone());
+            tokio::task::spawn_blocking(move || sn.plan(&a))
+                .await
+                .map_err(|e| WorkerError::task("snapshot", e))?
+        }
+        None => snapshot::Plan::Off,
+    };
+    if let (snapshot::Plan::Unavailable(why), Some(sn)) = (&plan, &snaps) {
+        if sn.tell_once(&a.app_id) {
+            note(format!("flare: no memory snapshot for {}: {why}; containers start cold\n", a.def.name));
+        }
+    }
+    if matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. }) {
+        spec.checkpointable = true;
+        // A checkpoint cannot take a pooled (host-owned) network namespace along.
+        spec.network = flare_runtime::Network::Isolated;
+    }
+    let pipes = snapshot::PipeInodes {
+        stdout: snapshot::inode(&out_r),
+        stderr: snapshot::inode(&err_r),
+        frames_out: snapshot::inode(&frames_r),
+        frames_in: snapshot::inode(&to_r),
+    };
     let rt = cfg.runtime.clone();
-    let fd3 = vec![(OwnedFd::from(theirs), 3)];
-    let mut container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
-        .await
-        .map_err(|e| WorkerError::task("spawn", e))?
-        .map_err(WorkerError::Spawn)?;
+    let restore_from = match &plan {
+        snapshot::Plan::Restore { key, images, meta } => {
+            snaps.clone().map(|sn| (sn, key.clone(), images.clone(), meta.pipes))
+        }
+        _ => None,
+    };
+    let api_host = api_path.clone();
+    let (spawned, restored) = tokio::task::spawn_blocking(move || {
+        let mut restored = None;
+        if let Some((sn, key, images, old)) = restore_from {
+            match sn.restore(&rt, &spec, &images, old, &api_host, [&out_w, &err_w, &frames_w, &to_r]) {
+                Ok((c, took)) => return (Ok(c), Some(Ok(took))),
+                Err(e) => {
+                    // Never fail the input: forget the snapshot and start cold (making a
+                    // new one if no other container is).
+                    sn.discard(&key);
+                    let create = sn.begin_create(&key);
+                    spec.checkpointable = create;
+                    restored = Some(Err((e, create.then_some(key))));
+                }
+            }
+        }
+        (sandbox::spawn(&rt, spec, out_w, err_w, vec![(frames_w, 3), (to_r, 4)]), restored)
+    })
+    .await
+    .map_err(|e| WorkerError::task("spawn", e))?;
+    let mut container = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            if let (snapshot::Plan::Create { key }, Some(sn)) = (&plan, &snaps) {
+                sn.done_creating(key);
+            }
+            return Err(WorkerError::Spawn(e));
+        }
+    };
+    let is_restored = match restored {
+        Some(Ok(took)) => {
+            tracing::info!(container = %cid, ms = took.as_millis() as u64, "restored from a memory snapshot");
+            note(format!("flare: container restored from a memory snapshot in {} ms\n", took.as_millis()));
+            true
+        }
+        Some(Err((e, create))) => {
+            tracing::warn!(container = %cid, error = %e, "snapshot restore failed; starting cold");
+            note(format!("flare: restoring the memory snapshot failed, starting cold instead: {e}\n"));
+            plan = match create {
+                Some(key) => snapshot::Plan::Create { key },
+                None => snapshot::Plan::Busy,
+            };
+            false
+        }
+        None => false,
+    };
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");
 
     let memory_limit = container.memory_limit();
@@ -390,9 +528,10 @@ async fn run_container_in(
     let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| WorkerError::io("pipe", e))?;
     let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| WorkerError::io("pipe", e))?;
 
-    ours.set_nonblocking(true).map_err(|e| WorkerError::io("container socket", e))?;
-    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| WorkerError::io("container socket", e))?;
-    let (mut rd, mut wr) = sock.into_split();
+    let mut rd = tokio::net::unix::pipe::Receiver::from_owned_fd(frames_r)
+        .map_err(|e| WorkerError::io("container frames pipe", e))?;
+    let mut wr = tokio::net::unix::pipe::Sender::from_owned_fd(to_w)
+        .map_err(|e| WorkerError::io("container frames pipe", e))?;
     // Writer: frames to the container, in order, without blocking the event loop.
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
     let writer = tokio::spawn(async move {
@@ -423,7 +562,11 @@ async fn run_container_in(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
-    let _ = wtx.send(init_frame(a));
+    if is_restored {
+        let _ = wtx.send(resume_frame(a, true));
+    } else {
+        let _ = wtx.send(init_frame(a, matches!(plan, snapshot::Plan::Create { .. })));
+    }
 
     let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
     let start_limit = timeout.max(Duration::from_secs(60));
@@ -448,6 +591,52 @@ async fn run_container_in(
                             .map(|h| h.exception)
                             .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})"))),
                     ),
+                    frame::SNAPSHOT_READY => {
+                        let refused = serde_json::from_slice::<SnapshotReadyHeader>(&f.header)
+                            .map(|h| h.refused)
+                            .unwrap_or_else(|e| Some(format!("unreadable SNAPSHOT_READY ({e})")));
+                        if let (snapshot::Plan::Create { key }, Some(sn)) = (&plan, &snaps) {
+                            match refused {
+                                Some(why) => note(format!("flare: no memory snapshot taken: {why}\n")),
+                                None => {
+                                    let (sn2, key2, pid, lineage) =
+                                        (sn.clone(), key.clone(), container.pid(), snapshot::lineage_of(a));
+                                    let dumped = tokio::task::spawn_blocking(move || sn2.dump(pid, API_SOCKET_IN_CONTAINER)).await;
+                                    // The runner waits for RESUME: its root's files are still.
+                                    let saved = match dumped {
+                                        Ok(Ok((dir, rep))) => match container.copy_upper(&dir.join(snapshot::UPPER_DIR)) {
+                                            Ok(()) => {
+                                                let sn2 = sn.clone();
+                                                tokio::task::spawn_blocking(move || sn2.save(&key2, &lineage, &dir, pipes, &rep)).await
+                                            }
+                                            Err(e) => {
+                                                let _ = std::fs::remove_dir_all(&dir);
+                                                Ok(Err(snapshot::SnapError::Runtime(e)))
+                                            }
+                                        },
+                                        Ok(Err(e)) => Ok(Err(e)),
+                                        Err(e) => Err(e),
+                                    };
+                                    match saved {
+                                        Ok(Ok(m)) => {
+                                            tracing::info!(container = %cid, dump_ms = m.dump_ms, bytes = m.image_bytes, "memory snapshot saved");
+                                            note(format!(
+                                                "flare: memory snapshot saved ({:.1} MiB, dump {} ms, {:.1} MiB shared with the previous one)\n",
+                                                m.image_bytes as f64 / 1048576.0,
+                                                m.dump_ms,
+                                                m.shared_bytes as f64 / 1048576.0
+                                            ));
+                                        }
+                                        Ok(Err(e)) => note(format!("flare: memory snapshot failed: {e}\n")),
+                                        Err(e) => note(format!("flare: memory snapshot failed: {e}\n")),
+                                    }
+                                }
+                            }
+                            sn.done_creating(key);
+                        }
+                        let _ = wtx.send(resume_frame(a, false));
+                        continue;
+                    }
                     frame::OUTPUTS => match parse_outputs(&f) {
                         Ok(outputs) => Event::Outputs(outputs),
                         Err(e) => {
@@ -587,6 +776,16 @@ async fn run_container_in(
     }
     tracing::debug!(container = %cid, ?report, "container done");
     Ok(report)
+}
+
+/// A pipe for frames, as large as an unprivileged pipe may be (fewer wake-ups for big
+/// inputs and outputs; the default size where that fails).
+fn frame_pipe() -> Result<(OwnedFd, OwnedFd), WorkerError> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+    // SAFETY: fcntl F_SETPIPE_SZ on an open pipe fd; failure leaves the default size.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok((r, w))
 }
 
 /// Fetches a mount from the control plane into `mounts/<id>` unless it is there already

@@ -1,6 +1,6 @@
 """The in-container runner, started as ``python -m flare._runtime`` (docs/PROTOCOL.md section 2).
 
-Talks to the worker over the unix socket at fd 3 with length-prefixed frames:
+Talks to the worker over two pipes (writes on fd 3, reads on fd 4) with length-prefixed frames:
 ``u32 length | u8 type | u32 header_length | header (JSON) | body``.
 
 Cold start matters (it is measured against ``python -c pass``), so this module imports
@@ -21,7 +21,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-FD = 3
+# Frames: the runner writes on fd 3 and reads on fd 4 (two pipes; docs/PROTOCOL.md section 2).
+FD_OUT = 3
+FD_IN = 4
 
 # Frame types (worker -> runner)
 INIT = 1
@@ -587,7 +589,7 @@ class Runner:
                     import select as select_module
 
                     select = select_module.select
-                while select([self.fd], [], [], 0)[0]:
+                while select([reader.fd], [], [], 0)[0]:
                     if not reader.fill(1):
                         break
                     self.handle_frames(reader.frames())
@@ -678,7 +680,7 @@ class ClassService:
     defaults). Exit hooks run once: after SHUTDOWN or EOF, or on SIGTERM.
     """
 
-    def __init__(self, user_cls: type) -> None:
+    def __init__(self, user_cls: type, snap_only: bool = False) -> None:
         info = getattr(user_cls, "__flare_cls_info__", None) or {}
         params: dict[str, Any] = {n: p["default"] for n, p in (info.get("params") or {}).items() if "default" in p}
         blob = os.environ.get("FLARE_CLS_PARAMS")
@@ -700,8 +702,17 @@ class ClassService:
             import signal
 
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Before a checkpoint only the snap=True hooks run; the others after RESUME.
+        snap = set(info.get("enter_snap") or ())
+        self.later = [n for n in info.get("enter") or () if n not in snap] if snap_only else []
         for name in info.get("enter") or ():
-            getattr(obj, name)()
+            if not snap_only or name in snap:
+                getattr(obj, name)()
+
+    def run_later_enter_hooks(self) -> None:
+        """The snap=False hooks, in every container after its start or restore."""
+        for name in self.later:
+            getattr(self.obj, name)()
 
     def attach(self, runner: Runner) -> None:
         methods: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
@@ -736,8 +747,8 @@ class ClassService:
 
 
 def main() -> int:
-    fd = FD
-    reader = FrameReader(fd)
+    fd = FD_OUT
+    reader = FrameReader(FD_IN)
     frames = reader.read_frames()
     if not frames:
         return 0
@@ -755,12 +766,21 @@ def main() -> int:
         pass
     info = header.get("function") or {}
     service: ClassService | None = None
+    snapshot = bool(header.get("snapshot"))
     try:
         func = load_function(info, body)
         if isinstance(func, type):
             # A class (@app.cls): instantiate it and run its enter hooks now, so that a
             # failing hook fails the start exactly like an import error.
-            service = ClassService(func)
+            service = ClassService(func, snap_only=snapshot)
+        if snapshot:
+            # Memory snapshot (docs/SNAPSHOTS.md): checkpointed here, restored from here.
+            from . import snapshot as _snapshot
+
+            _restored, more = _snapshot.checkpoint(fd, reader)
+            frames = frames[:1] + more
+            if service is not None:
+                service.run_later_enter_hooks()
     except BaseException as e:  # noqa: BLE001 - report anything, including SystemExit
         exc = exception_info(e)
         try:
