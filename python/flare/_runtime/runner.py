@@ -560,6 +560,17 @@ class Runner:
     # -- main loops
 
     def serve(self) -> None:
+        func = self.func
+        if getattr(func, "__flare_batched__", None) is not None or "FLARE_BATCH" in os.environ or (
+            isinstance(func, type) and "batched" in (getattr(func, "__flare_cls_info__", None) or {})
+        ):
+            from . import batching  # @flare.batched: one batch at a time (batching.py)
+
+            config = batching.batch_config(func)
+            if config is not None:
+                batching.serve(self, *config)
+                self.flush()
+                return
         if self.max_inputs > 1:
             self.serve_concurrent()
         else:
