@@ -485,7 +485,11 @@ class Runner:
         name = args[0] if args else None
         entry = methods.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise AttributeError(f"the class has no method {name!r} (its methods: {', '.join(sorted(methods))})")
+            cls_name = getattr(self.func, "__qualname__", "the class")
+            raise AttributeError(
+                f"{cls_name} has no method {name!r} (its methods: {', '.join(sorted(methods)) or 'none'}; "
+                "methods need @flare.method())"
+            )
         return entry[0], entry[1], entry[2], args[1:]
 
     def _send_result(self, inp: Input, result: Any, gen: str | None, flush: bool) -> None:
