@@ -59,7 +59,10 @@ def parameter(*, default: Any = _NO_DEFAULT, init: bool = True) -> Any:
 def _mark(kind: str, **fields: Any) -> Callable[[F], F]:
     def wrapper(f: F) -> F:
         if isinstance(f, Function):
-            raise exception.InvalidError(f"@flare.{kind}() must be placed under @app.function/@app.cls, on a method")
+            raise exception.InvalidError(
+                f"@flare.{kind}() marks a method of a class, not a function made by @app.function(); "
+                "put the method in a class decorated with @app.cls()"
+            )
         if not callable(f):
             raise exception.InvalidError(f"@flare.{kind}() must decorate a method")
         marks = dict(getattr(f, "__flare_lifecycle__", None) or {})

@@ -346,3 +346,33 @@ def test_runner_batched_class(runner_box: list[RunnerProcess], tmp_path: Path) -
     r.shutdown()
     _, stdout, _ = r.close()
     assert b"batch 4\n" in stdout
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def test_app_list_groups_class_pools() -> None:
+    from flare.cli.app import _functions_column
+
+    fns = [
+        {"name": "Model", "containers": 1, "backlog": 0},
+        {"name": "f", "containers": 0, "backlog": 2},
+        {"name": "Model.p0123456789ab", "containers": 2, "backlog": 3},
+        {"name": "Outer.inner", "containers": 0, "backlog": 0},  # a dotted name that is no pool
+    ]
+    assert _functions_column(fns) == (
+        "Model [class, pools: default(1/0), p0123456789ab(2/3)], f(0/2), Outer.inner(0/0)"
+    )
+
+
+def test_run_flags_of_a_batched_function_take_one_element() -> None:
+    import functools
+
+    from flare.cli._load import _parse_entry_args
+
+    class M:
+        def predict(self, xs: list[int], ys: list[float]) -> None: ...
+
+    f = functools.partial(M.predict, None)
+    assert _parse_entry_args(f, ["--xs", "3", "--ys", "2.5"], "p", batched=True) == {"xs": 3, "ys": 2.5}
+    assert _parse_entry_args(f, ["--xs", "3", "--ys", "2.5"], "p") == {"xs": "3", "ys": "2.5"}

@@ -53,7 +53,23 @@ BATCHED = """
             t0 = time.time()
             time.sleep(1.0)
             return (os.getpid(), threading.get_ident(), t0, time.time())
+
+    @app.cls(max_containers=1)
+    @flare.concurrent(max_inputs=4)
+    class Together:
+        @flare.method()
+        def nap(self, i):
+            t0 = time.time()
+            time.sleep(1.0)
+            return (os.getpid(), threading.get_ident(), t0, time.time())
 """
+
+
+def _overlap(naps: list[tuple[int, int, float, float]]) -> bool:
+    """Two inputs that ran at the same time in one container, on different threads."""
+    return any(
+        a[0] == b[0] and a[1] != b[1] and a[2] < b[3] and b[2] < a[3] for a in naps for b in naps
+    )
 
 
 def test_batched_function(server: Server, tmp_path: Path) -> None:
@@ -113,14 +129,10 @@ def test_batched_method_with_batching_and_concurrency(server: Server, tmp_path: 
         t0 = time.monotonic()
         naps = list(conc().nap.map(range(4)))
         assert time.monotonic() - t0 < 3.5, naps
-        by_pid: dict[int, list[tuple[int, int, float, float]]] = {}
-        for n in naps:
-            by_pid.setdefault(n[0], []).append(n)
-        overlapping = any(
-            a[1] != b[1] and a[2] < b[3] and b[2] < a[3]
-            for group in by_pid.values() for a in group for b in group
-        )
-        assert overlapping, naps
+        assert _overlap(naps), naps
+        # @flare.concurrent on the class: the same, in its own (one) container.
+        naps = list(mod.Together().nap.map(range(4)))
+        assert len({n[0] for n in naps}) == 1 and _overlap(naps), naps
 
 
 def test_from_name_unknown_method_and_app_list(server: Server, tmp_path: Path) -> None:
