@@ -191,3 +191,18 @@ def test_lifecycle_hook_on_a_function_is_a_definition_error(server: Server, tmp_
         assert r.returncode != 0, r.stdout
         err = r.stdout + r.stderr
         assert "@app.cls()" in err and deco.split("(")[0] in err, err
+
+
+def test_batching_example_cli(server: Server, tmp_path: Path) -> None:
+    import shutil
+
+    from .conftest import REPO
+
+    app_file = tmp_path / "batching.py"
+    shutil.copy(REPO / "examples" / "batching.py", app_file)
+    r = run_cli("run", str(app_file))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for token in ["328350", "144", re.escape("[1.25, 1.25, 1.25, 1.25]"), "3"]:
+        assert re.search(rf"(^|\n){token}\n", r.stdout), (token, r.stdout)
+    sizes = [int(m) for m in re.findall(r"a batch of (\d+)", r.stdout)]
+    assert sizes and max(sizes) > 1 and max(sizes) <= 8, r.stdout
