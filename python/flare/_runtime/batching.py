@@ -70,8 +70,9 @@ def serve(runner: Runner, max_batch_size: int, wait_ms: int) -> None:
             runner.handle_frames(reader.frames())
             if len(pending) >= max_batch_size:
                 break
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            # Past the deadline, still take what is already there (wait_ms=0: no waiting).
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
                 break
             if not reader.fill(1):
                 eof = True
