@@ -439,3 +439,38 @@ def _retries(retries: Any) -> Retries | None:
     if d is None:
         return None
     return retries if isinstance(retries, Retries) else Retries(**d)
+
+
+# experimental_options= of @app.function/@app.cls: the names Flare knows, each with what it
+# does here.
+EXPERIMENTAL_OPTIONS = ("enable_gpu_snapshot",)
+_warned_gpu_snapshot = [False]
+
+
+def check_experimental_options(options: Any) -> dict[str, Any]:
+    """``experimental_options=``: a dict of known names (an unknown one is an InvalidError).
+    ``enable_gpu_snapshot`` is accepted and says, once per process, that GPU memory
+    snapshots are not supported yet (issue 16): the function runs without one."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise exception.InvalidError(f"experimental_options must be a dict of option names to values, got {options!r}")
+    unknown = sorted(set(options) - set(EXPERIMENTAL_OPTIONS))
+    if unknown:
+        raise exception.InvalidError(
+            f"unknown experimental option(s) {', '.join(unknown)}; known: {', '.join(EXPERIMENTAL_OPTIONS)}"
+        )
+    if options.get("enable_gpu_snapshot") and not _warned_gpu_snapshot[0]:
+        _warned_gpu_snapshot[0] = True
+        import os
+
+        if os.environ.get("FLARE_IS_REMOTE") != "1":  # said once, on the caller's side
+            import warnings
+
+            warnings.warn(
+                "experimental_options={'enable_gpu_snapshot': True}: GPU memory snapshots are not supported "
+                "yet (issue 16); the function's containers start without one",
+                UserWarning,
+                stacklevel=3,
+            )
+    return dict(options)

@@ -487,7 +487,11 @@ class Runner:
         name = args[0] if args else None
         entry = methods.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise AttributeError(f"the class has no method {name!r} (its methods: {', '.join(sorted(methods))})")
+            cls_name = getattr(self.func, "__qualname__", "the class")
+            raise AttributeError(
+                f"{cls_name} has no method {name!r} (its methods: {', '.join(sorted(methods)) or 'none'}; "
+                "methods need @flare.method())"
+            )
         return entry[0], entry[1], entry[2], args[1:]
 
     def _send_result(self, inp: Input, result: Any, gen: str | None, flush: bool) -> None:
@@ -562,6 +566,17 @@ class Runner:
     # -- main loops
 
     def serve(self) -> None:
+        func = self.func
+        if getattr(func, "__flare_batched__", None) is not None or "FLARE_BATCH" in os.environ or (
+            isinstance(func, type) and "batched" in (getattr(func, "__flare_cls_info__", None) or {})
+        ):
+            from . import batching  # @flare.batched: one batch at a time (batching.py)
+
+            config = batching.batch_config(func)
+            if config is not None:
+                batching.serve(self, *config)
+                self.flush()
+                return
         if self.max_inputs > 1:
             self.serve_concurrent()
         else:
