@@ -396,6 +396,7 @@ async fn run_container_in(
             let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
+            let snapshot_wanted = a.def.config.enable_memory_snapshot;
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, WorkerError> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all,
@@ -403,7 +404,9 @@ async fn run_container_in(
                 let from_host = !img.host_roots.is_empty()
                     && img.host_roots.iter().all(|r| cfg.host_binds.check_on_host(r).is_ok())
                     && host.host_matches(&img.manifest, &img.host_roots);
-                let root = if from_host { None } else { Some(host.ensure(&img.manifest)?) };
+                // Memory snapshots need a mount without FUSE passthrough (images.rs).
+                let root =
+                    if from_host { None } else { Some(host.ensure_with(&img.manifest, !snapshot_wanted)?) };
                 let mut mounts = Vec::new();
                 for m in &img.mounts {
                     mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
