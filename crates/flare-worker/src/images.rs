@@ -21,13 +21,16 @@ struct Mounted {
     access_saved: bool,
 }
 
+/// One image mount, made by the first start that needs it.
+type MountSlot = Arc<Mutex<Option<Mounted>>>;
+
 /// The images of one worker.
 pub struct ImageHost {
     store: Arc<dyn BlobStore>,
     cache: Arc<ChunkCache>,
     root: PathBuf,
     /// Keyed by image and whether the mount uses FUSE passthrough.
-    mounts: Mutex<HashMap<(Digest, bool), Arc<Mutex<Option<Mounted>>>>>,
+    mounts: Mutex<HashMap<(Digest, bool), MountSlot>>,
     /// Captured environments checked against this machine's files: do they match?
     /// (One check per image: concurrent starts wait for it instead of each loading the
     /// manifest, which would leave every container cloned meanwhile with a big heap.)
