@@ -450,9 +450,12 @@ async fn run_container_in(
     if let snapshot::Plan::Create { dropped: Some(why), .. } = &plan {
         note(format!("flare: the stored memory snapshot was discarded and is made again: {why}\n"));
     }
+    // A checkpoint cannot take a pooled (host-owned) network namespace along: snapshot
+    // containers start in their own, and get NAT attached after the checkpoint (or the
+    // restore), before RESUME.
+    let nat_after = spec.network == flare_runtime::Network::Nat;
     if matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. }) {
         spec.checkpointable = true;
-        // A checkpoint cannot take a pooled (host-owned) network namespace along.
         spec.network = flare_runtime::Network::Isolated;
     }
     let pipes = snapshot::PipeInodes {
@@ -560,6 +563,9 @@ async fn run_container_in(
     });
     let _reader_guard = AbortOnDrop(reader);
     if is_restored {
+        if nat_after {
+            attach_nat(&mut container, &cid, &note);
+        }
         let _ = wtx.send(resume_frame(a, true));
     } else {
         let _ = wtx.send(init_frame(a, matches!(plan, snapshot::Plan::Create { .. })));
@@ -631,6 +637,9 @@ async fn run_container_in(
                                 }
                             }
                             sn.done_creating(key);
+                        }
+                        if nat_after {
+                            attach_nat(&mut container, &cid, &note);
                         }
                         let _ = wtx.send(resume_frame(a, false));
                         continue;
@@ -774,6 +783,15 @@ async fn run_container_in(
     }
     tracing::debug!(container = %cid, ?report, "container done");
     Ok(report)
+}
+
+/// Outbound NAT for a snapshot container's own network namespace; a failure leaves it
+/// loopback-only and says so in the app's logs.
+fn attach_nat(container: &mut flare_runtime::Container, cid: &str, note: &impl Fn(String)) {
+    if let Err(e) = container.attach_nat() {
+        tracing::warn!(container = %cid, error = %e, "could not attach NAT to a snapshot container");
+        note(format!("flare: this container has no outbound network: {e}\n"));
+    }
 }
 
 /// A pipe for frames, as large as an unprivileged pipe may be (fewer wake-ups for big
