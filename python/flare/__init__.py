@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         is_local as is_local,
     )
     from .app import App as App
+    from .batching import batched as batched
     from .cls import Cls as Cls, enter as enter, exit as exit, method as method, parameter as parameter
     from .exception import Error as Error
     from .function import Function as Function, concurrent as concurrent
@@ -38,6 +39,7 @@ _LAZY = {
     "FunctionCall": ("flare.function_call", "FunctionCall"),
     "Retries": ("flare._options", "Retries"),
     "concurrent": ("flare.function", "concurrent"),
+    "batched": ("flare.batching", "batched"),
     "is_local": ("flare._runtime.context", "is_local"),
     "current_input_id": ("flare._runtime.context", "current_input_id"),
     "current_function_call_id": ("flare._runtime.context", "current_function_call_id"),

@@ -310,7 +310,10 @@ class Concurrency(_Frozen):
 class FunctionOptions(_Frozen):
     """Everything ``@app.function()`` configures about how the function runs."""
 
-    __slots__ = ("resources", "timeout", "retries", "env", "autoscaler", "concurrency", "block_network")
+    __slots__ = (
+        "resources", "timeout", "retries", "env", "autoscaler", "concurrency", "block_network",
+        "enable_memory_snapshot",
+    )
     resources: Resources
     timeout: int
     retries: Retries | None
@@ -318,6 +321,7 @@ class FunctionOptions(_Frozen):
     autoscaler: Autoscaler
     concurrency: Concurrency
     block_network: bool
+    enable_memory_snapshot: bool
 
     def __init__(
         self,
@@ -328,6 +332,7 @@ class FunctionOptions(_Frozen):
         autoscaler: Autoscaler | None = None,
         concurrency: Concurrency | None = None,
         block_network: bool = False,
+        enable_memory_snapshot: bool = False,
     ) -> None:
         _check_timeout(timeout)
         _check_env(env)
@@ -339,6 +344,7 @@ class FunctionOptions(_Frozen):
             autoscaler=autoscaler or Autoscaler(),
             concurrency=concurrency or Concurrency(),
             block_network=bool(block_network),
+            enable_memory_snapshot=bool(enable_memory_snapshot),
         )
 
     @classmethod
@@ -357,6 +363,7 @@ class FunctionOptions(_Frozen):
         scaledown_window: Any = DEFAULT_SCALEDOWN_WINDOW,
         block_network: Any = False,
         concurrency: Concurrency | None = None,
+        enable_memory_snapshot: Any = False,
     ) -> FunctionOptions:
         """The options from ``@app.function()``'s arguments (checked in the order the
         decorator always checked them)."""
@@ -378,6 +385,7 @@ class FunctionOptions(_Frozen):
             autoscaler=autoscaler,
             concurrency=concurrency or Concurrency(),
             block_network=bool(block_network),
+            enable_memory_snapshot=_check_bool("enable_memory_snapshot", enable_memory_snapshot),
         )
 
     def with_concurrency(self, max_inputs: int, target_inputs: int | None) -> FunctionOptions:
@@ -401,7 +409,14 @@ class FunctionOptions(_Frozen):
             "target_inputs": c.target_inputs,
             "block_network": self.block_network,
             "gpu": [g.to_wire() for g in r.gpu],
+            "enable_memory_snapshot": self.enable_memory_snapshot,
         }
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise exception.InvalidError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_timeout(timeout: Any) -> None:
@@ -424,3 +439,38 @@ def _retries(retries: Any) -> Retries | None:
     if d is None:
         return None
     return retries if isinstance(retries, Retries) else Retries(**d)
+
+
+# experimental_options= of @app.function/@app.cls: the names Flare knows, each with what it
+# does here.
+EXPERIMENTAL_OPTIONS = ("enable_gpu_snapshot",)
+_warned_gpu_snapshot = [False]
+
+
+def check_experimental_options(options: Any) -> dict[str, Any]:
+    """``experimental_options=``: a dict of known names (an unknown one is an InvalidError).
+    ``enable_gpu_snapshot`` is accepted and says, once per process, that GPU memory
+    snapshots are not supported yet (issue 16): the function runs without one."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise exception.InvalidError(f"experimental_options must be a dict of option names to values, got {options!r}")
+    unknown = sorted(set(options) - set(EXPERIMENTAL_OPTIONS))
+    if unknown:
+        raise exception.InvalidError(
+            f"unknown experimental option(s) {', '.join(unknown)}; known: {', '.join(EXPERIMENTAL_OPTIONS)}"
+        )
+    if options.get("enable_gpu_snapshot") and not _warned_gpu_snapshot[0]:
+        _warned_gpu_snapshot[0] = True
+        import os
+
+        if os.environ.get("FLARE_IS_REMOTE") != "1":  # said once, on the caller's side
+            import warnings
+
+            warnings.warn(
+                "experimental_options={'enable_gpu_snapshot': True}: GPU memory snapshots are not supported "
+                "yet (issue 16); the function's containers start without one",
+                UserWarning,
+                stacklevel=3,
+            )
+    return dict(options)

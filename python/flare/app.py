@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import _api, exception
-from ._options import FunctionOptions
+from ._options import FunctionOptions, check_experimental_options
 from .exception import Error
 from .function import Function
 from .image import Image, build_images
@@ -121,9 +121,12 @@ class App:
         serialized: bool = False,
         name: str | None = None,
         block_network: bool = False,
+        enable_memory_snapshot: bool = False,
+        experimental_options: dict[str, Any] | None = None,
     ) -> Any:
         """Decorator turning a function into a ``flare.Function`` that runs in containers."""
         image = _check_image(image)
+        check_experimental_options(experimental_options)
         # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
         options = FunctionOptions.from_decorator(
             cpu=cpu,
@@ -137,6 +140,7 @@ class App:
             buffer_containers=buffer_containers,
             scaledown_window=scaledown_window,
             block_network=block_network,
+            enable_memory_snapshot=enable_memory_snapshot,
         )
 
         def decorator(f: Callable[..., Any]) -> Function:
@@ -157,11 +161,15 @@ class App:
             if "<locals>" in tag and name is None:
                 tag = f.__name__
             max_inputs, target_inputs = getattr(f, "__flare_concurrency__", (1, None))
+            batch = getattr(f, "__flare_batched__", None)
+            if batch is not None:
+                max_inputs, target_inputs = _batched_concurrency(f, batch, is_method=False)
             fn_options = options.with_concurrency(max_inputs, target_inputs)
             # Functions nested in other functions cannot be imported by name in the
             # container: ship them pickled by value instead.
             auto_serialize = "<locals>" in (getattr(f, "__qualname__", "") or "")
             fn = Function(f, self, tag, fn_options, serialized=serialized or auto_serialize)
+            fn._batched = batch is not None
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn
@@ -193,19 +201,25 @@ class App:
         serialized: bool = False,
         name: str | None = None,
         block_network: bool = False,
+        enable_memory_snapshot: bool = False,
+        experimental_options: dict[str, Any] | None = None,
     ) -> Any:
         """Decorator turning a class into a ``flare.Cls``: its ``@flare.method()``s run in
         containers that share the class's ``@flare.enter()`` state (``flare/cls.py``).
         Takes every option ``@app.function()`` takes."""
         from .cls import Cls, class_info
 
+        check_experimental_options(experimental_options)
+
         decorator_kwargs: dict[str, Any] = {
             "cpu": cpu, "memory": memory, "gpu": gpu, "timeout": timeout, "retries": retries, "env": env,
             "min_containers": min_containers, "max_containers": max_containers,
             "buffer_containers": buffer_containers, "scaledown_window": scaledown_window,
-            "block_network": block_network,
+            "block_network": block_network, "enable_memory_snapshot": enable_memory_snapshot,
         }
-        register = self.function(image=image, serialized=serialized, name=name, **decorator_kwargs)
+        register = self.function(
+            image=image, serialized=serialized, name=name, experimental_options=experimental_options, **decorator_kwargs
+        )
 
         def decorator(c: type) -> Cls:
             if isinstance(c, Cls):
@@ -215,6 +229,15 @@ class App:
                 raise exception.InvalidError(f"{c.__qualname__} has no @flare.method(): nothing to call")
             # The class's own concurrency (@flare.concurrent above or below @app.cls).
             base = _register_class(register, c)
+            batch = info.get("batched")
+            if batch is not None and base._options is not None:
+                # Up to max_batch_size inputs reach one container, so that a batch can fill.
+                if getattr(c, "__flare_concurrency__", None) is not None:
+                    raise exception.InvalidError(
+                        f"{c.__qualname__} has a @flare.batched() method: it cannot also be @flare.concurrent()"
+                    )
+                n = batch["max_batch_size"]
+                base._options = base._options.with_concurrency(n, n)
             try:
                 c.__flare_cls_info__ = info  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
@@ -290,6 +313,20 @@ def _register_class(register: Callable[[Any], Function], c: type) -> Function:
     fn._is_generator = fn._is_async = False
     fn._is_class = True  # type: ignore[attr-defined]
     return fn
+
+
+def _batched_concurrency(f: Any, batch: dict[str, int], is_method: bool) -> tuple[int, int]:
+    """A batched function's ``(max_inputs, target_inputs)``: ``max_batch_size`` each, so that
+    the control plane hands one container enough inputs to fill a batch."""
+    from .batching import positional_count
+
+    name = getattr(f, "__qualname__", "the function")
+    if getattr(f, "__flare_concurrency__", None) is not None:
+        raise exception.InvalidError(f"{name} cannot be both @flare.batched() and @flare.concurrent()")
+    if positional_count(f, is_method) < 1:
+        raise exception.InvalidError(f"batched function {name} takes no arguments; it needs at least one (a list per argument)")
+    n = batch["max_batch_size"]
+    return n, n
 
 
 def _check_image(image: Any) -> Image | None:

@@ -59,7 +59,10 @@ def parameter(*, default: Any = _NO_DEFAULT, init: bool = True) -> Any:
 def _mark(kind: str, **fields: Any) -> Callable[[F], F]:
     def wrapper(f: F) -> F:
         if isinstance(f, Function):
-            raise exception.InvalidError(f"@flare.{kind}() must be placed under @app.function/@app.cls, on a method")
+            raise exception.InvalidError(
+                f"@flare.{kind}() marks a method of a class, not a function made by @app.function(); "
+                "put the method in a class decorated with @app.cls()"
+            )
         if not callable(f):
             raise exception.InvalidError(f"@flare.{kind}() must decorate a method")
         marks = dict(getattr(f, "__flare_lifecycle__", None) or {})
@@ -76,8 +79,10 @@ def _mark(kind: str, **fields: Any) -> Callable[[F], F]:
 def enter(*, snap: bool = False) -> Callable[[F], F]:
     """Run this method once per container, before its first input (Modal's ``@enter``).
 
-    Hooks run in definition order, those with ``snap=True`` first. Memory snapshots are not
-    implemented yet: ``snap`` only orders the hooks; both kinds run at every container start.
+    Hooks run in definition order, those with ``snap=True`` first. With
+    ``enable_memory_snapshot=True`` the ``snap=True`` hooks run before the container is
+    checkpointed (their state is in the snapshot) and the others after every start or
+    restore (docs/SNAPSHOTS.md); without it both kinds run at every container start.
     An exception fails the container's start like an import error (``init_failure``).
     """
     return _mark("enter", snap=bool(snap))
@@ -124,6 +129,7 @@ def class_info(user_cls: type) -> dict[str, Any]:
     enters: list[tuple[bool, str]] = []
     exits: list[str] = []
     methods: dict[str, dict[str, bool]] = {}
+    batched: list[tuple[str, Any, dict[str, int]]] = []
     seen: dict[str, Any] = {}
     for klass in reversed(user_cls.__mro__[:-1]):
         seen.update(klass.__dict__)
@@ -154,17 +160,48 @@ def class_info(user_cls: type) -> dict[str, Any]:
             enters.append((bool(marks["enter"].get("snap")), name))
         if "exit" in marks:
             exits.append(name)
-        if "method" in marks:
+        batch = getattr(raw, "__flare_batched__", None)
+        if "method" in marks or batch is not None:
             flags = _code_flags(raw)
             methods[name] = {"is_generator": bool(flags & 0x220), "is_async": bool(flags & 0x280)}
+            if batch is not None:
+                methods[name]["batched"] = True
+                batched.append((name, raw, batch))
     # snap=True hooks first, each kind in definition order (a stable sort).
     enters.sort(key=lambda e: not e[0])
-    return {
+    info: dict[str, Any] = {
         "params": params,
         "enter": [n for _, n in enters],
+        "enter_snap": [n for snap, n in enters if snap],
         "exit": exits,
         "methods": methods,
     }
+    if batched:
+        info["batched"] = _check_batched_class(user_cls.__qualname__, batched, methods)
+    return info
+
+
+def _check_batched_class(cls_name: str, batched: list[tuple[str, Any, dict[str, int]]], methods: dict[str, Any]) -> dict[str, int]:
+    """Modal's rules: one batched method, and then no other method (the class's containers
+    take a whole batch at once). Its ``{"max_batch_size", "wait_ms"}``."""
+    from .batching import positional_count
+
+    if len(batched) > 1:
+        raise exception.InvalidError(
+            f"{cls_name} has several @flare.batched() methods ({', '.join(n for n, _, _ in batched)}); a class can have only one"
+        )
+    name, raw, batch = batched[0]
+    others = sorted(set(methods) - {name})
+    if others:
+        raise exception.InvalidError(
+            f"{cls_name} has a @flare.batched() method ({name}), so it cannot have other methods "
+            f"(found {', '.join(others)}); put them in another class"
+        )
+    if positional_count(raw, True) < 1:
+        raise exception.InvalidError(
+            f"batched method {cls_name}.{name} takes no arguments besides self; it needs at least one (a list per argument)"
+        )
+    return dict(batch)
 
 
 def _check_param_value(cls_name: str, name: str, tname: str, value: Any) -> None:
@@ -270,8 +307,39 @@ class Cls:
         if self._lookup is not None:
             raise exception.InvalidError("with_options() needs the class's definition; it is not available for Cls.from_name() yet")
         merged = {**self._options_override, **options}
-        FunctionOptions.from_decorator(**merged)  # checks the values now
-        variant = Cls(self._user_cls, self._app, self._tag, self._base, self._info, merged, None, self._decorator_kwargs)
+        FunctionOptions.from_decorator(**_user_options(merged))  # checks the values now
+        return self._variant(merged)
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
+        """The same class with containers that each run up to ``max_inputs`` inputs at once
+        (as ``@flare.concurrent`` on the class; a separate pool of containers)."""
+        from ._options import Concurrency
+
+        Concurrency(max_inputs, target_inputs)  # checks both
+        if self._lookup is not None:
+            raise exception.InvalidError("with_concurrency() needs the class's definition; it is not available for Cls.from_name() yet")
+        if self._info.get("batched"):
+            raise exception.InvalidError(
+                f"{self._tag} has a @flare.batched() method: it cannot be concurrent (use with_batching())"
+            )
+        return self._variant({**self._options_override, "_concurrency": (max_inputs, target_inputs)})
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
+        """The same class with another batch size and wait for its ``@flare.batched()``
+        method (a separate pool of containers)."""
+        from .batching import check_batching
+
+        size, wait = check_batching(max_batch_size, wait_ms)
+        if self._lookup is not None:
+            raise exception.InvalidError("with_batching() needs the class's definition; it is not available for Cls.from_name() yet")
+        if not self._info.get("batched"):
+            raise exception.InvalidError(
+                f"with_batching() changes the batching of a @flare.batched() method; {self._tag} has none"
+            )
+        return self._variant({**self._options_override, "_batching": (size, wait)})
+
+    def _variant(self, options_override: dict[str, Any]) -> Cls:
+        variant = Cls(self._user_cls, self._app, self._tag, self._base, self._info, options_override, None, self._decorator_kwargs)
         variant._bound = self._bound  # keyed by parameters and options: registered once per app run
         return variant
 
@@ -342,6 +410,12 @@ class _BoundFunction(Function):
         )
 
 
+def _user_options(options_override: dict[str, Any]) -> dict[str, Any]:
+    """The ``with_options`` part of a variant's options (``_concurrency``/``_batching`` are
+    ``with_concurrency``'s and ``with_batching``'s)."""
+    return {k: v for k, v in options_override.items() if not k.startswith("_")}
+
+
 def register_variant(app: App, owner: Cls, params: dict[str, Any], tag: str) -> str:
     """Register the function of ``owner`` bound to ``params`` (and its options) on the app."""
     import base64
@@ -354,15 +428,27 @@ def register_variant(app: App, owner: Cls, params: dict[str, Any], tag: str) -> 
     base_def = app._defs[owner._base._tag]
     fdef = copy.deepcopy(base_def)
     fdef["name"] = tag
-    if owner._options_override:
+    override = owner._options_override
+    user_options = _user_options(override)
+    if user_options:
         opts = owner._base._options
         merged = dict(owner._decorator_kwargs)
-        merged.update(owner._options_override)
+        merged.update(user_options)
         new = FunctionOptions.from_decorator(**merged)
         if opts is not None:
             new = new.with_concurrency(opts.concurrency.max_inputs, opts.concurrency.target_inputs)
         fdef["config"] = new.to_wire()
     env = dict(fdef["config"].get("env") or {})
+    conc = override.get("_concurrency")
+    if conc is not None:
+        fdef["config"]["max_inputs"], fdef["config"]["target_inputs"] = conc
+    batch = override.get("_batching")
+    if batch is not None:
+        from .batching import BATCH_ENV
+
+        # As for the class's own batching: a whole batch reaches one container.
+        fdef["config"]["max_inputs"] = fdef["config"]["target_inputs"] = batch[0]
+        env[BATCH_ENV] = f"{batch[0]},{batch[1]}"
     env[PARAMS_ENV] = base64.b64encode(pickle.dumps(params, 4)).decode("ascii")
     fdef["config"]["env"] = env
     resp = _invocation.client().request("POST", _api.app_functions(app._app_id or ""), {"functions": [fdef]})
@@ -397,6 +483,7 @@ class _ClsInstance:
             )
         flags = (methods or {}).get(name, {})
         m = _MethodFunction(self, name, bool(flags.get("is_generator")), bool(flags.get("is_async")))
+        m._batched = bool(flags.get("batched"))
         self._methods[name] = m
         return m
 

@@ -40,6 +40,8 @@ class Function(_Object):
     _kind = "Function"
     # Prepended to every input's positional arguments (a class method's name, flare.cls).
     _arg_prefix: tuple[Any, ...] = ()
+    # @flare.batched (flare/batching.py): callers pass positional arguments only.
+    _batched = False
 
     def __init__(
         self,
@@ -157,9 +159,16 @@ class Function(_Object):
 
     # ------------------------------------------------------------------ remote
 
+    def _check_batched_call(self, kwargs: dict[str, Any] | None) -> None:
+        if kwargs and self._batched:
+            from .batching import check_call
+
+            check_call(self._tag, True, kwargs)
+
     def _remote(self, *args: Any, **kwargs: Any) -> Any:
         from ._serialization import b64, serialize_args
 
+        self._check_batched_call(kwargs)
         if self._is_generator:
             raise exception.InvalidError(
                 f"{self._tag} is a generator function: call it with .remote_gen() (and iterate the result)"
@@ -236,6 +245,7 @@ class Function(_Object):
     def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
         from ._serialization import b64, serialize_args
 
+        self._check_batched_call(kwargs)
         payload = serialize_args(self._arg_prefix + args, kwargs)
         fid = self._hydrate()
         if self._is_generator:
@@ -265,7 +275,8 @@ class Function(_Object):
         prefix = self._arg_prefix
         return (prefix + tuple(item) for item in iterable)
 
-    def _check_mappable(self) -> str:
+    def _check_mappable(self, kwargs: dict[str, Any] | None = None) -> str:
+        self._check_batched_call(kwargs)
         fid = self._hydrate()
         if self._is_generator:
             raise exception.InvalidError(f"{self._tag} is a generator function: .map() is not supported for generators")
@@ -283,7 +294,7 @@ class Function(_Object):
             raise exception.InvalidError("map() needs at least one iterable")
         from ._map import MapRun
 
-        fid = self._check_mappable()
+        fid = self._check_mappable(kwargs)
         return MapRun(fid, self._tag, self._map_items(iterables), kwargs or {}, False, self._catch_up_logs).results(order_outputs, return_exceptions)
 
     def _starmap(
@@ -296,7 +307,7 @@ class Function(_Object):
         """Like map(), but each item is a tuple of positional arguments."""
         from ._map import MapRun
 
-        fid = self._check_mappable()
+        fid = self._check_mappable(kwargs)
         return MapRun(fid, self._tag, self._starmap_items(iterable), kwargs or {}, True, self._catch_up_logs).results(order_outputs, return_exceptions)
 
     def _for_each(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
@@ -311,7 +322,7 @@ class Function(_Object):
         from ._map import MapRun
         from .function_call import FunctionCall
 
-        fid = self._check_mappable()
+        fid = self._check_mappable(kwargs)
         run = MapRun(fid, self._tag, self._map_items(iterables), kwargs or {}, False, self._catch_up_logs)
         run.send_all()
         if run.error is not None:
@@ -421,6 +432,13 @@ def concurrent(*, max_inputs: int, target_inputs: int | None = None) -> Callable
 
     def wrapper(f: F) -> F:
         base = getattr(f, "_base", None)  # a flare.Cls: its class's own function
+        if getattr(f, "_batched", False) or getattr(f, "__flare_batched__", None) is not None or (
+            isinstance(base, Function) and (getattr(f, "_info", None) or {}).get("batched")
+        ):
+            raise exception.InvalidError(
+                f"{getattr(f, '__qualname__', f)!r} is @flare.batched(): it cannot also be @flare.concurrent() "
+                "(a batched function's containers take max_batch_size inputs at once)"
+            )
         if isinstance(base, Function) and base._options is not None:
             base._options = base._options.with_concurrency(max_inputs, target_inputs)
             return f

@@ -97,6 +97,13 @@ def test_lifecycle_on_function_is_an_error() -> None:
         @app.function()
         class C: ...
 
+    for deco in (flare.enter(), flare.exit(), flare.method()):
+        with pytest.raises(exception.InvalidError, match=r"not a function made by @app\.function\(\).*@app\.cls\(\)"):
+
+            @deco
+            @_app().function(name="g")
+            def g() -> None: ...
+
 
 def test_method_outside_cls_is_an_error_when_registered() -> None:
     app = _app()

@@ -26,6 +26,7 @@ def _legacy_config(
     cpu: Any = None, memory: Any = None, gpu: Any = None, timeout: Any = 300, retries: Any = None, env: Any = None,
     min_containers: Any = 0, max_containers: Any = None, buffer_containers: Any = 0, scaledown_window: Any = 60,
     block_network: Any = False, max_inputs: int = 1, target_inputs: int | None = None,
+    enable_memory_snapshot: bool = False,
 ) -> dict[str, Any]:
     """The ``config`` that ``App.function`` built before the options were dataclasses
     (copied from it, checks left out: only valid inputs are compared)."""
@@ -47,6 +48,8 @@ def _legacy_config(
         "target_inputs": target_inputs,
         "block_network": bool(block_network),
         "gpu": parse_gpu(gpu),
+        # Added with memory snapshots (the server reads a missing key as False).
+        "enable_memory_snapshot": enable_memory_snapshot,
     }
 
 
@@ -60,6 +63,7 @@ CASES: list[dict[str, Any]] = [
     {"env": {"A": "1", "B": "two"}, "block_network": True},
     {"min_containers": 1, "max_containers": 10, "buffer_containers": 2, "scaledown_window": 5},
     {"timeout": 86400, "max_containers": 1, "block_network": 1},
+    {"enable_memory_snapshot": True},
 ]
 
 

@@ -1,5 +1,5 @@
 """The in-container runner, exercised for real: ``python -m flare._runtime`` with a
-socketpair at fd 3, this test playing the worker side of the framing."""
+two pipes at fds 3 and 4, this test playing the worker side of the framing."""
 
 from __future__ import annotations
 

@@ -946,6 +946,7 @@ fn step_spec(s: StepInputs<'_>) -> CommandSpec {
         limits: s.limits,
         network: if s.nat { Network::Nat } else { Network::Isolated },
         upper_dir: Some(s.upper_dir.to_path_buf()),
+        checkpointable: false,
     }
 }
 

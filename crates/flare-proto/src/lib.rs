@@ -116,6 +116,10 @@ pub struct FunctionConfig {
     /// `gpu="H100:2"` or `gpu=["H100", "A100-80GB"]`); empty = no GPU.
     #[serde(default)]
     pub gpu: Vec<GpuRequest>,
+    /// Checkpoint the first container after its imports and `@enter(snap=True)` hooks and
+    /// restore later cold starts from it (docs/SNAPSHOTS.md).
+    #[serde(default)]
+    pub enable_memory_snapshot: bool,
 }
 
 /// A GPU type and how many of it one container needs.

@@ -50,6 +50,7 @@ fn main() -> Result<(), RuntimeError> {
             limits: Limits { cpu_millicores: Some(1000), memory_bytes: Some(512 << 20), ..Limits::default() },
             network: if nat { Network::Nat } else { Network::Isolated },
             upper_dir: None,
+            checkpointable: false,
         }
         .with_stdio(devnull(), devnull(), vec![]);
         let t0 = Instant::now();

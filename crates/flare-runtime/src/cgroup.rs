@@ -285,6 +285,11 @@ impl ContainerCgroup {
         self.memory.file_name().unwrap_or_default()
     }
 
+    /// Every `cgroup.procs` file of the group (one per v1 controller).
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
     /// Open every `cgroup.procs` for writing (the child writes "0" to join).
     pub fn open_procs(&self) -> Result<Vec<OwnedFd>, RuntimeError> {
         self.dirs

@@ -270,6 +270,8 @@ pub(crate) struct ChildPlan {
     pub fd_base: RawFd,
     pub err_fd: RawFd,
     pub status_page: *mut i32,
+    /// Exec the program as pid 1 (no init): see `CommandSpec::checkpointable`.
+    pub no_init: bool,
     pub seccomp: Vec<libc::sock_filter>,
     pub cap_last: u32,
 }
@@ -575,6 +577,9 @@ fn setup_and_run(plan: &mut ChildPlan) -> R<std::convert::Infallible> {
             run_op(plan, op, i as u32)?;
         }
 
+        if plan.no_init {
+            return exec_main(plan);
+        }
         // Signals init handles synchronously; blocked before fork so none is lost.
         let mut set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();

@@ -41,6 +41,13 @@ pub struct CommandSpec {
     /// this host directory instead of a per-container tmpfs, so that what the container
     /// wrote survives it (image builds snapshot it as a layer). `dir` must exist.
     pub upper_dir: Option<PathBuf>,
+    /// Run the program itself as the container's pid 1, without the runtime's init, so
+    /// that CRIU can checkpoint the tree: the runtime's init is a fork of the spawning
+    /// process that never execs (not dumpable, and it maps the spawner's binary). The
+    /// program then reaps its own children and gets only the signals it handles. Needs
+    /// [`Network::Isolated`] (a pooled NAT namespace belongs to the host's user namespace
+    /// and cannot be restored into a new one).
+    pub checkpointable: bool,
 }
 
 impl CommandSpec {

@@ -103,6 +103,28 @@ pub(crate) fn sysfs(attrs: u64) -> io::Result<OwnedFd> {
     FsContext::open(c"sysfs")?.mount(attrs)
 }
 
+/// Attach the detached mount `fd` at the host path `target` (in the caller's mount
+/// namespace).
+pub(crate) fn attach_at(fd: &OwnedFd, target: &Path) -> io::Result<()> {
+    let t = crate::sys::cpath(target)?;
+    // SAFETY: move_mount with a valid detached-mount fd, an empty source path (the fd
+    // itself) and a NUL-terminated target path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The path of `rel` inside the directory (or detached mount) `fd`, via `/proc/self/fd`.
 pub(crate) fn fd_path(fd: &OwnedFd, rel: &str) -> String {
     format!("/proc/self/fd/{}/{rel}", fd.as_raw_fd())

@@ -29,6 +29,9 @@ pub enum RuntimeError {
     /// The host lacks something the runtime needs (overlayfs, cgroup controllers, ...).
     #[error("unsupported host: {0}")]
     Unsupported(String),
+    /// Restoring a checkpointed container failed (the restorer's own message).
+    #[error("restore failed: {0}")]
+    Restore(String),
     /// The seccomp policy data is invalid.
     #[error("seccomp policy: {0}")]
     Seccomp(String),

@@ -21,6 +21,7 @@ mod etc;
 mod net;
 mod output;
 mod plan;
+mod restore;
 pub mod seccomp;
 mod sys;
 
@@ -34,6 +35,7 @@ pub use child::KEPT_CAPS;
 pub use command::{base_env, set_env, CommandExit, CommandRunner, CommandSpec, BASE_ENV};
 pub use error::RuntimeError;
 pub use output::LogDecoder;
+pub use restore::RestoreTarget;
 pub use sys::pipe_cloexec;
 
 /// Return freed heap memory to the system. Containers are cloned from the calling
@@ -377,6 +379,19 @@ impl Runtime {
     }
 
     /// `None` if NAT networking works, otherwise why not.
+    /// The host-sourced bind mounts a container of `spec` gets whose sources may lie on
+    /// paths others cannot search: (container path, host source) of the generated `/etc`
+    /// (`Rootfs::Host`) and of every spec bind. (The system dirs and device nodes come
+    /// from world-searchable host paths.) A checkpoint's restore needs them staged.
+    pub fn private_binds(&self, spec: &CommandSpec) -> Vec<(PathBuf, PathBuf)> {
+        let mut out = Vec::new();
+        if matches!(spec.rootfs, Rootfs::Host) && self.inner.host_dirs.iter().any(|d| d == "etc") {
+            out.push((PathBuf::from("/etc"), self.inner.etc_dir.clone()));
+        }
+        out.extend(spec.binds.iter().map(|b| (b.dst.clone(), b.src.clone())));
+        out
+    }
+
     pub fn nat_available(&self) -> Option<String> {
         self.inner.nat.as_ref().err().cloned()
     }
@@ -423,8 +438,14 @@ impl Runtime {
                 RuntimeError::io(format!("create {}", dir.display()), e)
             }
         })?;
-        let mut res =
-            Resources { inner: self.inner.clone(), dir: Some(dir.clone()), cgroup: None, netns: None };
+        let mut res = Resources {
+            inner: self.inner.clone(),
+            dir: Some(dir.clone()),
+            cgroup: None,
+            netns: None,
+            root_mount: None,
+            attached_nat: None,
+        };
         for d in ["scratch", "rootfs"] {
             fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
         }
@@ -582,6 +603,9 @@ fn validate(spec: &ContainerSpec) -> Result<(), RuntimeError> {
     if spec.command.argv.is_empty() || !spec.command.argv[0].starts_with('/') {
         return bad("argv[0] must be an absolute path".into());
     }
+    if spec.command.checkpointable && spec.command.network != Network::Isolated {
+        return bad("a checkpointable container needs its own network namespace (Network::Isolated)".into());
+    }
     if !spec.command.cwd.starts_with('/') {
         return bad("cwd must be absolute".into());
     }
@@ -635,6 +659,10 @@ struct Resources {
     dir: Option<PathBuf>,
     cgroup: Option<ContainerCgroup>,
     netns: Option<NetNs>,
+    /// A root mounted on the host (restored containers), unmounted before `dir` goes.
+    root_mount: Option<PathBuf>,
+    /// The NAT link given to the container's own namespace ([`Container::attach_nat`]).
+    attached_nat: Option<u32>,
 }
 
 impl Resources {
@@ -657,10 +685,20 @@ impl Resources {
                 }
             }
         }
+        if let (Some(index), Ok(pool)) = (self.attached_nat.take(), &self.inner.nat) {
+            pool.detach(index);
+        }
         if let Some(ns) = self.netns.take() {
             match &self.inner.nat {
                 Ok(pool) => pool.release(ns),
                 Err(_) => net::destroy(ns.index, &ns.pin),
+            }
+        }
+        if let Some(root) = self.root_mount.take() {
+            if let Err(e) = sys::umount_detach(&root) {
+                // Never remove files through a root that is still mounted.
+                self.dir = None;
+                first_err.get_or_insert(RuntimeError::io(format!("unmount {}", root.display()), e));
             }
         }
         if let Some(dir) = self.dir.take() {
@@ -782,6 +820,36 @@ impl Container {
     /// (used, size) bytes of the container's writable root layer, when it is a tmpfs.
     pub fn disk_usage(&self) -> Option<(u64, u64)> {
         self.scratch.as_ref().and_then(|fd| detached::usage(fd).ok())
+    }
+
+    /// Give a container with its own network namespace (`Network::Isolated`: a
+    /// checkpointable one, or one restored from a checkpoint) outbound NAT, as
+    /// `Network::Nat` containers have from the start. Done by the host: the container
+    /// cannot change its links, addresses or routes (no CAP_NET_ADMIN).
+    pub fn attach_nat(&mut self) -> Result<(), RuntimeError> {
+        if self.res.attached_nat.is_some() || self.res.netns.is_some() {
+            return Ok(());
+        }
+        let pool = self.res.inner.nat.as_ref().map_err(|r| RuntimeError::NetworkUnavailable(r.clone()))?;
+        let path = format!("/proc/{}/ns/net", self.pid);
+        let ns = OwnedFd::from(fs::File::open(&path).ctx(|| format!("open {path}"))?);
+        let index = pool.attach(&ns).map_err(RuntimeError::NetworkUnavailable)?;
+        self.res.attached_nat = Some(index);
+        Ok(())
+    }
+
+    /// Copy the root overlay's upper layer (what the container wrote to its root file
+    /// system, and the mountpoints the runtime made for its binds) to the new dir `dest`,
+    /// owners, modes and whiteouts kept: a restore of a checkpoint seeds its root with it.
+    /// Only for a container whose upper layer is on its own tmpfs.
+    pub fn copy_upper(&self, dest: &Path) -> Result<(), RuntimeError> {
+        let fd = self
+            .scratch
+            .as_ref()
+            .ok_or_else(|| RuntimeError::InvalidSpec("the container's upper layer is a host dir".into()))?;
+        // Seen through this process's fd table (the copying child has its own).
+        let src = format!("/proc/{}/fd/{}/upper", std::process::id(), fd.as_raw_fd());
+        restore::copy_tree(Path::new(&src), dest)
     }
 
     /// Current memory usage of the container's cgroup.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::child::{ChildPlan, LabeledOp, MountFd, Op};
 use crate::detached::{self, SourceKind};
 use crate::error::{IoContext, RuntimeError};
-use crate::{ContainerSpec, Inner, Rootfs, DEFAULT_DISK_BYTES, DEFAULT_SHM_BYTES, DEV_NODES};
+use crate::{CommandSpec, ContainerSpec, Inner, Rootfs, DEFAULT_DISK_BYTES, DEFAULT_SHM_BYTES, DEV_NODES};
 
 /// `/proc` entries made read-only: (path under /proc, why).
 pub(crate) const PROC_READONLY: &[(&str, &str)] = &[
@@ -116,30 +116,32 @@ fn attach(fd: MountFd, target: &str, label: String) -> LabeledOp {
     op(Op::Attach { fd, target: CString::new(target).unwrap_or_default() }, label)
 }
 
-/// Build the plan for `spec` in container dir `dir`. `sysfs` is a sysfs instance of the
-/// container's (pooled) network namespace, or `None` when the child makes its own.
-pub(crate) fn build_plan(
+/// The container's root: an overlay mounted by the host (detached), its upper layer on a
+/// tmpfs of the disk limit (returned, to be kept open) or on the spec's host dir.
+pub(crate) fn root_overlay(
     inner: &Inner,
-    spec: &ContainerSpec,
-    dir: &Path,
-    sysfs: Option<OwnedFd>,
-) -> Result<(ChildPlan, Prepared), RuntimeError> {
-    let mut prep = Prepared { fds: Vec::new(), scratch: None };
+    spec: &CommandSpec,
+    seed_upper: Option<&Path>,
+) -> Result<(OwnedFd, Option<OwnedFd>), RuntimeError> {
     let root_owner = inner.cfg.userns.map(|u| (u.host_base, u.host_base)).unwrap_or((0, 0));
-    let disk = spec.command.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
-    let shm = spec.command.limits.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
+    let disk = spec.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
     let nosuid_nodev = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-
+    let mut kept = None;
     // The root overlay, mounted here by the host: its upper layer on a tmpfs of `disk`
     // bytes (or the spec's host dir), its root dir owned by the container's root.
-    let (upper, work) = match &spec.command.upper_dir {
+    let (upper, work) = match &spec.upper_dir {
         None => {
             let scratch =
                 detached::tmpfs(disk, 0o755, nosuid_nodev).ctx(|| "mount the container's tmpfs".into())?;
             detached::mkdir_in(&scratch, "upper", 0o755, Some(root_owner)).ctx(|| "mkdir upper".into())?;
             detached::mkdir_in(&scratch, "work", 0o700, None).ctx(|| "mkdir work".into())?;
+            if let Some(seed) = seed_upper {
+                // Through this process's fd table: the copying child has its own.
+                let upper = format!("/proc/{}/fd/{}/upper", std::process::id(), scratch.as_raw_fd());
+                crate::restore::copy_tree(seed, Path::new(&upper))?;
+            }
             let paths = (detached::fd_path(&scratch, "upper"), detached::fd_path(&scratch, "work"));
-            prep.scratch = Some(scratch);
+            kept = Some(scratch);
             paths
         }
         Some(d) => {
@@ -150,7 +152,7 @@ pub(crate) fn build_plan(
             (format!("{}/upper", d.display()), format!("{}/work", d.display()))
         }
     };
-    let lower = match &spec.command.rootfs {
+    let lower = match &spec.rootfs {
         Rootfs::Host => inner.skeleton.clone(),
         Rootfs::Dir(p) => p.clone(),
     };
@@ -163,6 +165,23 @@ pub(crate) fn build_plan(
     }
     let root = detached::overlay(&lower_s, &upper, &work, nosuid_nodev)
         .ctx(|| format!("mount the root overlay (lower {})", lower.display()))?;
+    Ok((root, kept))
+}
+
+/// Build the plan for `spec` in container dir `dir`. `sysfs` is a sysfs instance of the
+/// container's (pooled) network namespace, or `None` when the child makes its own.
+pub(crate) fn build_plan(
+    inner: &Inner,
+    spec: &ContainerSpec,
+    dir: &Path,
+    sysfs: Option<OwnedFd>,
+) -> Result<(ChildPlan, Prepared), RuntimeError> {
+    let mut prep = Prepared { fds: Vec::new(), scratch: None };
+    let disk = spec.command.limits.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES);
+    let shm = spec.command.limits.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
+
+    let (root, scratch) = root_overlay(inner, &spec.command, None)?;
+    prep.scratch = scratch;
     let root_fd = root.as_raw_fd();
     prep.fds.push(root);
 
@@ -310,6 +329,7 @@ pub(crate) fn build_plan(
         fd_base,
         err_fd: -1,
         status_page: std::ptr::null_mut(),
+        no_init: spec.command.checkpointable,
         seccomp: inner.seccomp.clone(),
         cap_last: inner.cap_last,
     };

@@ -8,9 +8,13 @@ pub const INIT: u8 = 1;
 pub const INPUTS: u8 = 2;
 pub const CANCEL: u8 = 3;
 pub const SHUTDOWN: u8 = 4;
+/// Worker to runner: go on after the checkpoint (memory snapshots).
+pub const RESUME: u8 = 5;
 pub const READY: u8 = 10;
 pub const INIT_FAILURE: u8 = 11;
 pub const OUTPUTS: u8 = 12;
+/// Runner to worker: imports and snap=True hooks done, quiescent, checkpoint me now.
+pub const SNAPSHOT_READY: u8 = 13;
 
 /// Largest frame accepted from a container: one result at the API's cap plus headroom
 /// for a batch (the runner refuses bigger results itself; a container that sends one

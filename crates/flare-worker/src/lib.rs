@@ -15,6 +15,7 @@ mod phase;
 pub mod prestart;
 pub mod remote;
 pub mod sandbox;
+mod snapshot;
 mod spec;
 
 pub use error::WorkerError;
@@ -98,6 +99,8 @@ enum Cmd {
 }
 
 type Registry = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Cmd>>>>;
+/// The worker's snapshots, once CRIU detection has finished.
+type Snaps = Arc<tokio::sync::OnceCell<Arc<snapshot::Snapshots>>>;
 
 /// A started worker: the channel the control plane sends on, and what it runs.
 #[derive(Clone)]
@@ -152,6 +155,13 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
     if let Some(reason) = cfg.runtime.nat_available() {
         tracing::warn!(%reason, "outbound networking (NAT) is off: containers get loopback only");
     }
+    // CRIU is detected at start, in the background: only functions that ask for a memory
+    // snapshot wait for it.
+    let snaps: Snaps = Arc::default();
+    {
+        let (snaps, cfg) = (snaps.clone(), cfg.clone());
+        tokio::spawn(async move { snapshots(&snaps, &cfg).await });
+    }
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             match msg {
@@ -162,9 +172,10 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
                     let events = events.clone();
                     let registry = registry.clone();
                     let pool = pool.clone();
+                    let snaps = snaps.clone();
                     tokio::spawn(async move {
                         let id = a.container_id.clone();
-                        let report = run_container(&cfg, &pool, a, crx, &events).await;
+                        let report = run_container(&cfg, &pool, &snaps, a, crx, &events).await;
                         registry.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                         let _ = events.send(FromWorker::Exited { container_id: id, report });
                     });
@@ -219,11 +230,34 @@ struct InitFailureHeader {
     exception: ExceptionInfo,
 }
 
-/// INIT; `extra` (a pre-started runner's assignment): the container's whole environment
-/// and working dir, which the runner applies before it imports anything of the app.
-fn init_frame(a: &ContainerAssignment, extra: Option<(Vec<(String, String)>, String)>) -> Bytes {
+#[derive(Deserialize)]
+struct SnapshotReadyHeader {
+    /// Why the runner will not be checkpointed (open sockets, files outside the image).
+    #[serde(default)]
+    refused: Option<String>,
+}
+
+/// RESUME: go on after a checkpoint (`restored`: in a container restored from it), with
+/// the environment that differs from the checkpointed container's.
+fn resume_frame(a: &ContainerAssignment, restored: bool) -> Bytes {
+    let header = serde_json::json!({
+        "restored": restored,
+        "env": {"FLARE_CONTAINER_ID": a.container_id},
+    });
+    frame::encode(frame::RESUME, header.to_string().as_bytes(), b"")
+}
+
+/// INIT (`snapshot`: checkpoint after the snap=True hooks); `extra` (a pre-started
+/// runner's assignment): the container's whole environment and working dir, which the
+/// runner applies before it imports anything of the app.
+fn init_frame(
+    a: &ContainerAssignment,
+    snapshot: bool,
+    extra: Option<(Vec<(String, String)>, String)>,
+) -> Bytes {
     let d = &a.def;
     let mut header = serde_json::json!({
+        "snapshot": snapshot,
         "function": {
             "name": d.name,
             "module": d.module,
@@ -319,15 +353,32 @@ impl Pipe {
 }
 
 /// Runs one container from start to cleanup; returns how it ended.
+/// The worker's snapshots (detecting CRIU the first time).
+async fn snapshots(snaps: &Snaps, cfg: &WorkerConfig) -> Arc<snapshot::Snapshots> {
+    let dir = cfg.home.join("snapshots");
+    // Bind sources are staged for restores under /run (searchable by the containers' root,
+    // which restores mounts from inside its user namespace), one dir per worker.
+    let staging = Path::new("/run/flare-restore").join(cfg.socket_dir.file_name().unwrap_or_default());
+    snaps
+        .get_or_init(|| async move {
+            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir, staging));
+            Arc::new(open.await.expect("snapshot detection task"))
+        })
+        .await
+        .clone()
+}
+
 async fn run_container(
     cfg: &Arc<WorkerConfig>,
     pool: &Arc<prestart::Pool>,
+    snaps: &Snaps,
     a: ContainerAssignment,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> ExitReport {
     let cid = a.container_id.clone();
-    match run_container_in(cfg, pool, &a, &mut cmds, events).await {
+    let snaps = if a.def.config.enable_memory_snapshot { Some(snapshots(snaps, cfg).await) } else { None };
+    match run_container_in(cfg, pool, snaps, &a, &mut cmds, events).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(container = %cid, error = %e, "container failed to start");
@@ -339,6 +390,7 @@ async fn run_container(
 async fn run_container_in(
     cfg: &Arc<WorkerConfig>,
     pool: &Arc<prestart::Pool>,
+    snaps: Option<Arc<snapshot::Snapshots>>,
     a: &ContainerAssignment,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::UnboundedSender<FromWorker>,
@@ -361,6 +413,7 @@ async fn run_container_in(
             let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
+            let snapshot_wanted = a.def.config.enable_memory_snapshot;
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, WorkerError> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all,
@@ -368,7 +421,9 @@ async fn run_container_in(
                 let from_host = !img.host_roots.is_empty()
                     && img.host_roots.iter().all(|r| cfg.host_binds.check_on_host(r).is_ok())
                     && host.host_matches(&img.manifest, &img.host_roots);
-                let root = if from_host { None } else { Some(host.ensure(&img.manifest)?) };
+                // Memory snapshots need a mount without FUSE passthrough (images.rs).
+                let root =
+                    if from_host { None } else { Some(host.ensure_with(&img.manifest, !snapshot_wanted)?) };
                 let mut mounts = Vec::new();
                 for m in &img.mounts {
                     mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
@@ -384,15 +439,48 @@ async fn run_container_in(
     // Side effects first (the code mount's mountpoints), then the pure spec.
     let sources = binds::bind_sources(cfg, &a.def, &image_dirs, &api_path).map_err(WorkerError::Binds)?;
     binds::make_code_mountpoints(&sources).map_err(WorkerError::Binds)?;
-    let spec = spec::function_spec(spec::SpecInputs {
+    let mut spec = spec::function_spec(spec::SpecInputs {
         assignment: a,
         binds: sources.plan(),
         image_root: image_dirs.root,
         nat_available: cfg.runtime.nat_available().is_none(),
     })?;
     steps.mark("binds_spec");
-    // A pre-started runner of this spec's template, else a new container.
-    let mut template = match pool.enabled() {
+    // Memory snapshots: restore this container from one, or make one after its
+    // snap=True hooks (docs/SNAPSHOTS.md).
+    let note = |text: String| {
+        let _ =
+            events.send(FromWorker::Log { container_id: cid.clone(), stream: LogStream::Stderr, data: text });
+    };
+    let mut plan = match &snaps {
+        Some(sn) => {
+            let (sn, a) = (sn.clone(), a.clone());
+            tokio::task::spawn_blocking(move || sn.plan(&a))
+                .await
+                .map_err(|e| WorkerError::task("snapshot", e))?
+        }
+        None => snapshot::Plan::Off,
+    };
+    if let (snapshot::Plan::Unavailable(why), Some(sn)) = (&plan, &snaps) {
+        if sn.tell_once(&a.app_id) {
+            note(format!("flare: no memory snapshot for {}: {why}; containers start cold\n", a.def.name));
+        }
+    }
+    if let snapshot::Plan::Create { dropped: Some(why), .. } = &plan {
+        note(format!("flare: the stored memory snapshot was discarded and is made again: {why}\n"));
+    }
+    // A checkpoint cannot take a pooled (host-owned) network namespace along: snapshot
+    // containers start in their own, and get NAT attached after the checkpoint (or the
+    // restore), before RESUME.
+    let nat_after = spec.network == flare_runtime::Network::Nat;
+    if matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. }) {
+        spec.checkpointable = true;
+        spec.network = flare_runtime::Network::Isolated;
+    }
+    // A pre-started runner of this spec's template, else a new container. Functions with
+    // memory snapshots never take one (a runner is not the checkpointable pid 1 that a
+    // snapshot needs; prestart::template refuses checkpointable specs too).
+    let mut template = match pool.enabled() && !a.def.config.enable_memory_snapshot {
         true => prestart::template(&spec, &spec::prestart_env(a), sources.code.as_deref(), &api_path)
             .inspect_err(
                 |why| tracing::debug!(container = %cid, %why, "no pre-started runner for this function"),
@@ -405,13 +493,23 @@ async fn run_container_in(
         None => None,
     };
     let init_extra = assigned.is_some().then(|| (spec.env.clone(), spec.cwd.clone()));
-    let (mut container, listener, ours, out_r, err_r, _paths) = match assigned {
+    let spec_copy = spec.clone();
+    let (mut container, listener, frames_r, to_w, out_r, err_r, _paths, is_restored) = match assigned {
         Some(r) => {
             steps.mark("assign");
             r.listener.set_nonblocking(true).map_err(|e| WorkerError::io("api socket", e))?;
             let listener = tokio::net::UnixListener::from_std(r.listener)
                 .map_err(|e| WorkerError::io("api socket", e))?;
-            (r.container, listener, r.sock, r.stdout, r.stderr, Paths::Runner(r.paths))
+            (
+                r.container,
+                listener,
+                r.frames_out,
+                r.frames_in,
+                r.stdout,
+                r.stderr,
+                Paths::Runner(r.paths),
+                false,
+            )
         }
         None => {
             std::fs::create_dir_all(&cfg.socket_dir).map_err(|e| WorkerError::io("api socket dir", e))?;
@@ -429,19 +527,80 @@ async fn run_container_in(
                     .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
             }
             steps.mark("api_socket");
-            let (ours, theirs) =
-                std::os::unix::net::UnixStream::pair().map_err(|e| WorkerError::io("socketpair", e))?;
+            // Frames travel on two pipes (fd 3: container to worker, fd 4: worker to
+            // container): unlike a socket, a pipe belongs to no network namespace, so CRIU
+            // can hand a restored container new ones (docs/SNAPSHOTS.md).
+            let (frames_r, frames_w) = frame_pipe()?;
+            let (to_r, to_w) = frame_pipe()?;
             let (out_r, out_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
             let (err_r, err_w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
             let rt = cfg.runtime.clone();
-            let fd3 = vec![(OwnedFd::from(theirs), 3)];
-            let container = tokio::task::spawn_blocking(move || sandbox::spawn(&rt, spec, out_w, err_w, fd3))
-                .await
-                .map_err(|e| WorkerError::task("spawn", e))?
-                .map_err(WorkerError::Spawn)?;
+            let restore_from = match &plan {
+                snapshot::Plan::Restore { key, images, meta } => {
+                    snaps.clone().map(|sn| (sn, key.clone(), images.clone(), meta.clone()))
+                }
+                _ => None,
+            };
+            let (spawned, restored) = tokio::task::spawn_blocking(move || {
+                let mut restored = None;
+                if let Some((sn, key, images, old)) = restore_from {
+                    match sn.restore(&rt, &spec, &images, &old, [&out_w, &err_w, &frames_w, &to_r]) {
+                        Ok((c, took)) => return (Ok(c), Some(Ok(took))),
+                        Err(e) => {
+                            // Never fail the input: forget the snapshot and start cold
+                            // (making a new one if no other container is).
+                            sn.discard(&key);
+                            let create = sn.begin_create(&key);
+                            spec.checkpointable = create;
+                            restored = Some(Err((e, create.then_some(key))));
+                        }
+                    }
+                }
+                (sandbox::spawn(&rt, spec, out_w, err_w, vec![(frames_w, 3), (to_r, 4)]), restored)
+            })
+            .await
+            .map_err(|e| WorkerError::task("spawn", e))?;
+            let container = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    if let (snapshot::Plan::Create { key, .. }, Some(sn)) = (&plan, &snaps) {
+                        sn.done_creating(key);
+                    }
+                    return Err(WorkerError::Spawn(e));
+                }
+            };
             steps.mark("spawn");
-            (container, listener, ours, out_r, err_r, Paths::Socket(guard))
+            let is_restored = match restored {
+                Some(Ok(took)) => {
+                    tracing::info!(container = %cid, ms = took.as_millis() as u64, "restored from a memory snapshot");
+                    note(format!(
+                        "flare: container restored from a memory snapshot in {} ms\n",
+                        took.as_millis()
+                    ));
+                    true
+                }
+                Some(Err((e, create))) => {
+                    tracing::warn!(container = %cid, error = %e, "snapshot restore failed; starting cold");
+                    note(format!(
+                        "flare: restoring the memory snapshot failed, starting cold instead: {e}\n"
+                    ));
+                    plan = match create {
+                        Some(key) => snapshot::Plan::Create { key, dropped: None },
+                        None => snapshot::Plan::Busy,
+                    };
+                    false
+                }
+                None => false,
+            };
+            (container, listener, frames_r, to_w, out_r, err_r, Paths::Socket(guard), is_restored)
         }
+    };
+    let pipes = snapshot::PipeInodes {
+        stdout: snapshot::inode(&out_r),
+        stderr: snapshot::inode(&err_r),
+        frames_out: snapshot::inode(&frames_r),
+        // The same pipe as the container's fd 4 (both ends share its inode).
+        frames_in: snapshot::inode(&to_w),
     };
     // Every request on this socket names its container, so the control plane scopes it to
     // the container's app (any value the container sends is replaced).
@@ -466,9 +625,10 @@ async fn run_container_in(
     let mut out = Pipe::new(out_r, LogStream::Stdout).map_err(|e| WorkerError::io("pipe", e))?;
     let mut err = Pipe::new(err_r, LogStream::Stderr).map_err(|e| WorkerError::io("pipe", e))?;
 
-    ours.set_nonblocking(true).map_err(|e| WorkerError::io("container socket", e))?;
-    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| WorkerError::io("container socket", e))?;
-    let (mut rd, mut wr) = sock.into_split();
+    let mut rd = tokio::net::unix::pipe::Receiver::from_owned_fd(frames_r)
+        .map_err(|e| WorkerError::io("container frames pipe", e))?;
+    let mut wr = tokio::net::unix::pipe::Sender::from_owned_fd(to_w)
+        .map_err(|e| WorkerError::io("container frames pipe", e))?;
     // Writer: frames to the container, in order, without blocking the event loop.
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
     let writer = tokio::spawn(async move {
@@ -499,7 +659,14 @@ async fn run_container_in(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
-    let _ = wtx.send(init_frame(a, init_extra));
+    if is_restored {
+        if nat_after {
+            attach_nat(&mut container, &cid, &note);
+        }
+        let _ = wtx.send(resume_frame(a, true));
+    } else {
+        let _ = wtx.send(init_frame(a, matches!(plan, snapshot::Plan::Create { .. }), init_extra));
+    }
 
     let timeout = Duration::from_millis(a.def.config.timeout.max(1) * 1000);
     let start_limit = timeout.max(Duration::from_secs(60));
@@ -524,6 +691,56 @@ async fn run_container_in(
                             .map(|h| h.exception)
                             .unwrap_or_else(|e| ExceptionInfo::new("flare.exception.ExecutionError", format!("container start failed (unreadable report: {e})"))),
                     ),
+                    frame::SNAPSHOT_READY => {
+                        let refused = serde_json::from_slice::<SnapshotReadyHeader>(&f.header)
+                            .map(|h| h.refused)
+                            .unwrap_or_else(|e| Some(format!("unreadable SNAPSHOT_READY ({e})")));
+                        if let (snapshot::Plan::Create { key, .. }, Some(sn)) = (&plan, &snaps) {
+                            match refused {
+                                Some(why) => note(format!("flare: no memory snapshot taken: {why}\n")),
+                                None => {
+                                    let (sn2, key2, pid, lineage) =
+                                        (sn.clone(), key.clone(), container.pid(), snapshot::lineage_of(a));
+                                    let binds = cfg.runtime.private_binds(&spec_copy);
+                                    let dumped = tokio::task::spawn_blocking(move || sn2.dump(pid, &binds)).await;
+                                    // The runner waits for RESUME: its root's files are still.
+                                    let saved = match dumped {
+                                        Ok(Ok((dir, rep))) => match container.copy_upper(&dir.join(snapshot::UPPER_DIR)) {
+                                            Ok(()) => {
+                                                let sn2 = sn.clone();
+                                                tokio::task::spawn_blocking(move || sn2.save(&key2, &lineage, &dir, pipes, &rep)).await
+                                            }
+                                            Err(e) => {
+                                                let _ = std::fs::remove_dir_all(&dir);
+                                                Ok(Err(snapshot::SnapError::Runtime(e)))
+                                            }
+                                        },
+                                        Ok(Err(e)) => Ok(Err(e)),
+                                        Err(e) => Err(e),
+                                    };
+                                    match saved {
+                                        Ok(Ok(m)) => {
+                                            tracing::info!(container = %cid, dump_ms = m.dump_ms, bytes = m.image_bytes, "memory snapshot saved");
+                                            note(format!(
+                                                "flare: memory snapshot saved ({:.1} MiB, dump {} ms, {:.1} MiB shared with the previous one)\n",
+                                                m.image_bytes as f64 / 1048576.0,
+                                                m.dump_ms,
+                                                m.shared_bytes as f64 / 1048576.0
+                                            ));
+                                        }
+                                        Ok(Err(e)) => note(format!("flare: memory snapshot failed: {e}\n")),
+                                        Err(e) => note(format!("flare: memory snapshot failed: {e}\n")),
+                                    }
+                                }
+                            }
+                            sn.done_creating(key);
+                        }
+                        if nat_after {
+                            attach_nat(&mut container, &cid, &note);
+                        }
+                        let _ = wtx.send(resume_frame(a, false));
+                        continue;
+                    }
                     frame::OUTPUTS => match parse_outputs(&f) {
                         Ok(outputs) => Event::Outputs(outputs),
                         Err(e) => {
@@ -675,6 +892,25 @@ async fn run_container_in(
     }
     tracing::debug!(container = %cid, ?report, "container done");
     Ok(report)
+}
+
+/// Outbound NAT for a snapshot container's own network namespace; a failure leaves it
+/// loopback-only and says so in the app's logs.
+fn attach_nat(container: &mut flare_runtime::Container, cid: &str, note: &impl Fn(String)) {
+    if let Err(e) = container.attach_nat() {
+        tracing::warn!(container = %cid, error = %e, "could not attach NAT to a snapshot container");
+        note(format!("flare: this container has no outbound network: {e}\n"));
+    }
+}
+
+/// A pipe for frames, as large as an unprivileged pipe may be (fewer wake-ups for big
+/// inputs and outputs; the default size where that fails).
+pub(crate) fn frame_pipe() -> Result<(OwnedFd, OwnedFd), WorkerError> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = pipe().map_err(|e| WorkerError::io("pipe", e))?;
+    // SAFETY: fcntl F_SETPIPE_SZ on an open pipe fd; failure leaves the default size.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok((r, w))
 }
 
 /// Fetches a mount from the control plane into `mounts/<id>` unless it is there already

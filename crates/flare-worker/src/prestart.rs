@@ -87,6 +87,10 @@ pub(crate) fn template(
     if spec.upper_dir.is_some() {
         return Err("the upper layer is a host dir".into());
     }
+    if spec.checkpointable {
+        // A memory snapshot's container: its program is pid 1, made for a checkpoint.
+        return Err("it is checkpointable (memory snapshot)".into());
+    }
     let get = |env: &[(String, String)], k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
     for (k, v) in &spec.env {
         if get(pool_env, k).as_ref() != Some(v) && startup_sensitive(k) {
@@ -173,10 +177,13 @@ pub(crate) fn plan(cfg: &PrestartConfig, templates: &[TemplateState], now: Insta
 }
 
 /// A started runner waiting for an assignment: the container and the worker's ends of
-/// its fd 3, pipes and API socket.
+/// its frame pipes (fd 3 and fd 4), output pipes and API socket.
 pub(crate) struct Runner {
     pub container: Container,
-    pub sock: std::os::unix::net::UnixStream,
+    /// The read end of the pipe the runner writes its frames on (its fd 3).
+    pub frames_out: OwnedFd,
+    /// The write end of the pipe the runner reads frames from (its fd 4).
+    pub frames_in: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub listener: std::os::unix::net::UnixListener,
@@ -461,12 +468,22 @@ fn start_runner(
         disk_bytes: template.limits.disk_bytes,
         ..Limits::default()
     };
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| io("socketpair", e))?;
+    // The container protocol's two frame pipes (docs/PROTOCOL.md §2), as for any container.
+    let (frames_r, frames_w) = crate::frame_pipe()?;
+    let (to_r, to_w) = crate::frame_pipe()?;
     let (out_r, out_w) = crate::pipe().map_err(|e| io("pipe", e))?;
     let (err_r, err_w) = crate::pipe().map_err(|e| io("pipe", e))?;
-    let container = sandbox::spawn(&cfg.runtime, spec, out_w, err_w, vec![(OwnedFd::from(theirs), 3)])
+    let container = sandbox::spawn(&cfg.runtime, spec, out_w, err_w, vec![(frames_w, 3), (to_r, 4)])
         .map_err(WorkerError::Spawn)?;
-    Ok(Runner { container, sock: ours, stdout: out_r, stderr: err_r, listener, paths })
+    Ok(Runner {
+        container,
+        frames_out: frames_r,
+        frames_in: to_w,
+        stdout: out_r,
+        stderr: err_r,
+        listener,
+        paths,
+    })
 }
 
 #[cfg(test)]
@@ -495,6 +512,7 @@ mod tests {
             limits: Limits { memory_bytes: Some(1 << 30), cpu_millicores: Some(250), ..Limits::default() },
             network: Network::Nat,
             upper_dir: None,
+            checkpointable: false,
         }
     }
 
@@ -588,6 +606,14 @@ mod tests {
         let mut s = spec(POOL_ENV, "/m/c", "/s/a.sock");
         s.upper_dir = Some("/build/x".into());
         assert!(template(&s, &env(POOL_ENV), Some(Path::new("/m/c")), Path::new("/s/a.sock")).is_err());
+    }
+
+    #[test]
+    fn a_memory_snapshot_container_never_uses_the_pool() {
+        let mut s = spec(POOL_ENV, "/m/c", "/s/a.sock");
+        s.checkpointable = true;
+        let why = template(&s, &env(POOL_ENV), Some(Path::new("/m/c")), Path::new("/s/a.sock")).unwrap_err();
+        assert!(why.contains("checkpointable"), "{why}");
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub(crate) fn function_spec(inputs: SpecInputs<'_>) -> Result<CommandSpec, Worke
         limits: function_limits(&def.config),
         network,
         upper_dir: None,
+        checkpointable: false,
     })
 }
 

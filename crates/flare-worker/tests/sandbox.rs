@@ -49,6 +49,7 @@ fn spec(id: &str, script: &str, limits: Limits) -> CommandSpec {
         limits,
         network: Network::Isolated,
         upper_dir: None,
+        checkpointable: false,
     }
 }
 

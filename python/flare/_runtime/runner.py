@@ -1,6 +1,6 @@
 """The in-container runner, started as ``python -m flare._runtime`` (docs/PROTOCOL.md section 2).
 
-Talks to the worker over the unix socket at fd 3 with length-prefixed frames:
+Talks to the worker over two pipes (writes on fd 3, reads on fd 4) with length-prefixed frames:
 ``u32 length | u8 type | u32 header_length | header (JSON) | body``.
 
 Cold start matters (it is measured against ``python -c pass``), so this module imports
@@ -21,7 +21,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-FD = 3
+# Frames: the runner writes on fd 3 and reads on fd 4 (two pipes; docs/PROTOCOL.md section 2).
+FD_OUT = 3
+FD_IN = 4
 
 # Frame types (worker -> runner)
 INIT = 1
@@ -499,7 +501,11 @@ class Runner:
         name = args[0] if args else None
         entry = methods.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise AttributeError(f"the class has no method {name!r} (its methods: {', '.join(sorted(methods))})")
+            cls_name = getattr(self.func, "__qualname__", "the class")
+            raise AttributeError(
+                f"{cls_name} has no method {name!r} (its methods: {', '.join(sorted(methods)) or 'none'}; "
+                "methods need @flare.method())"
+            )
         return entry[0], entry[1], entry[2], args[1:]
 
     def _send_result(self, inp: Input, result: Any, gen: str | None, flush: bool) -> None:
@@ -574,6 +580,17 @@ class Runner:
     # -- main loops
 
     def serve(self) -> None:
+        func = self.func
+        if getattr(func, "__flare_batched__", None) is not None or "FLARE_BATCH" in os.environ or (
+            isinstance(func, type) and "batched" in (getattr(func, "__flare_cls_info__", None) or {})
+        ):
+            from . import batching  # @flare.batched: one batch at a time (batching.py)
+
+            config = batching.batch_config(func)
+            if config is not None:
+                batching.serve(self, *config)
+                self.flush()
+                return
         if self.max_inputs > 1:
             self.serve_concurrent()
         else:
@@ -601,7 +618,7 @@ class Runner:
                     import select as select_module
 
                     select = select_module.select
-                while select([self.fd], [], [], 0)[0]:
+                while select([reader.fd], [], [], 0)[0]:
                     if not reader.fill(1):
                         break
                     self.handle_frames(reader.frames())
@@ -692,7 +709,7 @@ class ClassService:
     defaults). Exit hooks run once: after SHUTDOWN or EOF, or on SIGTERM.
     """
 
-    def __init__(self, user_cls: type) -> None:
+    def __init__(self, user_cls: type, snap_only: bool = False) -> None:
         info = getattr(user_cls, "__flare_cls_info__", None) or {}
         params: dict[str, Any] = {n: p["default"] for n, p in (info.get("params") or {}).items() if "default" in p}
         blob = os.environ.get("FLARE_CLS_PARAMS")
@@ -714,8 +731,17 @@ class ClassService:
             import signal
 
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Before a checkpoint only the snap=True hooks run; the others after RESUME.
+        snap = set(info.get("enter_snap") or ())
+        self.later = [n for n in info.get("enter") or () if n not in snap] if snap_only else []
         for name in info.get("enter") or ():
-            getattr(obj, name)()
+            if not snap_only or name in snap:
+                getattr(obj, name)()
+
+    def run_later_enter_hooks(self) -> None:
+        """The snap=False hooks, in every container after its start or restore."""
+        for name in self.later:
+            getattr(self.obj, name)()
 
     def attach(self, runner: Runner) -> None:
         methods: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
@@ -781,8 +807,8 @@ def apply_assignment(header: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    fd = FD
-    reader = FrameReader(fd)
+    fd = FD_OUT
+    reader = FrameReader(FD_IN)
     if os.environ.get("FLARE_PRESTART") == "1":
         prestart_warmup()
     frames = reader.read_frames()
@@ -803,12 +829,21 @@ def main() -> int:
     apply_assignment(header)
     info = header.get("function") or {}
     service: ClassService | None = None
+    snapshot = bool(header.get("snapshot"))
     try:
         func = load_function(info, body)
         if isinstance(func, type):
             # A class (@app.cls): instantiate it and run its enter hooks now, so that a
             # failing hook fails the start exactly like an import error.
-            service = ClassService(func)
+            service = ClassService(func, snap_only=snapshot)
+        if snapshot:
+            # Memory snapshot (docs/SNAPSHOTS.md): checkpointed here, restored from here.
+            from . import snapshot as _snapshot
+
+            _restored, more = _snapshot.checkpoint(fd, reader)
+            frames = frames[:1] + more
+            if service is not None:
+                service.run_later_enter_hooks()
     except BaseException as e:  # noqa: BLE001 - report anything, including SystemExit
         exc = exception_info(e)
         try:

@@ -1,6 +1,7 @@
 """The worker side of the container protocol, for tests and benchmarks.
 
-Starts ``python -m flare._runtime`` with one end of a socketpair as fd 3 and speaks
+Starts ``python -m flare._runtime`` with two pipes as fds 3 (its frames to us) and 4
+(ours to it) and speaks
 the framing of docs/PROTOCOL.md section 2. (The real worker is the Rust agent.)
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 class RunnerProcess:
     def __init__(self, env: dict[str, str] | None = None, python: str | None = None, module: str = "flare._runtime") -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        from_r, from_w = os.pipe()
+        to_r, to_w = os.pipe()
         sdk_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         full_env = dict(os.environ)
         full_env.setdefault("FLARE_IS_REMOTE", "1")
@@ -30,8 +31,8 @@ class RunnerProcess:
             full_env.update(env)
         # The SDK stays importable when ``env`` brings its own PYTHONPATH (the user's modules).
         full_env["PYTHONPATH"] = sdk_parent + os.pathsep + full_env.get("PYTHONPATH", "")
-        # posix_spawn dup2s the child end onto fd 3 (and the log files onto 1 and 2);
-        # every other fd is close-on-exec, so the runner sees exactly fds 0-3.
+        # posix_spawn dup2s the runner's pipe ends onto fds 3 and 4 (and the log files
+        # onto 1 and 2); every other fd is close-on-exec, so the runner sees fds 0-4.
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
         argv = [python or sys.executable, "-X", "frozen_modules=on", "-m", module]
@@ -45,16 +46,18 @@ class RunnerProcess:
                     (os.POSIX_SPAWN_DUP2, devnull, 0),
                     (os.POSIX_SPAWN_DUP2, self._out.fileno(), 1),
                     (os.POSIX_SPAWN_DUP2, self._err.fileno(), 2),
-                    (os.POSIX_SPAWN_DUP2, child.fileno(), 3),
+                    (os.POSIX_SPAWN_DUP2, from_w, 3),
+                    (os.POSIX_SPAWN_DUP2, to_r, 4),
                 ],
             )
         finally:
             os.close(devnull)
         self.returncode: int | None = None
-        child.close()
-        self.sock = parent
-        self.fd = parent.fileno()
-        self.reader = FrameReader(self.fd)
+        os.close(from_w)
+        os.close(to_r)
+        self.fd = to_w
+        self._from = from_r
+        self.reader = FrameReader(from_r)
         self._queued: list[tuple[int, dict[str, Any], memoryview]] = []
 
     def send(self, typ: int, header: dict[str, Any], body: list[bytes] | tuple[bytes, ...] = ()) -> None:
@@ -92,7 +95,7 @@ class RunnerProcess:
         while len(out) < n:
             frame = self.recv()
             if frame is None:
-                raise EOFError(f"runner closed the socket after {len(out)} of {n} outputs")
+                raise EOFError(f"runner closed its pipe after {len(out)} of {n} outputs")
             typ, header, body = frame
             if typ != 12:
                 raise AssertionError(f"unexpected frame type {typ}: {header}")
@@ -123,11 +126,14 @@ class RunnerProcess:
         return self._out.read(), self._err.read()
 
     def close(self, timeout: float = 10) -> tuple[int, bytes, bytes]:
-        """Close our end of the socket, wait for the runner to exit: (rc, stdout, stderr)."""
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        """Close our ends of the pipes, wait for the runner to exit: (rc, stdout, stderr)."""
+        for fd in (self.fd, self._from):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self._from = -1
         rc = self.wait(timeout)
         out, err = self.logs()
         return rc, out, err

@@ -112,12 +112,28 @@ def _annotation_type(annotation: Any) -> Any:
     return str
 
 
+def _element_type(annotation: Any) -> Any:
+    """``int`` for ``list[int]`` (or the text ``"list[int]"``), else ``annotation``."""
+    if isinstance(annotation, str):
+        text = annotation.strip()
+        for prefix in ("list[", "List[", "typing.List[", "tuple[", "Sequence["):
+            if text.startswith(prefix) and text.endswith("]"):
+                return text[len(prefix) : -1].split(",")[0].strip()
+        return annotation
+    if typing.get_origin(annotation) in (list, tuple):
+        args = typing.get_args(annotation)
+        return args[0] if args else str
+    return annotation
+
+
 class _EntrypointParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UserError(message, f"run `{self.prog} --help` to see the options")
 
 
-def _parse_entry_args(func: Callable[..., Any], argv: Sequence[str], prog: str) -> dict[str, Any]:
+def _parse_entry_args(func: Callable[..., Any], argv: Sequence[str], prog: str, batched: bool = False) -> dict[str, Any]:
+    """The flags of ``func``'s parameters, parsed from ``argv``. ``batched``: ``func`` takes a
+    list per argument and a flag gives one element (``xs: list[int]`` -> ``--xs 3`` is 3)."""
     try:
         hints = typing.get_type_hints(func)
     except Exception:  # noqa: BLE001 - unresolvable annotations fall back to their text
@@ -127,7 +143,8 @@ def _parse_entry_args(func: Callable[..., Any], argv: Sequence[str], prog: str) 
     for p in params.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        typ = _annotation_type(hints.get(p.name, p.annotation if p.annotation is not p.empty else (type(p.default) if p.default not in (p.empty, None) else str)))
+        ann = hints.get(p.name, p.annotation if p.annotation is not p.empty else (type(p.default) if p.default not in (p.empty, None) else str))
+        typ = _annotation_type(_element_type(ann) if batched else ann)
         flags = [f"--{p.name}"]
         if "_" in p.name:
             flags.insert(0, f"--{p.name.replace('_', '-')}")

@@ -39,6 +39,32 @@ def _find_app(client: Any, name: str) -> dict[str, Any]:
     raise exception.NotFoundError(f"no app named {name!r}")
 
 
+def _variant_of(name: str) -> tuple[str, str] | None:
+    """``("Model", "p1a2b3c4d5e6f")`` for a class's parameter/options pool ``Model.p1a2b3c4d5e6f``
+    (flare/cls.py names them so), else None."""
+    base, sep, pool = name.rpartition(".")
+    if sep and base and len(pool) == 13 and pool[0] == "p" and all(c in "0123456789abcdef" for c in pool[1:]):
+        return base, pool
+    return None
+
+
+def _functions_column(functions: list[dict[str, Any]]) -> str:
+    """``f(containers/backlog), ...``; a class with pools besides its default one as
+    ``Model [class, pools: default(1/0), p1a2b3c4d5e6f(1/0)]``."""
+    groups: dict[str, list[str]] = {}
+    for f in functions:
+        v = _variant_of(f["name"])
+        base, pool = v if v is not None else (f["name"], "default")
+        groups.setdefault(base, []).append(f"{pool}({f.get('containers', 0)}/{f.get('backlog', 0)})")
+    out = []
+    for base, pools in groups.items():
+        if pools == [pools[0]] and pools[0].startswith("default("):
+            out.append(base + pools[0][len("default"):])
+        else:
+            out.append(f"{base} [class, pools: {', '.join(pools)}]")
+    return ", ".join(out)
+
+
 def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
     client = connect()
     if args.app_cmd == "list":
@@ -46,9 +72,7 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
         rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS (containers/backlog)")]
         for a in apps:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.get("created_at", 0)))
-            fns = ", ".join(
-                f"{f['name']}({f.get('containers', 0)}/{f.get('backlog', 0)})" for f in a.get("functions", [])
-            )
+            fns = _functions_column(a.get("functions", []))
             rows.append((a["app_id"], a["name"], a.get("state", ""), str(a.get("version", "")), created, fns))
         _print_table(rows)
         return 0

@@ -27,13 +27,14 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
     app, target = _resolve(module, name)
     if isinstance(target, Function):
         raw = target.get_raw_f()
-        kwargs = _parse_entry_args(raw, rest, f"flare run {args.target}")
+        kwargs = _parse_entry_args(raw, rest, f"flare run {args.target}", target._batched)
         with enable_output(), app.run():
             if target._is_generator:
                 for item in target.remote_gen(**kwargs):
                     print(item)
             else:
-                result = target.remote(**kwargs)
+                # A batched function takes positional arguments only (flags in signature order).
+                result = target.remote(*kwargs.values()) if target._batched else target.remote(**kwargs)
                 if result is not None:
                     print(result)
         return 0

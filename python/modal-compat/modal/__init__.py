@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         Image as Image,
         Retries as Retries,
         __version__ as __version__,
+        batched as batched,
         concurrent as concurrent,
         current_function_call_id as current_function_call_id,
         current_input_id as current_input_id,

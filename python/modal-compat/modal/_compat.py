@@ -51,7 +51,6 @@ NOTES = {
     "Volume": "#13",
     "Workspace": "#14",
     "asgi_app": "#12",
-    "batched": "#11",
     "billing": "n/a: a self-hosted platform sends no bill",
     "fastapi_endpoint": "#12",
     "forward": "",

@@ -1,4 +1,5 @@
-"""Modal's ``modal.partial_function``: the decorators Flare has (``concurrent``, ``enter``, ``exit``, ``method``);
+"""Modal's ``modal.partial_function``: the decorators Flare has (``batched``, ``concurrent``, ``enter``, ``exit``,
+``method``);
 the others raise ``ImportError`` saying they are not available yet."""
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ import flare.exception  # noqa: E402
 SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
-    "Cls", "enter", "exit", "method", "parameter",
+    "Cls", "enter", "exit", "method", "parameter", "batched",
 ]
-MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "web_endpoint", "fastapi_endpoint", "asgi_app", "batched", "Client"]
+MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "web_endpoint", "fastapi_endpoint", "asgi_app", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -77,8 +77,8 @@ def test_missing_names_raise_a_clear_error(name: str) -> None:
 def test_the_error_names_the_issue() -> None:
     with pytest.raises(ImportError, match=r"\(#13; see docs/COMPAT\.md\)"):
         _ = modal.Volume
-    with pytest.raises(ImportError, match=r"\(#11; see docs/COMPAT\.md\)"):
-        _ = modal.batched
+    with pytest.raises(ImportError, match=r"\(#12; see docs/COMPAT\.md\)"):
+        _ = modal.asgi_app
 
 
 @pytest.mark.parametrize("name", NOT_APPLICABLE)
@@ -174,11 +174,12 @@ def test_submodules(module: str, name: str) -> None:
 
 
 def test_partial_function_missing_decorators() -> None:
-    with pytest.raises(ImportError, match=r"^modal\.partial_function\.batched is not available in Flare yet"):
-        exec("from modal.partial_function import batched", {})
+    with pytest.raises(ImportError, match=r"^modal\.partial_function\.asgi_app is not available in Flare yet"):
+        exec("from modal.partial_function import asgi_app", {})
     ns: dict[str, object] = {}
-    exec("from modal.partial_function import enter, exit, method", ns)
+    exec("from modal.partial_function import enter, exit, method, batched", ns)
     assert ns["method"] is flare.method and ns["enter"] is flare.enter and ns["exit"] is flare.exit
+    assert ns["batched"] is flare.batched
 
 
 @pytest.mark.parametrize("sub", ["volume", "cls", "secret", "dict", "queue", "sandbox", "runner", "config"])

@@ -124,6 +124,7 @@ pub fn spec(argv: &[&str]) -> (ContainerSpec, Readers) {
         limits: Limits::default(),
         network: Network::Isolated,
         upper_dir: None,
+        checkpointable: false,
     }
     .with_stdio(out_w, err_w, vec![]);
     (spec, Readers { stdout: reader(out_r), stderr: reader(err_r) })

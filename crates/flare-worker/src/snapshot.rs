@@ -1,0 +1,651 @@
+//! Memory snapshots on this worker (docs/SNAPSHOTS.md): which snapshot a cold start may
+//! use (a pure decision over the assignment and the host's CRIU), checkpointing the first
+//! container of a function version after its `@enter(snap=True)` hooks, and keeping
+//! snapshots in a content-addressed store (chunked, so unchanged pages are shared between
+//! snapshots) with a materialized copy that restores read.
+//!
+//! Layout under `home/snapshots`: `blobs/` (the store), `index/<key>.json` (a
+//! [`Meta`] naming the manifest), `cache/<key>/` (the images, materialized and verified
+//! once; `.complete` marks a finished copy), `tmp/` (dumps and copies in progress).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flare_cas::{Digest, LocalStore};
+use flare_proto::ContainerAssignment;
+use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, RestoreOpts};
+use serde::{Deserialize, Serialize};
+
+/// The name of a bind mount in a checkpoint (`--external mnt[DST]:NAME`): stable per
+/// container path, so that a restore maps it to the new container's source for that path.
+fn mount_name(dst: &Path) -> String {
+    let h = blake3::hash(dst.as_os_str().as_encoded_bytes());
+    format!("fb-{}", &h.to_hex()[..16])
+}
+
+/// Where a snapshot keeps the checkpointed container's upper layer (its root's files and
+/// its binds' mountpoints), beside CRIU's images.
+pub(crate) const UPPER_DIR: &str = "rootfs-upper";
+
+/// What the host offers for snapshots, detected once at worker start.
+pub(crate) struct Support {
+    pub criu: Criu,
+    pub cpu_flags: Vec<String>,
+}
+
+/// The inodes of a checkpointed container's pipes (stdout, stderr, frames out, frames
+/// in): a restore hands in new pipes for them (`--inherit-fd fd[N]:pipe:[INODE]`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct PipeInodes {
+    pub stdout: u64,
+    pub stderr: u64,
+    pub frames_out: u64,
+    pub frames_in: u64,
+}
+
+/// A stored snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Meta {
+    pub key: String,
+    /// Digest (hex) of the images' manifest in the store.
+    pub manifest: String,
+    pub pipes: PipeInodes,
+    /// How long the dump took, and the images' size.
+    pub dump_ms: u64,
+    pub image_bytes: u64,
+    /// Bytes of this snapshot's files already in the store when it was saved (shared
+    /// with the function's previous snapshot).
+    pub shared_bytes: u64,
+}
+
+/// What a cold start of an assignment does about snapshots.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Plan {
+    /// The function did not ask for one.
+    Off,
+    /// It asked, but none can be taken here: run cold, tell the app once why.
+    Unavailable(String),
+    /// No snapshot yet: start normally, checkpoint after the snap=True hooks. `dropped`:
+    /// why a stored one was discarded (it could not be read back).
+    Create { key: String, dropped: Option<String> },
+    /// Another container of this version is checkpointing right now: start normally.
+    Busy,
+    /// Restore from this snapshot.
+    Restore { key: String, images: PathBuf, meta: Meta },
+}
+
+/// Why a snapshot could not be used or made (the text goes to the app's logs).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapError {
+    #[error("{0}")]
+    Criu(#[from] flare_snapshot::SnapshotError),
+    #[error("snapshot store: {0}")]
+    Store(#[from] flare_cas::CasError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Runtime(#[from] flare_runtime::RuntimeError),
+    #[error("snapshot index {0}: {1}")]
+    Index(String, String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapError {
+    let context = context.into();
+    move |source| SnapError::Io { context, source }
+}
+
+/// What, besides the function, a snapshot depends on: the host's CPU flags (a restored
+/// process may use any instruction the dumping CPU had), kernel and CRIU.
+#[derive(Clone, Debug)]
+pub(crate) struct HostKey<'a> {
+    pub cpu_flags: &'a [String],
+    pub kernel_release: &'a str,
+    pub criu_version: &'a str,
+}
+
+/// The snapshot key of an assignment: its app (a snapshot never serves another app),
+/// the function version (its whole definition: code mount, pickled body, config, image,
+/// Python), the image, and the host.
+pub(crate) fn key_of(a: &ContainerAssignment, host: &HostKey<'_>) -> String {
+    let def = serde_json::to_vec(&a.def).unwrap_or_default();
+    let mut h = blake3::Hasher::new();
+    h.update(&(a.app_id.len() as u64).to_le_bytes());
+    h.update(a.app_id.as_bytes());
+    h.update(&def);
+    let version = h.finalize().to_hex().to_string();
+    let image = a.def.image.as_ref().map(|i| i.image_id.as_str()).unwrap_or("host");
+    flare_snapshot::snapshot_key(&flare_snapshot::KeyInputs {
+        function_version: &version,
+        image_id: image,
+        cpu_flags: host.cpu_flags,
+        kernel_release: host.kernel_release,
+        criu_version: host.criu_version,
+    })
+}
+
+/// Decide (pure, given what is stored): `key` is the assignment's key or why there is
+/// none; `stored` finds a usable stored snapshot; `busy` says whether a container is
+/// creating that key right now.
+pub(crate) fn decide(
+    wanted: bool,
+    key: Result<String, &str>,
+    stored: impl FnOnce(&str) -> Result<Option<(PathBuf, Meta)>, String>,
+    busy: impl FnOnce(&str) -> bool,
+) -> Plan {
+    if !wanted {
+        return Plan::Off;
+    }
+    let key = match key {
+        Ok(k) => k,
+        Err(why) => return Plan::Unavailable(why.to_owned()),
+    };
+    let dropped = match stored(&key) {
+        Ok(Some((images, meta))) => return Plan::Restore { key, images, meta },
+        Ok(None) => None,
+        Err(why) => Some(why),
+    };
+    if busy(&key) {
+        return Plan::Busy;
+    }
+    Plan::Create { key, dropped }
+}
+
+/// Which earlier snapshot a new one of `a` is compared with (same app and function).
+pub(crate) fn lineage_of(a: &ContainerAssignment) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&(a.app_id.len() as u64).to_le_bytes());
+    h.update(a.app_id.as_bytes());
+    h.update(a.def.name.as_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// The worker's snapshots.
+pub(crate) struct Snapshots {
+    dir: PathBuf,
+    staging: PathBuf,
+    store: Option<LocalStore>,
+    support: Result<Support, String>,
+    creating: Mutex<HashSet<String>>,
+    /// Apps already told why no snapshot is taken.
+    told: Mutex<HashSet<String>>,
+}
+
+impl Snapshots {
+    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
+    /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
+    pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
+        let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
+        let support = match Criu::detect(path.as_deref()) {
+            Ok(criu) => {
+                // Unknown flags (no /proc/cpuinfo) key snapshots to an empty set: still
+                // per kernel and CRIU, and never mixed with a known set.
+                let cpu_flags = flare_snapshot::host_cpu_flags().unwrap_or_default();
+                tracing::info!(
+                    criu = %criu.path().display(),
+                    version = %criu.version(),
+                    lazy_pages = criu.features().lazy_pages(),
+                    "memory snapshots available"
+                );
+                Ok(Support { criu, cpu_flags })
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "memory snapshots unavailable: functions that ask for one start cold");
+                Err(e.to_string())
+            }
+        };
+        let store = match LocalStore::open(&dir.join("blobs")) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot store unavailable");
+                None
+            }
+        };
+        let support = match (support, &store) {
+            (Ok(s), Some(_)) => Ok(s),
+            (Ok(_), None) => Err("the snapshot store could not be opened".to_owned()),
+            (Err(e), _) => Err(e),
+        };
+        Snapshots {
+            dir: dir.to_path_buf(),
+            staging,
+            store,
+            support,
+            creating: Mutex::default(),
+            told: Mutex::default(),
+        }
+    }
+
+    pub fn support(&self) -> Option<&Support> {
+        self.support.as_ref().ok()
+    }
+
+    /// Whether the app `app_id` has not been told yet (and now counts as told).
+    pub fn tell_once(&self, app_id: &str) -> bool {
+        self.told.lock().unwrap_or_else(|p| p.into_inner()).insert(app_id.to_owned())
+    }
+
+    /// What a cold start of `a` does. A `Create` reserves the key until [`Self::done_creating`].
+    pub fn plan(&self, a: &ContainerAssignment) -> Plan {
+        let wanted = a.def.config.enable_memory_snapshot;
+        let key = match (&self.support, wanted) {
+            (Ok(s), true) => Ok(key_of(
+                a,
+                &HostKey {
+                    cpu_flags: &s.cpu_flags,
+                    kernel_release: s.criu.kernel_release(),
+                    criu_version: &s.criu.version().to_string(),
+                },
+            )),
+            (Ok(_), false) => Ok(String::new()),
+            (Err(e), _) => Err(e.as_str()),
+        };
+        let plan = decide(
+            wanted,
+            key,
+            |k| self.stored(k),
+            |k| self.creating.lock().unwrap_or_else(|p| p.into_inner()).contains(k),
+        );
+        if let Plan::Create { key, .. } = &plan {
+            if !self.creating.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+                return Plan::Busy;
+            }
+        }
+        plan
+    }
+
+    /// Reserve `key` for a container that will create it (false: another one is).
+    pub fn begin_create(&self, key: &str) -> bool {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned())
+    }
+
+    pub fn done_creating(&self, key: &str) {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    fn index_path(&self, key: &str) -> PathBuf {
+        self.dir.join("index").join(format!("{key}.json"))
+    }
+
+    fn cache_path(&self, key: &str) -> PathBuf {
+        self.dir.join("cache").join(key)
+    }
+
+    /// The images of `key`, materialized from the store if the cache lacks them. A
+    /// snapshot that cannot be read back (digest mismatch, missing blobs) is discarded,
+    /// and the error says why.
+    fn stored(&self, key: &str) -> Result<Option<(PathBuf, Meta)>, String> {
+        let Ok(text) = std::fs::read(self.index_path(key)) else {
+            return Ok(None);
+        };
+        let meta: Meta = match serde_json::from_slice(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                self.discard(key);
+                return Err(format!("its index is unreadable ({e})"));
+            }
+        };
+        let cache = self.cache_path(key);
+        if cache.join(".complete").exists() {
+            return Ok(Some((cache, meta)));
+        }
+        match self.materialize(&meta, &cache) {
+            Ok(()) => Ok(Some((cache, meta))),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "snapshot unreadable from the store; discarding it");
+                self.discard(key);
+                Err(format!("it could not be read back from the store ({e})"))
+            }
+        }
+    }
+
+    fn materialize(&self, meta: &Meta, cache: &Path) -> Result<(), SnapError> {
+        let store =
+            self.store.as_ref().ok_or_else(|| SnapError::Index(meta.key.clone(), "no store".into()))?;
+        let digest = Digest::from_hex(&meta.manifest)?;
+        let manifest = flare_cas::get_manifest(store, &digest)?;
+        let tmp = self.tmp_dir(&format!("copy-{}", meta.key))?;
+        flare_cas::materialize(store, &manifest, &tmp)?;
+        std::fs::write(tmp.join(".complete"), b"").map_err(io("mark the snapshot copy complete"))?;
+        let _ = std::fs::remove_dir_all(cache);
+        std::fs::create_dir_all(self.dir.join("cache")).map_err(io("create the snapshot cache"))?;
+        std::fs::rename(&tmp, cache).map_err(io(format!("move the snapshot copy to {}", cache.display())))?;
+        Ok(())
+    }
+
+    /// Forget `key` (index and cached copy); its blobs go with the store's GC.
+    pub fn discard(&self, key: &str) {
+        let _ = std::fs::remove_file(self.index_path(key));
+        let _ = std::fs::remove_dir_all(self.cache_path(key));
+    }
+
+    /// A fresh directory under `tmp/`.
+    pub fn tmp_dir(&self, name: &str) -> Result<PathBuf, SnapError> {
+        let d = self.dir.join("tmp").join(format!("{name}-{}", uuid_like()));
+        std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        Ok(d)
+    }
+
+    /// Checkpoint the container with pid 1 `pid` (host pid) into a new dir, leaving it
+    /// running. `binds`: its private binds (`Runtime::private_binds`), named in the
+    /// checkpoint; every other host bind is found by CRIU (world-searchable sources).
+    pub fn dump(
+        &self,
+        pid: i32,
+        binds: &[(PathBuf, PathBuf)],
+    ) -> Result<(PathBuf, flare_snapshot::DumpReport), SnapError> {
+        let s = self.support().ok_or_else(|| SnapError::Index(String::new(), "no criu".into()))?;
+        let dir = self.tmp_dir("dump")?;
+        let mut external_mounts: Vec<ExternalMount> = binds
+            .iter()
+            .map(|(dst, _)| ExternalMount::Named {
+                mountpoint: dst.to_string_lossy().into_owned(),
+                name: mount_name(dst),
+            })
+            .collect();
+        external_mounts.push(ExternalMount::Auto);
+        let opts = DumpOpts {
+            leave_running: true,
+            external_mounts,
+            manage_cgroups: Some(CgroupMode::Ignore),
+            timeout: Duration::from_secs(300),
+            ..Default::default()
+        };
+        match s.criu.dump(pid, &dir, &opts) {
+            Ok(rep) => Ok((dir, rep)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Store a finished dump as `key`: into the store (chunks shared with what is there),
+    /// the index, and the cache (the dump dir itself, renamed).
+    pub fn save(
+        &self,
+        key: &str,
+        lineage: &str,
+        dumped: &Path,
+        pipes: PipeInodes,
+        rep: &flare_snapshot::DumpReport,
+    ) -> Result<Meta, SnapError> {
+        let store = self.store.as_ref().ok_or_else(|| SnapError::Index(key.to_owned(), "no store".into()))?;
+        // Logs are not part of the snapshot.
+        let _ = std::fs::remove_file(dumped.join("dump.log"));
+        let manifest = flare_cas::snapshot_dir(store, dumped, None)?;
+        let digest = flare_cas::put_manifest(store, &manifest)?;
+        // What this snapshot shares with the function's previous one (a code change
+        // re-dumps the same libraries and heap pages: their chunks are stored once).
+        let last = self.dir.join("index").join(format!("last-{lineage}"));
+        let shared = std::fs::read_to_string(&last)
+            .ok()
+            .and_then(|d| Digest::from_hex(d.trim()).ok())
+            .and_then(|d| flare_cas::get_manifest(store, &d).ok())
+            .map_or(0, |prev| flare_cas::shared_bytes(&prev, &manifest));
+        let meta = Meta {
+            key: key.to_owned(),
+            manifest: digest.hex(),
+            pipes,
+            dump_ms: rep.elapsed.as_millis() as u64,
+            image_bytes: rep.image_bytes,
+            shared_bytes: shared,
+        };
+        std::fs::write(dumped.join(".complete"), b"").map_err(io("mark the snapshot complete"))?;
+        let cache = self.cache_path(key);
+        std::fs::create_dir_all(self.dir.join("cache")).map_err(io("create the snapshot cache"))?;
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::rename(dumped, &cache).map_err(io(format!("move the snapshot to {}", cache.display())))?;
+        std::fs::create_dir_all(self.dir.join("index")).map_err(io("create the snapshot index"))?;
+        let tmp = self.index_path(key).with_extension("tmp");
+        let body = serde_json::to_vec(&meta).map_err(|e| SnapError::Index(key.to_owned(), e.to_string()))?;
+        std::fs::write(&tmp, body).map_err(io("write the snapshot index"))?;
+        std::fs::rename(&tmp, self.index_path(key)).map_err(io("write the snapshot index"))?;
+        let _ = std::fs::write(&last, digest.hex());
+        Ok(meta)
+    }
+
+    /// Restore options for `images` into a runtime-prepared target.
+    fn restore_opts<'a>(
+        &self,
+        meta: &Meta,
+        work: &Path,
+        target: &flare_runtime::RestoreTarget<'_>,
+        staged: Vec<(String, PathBuf)>,
+        inherit: Vec<(std::os::fd::BorrowedFd<'a>, String)>,
+    ) -> RestoreOpts<'a> {
+        RestoreOpts {
+            work_dir: Some(work.to_path_buf()),
+            root: Some(target.root.to_path_buf()),
+            external_mounts: staged,
+            auto_external_mounts: true,
+            inherit_fds: inherit,
+            manage_cgroups: Some(CgroupMode::Ignore),
+            join_cgroups: target.cgroup_procs.clone(),
+            restore_sibling: true,
+            // A restore reads the images once: 10 s plus 64 MiB/s is far beyond a healthy
+            // one, and a stuck one must not hold a cold start for long.
+            timeout: Duration::from_secs(10 + meta.image_bytes / (64 << 20)),
+            ..Default::default()
+        }
+    }
+
+    /// Restores `images` into a new container of `spec` (blocking). `fds` are the new
+    /// container's stdout, stderr, frames-out and frames-in pipe ends, handed in for the
+    /// checkpoint's `pipes`. The new container's private binds (its own API socket among
+    /// them) are bound where the checkpoint had them: CRIU mounts them from inside the
+    /// container's user namespace, whose root may not search the way to their sources
+    /// (a 0700 home, /root), so each is first bound by the host under `staging`.
+    pub fn restore(
+        &self,
+        rt: &flare_runtime::Runtime,
+        spec: &flare_runtime::CommandSpec,
+        images: &Path,
+        meta: &Meta,
+        fds: [&std::os::fd::OwnedFd; 4],
+    ) -> Result<(flare_runtime::Container, Duration), String> {
+        use std::os::fd::AsFd;
+        let s = self.support().ok_or("criu is unavailable")?;
+        let t0 = Instant::now();
+        let work = self.tmp_dir(&format!("restore-{}", spec.id)).map_err(|e| e.to_string())?;
+        let stage =
+            Staged::new(&self.staging.join(&spec.id), &rt.private_binds(spec)).map_err(|e| e.to_string())?;
+        let pipes = meta.pipes;
+        let inherit = vec![
+            (fds[0].as_fd(), format!("pipe:[{}]", pipes.stdout)),
+            (fds[1].as_fd(), format!("pipe:[{}]", pipes.stderr)),
+            (fds[2].as_fd(), format!("pipe:[{}]", pipes.frames_out)),
+            (fds[3].as_fd(), format!("pipe:[{}]", pipes.frames_in)),
+        ];
+        let upper = images.join(UPPER_DIR);
+        let upper = upper.is_dir().then_some(upper.as_path());
+        let r = rt.restore(spec, upper, |t| {
+            let opts = self.restore_opts(meta, &work, t, stage.names(), inherit);
+            s.criu.restore(images, &opts).map(|r| r.pid)
+        });
+        let _ = std::fs::remove_dir_all(&work);
+        drop(stage);
+        r.map(|c| (c, t0.elapsed())).map_err(|e| e.to_string())
+    }
+}
+
+/// Bind sources bound by the host under a staging dir that the containers' root can
+/// search (`/run/...`, 0711), unmounted and removed on drop.
+struct Staged {
+    dir: PathBuf,
+    mounts: Vec<(String, PathBuf)>,
+}
+
+impl Staged {
+    fn new(dir: &Path, binds: &[(PathBuf, PathBuf)]) -> Result<Staged, SnapError> {
+        use std::os::unix::fs::PermissionsExt;
+        let searchable = |d: &Path| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711));
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+            searchable(parent).map_err(io(format!("chmod {}", parent.display())))?;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir(dir).map_err(io(format!("create {}", dir.display())))?;
+        searchable(dir).map_err(io(format!("chmod {}", dir.display())))?;
+        let mut staged = Staged { dir: dir.to_path_buf(), mounts: Vec::new() };
+        for (dst, src) in binds {
+            let name = mount_name(dst);
+            let at = dir.join(&name);
+            // The source as the runtime opens it: its own path, never through a link.
+            let meta = std::fs::symlink_metadata(src).map_err(io(format!("stat {}", src.display())))?;
+            if meta.is_dir() {
+                std::fs::create_dir(&at).map_err(io(format!("create {}", at.display())))?;
+            } else {
+                std::fs::write(&at, b"").map_err(io(format!("create {}", at.display())))?;
+            }
+            bind_mount(src, &at).map_err(io(format!("bind {} at {}", src.display(), at.display())))?;
+            staged.mounts.push((name, at));
+        }
+        Ok(staged)
+    }
+
+    fn names(&self) -> Vec<(String, PathBuf)> {
+        self.mounts.clone()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (_, at) in &self.mounts {
+            if let Ok(c) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2 with a NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `mount --bind --make-private SRC DST` (recursive, so that submounts come along).
+fn bind_mount(src: &Path, dst: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(src)?.file_type().is_symlink() {
+        return Err(std::io::Error::other("the source is a symlink"));
+    }
+    let s = std::ffi::CString::new(src.as_os_str().as_encoded_bytes())?;
+    let d = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mount(2) with NUL-terminated paths and no data.
+    let r = unsafe {
+        libc::mount(s.as_ptr(), d.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; makes the staged mount private (no propagation to or from it).
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    Ok(())
+}
+
+/// The inode of an open file (a pipe's, for `--inherit-fd`).
+pub(crate) fn inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    // SAFETY: fstat on an open fd into a zeroed stat buffer; failure leaves st_ino 0.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd.as_raw_fd(), &mut st);
+        st.st_ino
+    }
+}
+
+/// A short unique suffix (time and pid; dirs are per worker process).
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{}-{}-{}", t.as_micros(), std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(key: &str) -> Meta {
+        Meta {
+            key: key.into(),
+            manifest: String::new(),
+            pipes: PipeInodes::default(),
+            dump_ms: 0,
+            image_bytes: 0,
+            shared_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn off_unless_asked() {
+        let p = decide(false, Err("no criu"), |_| unreachable!(), |_| unreachable!());
+        assert_eq!(p, Plan::Off);
+    }
+
+    #[test]
+    fn unavailable_says_why() {
+        let p = decide(true, Err("criu 3.17 fails criu check"), |_| unreachable!(), |_| unreachable!());
+        assert_eq!(p, Plan::Unavailable("criu 3.17 fails criu check".into()));
+    }
+
+    #[test]
+    fn stored_snapshot_is_restored_before_anything_else() {
+        let p = decide(true, Ok("k".into()), |k| Ok(Some((PathBuf::from("/c").join(k), meta(k)))), |_| true);
+        assert_eq!(p, Plan::Restore { key: "k".into(), images: "/c/k".into(), meta: meta("k") });
+    }
+
+    #[test]
+    fn one_creator_at_a_time() {
+        assert_eq!(decide(true, Ok("k".into()), |_| Ok(None), |_| true), Plan::Busy);
+        assert_eq!(
+            decide(true, Ok("k".into()), |_| Ok(None), |_| false),
+            Plan::Create { key: "k".into(), dropped: None }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_snapshot_is_made_again_saying_why() {
+        let p = decide(true, Ok("k".into()), |_| Err("digest mismatch".into()), |_| false);
+        assert_eq!(p, Plan::Create { key: "k".into(), dropped: Some("digest mismatch".into()) });
+    }
+
+    fn assignment(app: &str, pickled: &[u8]) -> ContainerAssignment {
+        ContainerAssignment {
+            container_id: "ct-1".into(),
+            app_id: app.into(),
+            app_name: "a".into(),
+            function_id: "fu-1".into(),
+            def: flare_proto::FunctionDef {
+                name: "f".into(),
+                pickled: Some(flare_proto::B64(bytes::Bytes::copy_from_slice(pickled))),
+                ..serde_json::from_str(r#"{"name":"f","python":{"executable":"/usr/bin/python3"}}"#).unwrap()
+            },
+        }
+    }
+
+    #[test]
+    fn keys_differ_by_app_code_cpu_kernel_and_criu() {
+        let flags = vec!["sse4_2".to_string(), "avx2".to_string()];
+        let host = HostKey { cpu_flags: &flags, kernel_release: "6.18", criu_version: "4.1.1" };
+        let base = key_of(&assignment("ap-1", b"v1"), &host);
+        // Same inputs, same key; the container id does not matter.
+        let mut other_ct = assignment("ap-1", b"v1");
+        other_ct.container_id = "ct-2".into();
+        assert_eq!(key_of(&other_ct, &host), base);
+        assert_ne!(key_of(&assignment("ap-2", b"v1"), &host), base, "never shared across apps");
+        assert_ne!(key_of(&assignment("ap-1", b"v2"), &host), base, "a new version");
+        let fewer = vec!["sse4_2".to_string()];
+        let cpu = HostKey { cpu_flags: &fewer, ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &cpu), base, "another CPU-feature set");
+        let kernel = HostKey { kernel_release: "6.19", ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &kernel), base);
+        let criu = HostKey { criu_version: "4.2", ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &criu), base);
+    }
+}
