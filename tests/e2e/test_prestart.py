@@ -141,6 +141,42 @@ def probe():
         assert not alive, alive
 
 
+def test_a_memory_snapshot_function_never_takes_a_prestarted_runner(server: Server, tmp_path: Path) -> None:
+    """enable_memory_snapshot: the container must be the checkpointable one (its program
+    pid 1), so it starts new even when an idle runner of its image is there. (Its spec
+    differs from the runner's template anyway: checkpointable, its own network namespace,
+    an image on FUSE mounted without passthrough; the worker refuses it before comparing.)"""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = load_app(tmp_path / "a", PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0)
+def probe():
+    return _probe()
+""")
+    b = load_app(tmp_path / "b", PROBE + """
+app = flare.App()
+
+@app.function(scaledown_window=0, enable_memory_snapshot=True)
+def probe():
+    return _probe()
+""")
+    with a.app.run(), b.app.run():
+        a.probe.remote()
+        _no_containers(server, a.app.app_id)
+        runners = wait_for_runner(server.pid)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        got = b.probe.remote()
+        took = time.monotonic() - t0
+        # Started during the call, not before it; the idle runner is still idle.
+        assert got["age"] < took, (got, took)
+        assert "FLARE_PRESTART" not in got["env"]
+        alive = [pid for pid in runners if os.path.exists(f"/proc/{pid}")]
+        assert sorted(alive) == sorted(runners), (alive, runners)
+
+
 def test_limits_are_the_functions_once_assigned(server: Server, tmp_path: Path) -> None:
     mod = load_app(tmp_path, PROBE + """
 app = flare.App()
