@@ -176,6 +176,14 @@ impl Snapshots {
     /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
     /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
     pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
+        // Memory images hold whatever the functions had in memory: root's only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::create_dir_all(dir);
+            if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make the snapshot dir root-only");
+            }
+        }
         let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
         let support = match Criu::detect(path.as_deref()) {
             Ok(criu) => {
