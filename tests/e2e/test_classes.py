@@ -198,3 +198,34 @@ def test_twenty_parameter_sets_each_get_a_pool_that_scales_to_zero(server: Serve
                 break
             assert time.monotonic() < deadline, f"{len(conts)} containers left: {conts[:3]}"
             time.sleep(0.5)
+
+
+def test_an_exit_hook_that_hangs_is_killed_after_the_grace_period(server: Server, tmp_path: Path) -> None:
+    mod = load_app(tmp_path, """
+        import time
+        import flare
+        app = flare.App()
+
+        @app.cls(scaledown_window=2)
+        class Stuck:
+            @flare.method()
+            def f(self):
+                return 1
+
+            @flare.exit()
+            def close(self):
+                print("exit hook started", flush=True)
+                while True:
+                    time.sleep(1)
+    """)
+    with mod.app.run():
+        app_id = mod.app.app_id
+        assert mod.Stuck().f.remote() == 1
+        t0 = time.monotonic()
+        # Scale-down after 2 s idle, then the exit hook's grace period (3 s), then SIGKILL.
+        while [c for c in _get(server, "/v1/containers")["containers"] if c["app_id"] == app_id]:
+            assert time.monotonic() - t0 < 30, "the container with a hanging exit hook was not killed"
+            time.sleep(0.2)
+        assert "exit hook started" in _logs(server, app_id)
+        # The app still serves: a new container starts for the next call.
+        assert mod.Stuck().f.remote() == 1
