@@ -330,3 +330,30 @@ def test_a_restore_killed_midway_falls_back_to_a_cold_start(snap_server: Server,
             time.sleep(1)
             conts = [c for c in _get(url, "/v1/containers")["containers"] if c["app_id"] == app_id]
             assert len(conts) <= 1, conts
+
+
+def test_a_snapshot_never_serves_another_app(snap_server: Server, tmp_path: Path) -> None:
+    # Two apps with the very same class: the second app's containers never restore the
+    # first app's snapshot (whose memory holds the first app's state).
+    a = load_app(tmp_path, SNAP_CLASS, stem="snap_app_a")
+    b = load_app(tmp_path, SNAP_CLASS, stem="snap_app_b")
+    with a.app.run():
+        first = a.Snap().info.remote()
+        _wait_logs(snap_server.url, a.app.app_id, "flare: memory snapshot saved")
+        with b.app.run():
+            other = b.Snap().info.remote()
+            assert other["mode"] is None, "a cold start, not a restore of the other app's snapshot"
+            assert other["token"] != first["token"]
+            _wait_logs(snap_server.url, b.app.app_id, "flare: memory snapshot saved")
+
+
+def test_snapshot_files_are_root_only(snap_server: Server, tmp_path: Path) -> None:
+    mod = load_app(tmp_path, SNAP_CLASS)
+    with mod.app.run():
+        mod.Snap().info.remote()
+        _wait_logs(snap_server.url, mod.app.app_id, "flare: memory snapshot saved")
+    snaps = Path(snap_server.home) / "snapshots"
+    # The memory images hold whatever the functions had in memory: no other host user
+    # may read them (the dir is 0700, root's).
+    st = snaps.stat()
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0, oct(st.st_mode)

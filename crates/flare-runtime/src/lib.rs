@@ -427,18 +427,17 @@ impl Runtime {
 
     /// Create and start a container. Returns once the program has been exec'd (or with
     /// [`RuntimeError::Setup`] naming the step that failed).
-    pub fn spawn(&self, spec: ContainerSpec) -> Result<Container, RuntimeError> {
-        let inner = &self.inner;
-        validate(&spec)?;
-        let dir = inner.cfg.state_dir.join("containers").join(&spec.command.id);
+    /// The new container `id`'s state dir, owned by the returned resources.
+    fn container_dir(&self, id: &str) -> Result<(PathBuf, Resources), RuntimeError> {
+        let dir = self.inner.cfg.state_dir.join("containers").join(id);
         fs::create_dir(&dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                RuntimeError::InvalidSpec(format!("container id {:?} is already in use", spec.command.id))
+                RuntimeError::InvalidSpec(format!("container id {id:?} is already in use"))
             } else {
                 RuntimeError::io(format!("create {}", dir.display()), e)
             }
         })?;
-        let mut res = Resources {
+        let res = Resources {
             inner: self.inner.clone(),
             dir: Some(dir.clone()),
             cgroup: None,
@@ -446,6 +445,13 @@ impl Runtime {
             root_mount: None,
             attached_nat: None,
         };
+        Ok((dir, res))
+    }
+
+    pub fn spawn(&self, spec: ContainerSpec) -> Result<Container, RuntimeError> {
+        let inner = &self.inner;
+        validate(&spec)?;
+        let (dir, mut res) = self.container_dir(&spec.command.id)?;
         for d in ["scratch", "rootfs"] {
             fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
         }

@@ -185,18 +185,28 @@ fn create(index: u32, pin: &Path) -> Result<(), String> {
         net_sysctl("ipv6/conf/default/disable_ipv6", "1")?;
         net_sysctl("ipv4/ip_unprivileged_port_start", "0")?;
         net_sysctl("ipv4/ping_group_range", "0 2147483647")?;
-        ip_batch(&[
-            "link set lo up".into(),
-            format!("link add eth0 type veth peer name {hi} netns {host_pid}"),
-            format!("addr add {ct_addr}/30 dev eth0"),
-            "link set eth0 up".into(),
-            format!("route add default via {gw}"),
-        ])
+        veth_inside(&hi, &host_pid, &ct_addr, &gw)
     })
     .join()
     .map_err(|_| "netns set-up thread panicked".to_string())?;
     inside?;
-    // The host end: no IPv6 (and so no fe80:: address) before it comes up.
+    veth_host_end(&host_if, &host_addr)
+}
+
+/// From a thread in the container's namespace: lo up, `eth0` whose peer `hi` goes to
+/// the host (`host_pid`'s namespace), its address and default route.
+fn veth_inside(hi: &str, host_pid: &str, ct_addr: &str, gw: &str) -> Result<(), String> {
+    ip_batch(&[
+        "link set lo up".into(),
+        format!("link add eth0 type veth peer name {hi} netns {host_pid}"),
+        format!("addr add {ct_addr}/30 dev eth0"),
+        "link set eth0 up".into(),
+        format!("route add default via {gw}"),
+    ])
+}
+
+/// The host end: no IPv6 (and so no fe80:: address) before it comes up.
+fn veth_host_end(host_if: &str, host_addr: &str) -> Result<(), String> {
     net_sysctl(&format!("ipv6/conf/{host_if}/disable_ipv6"), "1")?;
     ip_batch(&[format!("addr add {host_addr}/30 dev {host_if}"), format!("link set {host_if} up")])
 }
@@ -217,19 +227,12 @@ fn attach_to(index: u32, netns: &std::os::fd::OwnedFd) -> Result<(), String> {
         net_sysctl("ipv6/conf/default/disable_ipv6", "1")?;
         // Best effort: the namespace belongs to the container's user namespace.
         let _ = net_sysctl("ipv4/ip_unprivileged_port_start", "0");
-        ip_batch(&[
-            "link set lo up".into(),
-            format!("link add eth0 type veth peer name {hi} netns {host_pid}"),
-            format!("addr add {ct_addr}/30 dev eth0"),
-            "link set eth0 up".into(),
-            format!("route add default via {gw}"),
-        ])
+        veth_inside(&hi, &host_pid, &ct_addr, &gw)
     })
     .join()
     .map_err(|_| "netns attach thread panicked".to_string())?;
     inside?;
-    net_sysctl(&format!("ipv6/conf/{host_if}/disable_ipv6"), "1")?;
-    ip_batch(&[format!("addr add {host_addr}/30 dev {host_if}"), format!("link set {host_if} up")])
+    veth_host_end(&host_if, &host_addr)
 }
 
 /// Remove a namespace pin and its veth (errors ignored: best effort, idempotent).

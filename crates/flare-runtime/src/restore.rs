@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, RuntimeError};
-use crate::{detached, plan, sys, CommandSpec, Container, Network, Resources, Runtime};
+use crate::{detached, plan, sys, CommandSpec, Container, Network, Runtime};
 
 /// What the restorer gets.
 #[derive(Debug)]
@@ -43,22 +43,7 @@ impl Runtime {
                 "a restored container has its own network namespace".into(),
             ));
         }
-        let dir = inner.cfg.state_dir.join("containers").join(&spec.id);
-        fs::create_dir(&dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                RuntimeError::InvalidSpec(format!("container id {:?} is already in use", spec.id))
-            } else {
-                RuntimeError::io(format!("create {}", dir.display()), e)
-            }
-        })?;
-        let mut res = Resources {
-            inner: self.inner.clone(),
-            dir: Some(dir.clone()),
-            cgroup: None,
-            netns: None,
-            root_mount: None,
-            attached_nat: None,
-        };
+        let (dir, mut res) = self.container_dir(&spec.id)?;
         let cg = inner.cgroups.create(&spec.id, &spec.limits)?;
         let cgroup_procs = cg.procs_paths();
         res.cgroup = Some(cg);

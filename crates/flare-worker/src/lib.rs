@@ -545,7 +545,10 @@ async fn run_container_in(
                 let mut restored = None;
                 if let Some((sn, key, images, old)) = restore_from {
                     match sn.restore(&rt, &spec, &images, &old, [&out_w, &err_w, &frames_w, &to_r]) {
-                        Ok((c, took)) => return (Ok(c), Some(Ok(took))),
+                        Ok((c, took)) => {
+                            sn.touch(&key);
+                            return (Ok(c), Some(Ok(took)));
+                        }
                         Err(e) => {
                             // Never fail the input: forget the snapshot and start cold
                             // (making a new one if no other container is).

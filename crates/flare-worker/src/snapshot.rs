@@ -33,7 +33,19 @@ pub(crate) const UPPER_DIR: &str = "rootfs-upper";
 pub(crate) struct Support {
     pub criu: Criu,
     pub cpu_flags: Vec<String>,
+    /// Restores may use lazy pages: CRIU has userfaultfd with non-cooperative events and
+    /// a restored task (inside its user namespace) may open one, which takes
+    /// `vm.unprivileged_userfaultfd=1`, a host-wide setting left to the operator.
+    /// `FLARE_SNAPSHOT_LAZY=0` turns lazy restores off.
+    pub lazy: bool,
 }
+
+/// Snapshots smaller than this restore eagerly even where lazy pages work (the lazy-pages
+/// daemon costs more than reading a few MiB).
+const LAZY_MIN_BYTES: u64 = 64 << 20;
+
+/// How many snapshots a worker keeps (the least recently restored go first).
+const SNAPSHOTS_KEPT: usize = 16;
 
 /// The inodes of a checkpointed container's pipes (stdout, stderr, frames out, frames
 /// in): a restore hands in new pipes for them (`--inherit-fd fd[N]:pipe:[INODE]`).
@@ -176,6 +188,14 @@ impl Snapshots {
     /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
     /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
     pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
+        // Memory images hold whatever the functions had in memory: root's only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::create_dir_all(dir);
+            if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make the snapshot dir root-only");
+            }
+        }
         let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
         let support = match Criu::detect(path.as_deref()) {
             Ok(criu) => {
@@ -188,7 +208,12 @@ impl Snapshots {
                     lazy_pages = criu.features().lazy_pages(),
                     "memory snapshots available"
                 );
-                Ok(Support { criu, cpu_flags })
+                let uffd =
+                    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+                let lazy = criu.features().lazy_pages()
+                    && uffd.trim() == "1"
+                    && !std::env::var("FLARE_SNAPSHOT_LAZY").is_ok_and(|v| v == "0");
+                Ok(Support { criu, cpu_flags, lazy })
             }
             Err(e) => {
                 tracing::info!(reason = %e, "memory snapshots unavailable: functions that ask for one start cold");
@@ -379,9 +404,13 @@ impl Snapshots {
         // What this snapshot shares with the function's previous one (a code change
         // re-dumps the same libraries and heap pages: their chunks are stored once).
         let last = self.dir.join("index").join(format!("last-{lineage}"));
-        let shared = std::fs::read_to_string(&last)
-            .ok()
-            .and_then(|d| Digest::from_hex(d.trim()).ok())
+        let prev_key = std::fs::read_to_string(&last).ok().map(|k| k.trim().to_owned()).filter(|k| k != key);
+        let prev_meta: Option<Meta> = prev_key
+            .as_ref()
+            .and_then(|k| std::fs::read(self.index_path(k)).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let shared = prev_meta
+            .and_then(|m| Digest::from_hex(&m.manifest).ok())
             .and_then(|d| flare_cas::get_manifest(store, &d).ok())
             .map_or(0, |prev| flare_cas::shared_bytes(&prev, &manifest));
         let meta = Meta {
@@ -402,13 +431,63 @@ impl Snapshots {
         let body = serde_json::to_vec(&meta).map_err(|e| SnapError::Index(key.to_owned(), e.to_string()))?;
         std::fs::write(&tmp, body).map_err(io("write the snapshot index"))?;
         std::fs::rename(&tmp, self.index_path(key)).map_err(io("write the snapshot index"))?;
-        let _ = std::fs::write(&last, digest.hex());
+        let _ = std::fs::write(&last, key);
+        // The function's previous version is not restored again: forget it, keep at most
+        // SNAPSHOTS_KEPT in all (least recently used go), and collect unshared blobs.
+        if let Some(prev) = prev_key {
+            self.discard(&prev);
+        }
+        self.retain(store);
         Ok(meta)
+    }
+
+    /// Keep the `SNAPSHOTS_KEPT` most recently used snapshots (ephemeral apps leave
+    /// theirs behind) and delete blobs no kept snapshot references (after a grace period
+    /// that protects snapshots being saved meanwhile).
+    fn retain(&self, store: &LocalStore) {
+        let mut used: Vec<(std::time::SystemTime, String)> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("index")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(key) = name.strip_suffix(".json") else { continue };
+                let mark = self.cache_path(key).join(".complete");
+                let t = std::fs::metadata(&mark).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                used.push((t, key.to_owned()));
+            }
+        }
+        used.sort();
+        let excess = used.len().saturating_sub(SNAPSHOTS_KEPT);
+        for (_, key) in used.drain(..excess) {
+            tracing::info!(%key, "snapshot dropped (least recently used)");
+            self.discard(&key);
+        }
+        let roots: Vec<Digest> = used
+            .iter()
+            .filter_map(|(_, k)| std::fs::read(self.index_path(k)).ok())
+            .filter_map(|b| serde_json::from_slice::<Meta>(&b).ok())
+            .filter_map(|m| Digest::from_hex(&m.manifest).ok())
+            .collect();
+        match flare_cas::gc(store, &roots, Duration::from_secs(600)) {
+            Ok(r) => {
+                tracing::debug!(deleted = r.deleted, bytes = r.deleted_bytes, "snapshot blobs collected")
+            }
+            Err(e) => tracing::warn!(error = %e, "snapshot blob collection failed"),
+        }
+    }
+
+    /// Mark `key` as just used (its cache's `.complete` mtime orders [`Self::retain`]).
+    pub fn touch(&self, key: &str) {
+        let mark = self.cache_path(key).join(".complete");
+        let _ = std::fs::File::options()
+            .write(true)
+            .open(&mark)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     }
 
     /// Restore options for `images` into a runtime-prepared target.
     fn restore_opts<'a>(
         &self,
+        lazy: bool,
         meta: &Meta,
         work: &Path,
         target: &flare_runtime::RestoreTarget<'_>,
@@ -424,6 +503,7 @@ impl Snapshots {
             manage_cgroups: Some(CgroupMode::Ignore),
             join_cgroups: target.cgroup_procs.clone(),
             restore_sibling: true,
+            lazy_pages: lazy,
             // A restore reads the images once: 10 s plus 64 MiB/s is far beyond a healthy
             // one, and a stuck one must not hold a cold start for long.
             timeout: Duration::from_secs(10 + meta.image_bytes / (64 << 20)),
@@ -460,11 +540,31 @@ impl Snapshots {
         ];
         let upper = images.join(UPPER_DIR);
         let upper = upper.is_dir().then_some(upper.as_path());
+        let lazy = s.lazy && meta.image_bytes >= LAZY_MIN_BYTES;
+        let mut daemon = None;
         let r = rt.restore(spec, upper, |t| {
-            let opts = self.restore_opts(meta, &work, t, stage.names(), inherit);
-            s.criu.restore(images, &opts).map(|r| r.pid)
+            let opts = self.restore_opts(lazy, meta, &work, t, stage.names(), inherit);
+            s.criu.restore(images, &opts).map(|r| {
+                let pid = r.pid;
+                daemon = Some(r);
+                pid
+            })
         });
-        let _ = std::fs::remove_dir_all(&work);
+        match daemon {
+            // The lazy-pages daemon serves the rest of the memory (and pushes it in the
+            // background), then exits; its socket lives in the work dir until then.
+            Some(mut d) if d.lazy_daemon.is_some() && r.is_ok() => {
+                let work = work.clone();
+                std::thread::spawn(move || {
+                    let _ = d.wait_lazy_done(Duration::from_secs(3600));
+                    drop(d);
+                    let _ = std::fs::remove_dir_all(&work);
+                });
+            }
+            _ => {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+        }
         drop(stage);
         r.map(|c| (c, t0.elapsed())).map_err(|e| e.to_string())
     }
@@ -647,5 +747,36 @@ mod tests {
         assert_ne!(key_of(&assignment("ap-1", b"v1"), &kernel), base);
         let criu = HostKey { criu_version: "4.2", ..host.clone() };
         assert_ne!(key_of(&assignment("ap-1", b"v1"), &criu), base);
+    }
+
+    #[test]
+    fn only_the_most_recently_used_snapshots_are_kept() {
+        let dir = std::env::temp_dir().join(format!("flare-snap-retain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let snaps = Snapshots::open(&dir, dir.join("staging"));
+        let store = snaps.store.as_ref().unwrap();
+        std::fs::create_dir_all(dir.join("index")).unwrap();
+        let n = SNAPSHOTS_KEPT + 2;
+        for i in 0..n {
+            let key = format!("k{i:02}");
+            let mut m = flare_cas::Manifest::new();
+            m.insert(&format!("f{i}"), flare_cas::Entry::dir(0o755)).unwrap();
+            let digest = flare_cas::put_manifest(store, &m).unwrap();
+            let meta = Meta { manifest: digest.hex(), ..meta(&key) };
+            std::fs::write(snaps.index_path(&key), serde_json::to_vec(&meta).unwrap()).unwrap();
+            let cache = snaps.cache_path(&key);
+            std::fs::create_dir_all(&cache).unwrap();
+            let mark = std::fs::File::create(cache.join(".complete")).unwrap();
+            // k00 is the oldest use, k17 the newest; k00 is then restored again.
+            mark.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64)).unwrap();
+        }
+        snaps.touch("k00");
+        snaps.retain(store);
+        let left: Vec<bool> = (0..n).map(|i| snaps.index_path(&format!("k{i:02}")).exists()).collect();
+        assert!(left[0], "restored just now: kept");
+        assert!(!left[1] && !left[2], "the two least recently used are dropped");
+        assert!(left[3..].iter().all(|&k| k));
+        assert!(!snaps.cache_path("k01").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
