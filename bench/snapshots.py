@@ -413,7 +413,7 @@ def table(res: Json) -> str:
                          f"{c['init_s_in_first_container']:.2f} s ({c['import_s_in_first_container']:.2f} s)"))
             rows.append((f"{label}: cold start p50 / p90, no snapshot",
                          f"{fmt_ms(c['cold_start']['p50_ms'])} / {fmt_ms(c['cold_start']['p90_ms'])}"))
-            rows.append((f"{label}: cold start p50 / p90, restored",
+            rows.append((f"{label}: cold start p50 / p90, snapshot enabled",
                          f"{fmt_ms(s['cold_start']['p50_ms'])} / {fmt_ms(s['cold_start']['p90_ms'])}"
                          f" ({s['restored_containers']}/{s['cold_start']['n']} restored)"))
             if s["log_restored_ms"]:
@@ -423,7 +423,9 @@ def table(res: Json) -> str:
             if s["log_saved"]:
                 sv = s["log_saved"][0]
                 rows.append((f"{label}: snapshot size / dump", f"{sv['mib']:.1f} MiB / {sv['dump_ms']} ms"))
-            for name, e in (("cold", c), ("restored", s)):
+            snap_name = "restored" if s["restored_containers"] == s["cold_start"]["n"] else \
+                f"snapshot class ({s['restored_containers']}/{s['cold_start']['n']} restored)"
+            for name, e in (("cold", c), (snap_name, s)):
                 m = e.get("idle_memory")
                 if m:
                     rows.append((f"{label}: idle memory, {name}: Pss / cgroup (anon + file)",
@@ -456,7 +458,16 @@ def table(res: Json) -> str:
             m = st["restored_idle_memory"][0]
             rows.append((f"{gib}: idle restored container Pss / cgroup", f"{m['pss_kb'] / 1024:.1f} MiB / {mib(m['usage_bytes'])}"))
     width = max((len(r[0]) for r in rows), default=10)
-    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+    lines = [f"{a.ljust(width)}  {b}" for a, b in rows]
+    for part in ("heavy", "state"):
+        fails = (res.get(part) or {}).get("failures") or []
+        seen: set[str] = set()
+        for f in fails:
+            key = re.sub(r"mount=\d+|\(\d+\.\d+\)|pid: \d+|/[^ ]*flare-bench-[^ /]*", "#", f["line"])[:160]
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"FAILED ({f['function']}, {sum(1 for g in fails if g['function'] == f['function'])} lines): {f['line']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
