@@ -378,6 +378,19 @@ impl Runtime {
     }
 
     /// `None` if NAT networking works, otherwise why not.
+    /// The host-sourced bind mounts a container of `spec` gets whose sources may lie on
+    /// paths others cannot search: (container path, host source) of the generated `/etc`
+    /// (`Rootfs::Host`) and of every spec bind. (The system dirs and device nodes come
+    /// from world-searchable host paths.) A checkpoint's restore needs them staged.
+    pub fn private_binds(&self, spec: &CommandSpec) -> Vec<(PathBuf, PathBuf)> {
+        let mut out = Vec::new();
+        if matches!(spec.rootfs, Rootfs::Host) && self.inner.host_dirs.iter().any(|d| d == "etc") {
+            out.push((PathBuf::from("/etc"), self.inner.etc_dir.clone()));
+        }
+        out.extend(spec.binds.iter().map(|b| (b.dst.clone(), b.src.clone())));
+        out
+    }
+
     pub fn nat_available(&self) -> Option<String> {
         self.inner.nat.as_ref().err().cloned()
     }

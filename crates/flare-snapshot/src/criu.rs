@@ -457,7 +457,11 @@ impl Criu {
     ) -> Result<(), SnapshotError> {
         tracing::debug!(criu = %self.bin.display(), ?args, "running criu");
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // stderr goes to a file, not a pipe: a restored tree (or a half-restored one, when
+        // criu is killed) may inherit it and would hold a pipe open forever.
+        let err_path = log.with_extension("stderr");
+        let err_file = fs::File::create(&err_path).ctx(|| format!("create {}", err_path.display()))?;
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file);
         if !keep_fds.is_empty() || !cgroup_procs.is_empty() {
             let fds = keep_fds.to_vec();
             let procs = cgroup_procs.to_vec();
@@ -477,14 +481,7 @@ impl Criu {
             }
         }
         let mut child = cmd.spawn().ctx(|| format!("run {} {action}", self.bin.display()))?;
-        let mut stderr = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = stderr.as_mut() {
-                let _ = std::io::Read::read_to_string(e, &mut s);
-            }
-            s
-        });
+        drop(cmd);
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(st) = child.try_wait().ctx(|| format!("wait for criu {action}"))? {
@@ -497,7 +494,8 @@ impl Criu {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        let stderr = reader.join().unwrap_or_default();
+        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+        let _ = fs::remove_file(&err_path);
         if !status.success() {
             let mut e = criu_failed(action, status.to_string(), log);
             if let SnapshotError::Criu { log_tail, .. } = &mut e {

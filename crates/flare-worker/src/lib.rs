@@ -126,8 +126,8 @@ pub fn start(cfg: WorkerConfig, events: mpsc::UnboundedSender<FromWorker>) -> Wo
     // snapshot wait for it.
     let snaps: Snaps = Arc::default();
     {
-        let (snaps, dir) = (snaps.clone(), cfg.home.join("snapshots"));
-        tokio::spawn(async move { snapshots(&snaps, dir).await });
+        let (snaps, cfg) = (snaps.clone(), cfg.clone());
+        tokio::spawn(async move { snapshots(&snaps, &cfg).await });
     }
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -307,10 +307,14 @@ impl Pipe {
 
 /// Runs one container from start to cleanup; returns how it ended.
 /// The worker's snapshots (detecting CRIU the first time).
-async fn snapshots(snaps: &Snaps, dir: PathBuf) -> Arc<snapshot::Snapshots> {
+async fn snapshots(snaps: &Snaps, cfg: &WorkerConfig) -> Arc<snapshot::Snapshots> {
+    let dir = cfg.home.join("snapshots");
+    // Bind sources are staged for restores under /run (searchable by the containers' root,
+    // which restores mounts from inside its user namespace), one dir per worker.
+    let staging = Path::new("/run/flare-restore").join(cfg.socket_dir.file_name().unwrap_or_default());
     snaps
         .get_or_init(|| async move {
-            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir));
+            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir, staging));
             Arc::new(open.await.expect("snapshot detection task"))
         })
         .await
@@ -325,11 +329,7 @@ async fn run_container(
     events: &mpsc::UnboundedSender<FromWorker>,
 ) -> ExitReport {
     let cid = a.container_id.clone();
-    let snaps = if a.def.config.enable_memory_snapshot {
-        Some(snapshots(snaps, cfg.home.join("snapshots")).await)
-    } else {
-        None
-    };
+    let snaps = if a.def.config.enable_memory_snapshot { Some(snapshots(snaps, cfg).await) } else { None };
     match run_container_in(cfg, snaps, &a, &mut cmds, events).await {
         Ok(r) => r,
         Err(e) => {
@@ -358,18 +358,9 @@ async fn run_container_in(
     {
         // Root in the container is an unprivileged host uid (user namespace): it connects
         // through the bind mount, so the socket is open to all; the dir keeps host users
-        // out. Its group is the containers' root (traverse only): restoring a memory
-        // snapshot binds the socket from inside the container's user namespace.
+        // out.
         use std::os::unix::fs::PermissionsExt;
-        match cfg.runtime.userns() {
-            Some(u) => {
-                let _ = std::os::unix::fs::chown(&cfg.socket_dir, Some(0), Some(u.host_base));
-                let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o710));
-            }
-            None => {
-                let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
-            }
-        }
+        let _ = std::fs::set_permissions(&cfg.socket_dir, std::fs::Permissions::from_mode(0o700));
         std::fs::set_permissions(&api_path, std::fs::Permissions::from_mode(0o666))
             .map_err(|e| WorkerError::io(format!("api socket {}", api_path.display()), e))?;
     }
@@ -453,6 +444,9 @@ async fn run_container_in(
             note(format!("flare: no memory snapshot for {}: {why}; containers start cold\n", a.def.name));
         }
     }
+    if let snapshot::Plan::Create { dropped: Some(why), .. } = &plan {
+        note(format!("flare: the stored memory snapshot was discarded and is made again: {why}\n"));
+    }
     if matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. }) {
         spec.checkpointable = true;
         // A checkpoint cannot take a pooled (host-owned) network namespace along.
@@ -467,15 +461,15 @@ async fn run_container_in(
     let rt = cfg.runtime.clone();
     let restore_from = match &plan {
         snapshot::Plan::Restore { key, images, meta } => {
-            snaps.clone().map(|sn| (sn, key.clone(), images.clone(), meta.pipes))
+            snaps.clone().map(|sn| (sn, key.clone(), images.clone(), meta.clone()))
         }
         _ => None,
     };
-    let api_host = api_path.clone();
+    let spec_copy = spec.clone();
     let (spawned, restored) = tokio::task::spawn_blocking(move || {
         let mut restored = None;
         if let Some((sn, key, images, old)) = restore_from {
-            match sn.restore(&rt, &spec, &images, old, &api_host, [&out_w, &err_w, &frames_w, &to_r]) {
+            match sn.restore(&rt, &spec, &images, &old, [&out_w, &err_w, &frames_w, &to_r]) {
                 Ok((c, took)) => return (Ok(c), Some(Ok(took))),
                 Err(e) => {
                     // Never fail the input: forget the snapshot and start cold (making a
@@ -494,7 +488,7 @@ async fn run_container_in(
     let mut container = match spawned {
         Ok(c) => c,
         Err(e) => {
-            if let (snapshot::Plan::Create { key }, Some(sn)) = (&plan, &snaps) {
+            if let (snapshot::Plan::Create { key, .. }, Some(sn)) = (&plan, &snaps) {
                 sn.done_creating(key);
             }
             return Err(WorkerError::Spawn(e));
@@ -510,7 +504,7 @@ async fn run_container_in(
             tracing::warn!(container = %cid, error = %e, "snapshot restore failed; starting cold");
             note(format!("flare: restoring the memory snapshot failed, starting cold instead: {e}\n"));
             plan = match create {
-                Some(key) => snapshot::Plan::Create { key },
+                Some(key) => snapshot::Plan::Create { key, dropped: None },
                 None => snapshot::Plan::Busy,
             };
             false
@@ -595,13 +589,14 @@ async fn run_container_in(
                         let refused = serde_json::from_slice::<SnapshotReadyHeader>(&f.header)
                             .map(|h| h.refused)
                             .unwrap_or_else(|e| Some(format!("unreadable SNAPSHOT_READY ({e})")));
-                        if let (snapshot::Plan::Create { key }, Some(sn)) = (&plan, &snaps) {
+                        if let (snapshot::Plan::Create { key, .. }, Some(sn)) = (&plan, &snaps) {
                             match refused {
                                 Some(why) => note(format!("flare: no memory snapshot taken: {why}\n")),
                                 None => {
                                     let (sn2, key2, pid, lineage) =
                                         (sn.clone(), key.clone(), container.pid(), snapshot::lineage_of(a));
-                                    let dumped = tokio::task::spawn_blocking(move || sn2.dump(pid, API_SOCKET_IN_CONTAINER)).await;
+                                    let binds = cfg.runtime.private_binds(&spec_copy);
+                                    let dumped = tokio::task::spawn_blocking(move || sn2.dump(pid, &binds)).await;
                                     // The runner waits for RESUME: its root's files are still.
                                     let saved = match dumped {
                                         Ok(Ok((dir, rep))) => match container.copy_upper(&dir.join(snapshot::UPPER_DIR)) {

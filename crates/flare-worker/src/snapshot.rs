@@ -18,9 +18,12 @@ use flare_proto::ContainerAssignment;
 use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, RestoreOpts};
 use serde::{Deserialize, Serialize};
 
-/// The mount name of the per-container API socket in a checkpoint (`--external
-/// mnt[/__flare/api.sock]:flare-api`): a restore binds the new container's socket there.
-const API_MOUNT: &str = "flare-api";
+/// The name of a bind mount in a checkpoint (`--external mnt[DST]:NAME`): stable per
+/// container path, so that a restore maps it to the new container's source for that path.
+fn mount_name(dst: &Path) -> String {
+    let h = blake3::hash(dst.as_os_str().as_encoded_bytes());
+    format!("fb-{}", &h.to_hex()[..16])
+}
 
 /// Where a snapshot keeps the checkpointed container's upper layer (its root's files and
 /// its binds' mountpoints), beside CRIU's images.
@@ -64,8 +67,9 @@ pub(crate) enum Plan {
     Off,
     /// It asked, but none can be taken here: run cold, tell the app once why.
     Unavailable(String),
-    /// No snapshot yet: start normally, checkpoint after the snap=True hooks.
-    Create { key: String },
+    /// No snapshot yet: start normally, checkpoint after the snap=True hooks. `dropped`:
+    /// why a stored one was discarded (it could not be read back).
+    Create { key: String, dropped: Option<String> },
     /// Another container of this version is checkpointing right now: start normally.
     Busy,
     /// Restore from this snapshot.
@@ -92,10 +96,19 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapError {
     move |source| SnapError::Io { context, source }
 }
 
+/// What, besides the function, a snapshot depends on: the host's CPU flags (a restored
+/// process may use any instruction the dumping CPU had), kernel and CRIU.
+#[derive(Clone, Debug)]
+pub(crate) struct HostKey<'a> {
+    pub cpu_flags: &'a [String],
+    pub kernel_release: &'a str,
+    pub criu_version: &'a str,
+}
+
 /// The snapshot key of an assignment: its app (a snapshot never serves another app),
 /// the function version (its whole definition: code mount, pickled body, config, image,
-/// Python), the image, and the host's CPU flags, kernel and CRIU.
-pub(crate) fn key_of(a: &ContainerAssignment, s: &Support) -> String {
+/// Python), the image, and the host.
+pub(crate) fn key_of(a: &ContainerAssignment, host: &HostKey<'_>) -> String {
     let def = serde_json::to_vec(&a.def).unwrap_or_default();
     let mut h = blake3::Hasher::new();
     h.update(&(a.app_id.len() as u64).to_le_bytes());
@@ -106,9 +119,9 @@ pub(crate) fn key_of(a: &ContainerAssignment, s: &Support) -> String {
     flare_snapshot::snapshot_key(&flare_snapshot::KeyInputs {
         function_version: &version,
         image_id: image,
-        cpu_flags: &s.cpu_flags,
-        kernel_release: s.criu.kernel_release(),
-        criu_version: &s.criu.version().to_string(),
+        cpu_flags: host.cpu_flags,
+        kernel_release: host.kernel_release,
+        criu_version: host.criu_version,
     })
 }
 
@@ -118,7 +131,7 @@ pub(crate) fn key_of(a: &ContainerAssignment, s: &Support) -> String {
 pub(crate) fn decide(
     wanted: bool,
     key: Result<String, &str>,
-    stored: impl FnOnce(&str) -> Option<(PathBuf, Meta)>,
+    stored: impl FnOnce(&str) -> Result<Option<(PathBuf, Meta)>, String>,
     busy: impl FnOnce(&str) -> bool,
 ) -> Plan {
     if !wanted {
@@ -128,13 +141,15 @@ pub(crate) fn decide(
         Ok(k) => k,
         Err(why) => return Plan::Unavailable(why.to_owned()),
     };
-    if let Some((images, meta)) = stored(&key) {
-        return Plan::Restore { key, images, meta };
-    }
+    let dropped = match stored(&key) {
+        Ok(Some((images, meta))) => return Plan::Restore { key, images, meta },
+        Ok(None) => None,
+        Err(why) => Some(why),
+    };
     if busy(&key) {
         return Plan::Busy;
     }
-    Plan::Create { key }
+    Plan::Create { key, dropped }
 }
 
 /// Which earlier snapshot a new one of `a` is compared with (same app and function).
@@ -149,6 +164,7 @@ pub(crate) fn lineage_of(a: &ContainerAssignment) -> String {
 /// The worker's snapshots.
 pub(crate) struct Snapshots {
     dir: PathBuf,
+    staging: PathBuf,
     store: Option<LocalStore>,
     support: Result<Support, String>,
     creating: Mutex<HashSet<String>>,
@@ -157,8 +173,9 @@ pub(crate) struct Snapshots {
 }
 
 impl Snapshots {
-    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary).
-    pub fn open(dir: &Path) -> Snapshots {
+    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
+    /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
+    pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
         let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
         let support = match Criu::detect(path.as_deref()) {
             Ok(criu) => {
@@ -192,6 +209,7 @@ impl Snapshots {
         };
         Snapshots {
             dir: dir.to_path_buf(),
+            staging,
             store,
             support,
             creating: Mutex::default(),
@@ -212,7 +230,14 @@ impl Snapshots {
     pub fn plan(&self, a: &ContainerAssignment) -> Plan {
         let wanted = a.def.config.enable_memory_snapshot;
         let key = match (&self.support, wanted) {
-            (Ok(s), true) => Ok(key_of(a, s)),
+            (Ok(s), true) => Ok(key_of(
+                a,
+                &HostKey {
+                    cpu_flags: &s.cpu_flags,
+                    kernel_release: s.criu.kernel_release(),
+                    criu_version: &s.criu.version().to_string(),
+                },
+            )),
             (Ok(_), false) => Ok(String::new()),
             (Err(e), _) => Err(e.as_str()),
         };
@@ -222,7 +247,7 @@ impl Snapshots {
             |k| self.stored(k),
             |k| self.creating.lock().unwrap_or_else(|p| p.into_inner()).contains(k),
         );
-        if let Plan::Create { key } = &plan {
+        if let Plan::Create { key, .. } = &plan {
             if !self.creating.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
                 return Plan::Busy;
             }
@@ -248,27 +273,29 @@ impl Snapshots {
     }
 
     /// The images of `key`, materialized from the store if the cache lacks them. A
-    /// snapshot that cannot be read back (digest mismatch, missing blobs) is discarded.
-    fn stored(&self, key: &str) -> Option<(PathBuf, Meta)> {
-        let text = std::fs::read(self.index_path(key)).ok()?;
+    /// snapshot that cannot be read back (digest mismatch, missing blobs) is discarded,
+    /// and the error says why.
+    fn stored(&self, key: &str) -> Result<Option<(PathBuf, Meta)>, String> {
+        let Ok(text) = std::fs::read(self.index_path(key)) else {
+            return Ok(None);
+        };
         let meta: Meta = match serde_json::from_slice(&text) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(%key, error = %e, "unreadable snapshot index; discarding it");
                 self.discard(key);
-                return None;
+                return Err(format!("its index is unreadable ({e})"));
             }
         };
         let cache = self.cache_path(key);
         if cache.join(".complete").exists() {
-            return Some((cache, meta));
+            return Ok(Some((cache, meta)));
         }
         match self.materialize(&meta, &cache) {
-            Ok(()) => Some((cache, meta)),
+            Ok(()) => Ok(Some((cache, meta))),
             Err(e) => {
                 tracing::warn!(%key, error = %e, "snapshot unreadable from the store; discarding it");
                 self.discard(key);
-                None
+                Err(format!("it could not be read back from the store ({e})"))
             }
         }
     }
@@ -301,20 +328,26 @@ impl Snapshots {
     }
 
     /// Checkpoint the container with pid 1 `pid` (host pid) into a new dir, leaving it
-    /// running.
+    /// running. `binds`: its private binds (`Runtime::private_binds`), named in the
+    /// checkpoint; every other host bind is found by CRIU (world-searchable sources).
     pub fn dump(
         &self,
         pid: i32,
-        api_mountpoint: &str,
+        binds: &[(PathBuf, PathBuf)],
     ) -> Result<(PathBuf, flare_snapshot::DumpReport), SnapError> {
         let s = self.support().ok_or_else(|| SnapError::Index(String::new(), "no criu".into()))?;
         let dir = self.tmp_dir("dump")?;
+        let mut external_mounts: Vec<ExternalMount> = binds
+            .iter()
+            .map(|(dst, _)| ExternalMount::Named {
+                mountpoint: dst.to_string_lossy().into_owned(),
+                name: mount_name(dst),
+            })
+            .collect();
+        external_mounts.push(ExternalMount::Auto);
         let opts = DumpOpts {
             leave_running: true,
-            external_mounts: vec![
-                ExternalMount::Named { mountpoint: api_mountpoint.to_owned(), name: API_MOUNT.to_owned() },
-                ExternalMount::Auto,
-            ],
+            external_mounts,
             manage_cgroups: Some(CgroupMode::Ignore),
             timeout: Duration::from_secs(300),
             ..Default::default()
@@ -376,41 +409,49 @@ impl Snapshots {
     /// Restore options for `images` into a runtime-prepared target.
     fn restore_opts<'a>(
         &self,
+        meta: &Meta,
         work: &Path,
         target: &flare_runtime::RestoreTarget<'_>,
-        api_socket: &Path,
+        staged: Vec<(String, PathBuf)>,
         inherit: Vec<(std::os::fd::BorrowedFd<'a>, String)>,
     ) -> RestoreOpts<'a> {
         RestoreOpts {
             work_dir: Some(work.to_path_buf()),
             root: Some(target.root.to_path_buf()),
-            external_mounts: vec![(API_MOUNT.to_owned(), api_socket.to_path_buf())],
+            external_mounts: staged,
             auto_external_mounts: true,
             inherit_fds: inherit,
             manage_cgroups: Some(CgroupMode::Ignore),
             join_cgroups: target.cgroup_procs.clone(),
             restore_sibling: true,
-            timeout: Duration::from_secs(120),
+            // A restore reads the images once: 10 s plus 64 MiB/s is far beyond a healthy
+            // one, and a stuck one must not hold a cold start for long.
+            timeout: Duration::from_secs(10 + meta.image_bytes / (64 << 20)),
             ..Default::default()
         }
     }
 
     /// Restores `images` into a new container of `spec` (blocking). `fds` are the new
     /// container's stdout, stderr, frames-out and frames-in pipe ends, handed in for the
-    /// checkpoint's `pipes`; `api_socket` is bound where the checkpoint had its socket.
+    /// checkpoint's `pipes`. The new container's private binds (its own API socket among
+    /// them) are bound where the checkpoint had them: CRIU mounts them from inside the
+    /// container's user namespace, whose root may not search the way to their sources
+    /// (a 0700 home, /root), so each is first bound by the host under `staging`.
     pub fn restore(
         &self,
         rt: &flare_runtime::Runtime,
         spec: &flare_runtime::CommandSpec,
         images: &Path,
-        pipes: PipeInodes,
-        api_socket: &Path,
+        meta: &Meta,
         fds: [&std::os::fd::OwnedFd; 4],
     ) -> Result<(flare_runtime::Container, Duration), String> {
         use std::os::fd::AsFd;
         let s = self.support().ok_or("criu is unavailable")?;
         let t0 = Instant::now();
         let work = self.tmp_dir(&format!("restore-{}", spec.id)).map_err(|e| e.to_string())?;
+        let stage =
+            Staged::new(&self.staging.join(&spec.id), &rt.private_binds(spec)).map_err(|e| e.to_string())?;
+        let pipes = meta.pipes;
         let inherit = vec![
             (fds[0].as_fd(), format!("pipe:[{}]", pipes.stdout)),
             (fds[1].as_fd(), format!("pipe:[{}]", pipes.stderr)),
@@ -420,12 +461,92 @@ impl Snapshots {
         let upper = images.join(UPPER_DIR);
         let upper = upper.is_dir().then_some(upper.as_path());
         let r = rt.restore(spec, upper, |t| {
-            let opts = self.restore_opts(&work, t, api_socket, inherit);
+            let opts = self.restore_opts(meta, &work, t, stage.names(), inherit);
             s.criu.restore(images, &opts).map(|r| r.pid)
         });
         let _ = std::fs::remove_dir_all(&work);
+        drop(stage);
         r.map(|c| (c, t0.elapsed())).map_err(|e| e.to_string())
     }
+}
+
+/// Bind sources bound by the host under a staging dir that the containers' root can
+/// search (`/run/...`, 0711), unmounted and removed on drop.
+struct Staged {
+    dir: PathBuf,
+    mounts: Vec<(String, PathBuf)>,
+}
+
+impl Staged {
+    fn new(dir: &Path, binds: &[(PathBuf, PathBuf)]) -> Result<Staged, SnapError> {
+        use std::os::unix::fs::PermissionsExt;
+        let searchable = |d: &Path| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711));
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+            searchable(parent).map_err(io(format!("chmod {}", parent.display())))?;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir(dir).map_err(io(format!("create {}", dir.display())))?;
+        searchable(dir).map_err(io(format!("chmod {}", dir.display())))?;
+        let mut staged = Staged { dir: dir.to_path_buf(), mounts: Vec::new() };
+        for (dst, src) in binds {
+            let name = mount_name(dst);
+            let at = dir.join(&name);
+            // The source as the runtime opens it: its own path, never through a link.
+            let meta = std::fs::symlink_metadata(src).map_err(io(format!("stat {}", src.display())))?;
+            if meta.is_dir() {
+                std::fs::create_dir(&at).map_err(io(format!("create {}", at.display())))?;
+            } else {
+                std::fs::write(&at, b"").map_err(io(format!("create {}", at.display())))?;
+            }
+            bind_mount(src, &at).map_err(io(format!("bind {} at {}", src.display(), at.display())))?;
+            staged.mounts.push((name, at));
+        }
+        Ok(staged)
+    }
+
+    fn names(&self) -> Vec<(String, PathBuf)> {
+        self.mounts.clone()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (_, at) in &self.mounts {
+            if let Ok(c) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2 with a NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `mount --bind --make-private SRC DST` (recursive, so that submounts come along).
+fn bind_mount(src: &Path, dst: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(src)?.file_type().is_symlink() {
+        return Err(std::io::Error::other("the source is a symlink"));
+    }
+    let s = std::ffi::CString::new(src.as_os_str().as_encoded_bytes())?;
+    let d = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mount(2) with NUL-terminated paths and no data.
+    let r = unsafe {
+        libc::mount(s.as_ptr(), d.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; makes the staged mount private (no propagation to or from it).
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    Ok(())
 }
 
 /// The inode of an open file (a pipe's, for `--inherit-fd`).
@@ -475,13 +596,56 @@ mod tests {
 
     #[test]
     fn stored_snapshot_is_restored_before_anything_else() {
-        let p = decide(true, Ok("k".into()), |k| Some((PathBuf::from("/c").join(k), meta(k))), |_| true);
+        let p = decide(true, Ok("k".into()), |k| Ok(Some((PathBuf::from("/c").join(k), meta(k)))), |_| true);
         assert_eq!(p, Plan::Restore { key: "k".into(), images: "/c/k".into(), meta: meta("k") });
     }
 
     #[test]
     fn one_creator_at_a_time() {
-        assert_eq!(decide(true, Ok("k".into()), |_| None, |_| true), Plan::Busy);
-        assert_eq!(decide(true, Ok("k".into()), |_| None, |_| false), Plan::Create { key: "k".into() });
+        assert_eq!(decide(true, Ok("k".into()), |_| Ok(None), |_| true), Plan::Busy);
+        assert_eq!(
+            decide(true, Ok("k".into()), |_| Ok(None), |_| false),
+            Plan::Create { key: "k".into(), dropped: None }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_snapshot_is_made_again_saying_why() {
+        let p = decide(true, Ok("k".into()), |_| Err("digest mismatch".into()), |_| false);
+        assert_eq!(p, Plan::Create { key: "k".into(), dropped: Some("digest mismatch".into()) });
+    }
+
+    fn assignment(app: &str, pickled: &[u8]) -> ContainerAssignment {
+        ContainerAssignment {
+            container_id: "ct-1".into(),
+            app_id: app.into(),
+            app_name: "a".into(),
+            function_id: "fu-1".into(),
+            def: flare_proto::FunctionDef {
+                name: "f".into(),
+                pickled: Some(flare_proto::B64(bytes::Bytes::copy_from_slice(pickled))),
+                ..serde_json::from_str(r#"{"name":"f","python":{"executable":"/usr/bin/python3"}}"#).unwrap()
+            },
+        }
+    }
+
+    #[test]
+    fn keys_differ_by_app_code_cpu_kernel_and_criu() {
+        let flags = vec!["sse4_2".to_string(), "avx2".to_string()];
+        let host = HostKey { cpu_flags: &flags, kernel_release: "6.18", criu_version: "4.1.1" };
+        let base = key_of(&assignment("ap-1", b"v1"), &host);
+        // Same inputs, same key; the container id does not matter.
+        let mut other_ct = assignment("ap-1", b"v1");
+        other_ct.container_id = "ct-2".into();
+        assert_eq!(key_of(&other_ct, &host), base);
+        assert_ne!(key_of(&assignment("ap-2", b"v1"), &host), base, "never shared across apps");
+        assert_ne!(key_of(&assignment("ap-1", b"v2"), &host), base, "a new version");
+        let fewer = vec!["sse4_2".to_string()];
+        let cpu = HostKey { cpu_flags: &fewer, ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &cpu), base, "another CPU-feature set");
+        let kernel = HostKey { kernel_release: "6.19", ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &kernel), base);
+        let criu = HostKey { criu_version: "4.2", ..host.clone() };
+        assert_ne!(key_of(&assignment("ap-1", b"v1"), &criu), base);
     }
 }
