@@ -50,7 +50,7 @@ Json = dict[str, Any]
 
 SAVED_RE = re.compile(r"memory snapshot saved \(([\d.]+) MiB, dump (\d+) ms, ([\d.]+) MiB shared with the previous one\)")
 RESTORED_RE = re.compile(r"container restored from a memory snapshot in (\d+) ms")
-FAILED_RE = re.compile(r"flare: (restoring the memory snapshot failed.*|memory snapshot failed.*|no memory snapshot.*)")
+FAILED_RE = re.compile(r"flare: (restoring the memory snapshot failed.*|memory snapshot failed.*|no memory snapshot.*|the stored memory snapshot was discarded.*)")
 
 
 # --------------------------------------------------------------------------- helpers
