@@ -26,7 +26,12 @@ class State:
         import random
 
         t0 = time.perf_counter()
-        self.buf = bytearray(random.Random(1234).randbytes(STATE_MIB << 20))
+        # randbytes() overflows on 1 GiB at once (n * 8 bits > INT_MAX): 64 MiB at a time.
+        rng, chunk = random.Random(1234), 64 << 20
+        self.buf = bytearray(STATE_MIB << 20)
+        for off in range(0, len(self.buf), chunk):
+            n = min(chunk, len(self.buf) - off)
+            self.buf[off:off + n] = rng.randbytes(n)
         self.fill_s = time.perf_counter() - t0
 
     @flare.method()
