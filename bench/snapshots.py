@@ -405,7 +405,7 @@ def table(res: Json) -> str:
     rows: list[tuple[str, str]] = []
     h = res.get("heavy")
     if h:
-        for pair, label in (("heavy", "pip image (numpy, pandas, sklearn)"), ("host", "host Python (stdlib)")):
+        for pair, label in (("heavy", "pip image (numpy, pandas, sklearn)"), ("host", "host Python (stdlib + site-packages)")):
             s, c = h.get(f"{pair}_snap"), h.get(f"{pair}_cold")
             if not (s and c):
                 continue
