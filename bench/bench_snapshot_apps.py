@@ -5,8 +5,9 @@
   a small random forest (>= 1 s on the 2-core dev machine).
 - ``HostSnap`` / ``HostCold``: the same idea on the host Python (no image): imports a set
   of stdlib packages and big pure-Python packages from the host's site-packages (sympy,
-  networkx, boto3, pydantic, jinja2, pygments; 0.5 s in a container here, 1.1 s on the loaded host) and builds a 1.5M-entry
-  index in pure Python (~1 s): 1.4-2.1 s of init in a first container.
+  networkx, boto3, pydantic, jinja2, pygments; 0.5 s in a container here, 1.1 s on the
+  loaded host) and builds a 1.5M-entry index in pure Python (~1 s): 1.4-2.1 s of init in
+  a first container.
 
 Each pair differs only in ``enable_memory_snapshot``; both have ``scaledown_window=2`` so a
 container exits 2 s after its last input, and the bench waits for zero containers before
