@@ -674,8 +674,17 @@ def probe_host_files(cfg: Cfg) -> Obs:
             init[f"fd/{n}"] = "OK"
         except OSError as e:
             init[f"fd/{n}"] = ename(e.errno or 0)
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            pid1_cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError as e:
+        pid1_cmdline = ename(e.errno or 0)
     return {
         "init": init,
+        # A checkpointable (memory snapshot) container has no runtime init: the program
+        # itself is pid 1, and /proc/1 is the caller's own process.
+        "self_is_pid1": os.getpid() == 1,
+        "pid1_cmdline": pid1_cmdline,
         "forbidden": forbidden, "secrets": secrets, "found": found, "walk_complete": complete,
         "hardlinks": links, "ssl_private": ssl_private, "processes": procs,
         "sockets": [p for p in ("/run/flare-sockets", "/run/flare") if os.path.exists(p)],
@@ -704,8 +713,13 @@ def check_host_files(obs: Obs, secret_hashes: list[str] | None = None) -> list[s
     bad += [f"a host process is visible: pid {pid} {cmd}" for pid, cmd in obs.get("processes", [])
             if pid != 1 and any(w in cmd for w in ("flared", "systemd", "pytest", "sshd"))]
     bad += [f"platform socket dir visible: {p}" for p in obs.get("sockets", [])]
-    bad += [f"the container's init (a fork of flared) is open to user code: /proc/1/{k} {r}"
-            for k, r in obs.get("init", {}).items() if r.startswith("OK") or r.startswith("OPENED")]
+    if obs.get("self_is_pid1"):
+        # No runtime init: pid 1 is this program, which must not be the daemon.
+        if "flared" in obs.get("pid1_cmdline", ""):
+            bad.append(f"pid 1 is the daemon: {obs['pid1_cmdline']}")
+    else:
+        bad += [f"the container's init (a fork of flared) is open to user code: /proc/1/{k} {r}"
+                for k, r in obs.get("init", {}).items() if r.startswith("OK") or r.startswith("OPENED")]
     return bad
 
 

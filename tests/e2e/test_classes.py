@@ -167,3 +167,34 @@ def test_cli_runs_a_class_method(server: Server, tmp_path: Path) -> None:
     assert re.search(r"(^|\n)555\n", r.stdout), r.stdout
     r = run_cli("run", f"{path}::Model.nope")
     assert r.returncode != 0 and "Model.predict" in r.stdout + r.stderr
+
+
+def test_twenty_parameter_sets_each_get_a_pool_that_scales_to_zero(server: Server, tmp_path: Path) -> None:
+    mod = load_app(tmp_path, """
+        import os
+        import flare
+        app = flare.App()
+
+        @app.cls(cpu=0.1, memory=128, scaledown_window=2)
+        class P:
+            n: int = flare.parameter()
+
+            @flare.method()
+            def get(self):
+                return (self.n, os.environ.get("FLARE_FUNCTION_NAME"))
+    """)
+    with mod.app.run():
+        app_id = mod.app.app_id
+        results = [mod.P(n=i).get.remote() for i in range(20)]
+        assert [n for n, _ in results] == list(range(20))
+        assert len({fn for _, fn in results}) == 20, "one function (pool) per parameter set"
+        names = {f["name"] for app in _get(server, "/v1/apps")["apps"] if app["app_id"] == app_id for f in app["functions"]}
+        assert len({n for n in names if n.startswith("P.p")}) == 20, names
+        # Every pool goes back to zero containers on its own.
+        deadline = time.monotonic() + 90
+        while True:
+            conts = [c for c in _get(server, "/v1/containers")["containers"] if c["app_id"] == app_id]
+            if not conts:
+                break
+            assert time.monotonic() < deadline, f"{len(conts)} containers left: {conts[:3]}"
+            time.sleep(0.5)

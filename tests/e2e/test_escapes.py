@@ -1309,3 +1309,106 @@ def test_a_build_step_cannot_fill_the_disk(server: Server, probe_dir: Path, how:
     if how == "fallocate":
         assert f"FILLED-{nonce}" not in text, f"a build step allocated {gib} GiB on the server's disk:\n{text[-2000:]}"
     assert "disk quota" in text.lower(), text[-2000:]
+
+
+# ------------------------------------------------------------------ a container restored from a memory snapshot
+
+SNAP_ATTACKER = """
+import os
+import flare
+import escape_probes
+
+app = flare.App("{name}")
+
+@app.cls(scaledown_window=2, timeout=120, enable_memory_snapshot=True)
+class Probe:
+    @flare.enter(snap=True)
+    def load(self):
+        self.loaded = True
+
+    @flare.method()
+    def run(self, names, cfg):
+        return os.environ.get("FLARE_SNAPSHOT"), escape_probes.run_probes(names, cfg)
+"""
+
+
+@pytest.fixture(scope="module")
+def restored_attacker(server: Server, probe_dir: Path) -> Iterator[Any]:
+    """An app whose class containers are restored from a memory snapshot (skipped where
+    criu is not usable): the restore path builds the container differently (no runtime
+    init, CRIU recreates namespaces, mounts, seccomp and credentials), so it is attacked
+    on its own."""
+    deadline = time.monotonic() + 30
+    while True:
+        log = server.log.read_text(errors="replace")
+        if "memory snapshots available" in log:
+            break
+        if "memory snapshots unavailable" in log or time.monotonic() > deadline:
+            pytest.skip("criu is not usable on this host (scripts/install-criu.sh installs it)")
+        time.sleep(0.1)
+    mod = load_app(probe_dir, SNAP_ATTACKER.format(name=unique("escape-restored")), stem=unique("snap_attacker"))
+    with mod.app.run(show_output=False):
+        app_id = mod.app.app_id
+        mod.Probe().run.remote([], {})
+        deadline = time.monotonic() + 60
+        while True:
+            conts = [c for c in json.loads(urllib.request.urlopen(server.url + "/v1/containers", timeout=30).read())["containers"] if c["app_id"] == app_id]
+            if not conts:
+                break
+            assert time.monotonic() < deadline, "the first container did not scale to zero"
+            time.sleep(0.2)
+        yield mod
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _restored_probe(mod: Any, name: str, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    mode, res = mod.Probe().run.remote([name], {name: cfg or {}})
+    assert mode == "restored", f"the probe ran in a container that was not restored ({mode})"
+    return dict(res[name])
+
+
+@pytest.mark.parametrize("name", probes.BATCHES["kernel"])
+def test_a_restored_container_keeps_the_kernel_promises(restored_attacker: Any, name: str) -> None:
+    before = Path("/proc/sys/kernel/core_pattern").read_text()
+    obs = _restored_probe(restored_attacker, name)
+    assert Path("/proc/sys/kernel/core_pattern").read_text() == before
+    _assert_blocked(name, obs)
+    if name == "userns":
+        # A restored process keeps the checkpointed container's initial environment
+        # block: find it by its cgroup, which is the new container's.
+        cid = obs["container_id"]
+        pids = [int(p.split("/")[2]) for p in glob.glob("/proc/[0-9]*/cgroup") if cid in _read(p)]
+        assert pids, f"no host process of container {cid}"
+        assert all(_host_uid(p) != 0 for p in pids), {p: _host_uid(p) for p in pids}
+
+
+def test_a_restored_container_has_no_path_to_the_host(restored_attacker: Any, host: HostSide, server: Server) -> None:
+    info = _restored_probe(restored_attacker, "network", {"ports": {}})
+    gw = info["gateway"]
+    if not gw:
+        pytest.skip("no outbound network on this host (NAT unavailable)")
+    veth, lls = _veth_of(gw)
+    cfg = {
+        "ports": {"tcp": host.listener.tcp_port, "udp": host.listener.udp_port, "api": server.port},
+        "host_addrs4": host.addrs4, "host_addrs6": host.addrs6, "gateway_lls": lls, "token": TOKEN,
+        "broadcast4": _broadcast_of(gw),
+    }
+    before = len(host.listener.hits)
+    obs = _restored_probe(restored_attacker, "network", cfg)
+    time.sleep(0.5)
+    reached = host.listener.hits[before:]
+    bad = probes.check_network(obs) + [f"host listener reached: {h}" for h in reached]
+    assert not bad, "\n".join(bad) + f"\n(veth {veth}) {json.dumps(obs)[:3000]}"
+
+
+def test_a_restored_container_sees_no_host_files(restored_attacker: Any, host: HostSide) -> None:
+    obs = _restored_probe(restored_attacker, "host_files", host.host_files_cfg())
+    bad = probes.check_host_files(obs, host.secret_hashes)
+    assert not bad, "\n".join(bad)
+    assert obs["walk_complete"], "the file-system search did not finish in time"

@@ -219,13 +219,17 @@ import modal
 app = modal.App("{name}")
 
 
-@app.cls(cpu=0.25, scaledown_window=60)
+@app.cls(cpu=0.25, scaledown_window=60, enable_memory_snapshot=True)
 class Model:
     size: int = modal.parameter(default=3)
 
-    @modal.enter()
+    @modal.enter(snap=True)
     def load(self):
         self.w = [1] * self.size
+
+    @modal.enter(snap=False)
+    def after(self):
+        self.ready = True
 
     @modal.method()
     def predict(self, x: int) -> int:

@@ -49,6 +49,7 @@ SNAP_CLASS = """
                 "uuid": str(uuid.uuid4()),
                 "random": random.random(),
                 "container": os.environ.get("FLARE_CONTAINER_ID"),
+                "links": sorted(name for _, name in socket.if_nameindex()),
             }
 """
 
@@ -97,6 +98,11 @@ def _snapshots_available(log: Path) -> bool:
             return False
         time.sleep(0.1)
     return False
+
+
+def _nat_available(log: Path) -> bool:
+    """The runtime's start line says `nat=None` when outbound NAT works."""
+    return any("container runtime ready" in line and "nat=None" in line for line in log.read_text(errors="replace").splitlines())
 
 
 @pytest.fixture()
@@ -169,6 +175,9 @@ def test_restored_containers_share_the_snapshot_but_not_its_entropy(snap_server:
         first = mod.Snap().info.remote()
         # The checkpointed container itself goes on: it ran the snap=False hook, unrestored.
         assert first["mode"] is None and first["sum"] == sum(range(200000))
+        # Outbound NAT is attached after the checkpoint (and after each restore).
+        nat = _nat_available(snap_server.log)
+        assert ("eth0" in first["links"]) == nat, first
         _wait_logs(snap_server.url, app_id, "flare: memory snapshot saved")
         _wait_no_containers(snap_server.url, app_id)
         # Two cold starts at once: both restore the same snapshot.
@@ -178,6 +187,7 @@ def test_restored_containers_share_the_snapshot_but_not_its_entropy(snap_server:
             assert r["token"] == first["token"], "memory comes from the snapshot"
             assert r["sum"] == first["sum"]
             assert r["container"] != first["container"], "the new container's own id"
+            assert ("eth0" in r["links"]) == nat, r
         assert a["container"] != b["container"]
         assert a["uuid"] != b["uuid"], "uuid4() differs between two restores"
         assert a["random"] != b["random"], "random is reseeded after a restore"
@@ -320,3 +330,30 @@ def test_a_restore_killed_midway_falls_back_to_a_cold_start(snap_server: Server,
             time.sleep(1)
             conts = [c for c in _get(url, "/v1/containers")["containers"] if c["app_id"] == app_id]
             assert len(conts) <= 1, conts
+
+
+def test_a_snapshot_never_serves_another_app(snap_server: Server, tmp_path: Path) -> None:
+    # Two apps with the very same class: the second app's containers never restore the
+    # first app's snapshot (whose memory holds the first app's state).
+    a = load_app(tmp_path, SNAP_CLASS, stem="snap_app_a")
+    b = load_app(tmp_path, SNAP_CLASS, stem="snap_app_b")
+    with a.app.run():
+        first = a.Snap().info.remote()
+        _wait_logs(snap_server.url, a.app.app_id, "flare: memory snapshot saved")
+        with b.app.run():
+            other = b.Snap().info.remote()
+            assert other["mode"] is None, "a cold start, not a restore of the other app's snapshot"
+            assert other["token"] != first["token"]
+            _wait_logs(snap_server.url, b.app.app_id, "flare: memory snapshot saved")
+
+
+def test_snapshot_files_are_root_only(snap_server: Server, tmp_path: Path) -> None:
+    mod = load_app(tmp_path, SNAP_CLASS)
+    with mod.app.run():
+        mod.Snap().info.remote()
+        _wait_logs(snap_server.url, mod.app.app_id, "flare: memory snapshot saved")
+    snaps = Path(snap_server.home) / "snapshots"
+    # The memory images hold whatever the functions had in memory: no other host user
+    # may read them (the dir is 0700, root's).
+    st = snaps.stat()
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0, oct(st.st_mode)

@@ -443,6 +443,7 @@ impl Runtime {
             cgroup: None,
             netns: None,
             root_mount: None,
+            attached_nat: None,
         };
         for d in ["scratch", "rootfs"] {
             fs::create_dir(dir.join(d)).ctx(|| format!("create {}", dir.join(d).display()))?;
@@ -659,6 +660,8 @@ struct Resources {
     netns: Option<NetNs>,
     /// A root mounted on the host (restored containers), unmounted before `dir` goes.
     root_mount: Option<PathBuf>,
+    /// The NAT link given to the container's own namespace ([`Container::attach_nat`]).
+    attached_nat: Option<u32>,
 }
 
 impl Resources {
@@ -680,6 +683,9 @@ impl Resources {
                     first_err.get_or_insert(e2);
                 }
             }
+        }
+        if let (Some(index), Ok(pool)) = (self.attached_nat.take(), &self.inner.nat) {
+            pool.detach(index);
         }
         if let Some(ns) = self.netns.take() {
             match &self.inner.nat {
@@ -813,6 +819,22 @@ impl Container {
     /// (used, size) bytes of the container's writable root layer, when it is a tmpfs.
     pub fn disk_usage(&self) -> Option<(u64, u64)> {
         self.scratch.as_ref().and_then(|fd| detached::usage(fd).ok())
+    }
+
+    /// Give a container with its own network namespace (`Network::Isolated`: a
+    /// checkpointable one, or one restored from a checkpoint) outbound NAT, as
+    /// `Network::Nat` containers have from the start. Done by the host: the container
+    /// cannot change its links, addresses or routes (no CAP_NET_ADMIN).
+    pub fn attach_nat(&mut self) -> Result<(), RuntimeError> {
+        if self.res.attached_nat.is_some() || self.res.netns.is_some() {
+            return Ok(());
+        }
+        let pool = self.res.inner.nat.as_ref().map_err(|r| RuntimeError::NetworkUnavailable(r.clone()))?;
+        let path = format!("/proc/{}/ns/net", self.pid);
+        let ns = OwnedFd::from(fs::File::open(&path).ctx(|| format!("open {path}"))?);
+        let index = pool.attach(&ns).map_err(RuntimeError::NetworkUnavailable)?;
+        self.res.attached_nat = Some(index);
+        Ok(())
     }
 
     /// Copy the root overlay's upper layer (what the container wrote to its root file

@@ -201,6 +201,37 @@ fn create(index: u32, pin: &Path) -> Result<(), String> {
     ip_batch(&[format!("addr add {host_addr}/30 dev {host_if}"), format!("link set {host_if} up")])
 }
 
+/// Give the network namespace `netns` (a container's own, e.g. one CRIU restored) a veth
+/// to the host as namespace `index`, like [`create`] does for pooled ones.
+fn attach_to(index: u32, netns: &std::os::fd::OwnedFd) -> Result<(), String> {
+    let host_if = host_if_name(index);
+    let (host_addr, ct_addr) = addresses(index);
+    let host_pid = std::process::id().to_string();
+    let hi = host_if.clone();
+    let gw = host_addr.clone();
+    let ns = netns.try_clone().map_err(|e| format!("dup netns fd: {e}"))?;
+    // setns(CLONE_NEWNET) only affects this (short-lived) thread; `ip` inherits it.
+    let inside = std::thread::spawn(move || -> Result<(), String> {
+        sys::setns(&ns, libc::CLONE_NEWNET)
+            .map_err(|e| format!("join the container's network namespace: {e}"))?;
+        net_sysctl("ipv6/conf/default/disable_ipv6", "1")?;
+        // Best effort: the namespace belongs to the container's user namespace.
+        let _ = net_sysctl("ipv4/ip_unprivileged_port_start", "0");
+        ip_batch(&[
+            "link set lo up".into(),
+            format!("link add eth0 type veth peer name {hi} netns {host_pid}"),
+            format!("addr add {ct_addr}/30 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add default via {gw}"),
+        ])
+    })
+    .join()
+    .map_err(|_| "netns attach thread panicked".to_string())?;
+    inside?;
+    net_sysctl(&format!("ipv6/conf/{host_if}/disable_ipv6"), "1")?;
+    ip_batch(&[format!("addr add {host_addr}/30 dev {host_if}"), format!("link set {host_if} up")])
+}
+
 /// Remove a namespace pin and its veth (errors ignored: best effort, idempotent).
 pub(crate) fn destroy(index: u32, pin: &Path) {
     let _ = sys::umount_detach(pin);
@@ -340,6 +371,29 @@ impl NetPool {
         }
         drop(st);
         self.shared.cv.notify_all();
+    }
+
+    /// Connect a container's own network namespace (`netns`, e.g. restored by CRIU)
+    /// to the host with outbound NAT, as a pooled one is. Returns its index, for
+    /// [`NetPool::detach`].
+    pub fn attach(&self, netns: &std::os::fd::OwnedFd) -> Result<u32, String> {
+        let index = self.shared.reserve().ok_or("no free 10.213.0.0/16 subnet")?;
+        match attach_to(index, netns) {
+            Ok(()) => Ok(index),
+            Err(e) => {
+                self.detach(index);
+                Err(e)
+            }
+        }
+    }
+
+    /// Undo [`NetPool::attach`] (the namespace may be gone already, its veth with it).
+    pub fn detach(&self, index: u32) {
+        let name = host_if_name(index);
+        if Path::new("/sys/class/net").join(&name).exists() {
+            let _ = run("ip", &["link", "del", &name]);
+        }
+        self.shared.lock().in_use.remove(&index);
     }
 
     /// Remove pins and links of namespaces this pool does not know about.

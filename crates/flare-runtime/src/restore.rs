@@ -57,6 +57,7 @@ impl Runtime {
             cgroup: None,
             netns: None,
             root_mount: None,
+            attached_nat: None,
         };
         let cg = inner.cgroups.create(&spec.id, &spec.limits)?;
         let cgroup_procs = cg.procs_paths();

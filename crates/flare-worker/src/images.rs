@@ -21,12 +21,16 @@ struct Mounted {
     access_saved: bool,
 }
 
+/// One image mount, made by the first start that needs it.
+type MountSlot = Arc<Mutex<Option<Mounted>>>;
+
 /// The images of one worker.
 pub struct ImageHost {
     store: Arc<dyn BlobStore>,
     cache: Arc<ChunkCache>,
     root: PathBuf,
-    mounts: Mutex<HashMap<Digest, Arc<Mutex<Option<Mounted>>>>>,
+    /// Keyed by image and whether the mount uses FUSE passthrough.
+    mounts: Mutex<HashMap<(Digest, bool), MountSlot>>,
     /// Captured environments checked against this machine's files: do they match?
     /// (One check per image: concurrent starts wait for it instead of each loading the
     /// manifest, which would leave every container cloned meanwhile with a big heap.)
@@ -35,13 +39,16 @@ pub struct ImageHost {
     ids: Option<IdShift>,
 }
 
-/// Mount options of image `d`. `FLARE_IMAGEFS_PASSTHROUGH=0` turns FUSE passthrough off.
-fn image_fs_options(d: &Digest, ids: Option<IdShift>) -> ImageFsOptions {
+/// Whether image mounts use FUSE passthrough (`FLARE_IMAGEFS_PASSTHROUGH=0`: never).
+fn passthrough_allowed() -> bool {
+    !std::env::var("FLARE_IMAGEFS_PASSTHROUGH").is_ok_and(|v| v == "0")
+}
+
+/// Mount options of image `d`.
+fn image_fs_options(d: &Digest, ids: Option<IdShift>, passthrough: bool) -> ImageFsOptions {
     let mut o =
         ImageFsOptions { fsname: format!("flare-image-{}", &d.hex()[..12]), ids, ..Default::default() };
-    if std::env::var("FLARE_IMAGEFS_PASSTHROUGH").is_ok_and(|v| v == "0") {
-        o.passthrough = false;
-    }
+    o.passthrough = o.passthrough && passthrough && passthrough_allowed();
     o
 }
 
@@ -86,12 +93,21 @@ impl ImageHost {
 
     /// The mountpoint of image `manifest` (mounting it on first use). Blocking.
     pub fn ensure(&self, manifest: &str) -> Result<PathBuf, WorkerError> {
+        self.ensure_with(manifest, true)
+    }
+
+    /// As [`Self::ensure`]; `passthrough: false` gives a mount of the image without FUSE
+    /// passthrough (its own mount): memory snapshots need it, because a file mapped
+    /// through passthrough is the host's backing file, which CRIU cannot find in the
+    /// container's mount namespace.
+    pub fn ensure_with(&self, manifest: &str, passthrough: bool) -> Result<PathBuf, WorkerError> {
         let d: Digest = manifest
             .parse()
             .map_err(|_| WorkerError::images("bad image manifest digest", format!("{manifest:?}")))?;
+        let passthrough = passthrough && passthrough_allowed();
         let slot = {
             let mut m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(d).or_default().clone()
+            m.entry((d, passthrough)).or_default().clone()
         };
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = slot.as_ref() {
@@ -103,7 +119,7 @@ impl ImageHost {
             Arc::new(tree),
             self.store.clone(),
             self.cache.clone(),
-            image_fs_options(&d, self.ids),
+            image_fs_options(&d, self.ids, passthrough),
         )
         .map_err(|e| WorkerError::images(format!("image {d}"), e))?;
         let fs = Arc::new(fs);
@@ -116,7 +132,7 @@ impl ImageHost {
             let r = fs.prefetch(&digests, 8);
             tracing::debug!(image = %d, report = ?r, "prefetched the recorded start");
         }
-        let path = self.root.join("mnt").join(d.hex());
+        let path = self.root.join("mnt").join(if passthrough { d.hex() } else { format!("{}-np", d.hex()) });
         std::fs::create_dir_all(&path)
             .map_err(|e| WorkerError::io(format!("creating {}", path.display()), e))?;
         let handle = fs.mount(&path).map_err(|e| WorkerError::images(format!("mounting image {d}"), e))?;
@@ -163,7 +179,10 @@ impl ImageHost {
     /// Save what the image's first start read (once per image and worker run).
     pub fn record_start(&self, manifest: &str) {
         let Ok(d) = manifest.parse::<Digest>() else { return };
-        let slot = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(&d).cloned();
+        let slot = {
+            let m = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            m.get(&(d, true)).or_else(|| m.get(&(d, false))).cloned()
+        };
         let Some(slot) = slot else { return };
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         let Some(m) = slot.as_mut() else { return };

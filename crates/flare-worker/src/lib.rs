@@ -396,6 +396,7 @@ async fn run_container_in(
             let host = cfg.images.clone().ok_or(WorkerError::NoImageStore)?;
             let img = img.clone();
             let cfg = cfg.clone();
+            let snapshot_wanted = a.def.config.enable_memory_snapshot;
             tokio::task::spawn_blocking(move || -> Result<ImageDirs, WorkerError> {
                 // A captured environment whose files this machine has unchanged (the
                 // caller's own machine, usually) is bound from the host: no FUSE at all,
@@ -403,7 +404,9 @@ async fn run_container_in(
                 let from_host = !img.host_roots.is_empty()
                     && img.host_roots.iter().all(|r| cfg.host_binds.check_on_host(r).is_ok())
                     && host.host_matches(&img.manifest, &img.host_roots);
-                let root = if from_host { None } else { Some(host.ensure(&img.manifest)?) };
+                // Memory snapshots need a mount without FUSE passthrough (images.rs).
+                let root =
+                    if from_host { None } else { Some(host.ensure_with(&img.manifest, !snapshot_wanted)?) };
                 let mut mounts = Vec::new();
                 for m in &img.mounts {
                     mounts.push((m.dest.clone(), host.tree(&m.manifest)?));
@@ -447,9 +450,12 @@ async fn run_container_in(
     if let snapshot::Plan::Create { dropped: Some(why), .. } = &plan {
         note(format!("flare: the stored memory snapshot was discarded and is made again: {why}\n"));
     }
+    // A checkpoint cannot take a pooled (host-owned) network namespace along: snapshot
+    // containers start in their own, and get NAT attached after the checkpoint (or the
+    // restore), before RESUME.
+    let nat_after = spec.network == flare_runtime::Network::Nat;
     if matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. }) {
         spec.checkpointable = true;
-        // A checkpoint cannot take a pooled (host-owned) network namespace along.
         spec.network = flare_runtime::Network::Isolated;
     }
     let pipes = snapshot::PipeInodes {
@@ -557,6 +563,9 @@ async fn run_container_in(
     });
     let _reader_guard = AbortOnDrop(reader);
     if is_restored {
+        if nat_after {
+            attach_nat(&mut container, &cid, &note);
+        }
         let _ = wtx.send(resume_frame(a, true));
     } else {
         let _ = wtx.send(init_frame(a, matches!(plan, snapshot::Plan::Create { .. })));
@@ -628,6 +637,9 @@ async fn run_container_in(
                                 }
                             }
                             sn.done_creating(key);
+                        }
+                        if nat_after {
+                            attach_nat(&mut container, &cid, &note);
                         }
                         let _ = wtx.send(resume_frame(a, false));
                         continue;
@@ -771,6 +783,15 @@ async fn run_container_in(
     }
     tracing::debug!(container = %cid, ?report, "container done");
     Ok(report)
+}
+
+/// Outbound NAT for a snapshot container's own network namespace; a failure leaves it
+/// loopback-only and says so in the app's logs.
+fn attach_nat(container: &mut flare_runtime::Container, cid: &str, note: &impl Fn(String)) {
+    if let Err(e) = container.attach_nat() {
+        tracing::warn!(container = %cid, error = %e, "could not attach NAT to a snapshot container");
+        note(format!("flare: this container has no outbound network: {e}\n"));
+    }
 }
 
 /// A pipe for frames, as large as an unprivileged pipe may be (fewer wake-ups for big

@@ -33,7 +33,16 @@ pub(crate) const UPPER_DIR: &str = "rootfs-upper";
 pub(crate) struct Support {
     pub criu: Criu,
     pub cpu_flags: Vec<String>,
+    /// Restores may use lazy pages: CRIU has userfaultfd with non-cooperative events and
+    /// a restored task (inside its user namespace) may open one, which takes
+    /// `vm.unprivileged_userfaultfd=1`, a host-wide setting left to the operator.
+    /// `FLARE_SNAPSHOT_LAZY=0` turns lazy restores off.
+    pub lazy: bool,
 }
+
+/// Snapshots smaller than this restore eagerly even where lazy pages work (the lazy-pages
+/// daemon costs more than reading a few MiB).
+const LAZY_MIN_BYTES: u64 = 64 << 20;
 
 /// The inodes of a checkpointed container's pipes (stdout, stderr, frames out, frames
 /// in): a restore hands in new pipes for them (`--inherit-fd fd[N]:pipe:[INODE]`).
@@ -176,6 +185,14 @@ impl Snapshots {
     /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
     /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
     pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
+        // Memory images hold whatever the functions had in memory: root's only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::create_dir_all(dir);
+            if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make the snapshot dir root-only");
+            }
+        }
         let path = std::env::var_os("FLARE_CRIU").map(PathBuf::from);
         let support = match Criu::detect(path.as_deref()) {
             Ok(criu) => {
@@ -188,7 +205,11 @@ impl Snapshots {
                     lazy_pages = criu.features().lazy_pages(),
                     "memory snapshots available"
                 );
-                Ok(Support { criu, cpu_flags })
+                let uffd = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+                let lazy = criu.features().lazy_pages()
+                    && uffd.trim() == "1"
+                    && !std::env::var("FLARE_SNAPSHOT_LAZY").is_ok_and(|v| v == "0");
+                Ok(Support { criu, cpu_flags, lazy })
             }
             Err(e) => {
                 tracing::info!(reason = %e, "memory snapshots unavailable: functions that ask for one start cold");
@@ -409,6 +430,7 @@ impl Snapshots {
     /// Restore options for `images` into a runtime-prepared target.
     fn restore_opts<'a>(
         &self,
+        lazy: bool,
         meta: &Meta,
         work: &Path,
         target: &flare_runtime::RestoreTarget<'_>,
@@ -424,6 +446,7 @@ impl Snapshots {
             manage_cgroups: Some(CgroupMode::Ignore),
             join_cgroups: target.cgroup_procs.clone(),
             restore_sibling: true,
+            lazy_pages: lazy,
             // A restore reads the images once: 10 s plus 64 MiB/s is far beyond a healthy
             // one, and a stuck one must not hold a cold start for long.
             timeout: Duration::from_secs(10 + meta.image_bytes / (64 << 20)),
@@ -460,11 +483,31 @@ impl Snapshots {
         ];
         let upper = images.join(UPPER_DIR);
         let upper = upper.is_dir().then_some(upper.as_path());
+        let lazy = s.lazy && meta.image_bytes >= LAZY_MIN_BYTES;
+        let mut daemon = None;
         let r = rt.restore(spec, upper, |t| {
-            let opts = self.restore_opts(meta, &work, t, stage.names(), inherit);
-            s.criu.restore(images, &opts).map(|r| r.pid)
+            let opts = self.restore_opts(lazy, meta, &work, t, stage.names(), inherit);
+            s.criu.restore(images, &opts).map(|r| {
+                let pid = r.pid;
+                daemon = Some(r);
+                pid
+            })
         });
-        let _ = std::fs::remove_dir_all(&work);
+        match daemon {
+            // The lazy-pages daemon serves the rest of the memory (and pushes it in the
+            // background), then exits; its socket lives in the work dir until then.
+            Some(mut d) if d.lazy_daemon.is_some() && r.is_ok() => {
+                let work = work.clone();
+                std::thread::spawn(move || {
+                    let _ = d.wait_lazy_done(Duration::from_secs(3600));
+                    drop(d);
+                    let _ = std::fs::remove_dir_all(&work);
+                });
+            }
+            _ => {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+        }
         drop(stage);
         r.map(|c| (c, t0.elapsed())).map_err(|e| e.to_string())
     }
