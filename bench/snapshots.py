@@ -3,7 +3,7 @@
 a 1 GiB snapshot (restore time, dump time, stored and shared bytes), and the idle memory
 of restored vs cold-started containers.
 
-    sudo python3 bench/snapshots.py [--runs 10] [--state-runs 10] [--state-mib 1024]
+    sudo python3 bench/snapshots.py [--runs 10] [--state-runs 10] [--state-mib 1024] [--lazy]
 
 Starts its own ``flared server`` (temporary FLARE_HOME, so the pip image is built once
 from scratch: minutes), prints a table and writes ``bench/results/snapshots-<UTC>.json``
@@ -22,7 +22,15 @@ and ``bench/results/snapshots.json``. See bench/README.md ("Memory snapshots").
   dump), the ``memory snapshot saved`` log line, ``du -sb`` of the snapshot store, then
   timed cold starts (restores); then a redeploy with one line of the method body changed,
   its first call and its log line (bytes shared with the previous snapshot), and a few
-  restores of the new version. Restores are eager: lazy pages are not wired in yet.
+  restores of the new version.
+
+Restores are eager unless ``--lazy``: the worker restores snapshots of 64 MiB and more with
+CRIU lazy pages only where ``/proc/sys/vm/unprivileged_userfaultfd`` is 1 when flared starts
+(docs/SNAPSHOTS.md), a host-wide setting that Flare never changes. ``--lazy`` sets it to 1
+for the lifetime of the bench's own flared server only, and writes the previous value back
+when the server has stopped (in a ``finally``, on SIGINT/SIGTERM, and at exit), printing
+both steps. flared's ``criu restore done ... lazy=...`` log lines are counted into the
+result (``flared_restores``) so a run shows which kind of restore it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,10 +59,52 @@ Json = dict[str, Any]
 
 SAVED_RE = re.compile(r"memory snapshot saved \(([\d.]+) MiB, dump (\d+) ms, ([\d.]+) MiB shared with the previous one\)")
 RESTORED_RE = re.compile(r"container restored from a memory snapshot in (\d+) ms")
+CRIU_RESTORE_RE = re.compile(r"criu restore done.*?lazy=(true|false)")
+UFFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 FAILED_RE = re.compile(r"flare: (restoring the memory snapshot failed.*|memory snapshot failed.*|no memory snapshot.*|the stored memory snapshot was discarded.*)")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class UffdSysctl:
+    """Sets vm.unprivileged_userfaultfd to 1 until restore(); restore() writes the previous
+    value back (idempotent). Used only by --lazy, around the bench's own flared server."""
+
+    def __init__(self) -> None:
+        self.previous: str | None = None
+
+    @staticmethod
+    def read() -> str:
+        with open(UFFD_SYSCTL) as fh:
+            return fh.read().strip()
+
+    def enable(self) -> None:
+        self.previous = self.read()
+        with open(UFFD_SYSCTL, "w") as fh:
+            fh.write("1\n")
+        print(f"--lazy: set {UFFD_SYSCTL} to 1 (was {self.previous}) for this bench's flared server only; "
+              "it is written back when the server stops", flush=True)
+
+    def restore(self) -> None:
+        if self.previous is None:
+            return
+        prev, self.previous = self.previous, None
+        with open(UFFD_SYSCTL, "w") as fh:
+            fh.write(prev + "\n")
+        print(f"--lazy: wrote {UFFD_SYSCTL} back to {prev} (now {self.read()})", flush=True)
+
+
+def flared_restores(log_path: str) -> Json:
+    """flared's `criu restore done` lines: how many were lazy and how many eager."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return {"lazy": 0, "eager": 0}
+    kinds = CRIU_RESTORE_RE.findall(re.sub(r"\x1b\[[0-9;]*m", "", text))
+    return {"lazy": kinds.count("true"), "eager": kinds.count("false")}
+
 
 
 def du_bytes(path: str) -> int:
@@ -306,12 +357,12 @@ def deploy_state(workdir: str, state_mib: int, variant: int) -> str:
     return m.group(1)
 
 
-def bench_state(server: bench.Server, runs: int, state_mib: int, v2_runs: int) -> Json:
+def bench_state(server: bench.Server, runs: int, state_mib: int, v2_runs: int, lazy: bool) -> Json:
     import flare
 
     snaps = os.path.join(server.home, "snapshots")
     workdir = tempfile.mkdtemp(prefix="flare-bench-snapstate-")
-    out: Json = {"state_mib": state_mib, "runs": runs, "restore": "eager (lazy pages are not wired in yet)"}
+    out: Json = {"state_mib": state_mib, "runs": runs, "restore": "lazy" if lazy else "eager"}
     try:
         app_id = deploy_state(workdir, state_mib, 1)
         out["app_id"] = app_id
@@ -403,6 +454,10 @@ def bench_state(server: bench.Server, runs: int, state_mib: int, v2_runs: int) -
 
 def table(res: Json) -> str:
     rows: list[tuple[str, str]] = []
+    fr = res.get("flared_restores")
+    if fr is not None:
+        rows.append(("mode / flared's criu restores (lazy, eager)",
+                     f"{'lazy' if res['args']['lazy'] else 'eager'} / {fr['lazy']} lazy=true, {fr['eager']} lazy=false"))
     h = res.get("heavy")
     if h:
         for pair, label in (("heavy", "pip image (numpy, pandas, sklearn)"), ("host", "host Python (stdlib + site-packages)")):
@@ -442,7 +497,7 @@ def table(res: Json) -> str:
                      f"{mib(st['store_after_v1']['blobs_bytes'] - st['store_before']['blobs_bytes'])} / "
                      f"{mib(st['store_after_v1']['cache_bytes'] - st['store_before']['cache_bytes'])}"))
         cs = st["v1_cold_start"]
-        rows.append((f"{gib}: restore to first result p50 / p90 (eager)",
+        rows.append((f"{gib}: restore to first result p50 / p90 ({st['restore']})",
                      f"{fmt_ms(cs['p50_ms'])} / {fmt_ms(cs['p90_ms'])} ({st['v1_restored_containers']}/{cs['n']} restored)"))
         if st["v1_log_restored_ms"]:
             rows.append((f"{gib}: restore (worker log) p50", fmt_ms(median([float(x) for x in st["v1_log_restored_ms"]]))))
@@ -477,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-mib", type=int, default=1024, help="state filled by the snap=True hook (default 1024)")
     p.add_argument("--v2-runs", type=int, default=3, help="restores of the changed version (default 3)")
     p.add_argument("--parts", default="heavy,host,state", help="comma list of heavy, host, state")
+    p.add_argument("--lazy", action="store_true",
+                   help=f"set {UFFD_SYSCTL} to 1 while the bench's flared runs (lazy restores), then back")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("snapshots.py must run as root: flared server creates containers")
@@ -493,19 +550,39 @@ def main(argv: list[str] | None = None) -> int:
     server = bench.Server(flared)
     os.environ["FLARE_SERVER_URL"] = server.url
     os.environ["FLARE_HOME"] = server.home
+    uffd = UffdSysctl()
+    res["uffd_sysctl_before"] = UffdSysctl.read()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # Stop the server and put the sysctl back now, then unwind as an interrupt.
+        server.stop()
+        uffd.restore()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    import atexit
+    atexit.register(uffd.restore)
     try:
+        if args.lazy:
+            uffd.enable()
         server.start()
         if "heavy" in parts or "host" in parts:
             print(f"heavy start: {args.runs} cold starts per class ...", flush=True)
             res["heavy"] = bench_heavy(server, args.runs, parts)
         if "state" in parts:
             print(f"state: {args.state_mib} MiB, {args.state_runs} restores ...", flush=True)
-            res["state"] = bench_state(server, args.state_runs, args.state_mib, args.v2_runs)
+            res["state"] = bench_state(server, args.state_runs, args.state_mib, args.v2_runs, args.lazy)
     except BaseException:
         print("flared log tail:\n" + server.log_tail(60), file=sys.stderr)
         raise
     finally:
-        server.stop()
+        res["flared_restores"] = flared_restores(server.log_path)
+        try:
+            server.stop()
+        finally:
+            uffd.restore()
+    res["uffd_sysctl_after"] = UffdSysctl.read()
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["finished_at_utc"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     print()
