@@ -1,7 +1,7 @@
 //! The spec of a function container, built without side effects: inputs (the
 //! assignment, the planned binds, where its image is mounted, whether NAT is available)
 //! → a [`CommandSpec`] (argv, env, binds in mount order, limits, network). The side
-//! effects (mountpoints in the code mount, pipes, the socketpair) happen elsewhere.
+//! effects (mountpoints in the code mount, the stdio and frame pipes) happen elsewhere.
 //!
 //! Environment precedence, lowest first (a later source replaces a variable):
 //! 1. the base: [`flare_runtime::BASE_ENV`] (`PATH`, `HOME=/root`, `LANG=C.UTF-8`),
