@@ -33,6 +33,7 @@ def _probe():
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
     return {
+        "start_ticks": start_ticks,
         "age": uptime - start_ticks / os.sysconf("SC_CLK_TCK"),
         "pid": os.getpid(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("FLARE_", "MY_"))},
@@ -41,6 +42,15 @@ def _probe():
         "path0": "/root" in sys.path,
     }
 """
+
+
+def _stat_field(pid: int, i: int) -> int:
+    """Field ``i`` after the command name of ``/proc/PID/stat`` (1: ppid, 19: start time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[i])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _descendants(pid: int) -> set[int]:
@@ -121,8 +131,11 @@ def probe():
         first = a.probe.remote()
         _no_containers(server, a.app.app_id)
         # The first start of this image recorded its template: a runner is started for it.
-        runners = wait_for_runner(server.pid)
+        wait_for_runner(server.pid)
         time.sleep(1.0)
+        runners = prestarted_pids(server.pid)
+        # (start time, parent) of each, while they are alive.
+        stats = {p: (_stat_field(p, 19), _stat_field(p, 1)) for p in runners}
         t0 = time.monotonic()
         got = b.probe.remote()
         took = time.monotonic() - t0
@@ -136,8 +149,14 @@ def probe():
         assert got["root"] == [Path(b.__file__).name], got["root"]
         assert got["cwd"] == "/root" and got["path0"]
         _no_containers(server, b.app.app_id)
+        # The runner b took (its interpreter started when the probe's did: start times
+        # are boot-relative, the same inside and outside the pid namespace) and its init.
+        # Runners of other images that earlier tests left in the pool stay.
+        taken = {p for p, (start, _) in stats.items() if start == got["start_ticks"]}
+        assert taken, (stats, got)
+        taken |= {stats[p][1] for p in taken} & runners
         # Never back to the pool: the runner's processes died with b's container.
-        alive = [pid for pid in runners if os.path.exists(f"/proc/{pid}")]
+        alive = [pid for pid in taken if os.path.exists(f"/proc/{pid}")]
         assert not alive, alive
 
 
@@ -165,8 +184,9 @@ def probe():
     with a.app.run(), b.app.run():
         a.probe.remote()
         _no_containers(server, a.app.app_id)
-        runners = wait_for_runner(server.pid)
+        wait_for_runner(server.pid)
         time.sleep(1.0)
+        runners = prestarted_pids(server.pid)
         t0 = time.monotonic()
         got = b.probe.remote()
         took = time.monotonic() - t0
