@@ -783,11 +783,7 @@ def test_no_ipv4_or_ipv6_path_to_the_host_or_the_api(attacker: Any, host: HostSi
     gw = info["gateway"]
     assert gw, info
     veth, lls = _veth_of(gw)
-    cfg = {
-        "ports": {"tcp": host.listener.tcp_port, "udp": host.listener.udp_port, "api": server.port},
-        "host_addrs4": host.addrs4, "host_addrs6": host.addrs6, "gateway_lls": lls, "token": TOKEN,
-        "broadcast4": _broadcast_of(gw),
-    }
+    cfg = _network_cfg(host, server, gw, lls)
     before = len(host.listener.hits)
     obs = _probe(attacker, "network", cfg)
     time.sleep(0.5)
@@ -797,6 +793,16 @@ def test_no_ipv4_or_ipv6_path_to_the_host_or_the_api(attacker: Any, host: HostSi
     assert not bad, "\n".join(bad) + f"\n(veth {veth}, link-locals {lls}) {json.dumps(obs)[:3000]}"
     # The probe did reach the gateway's link-local address family at all (the test is not vacuous).
     assert any(k.startswith("tcp fe80") for k in obs["results"]) or not lls, obs
+
+
+def _network_cfg(host: HostSide, server: Server, gw: str, lls: Any) -> dict[str, Any]:
+    """What the network probe attacks: the host listener's ports, the API's, the host's
+    addresses, the gateway's link-locals and the /30's broadcast."""
+    return {
+        "ports": {"tcp": host.listener.tcp_port, "udp": host.listener.udp_port, "api": server.port},
+        "host_addrs4": host.addrs4, "host_addrs6": host.addrs6, "gateway_lls": lls, "token": TOKEN,
+        "broadcast4": _broadcast_of(gw),
+    }
 
 
 def _broadcast_of(gw: str) -> str:
@@ -1398,11 +1404,7 @@ def test_a_restored_container_has_no_path_to_the_host(restored_attacker: Any, ho
     if not gw:
         pytest.skip("no outbound network on this host (NAT unavailable)")
     veth, lls = _veth_of(gw)
-    cfg = {
-        "ports": {"tcp": host.listener.tcp_port, "udp": host.listener.udp_port, "api": server.port},
-        "host_addrs4": host.addrs4, "host_addrs6": host.addrs6, "gateway_lls": lls, "token": TOKEN,
-        "broadcast4": _broadcast_of(gw),
-    }
+    cfg = _network_cfg(host, server, gw, lls)
     before = len(host.listener.hits)
     obs = _restored_probe(restored_attacker, "network", cfg)
     time.sleep(0.5)
