@@ -21,6 +21,11 @@ pub struct RestoreTarget<'a> {
     /// The container's `cgroup.procs` files (one per controller on cgroup v1): the
     /// restorer joins them before it forks the tree, so limits hold from the first page.
     pub cgroup_procs: Vec<PathBuf>,
+    /// Its private binds ([`Runtime::private_binds`]): (container path, where the host
+    /// bound the source for the restorer). CRIU mounts a restored tree's binds from
+    /// inside its user namespace, whose root may not search the way to their sources (a
+    /// 0700 home, `/root`), so each is first bound under `/run/flare-restore` (0711).
+    pub binds: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Runtime {
@@ -53,8 +58,15 @@ impl Runtime {
         detached::attach_at(&root, &root_dir).ctx(|| format!("mount the root at {}", root_dir.display()))?;
         res.root_mount = Some(root_dir.clone());
         drop(root);
-        let target = RestoreTarget { id: &spec.id, root: &root_dir, cgroup_procs };
-        let pid = restore(&target).map_err(|e| RuntimeError::Restore(e.to_string()))?;
+        let staged = Staged::new(
+            &Path::new(STAGING).join(&inner.cfg.cgroup_parent).join(&spec.id),
+            &self.private_binds(spec),
+        )?;
+        let target =
+            RestoreTarget { id: &spec.id, root: &root_dir, cgroup_procs, binds: staged.mounts.clone() };
+        let pid = restore(&target).map_err(|e| RuntimeError::Restore(e.to_string()));
+        drop(staged);
+        let pid = pid?;
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -75,6 +87,59 @@ impl Runtime {
             exit: None,
             res,
         })
+    }
+}
+
+/// Where private bind sources are staged for restores (see [`RestoreTarget::binds`]).
+const STAGING: &str = "/run/flare-restore";
+
+/// Bind sources bound by the host under a dir the containers' root can search; unmounted
+/// and removed on drop (the restored container has its own copies of the mounts).
+struct Staged {
+    dir: PathBuf,
+    /// (container path, staged host path).
+    mounts: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    fn new(dir: &Path, binds: &[(PathBuf, PathBuf)]) -> Result<Staged, RuntimeError> {
+        use std::os::unix::fs::PermissionsExt;
+        let searchable = |d: &Path| {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o711)).ctx(|| format!("chmod {}", d.display()))
+        };
+        for d in dir.ancestors().skip(1).take(2) {
+            fs::create_dir_all(d).ctx(|| format!("create {}", d.display()))?;
+            searchable(d)?;
+        }
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir(dir).ctx(|| format!("create {}", dir.display()))?;
+        searchable(dir)?;
+        let mut staged = Staged { dir: dir.to_path_buf(), mounts: Vec::new() };
+        for (i, (dst, src)) in binds.iter().enumerate() {
+            let at = dir.join(format!("b{i}"));
+            // The source as the runtime opens it: its own path, never through a link.
+            let meta = fs::symlink_metadata(src).ctx(|| format!("stat {}", src.display()))?;
+            if meta.file_type().is_symlink() {
+                return Err(RuntimeError::InvalidSpec(format!("bind source {} is a symlink", src.display())));
+            }
+            if meta.is_dir() {
+                fs::create_dir(&at).ctx(|| format!("create {}", at.display()))?;
+            } else {
+                fs::write(&at, b"").ctx(|| format!("create {}", at.display()))?;
+            }
+            sys::rbind_private(src, &at).ctx(|| format!("bind {} at {}", src.display(), at.display()))?;
+            staged.mounts.push((dst.clone(), at));
+        }
+        Ok(staged)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (_, at) in &self.mounts {
+            let _ = sys::umount_detach(at);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -147,6 +147,28 @@ pub(crate) fn bind_mount(src: &Path, dst: &Path) -> io::Result<()> {
         .map(|_| ())
 }
 
+/// Recursively bind-mount `src` onto `dst` and make the new mount private (nothing
+/// propagates to or from it).
+pub(crate) fn rbind_private(src: &Path, dst: &Path) -> io::Result<()> {
+    let s = cpath(src)?;
+    let d = cpath(dst)?;
+    // SAFETY: all pointers are valid NUL-terminated strings or null.
+    cvt(unsafe {
+        libc::mount(s.as_ptr(), d.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+    })?;
+    // SAFETY: as above.
+    cvt(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_PRIVATE | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })
+    .map(|_| ())
+}
+
 /// setns(2) for the calling thread.
 pub(crate) fn setns(fd: &OwnedFd, nstype: libc::c_int) -> io::Result<()> {
     // SAFETY: setns takes an fd and a flag word.

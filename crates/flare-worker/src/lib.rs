@@ -356,12 +356,9 @@ impl Pipe {
 /// The worker's snapshots (detecting CRIU the first time).
 async fn snapshots(snaps: &Snaps, cfg: &WorkerConfig) -> Arc<snapshot::Snapshots> {
     let dir = cfg.home.join("snapshots");
-    // Bind sources are staged for restores under /run (searchable by the containers' root,
-    // which restores mounts from inside its user namespace), one dir per worker.
-    let staging = Path::new("/run/flare-restore").join(cfg.socket_dir.file_name().unwrap_or_default());
     snaps
         .get_or_init(|| async move {
-            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir, staging));
+            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir));
             Arc::new(open.await.expect("snapshot detection task"))
         })
         .await
@@ -493,7 +490,11 @@ async fn run_container_in(
         None => None,
     };
     let init_extra = assigned.is_some().then(|| (spec.env.clone(), spec.cwd.clone()));
-    let spec_copy = spec.clone();
+    // What a checkpoint names as its private binds (only snapshot containers need it; a
+    // failed restore may turn into a create).
+    let dump_binds = matches!(plan, snapshot::Plan::Create { .. } | snapshot::Plan::Restore { .. })
+        .then(|| cfg.runtime.private_binds(&spec))
+        .unwrap_or_default();
     let (mut container, listener, frames_r, to_w, out_r, err_r, _paths, is_restored) = match assigned {
         Some(r) => {
             steps.mark("assign");
@@ -704,7 +705,7 @@ async fn run_container_in(
                                 None => {
                                     let (sn2, key2, pid, lineage) =
                                         (sn.clone(), key.clone(), container.pid(), snapshot::lineage_of(a));
-                                    let binds = cfg.runtime.private_binds(&spec_copy);
+                                    let binds = dump_binds.clone();
                                     let dumped = tokio::task::spawn_blocking(move || sn2.dump(pid, &binds)).await;
                                     // The runner waits for RESUME: its root's files are still.
                                     let saved = match dumped {

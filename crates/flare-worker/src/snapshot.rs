@@ -67,8 +67,7 @@ pub(crate) struct Meta {
     /// How long the dump took, and the images' size.
     pub dump_ms: u64,
     pub image_bytes: u64,
-    /// Bytes of this snapshot's files already in the store when it was saved (shared
-    /// with the function's previous snapshot).
+    /// Bytes of this snapshot's files shared with the function's previous snapshot.
     pub shared_bytes: u64,
 }
 
@@ -176,7 +175,6 @@ pub(crate) fn lineage_of(a: &ContainerAssignment) -> String {
 /// The worker's snapshots.
 pub(crate) struct Snapshots {
     dir: PathBuf,
-    staging: PathBuf,
     store: Option<LocalStore>,
     support: Result<Support, String>,
     creating: Mutex<HashSet<String>>,
@@ -185,9 +183,8 @@ pub(crate) struct Snapshots {
 }
 
 impl Snapshots {
-    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `staging`: where
-    /// a restore's bind sources are bound for CRIU (see [`Self::restore`]).
-    pub fn open(dir: &Path, staging: PathBuf) -> Snapshots {
+    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary).
+    pub fn open(dir: &Path) -> Snapshots {
         // Memory images hold whatever the functions had in memory: root's only.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -234,7 +231,6 @@ impl Snapshots {
         };
         Snapshots {
             dir: dir.to_path_buf(),
-            staging,
             store,
             support,
             creating: Mutex::default(),
@@ -347,7 +343,7 @@ impl Snapshots {
 
     /// A fresh directory under `tmp/`.
     pub fn tmp_dir(&self, name: &str) -> Result<PathBuf, SnapError> {
-        let d = self.dir.join("tmp").join(format!("{name}-{}", uuid_like()));
+        let d = self.dir.join("tmp").join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
         Ok(d)
     }
@@ -514,9 +510,8 @@ impl Snapshots {
     /// Restores `images` into a new container of `spec` (blocking). `fds` are the new
     /// container's stdout, stderr, frames-out and frames-in pipe ends, handed in for the
     /// checkpoint's `pipes`. The new container's private binds (its own API socket among
-    /// them) are bound where the checkpoint had them: CRIU mounts them from inside the
-    /// container's user namespace, whose root may not search the way to their sources
-    /// (a 0700 home, /root), so each is first bound by the host under `staging`.
+    /// them, staged by the runtime: `RestoreTarget::binds`) are bound where the checkpoint
+    /// had them.
     pub fn restore(
         &self,
         rt: &flare_runtime::Runtime,
@@ -529,8 +524,6 @@ impl Snapshots {
         let s = self.support().ok_or("criu is unavailable")?;
         let t0 = Instant::now();
         let work = self.tmp_dir(&format!("restore-{}", spec.id)).map_err(|e| e.to_string())?;
-        let stage =
-            Staged::new(&self.staging.join(&spec.id), &rt.private_binds(spec)).map_err(|e| e.to_string())?;
         let pipes = meta.pipes;
         let inherit = vec![
             (fds[0].as_fd(), format!("pipe:[{}]", pipes.stdout)),
@@ -543,7 +536,8 @@ impl Snapshots {
         let lazy = s.lazy && meta.image_bytes >= LAZY_MIN_BYTES;
         let mut daemon = None;
         let r = rt.restore(spec, upper, |t| {
-            let opts = self.restore_opts(lazy, meta, &work, t, stage.names(), inherit);
+            let staged = t.binds.iter().map(|(dst, at)| (mount_name(dst), at.clone())).collect();
+            let opts = self.restore_opts(lazy, meta, &work, t, staged, inherit);
             s.criu.restore(images, &opts).map(|r| {
                 let pid = r.pid;
                 daemon = Some(r);
@@ -565,88 +559,8 @@ impl Snapshots {
                 let _ = std::fs::remove_dir_all(&work);
             }
         }
-        drop(stage);
         r.map(|c| (c, t0.elapsed())).map_err(|e| e.to_string())
     }
-}
-
-/// Bind sources bound by the host under a staging dir that the containers' root can
-/// search (`/run/...`, 0711), unmounted and removed on drop.
-struct Staged {
-    dir: PathBuf,
-    mounts: Vec<(String, PathBuf)>,
-}
-
-impl Staged {
-    fn new(dir: &Path, binds: &[(PathBuf, PathBuf)]) -> Result<Staged, SnapError> {
-        use std::os::unix::fs::PermissionsExt;
-        let searchable = |d: &Path| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711));
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
-            searchable(parent).map_err(io(format!("chmod {}", parent.display())))?;
-        }
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir(dir).map_err(io(format!("create {}", dir.display())))?;
-        searchable(dir).map_err(io(format!("chmod {}", dir.display())))?;
-        let mut staged = Staged { dir: dir.to_path_buf(), mounts: Vec::new() };
-        for (dst, src) in binds {
-            let name = mount_name(dst);
-            let at = dir.join(&name);
-            // The source as the runtime opens it: its own path, never through a link.
-            let meta = std::fs::symlink_metadata(src).map_err(io(format!("stat {}", src.display())))?;
-            if meta.is_dir() {
-                std::fs::create_dir(&at).map_err(io(format!("create {}", at.display())))?;
-            } else {
-                std::fs::write(&at, b"").map_err(io(format!("create {}", at.display())))?;
-            }
-            bind_mount(src, &at).map_err(io(format!("bind {} at {}", src.display(), at.display())))?;
-            staged.mounts.push((name, at));
-        }
-        Ok(staged)
-    }
-
-    fn names(&self) -> Vec<(String, PathBuf)> {
-        self.mounts.clone()
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        for (_, at) in &self.mounts {
-            if let Ok(c) = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()) {
-                // SAFETY: umount2 with a NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `mount --bind --make-private SRC DST` (recursive, so that submounts come along).
-fn bind_mount(src: &Path, dst: &Path) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(src)?.file_type().is_symlink() {
-        return Err(std::io::Error::other("the source is a symlink"));
-    }
-    let s = std::ffi::CString::new(src.as_os_str().as_encoded_bytes())?;
-    let d = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())?;
-    // SAFETY: mount(2) with NUL-terminated paths and no data.
-    let r = unsafe {
-        libc::mount(s.as_ptr(), d.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above; makes the staged mount private (no propagation to or from it).
-    unsafe {
-        libc::mount(
-            std::ptr::null(),
-            d.as_ptr(),
-            std::ptr::null(),
-            libc::MS_PRIVATE | libc::MS_REC,
-            std::ptr::null(),
-        )
-    };
-    Ok(())
 }
 
 /// The inode of an open file (a pipe's, for `--inherit-fd`).
@@ -657,14 +571,6 @@ pub(crate) fn inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
         libc::fstat(fd.as_raw_fd(), &mut st);
         st.st_ino
     }
-}
-
-/// A short unique suffix (time and pid; dirs are per worker process).
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("{}-{}-{}", t.as_micros(), std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(test)]
@@ -753,7 +659,7 @@ mod tests {
     fn only_the_most_recently_used_snapshots_are_kept() {
         let dir = std::env::temp_dir().join(format!("flare-snap-retain-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let snaps = Snapshots::open(&dir, dir.join("staging"));
+        let snaps = Snapshots::open(&dir);
         let store = snaps.store.as_ref().unwrap();
         std::fs::create_dir_all(dir.join("index")).unwrap();
         let n = SNAPSHOTS_KEPT + 2;
