@@ -32,7 +32,34 @@ TOKEN = "fleet-e2e-token"
 TAG = f"{os.getpid() % 10000}"
 # Host interfaces whose names start with "fl" are taken for container veths by flared's
 # firewall rules (FLARE-INPUT drops `-i fl+`): name ours differently.
-OCTET = 150 + os.getpid() % 100
+# Containers' own addresses: flared's firewall drops whatever comes from them to the host,
+# so workers there could never reach the control plane.
+CONTAINER_SUBNET_OCTET = 213
+
+
+def _free_octet() -> int:
+    """A second octet for the workers' 10.X.n.0/24 networks that no address or route on this
+    host uses, and that is not the containers' 10.213.0.0/16 (a clash makes the workers'
+    packets go elsewhere or be dropped: they never register)."""
+    taken = {CONTAINER_SUBNET_OCTET}
+    for cmd in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        except OSError:
+            continue
+        for word in out.split():
+            parts = word.split("/")[0].split(".")
+            if len(parts) == 4 and parts[0] == "10" and parts[1].isdigit():
+                taken.add(int(parts[1]))
+    start = os.getpid() % 100
+    for i in range(100):
+        octet = 150 + (start + i) % 100
+        if octet not in taken:
+            return octet
+    raise RuntimeError("no free 10.X.0.0/16 network for the fleet's workers")
+
+
+OCTET = _free_octet()
 
 
 @dataclass
@@ -249,7 +276,11 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
         fl.start_control()
         for w in fl.workers.values():
             fl.start_worker(w)
-        fl.wait_registered(list(fl.workers))
+        try:
+            fl.wait_registered(list(fl.workers))
+        except AssertionError:
+            _dump_logs(fl)
+            raise
         os.environ["FLARE_SERVER_URL"] = fl.url
         yield fl
     finally:
@@ -270,10 +301,14 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
         for w in fl.workers.values():
             _netns_down(w)
         if request.session.testsfailed:
-            for log in fl.logs:
-                if log.exists():
-                    sys.stderr.write(f"\n===== {log} (last 6000 chars) =====\n{log.read_text(errors='replace')[-6000:]}\n")
+            _dump_logs(fl)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _dump_logs(fl: Fleet) -> None:
+    for log in fl.logs:
+        if log.exists():
+            sys.stderr.write(f"\n===== {log} (last 6000 chars) =====\n{log.read_text(errors='replace')[-6000:]}\n")
 
 
 APP_SOURCE = """
