@@ -1003,6 +1003,11 @@ def probe_api_socket(cfg: Cfg) -> Obs:
         ("POST", "/v1/images/build", b'{"base": {"type": "debian_slim"}, "layers": [{"type": "run_commands", "commands": ["true"]}]}'),
         ("POST", "/v1/blobs/missing", b'{"digests": []}'),
         ("POST", "/v1/mounts", b'{"entries": []}'),
+        # The fleet's memory snapshots (other apps' memory): workers only.
+        ("GET", f"/v1/snapshots/{'0' * 64}", None),
+        ("PUT", f"/v1/snapshots/{'0' * 64}", json.dumps({"key": "0" * 64, "manifest": "0" * 64}).encode()),
+        ("DELETE", f"/v1/snapshots/{'0' * 64}", b"{}"),
+        ("POST", "/v1/snapshots/blobs/missing", b'{"digests": []}'),
     ]
     out: Obs = {}
     for method, path, body in reqs:

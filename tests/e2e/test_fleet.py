@@ -399,6 +399,90 @@ def test_gpu_placement_and_visible_wait(fleet: Fleet, fleet_app: Any) -> None:
     wait_for(lambda: not any(c["function"] == "on_h100" for c in fleet.containers_now()), 10, "the wait to go away")
 
 
+# --------------------------------------------------------------------------- memory snapshots
+
+
+def _stop_worker(fleet: Fleet, w: Worker) -> None:
+    """SIGTERM a worker (it stops its containers and leaves) and wait until it is gone."""
+    assert w.proc is not None
+    w.proc.send_signal(signal.SIGTERM)
+    w.proc.wait(timeout=30)
+    wait_for(lambda: w.wid not in fleet.workers_now(), 15, f"{w.wid} to leave")
+
+
+def _worker_of(fleet: Fleet, container_id: str) -> str:
+    """The worker the control plane names for a live container (a restored container's
+    initial environment is its snapshot's, so host /proc cannot tell)."""
+    found = next((c["worker_id"] for c in fleet.containers_now() if c["container_id"] == container_id), None)
+    assert found is not None, f"container {container_id} is not listed"
+    return str(found)
+
+
+def _record(fleet: Fleet) -> tuple[Path, dict[str, Any]]:
+    records = list((Path(fleet.home) / "snapshots" / "index").glob("*.json"))
+    assert len(records) == 1, records
+    return records[0], json.loads(records[0].read_text())
+
+
+def test_a_snapshot_made_on_one_worker_restores_on_another(fleet: Fleet, tmp_path: Path) -> None:
+    """Snapshots are shared through the control plane: the first container (worker A)
+    checkpoints and uploads; with A gone, a cold start on B finds the record and, since
+    it claims a CPU feature B lacks, starts cold (the reason in the app's logs), makes its
+    own snapshot and replaces the record; with B gone too, C restores B's snapshot."""
+    from .test_snapshots import SNAP_CLASS, _logs, _snapshots_available, _wait_logs, _wait_no_containers
+
+    if not all(w.log is not None and _snapshots_available(w.log) for w in fleet.workers.values()):
+        pytest.skip("criu is not usable on this host (scripts/install-criu.sh installs it)")
+    mod = load_app(tmp_path, SNAP_CLASS)
+    stopped: list[Worker] = []
+    try:
+        with mod.app.run():
+            app_id = mod.app.app_id
+            first = mod.Snap().info.remote()
+            a = fleet.workers[_worker_of(fleet, first["container"])]
+            _wait_logs(fleet.url, app_id, "flare: memory snapshot shared with the fleet")
+            path, record = _record(fleet)
+            assert record["key"] == path.stem and record["cpu_flags"], record
+            # Records are the workers' only: no token, a wrong one, and any container, refused.
+            for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+                req = urllib.request.Request(f"{fleet.url}/v1/snapshots/{path.stem}", headers=headers)
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req, timeout=10)
+                assert e.value.code == 403
+            # As if the snapshot had been taken on a CPU with a feature no worker here has.
+            record["cpu_flags"] = [*record["cpu_flags"], "flare_test_feature"]
+            path.write_text(json.dumps(record))
+            _stop_worker(fleet, a)
+            stopped.append(a)
+
+            second = mod.Snap().info.remote()
+            b = fleet.workers[_worker_of(fleet, second["container"])]
+            assert b.wid != a.wid
+            assert second["mode"] is None and second["token"] != first["token"], "a cold start"
+            logs = _wait_logs(fleet.url, app_id, "flare: memory snapshot shared with the fleet", count=2)
+            assert "features this one lacks (flare_test_feature)" in logs, logs
+            replaced = json.loads(path.read_text())
+            assert "flare_test_feature" not in replaced["cpu_flags"], "B's snapshot replaced the record"
+            _wait_no_containers(fleet.url, app_id)
+            _stop_worker(fleet, b)
+            stopped.append(b)
+
+            third = mod.Snap().info.remote()
+            c = _worker_of(fleet, third["container"])
+            assert c not in (a.wid, b.wid)
+            assert third["mode"] == "restored", third
+            assert third["token"] == second["token"], "memory comes from B's snapshot"
+            assert third["sum"] == second["sum"]
+            assert "restored from a memory snapshot" in _logs(fleet.url, app_id)
+            # C pulled the snapshot's blobs into its own store.
+            blobs = Path(fleet.workers[c].home) / "snapshots" / "blobs"
+            assert sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) > 1 << 20
+    finally:
+        for w in stopped:
+            fleet.start_worker(w)
+        fleet.wait_registered([w.wid for w in stopped], timeout=30)
+
+
 # --------------------------------------------------------------------------- worker cut off
 
 

@@ -31,6 +31,9 @@ pub const MAX_MOUNT_BODY: usize = 64 << 20;
 pub const MAX_JSON_BODY: usize = 1 << 20;
 /// Body limit of the binary upload routes (`PUT /v1/blobs/{digest}`, `POST /v1/blobs/batch`).
 pub const MAX_UPLOAD_BODY: usize = 8 << 30;
+/// Body limit of `PUT /v1/snapshots/blobs/{digest}`: one blob of a snapshot's manifest
+/// (chunks are at most 4 MiB).
+pub const MAX_SNAPSHOT_BLOB_BODY: usize = 8 << 20;
 /// Most output payload bytes one outputs page carries (a page has at least one output).
 pub const MAX_PAGE_BYTES: usize = 64 << 20;
 
@@ -48,6 +51,7 @@ pub fn required_content_type(method: &str, path: &str) -> Option<&'static str> {
     match (method, p.as_slice()) {
         ("PUT", ["v1", "blobs", d]) if *d != "missing" && *d != "batch" => Some("application/octet-stream"),
         ("POST", ["v1", "blobs", "batch"]) => Some("application/octet-stream"),
+        ("PUT", ["v1", "snapshots", "blobs", d]) if *d != "missing" => Some("application/octet-stream"),
         _ => Some("application/json"),
     }
 }
@@ -61,6 +65,7 @@ pub fn body_limit(method: &str, path: &str) -> usize {
         // Code mounts and image builds carry file lists (a captured Python environment:
         // tens of thousands of entries, ~10 MiB of JSON).
         ("POST", ["v1", "mounts"]) | ("POST", ["v1", "images", "build"]) => MAX_MOUNT_BODY,
+        ("PUT", ["v1", "snapshots", "blobs", _]) => MAX_SNAPSHOT_BLOB_BODY,
         _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
         _ => MAX_JSON_BODY,
     }

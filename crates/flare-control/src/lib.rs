@@ -85,6 +85,10 @@ pub struct ControlConfig {
     /// yet consumed (queued, running, or with an output not read yet); a submitter past it
     /// waits (back-pressure).
     pub call_window: u64,
+    /// The token remote workers join with; the routes only workers may call (the shared
+    /// snapshot index) take it as a bearer token. `None`: no remote workers, and those
+    /// routes refuse every request.
+    pub worker_token: Option<String>,
 }
 
 /// Default memory limit of containers without `memory=` (MiB).
@@ -101,6 +105,7 @@ impl Default for ControlConfig {
             body_budget_bytes: 512 << 20,
             call_retention: Duration::from_secs_f64(DEFAULT_CALL_RETENTION_DAYS * 86400.0),
             call_window: DEFAULT_CALL_WINDOW,
+            worker_token: None,
         }
     }
 }
@@ -194,6 +199,9 @@ pub trait ImageService: Send + Sync {
     fn resolve(&self, image_id: &str) -> Result<flare_proto::ImageUse, ApiError>;
     /// The files of a content-addressed file list (code mounts sent as digests).
     fn mount_files(&self, entries: &serde_json::Value) -> Result<Vec<flare_api::MountFile>, ApiError>;
+    /// The blob store the image routes serve (`GET /v1/blobs/{digest}`); shared memory
+    /// snapshots keep their blobs there too.
+    fn blob_store(&self) -> Arc<dyn flare_cas::BlobStore>;
 }
 
 /// Handle to the control plane; cheap to clone.
@@ -248,6 +256,11 @@ impl ControlPlane {
 
     pub fn home(&self) -> &Path {
         &self.inner.home
+    }
+
+    /// The worker token (see [`ControlConfig::worker_token`]).
+    pub(crate) fn worker_token(&self) -> Option<String> {
+        self.lock().config.worker_token.clone()
     }
 
     /// The budget of request bodies in flight (KiB permits) and its size.

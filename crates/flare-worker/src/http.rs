@@ -44,6 +44,31 @@ impl HttpClient {
         let req = Request::get(self.uri(path)?)
             .body(Body::empty())
             .map_err(|e| WorkerError::Http(e.to_string()))?;
+        self.send(req).await
+    }
+
+    /// A request with a body of `content_type` (empty: none) and a bearer token; the body
+    /// of a 2xx answer, else an error with the status and body.
+    pub async fn call(
+        &self,
+        method: axum::http::Method,
+        path: &str,
+        bearer: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Bytes, WorkerError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(self.uri(path)?)
+            .header(axum::http::header::AUTHORIZATION, format!("Bearer {bearer}"));
+        if !content_type.is_empty() {
+            req = req.header(axum::http::header::CONTENT_TYPE, content_type);
+        }
+        let req = req.body(Body::from(body)).map_err(|e| WorkerError::Http(e.to_string()))?;
+        self.send(req).await
+    }
+
+    async fn send(&self, req: Request<Body>) -> Result<Bytes, WorkerError> {
         let resp = self
             .client
             .request(req)

@@ -16,6 +16,7 @@ pub mod prestart;
 pub mod remote;
 pub mod sandbox;
 mod snapshot;
+pub mod snapshot_share;
 mod spec;
 
 pub use error::WorkerError;
@@ -69,6 +70,9 @@ pub struct WorkerConfig {
     pub host_binds: flare_api::HostBindPolicy,
     /// Pre-started runners ([`prestart`]).
     pub prestart: prestart::PrestartConfig,
+    /// Where memory snapshots are shared with the rest of the fleet (a remote worker: the
+    /// control plane); `None`: this worker's snapshots are its own.
+    pub snapshot_share: Option<Arc<snapshot_share::SnapshotShare>>,
 }
 
 /// Resources a worker offers.
@@ -358,11 +362,41 @@ async fn snapshots(snaps: &Snaps, cfg: &WorkerConfig) -> Arc<snapshot::Snapshots
     let dir = cfg.home.join("snapshots");
     snaps
         .get_or_init(|| async move {
-            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir));
+            let share = cfg.snapshot_share.clone();
+            let open = tokio::task::spawn_blocking(move || snapshot::Snapshots::open(&dir, share));
             Arc::new(open.await.expect("snapshot detection task"))
         })
         .await
         .clone()
+}
+
+/// Upload a saved snapshot to the fleet in the background (the container goes on serving);
+/// the outcome goes to the app's logs.
+fn share_snapshot(
+    sn: Arc<snapshot::Snapshots>,
+    meta: snapshot::Meta,
+    cid: String,
+    events: mpsc::UnboundedSender<FromWorker>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let t0 = std::time::Instant::now();
+        let text = match sn.share(&meta)? {
+            Ok(up) => {
+                tracing::info!(key = %meta.key, blobs = up.blobs, bytes = up.bytes, ms = t0.elapsed().as_millis() as u64, "memory snapshot shared");
+                format!(
+                    "flare: memory snapshot shared with the fleet ({:.1} MiB uploaded in {} ms)\n",
+                    up.bytes as f64 / 1048576.0,
+                    t0.elapsed().as_millis()
+                )
+            }
+            Err(e) => {
+                tracing::warn!(key = %meta.key, error = %e, "memory snapshot not shared");
+                format!("flare: memory snapshot not shared with the fleet (other workers start cold): {e}\n")
+            }
+        };
+        let _ = events.send(FromWorker::Log { container_id: cid, stream: LogStream::Stderr, data: text });
+        Some(())
+    });
 }
 
 async fn run_container(
@@ -552,8 +586,9 @@ async fn run_container_in(
                         }
                         Err(e) => {
                             // Never fail the input: forget the snapshot and start cold
-                            // (making a new one if no other container is).
-                            sn.discard(&key);
+                            // (making a new one if no other container is, which
+                            // replaces this one in the fleet too).
+                            sn.discard_everywhere(&key);
                             let create = sn.begin_create(&key);
                             spec.checkpointable = create;
                             restored = Some(Err((e, create.then_some(key))));
@@ -731,6 +766,7 @@ async fn run_container_in(
                                                 m.dump_ms,
                                                 m.shared_bytes as f64 / 1048576.0
                                             ));
+                                            share_snapshot(sn.clone(), m, cid.clone(), events.clone());
                                         }
                                         Ok(Err(e)) => note(format!("flare: memory snapshot failed: {e}\n")),
                                         Err(e) => note(format!("flare: memory snapshot failed: {e}\n")),

@@ -10,13 +10,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flare_cas::{Digest, LocalStore};
 use flare_proto::ContainerAssignment;
 use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, RestoreOpts};
 use serde::{Deserialize, Serialize};
+
+use crate::snapshot_share::SnapshotShare;
 
 /// The name of a bind mount in a checkpoint (`--external mnt[DST]:NAME`): stable per
 /// container path, so that a restore maps it to the new container's source for that path.
@@ -38,6 +40,13 @@ pub(crate) struct Support {
     /// `vm.unprivileged_userfaultfd=1`, a host-wide setting left to the operator.
     /// `FLARE_SNAPSHOT_LAZY=0` turns lazy restores off.
     pub lazy: bool,
+}
+
+impl Support {
+    /// This host's part of snapshot keys (`criu_version`: the CRIU version, as text).
+    pub fn host_key<'a>(&'a self, criu_version: &'a str) -> HostKey<'a> {
+        HostKey { cpu_flags: &self.cpu_flags, kernel_release: self.criu.kernel_release(), criu_version }
+    }
 }
 
 /// Snapshots smaller than this restore eagerly even where lazy pages work (the lazy-pages
@@ -69,6 +78,39 @@ pub(crate) struct Meta {
     pub image_bytes: u64,
     /// Bytes of this snapshot's files shared with the function's previous snapshot.
     pub shared_bytes: u64,
+    /// The host it was taken on (also in the key; checked again on a snapshot that comes
+    /// from another worker): its CPU flags, kernel release and CRIU version.
+    #[serde(default)]
+    pub cpu_flags: Vec<String>,
+    #[serde(default)]
+    pub kernel_release: String,
+    #[serde(default)]
+    pub criu_version: String,
+}
+
+/// Whether a snapshot taken on the host `meta` names may restore here: the same kernel
+/// and CRIU, and no CPU feature this host lacks (a restored process goes on using the
+/// instructions it picked on the dumping CPU). The reason when not.
+pub(crate) fn compatible(meta: &Meta, host: &HostKey<'_>) -> Result<(), String> {
+    let here: HashSet<&str> = host.cpu_flags.iter().map(String::as_str).collect();
+    let lacking: Vec<&str> =
+        meta.cpu_flags.iter().map(String::as_str).filter(|f| !here.contains(f)).collect();
+    if !lacking.is_empty() {
+        return Err(format!(
+            "it was taken on a CPU with features this one lacks ({})",
+            lacking.iter().take(8).copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if meta.kernel_release != host.kernel_release {
+        return Err(format!(
+            "it was taken on kernel {}, this is {}",
+            meta.kernel_release, host.kernel_release
+        ));
+    }
+    if meta.criu_version != host.criu_version {
+        return Err(format!("it was taken with CRIU {}, this is {}", meta.criu_version, host.criu_version));
+    }
+    Ok(())
 }
 
 /// What a cold start of an assignment does about snapshots.
@@ -176,6 +218,8 @@ pub(crate) fn lineage_of(a: &ContainerAssignment) -> String {
 pub(crate) struct Snapshots {
     dir: PathBuf,
     store: Option<LocalStore>,
+    /// The fleet's snapshots (a remote worker), see [`crate::snapshot_share`].
+    share: Option<Arc<SnapshotShare>>,
     support: Result<Support, String>,
     creating: Mutex<HashSet<String>>,
     /// Apps already told why no snapshot is taken.
@@ -183,8 +227,9 @@ pub(crate) struct Snapshots {
 }
 
 impl Snapshots {
-    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary).
-    pub fn open(dir: &Path) -> Snapshots {
+    /// Opens `dir` and detects CRIU (`FLARE_CRIU` names another binary). `share`: where
+    /// the fleet's snapshots are.
+    pub fn open(dir: &Path, share: Option<Arc<SnapshotShare>>) -> Snapshots {
         // Memory images hold whatever the functions had in memory: root's only.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -232,6 +277,7 @@ impl Snapshots {
         Snapshots {
             dir: dir.to_path_buf(),
             store,
+            share,
             support,
             creating: Mutex::default(),
             told: Mutex::default(),
@@ -250,15 +296,9 @@ impl Snapshots {
     /// What a cold start of `a` does. A `Create` reserves the key until [`Self::done_creating`].
     pub fn plan(&self, a: &ContainerAssignment) -> Plan {
         let wanted = a.def.config.enable_memory_snapshot;
+        let criu_version = self.support.as_ref().map(|s| s.criu.version().to_string()).unwrap_or_default();
         let key = match (&self.support, wanted) {
-            (Ok(s), true) => Ok(key_of(
-                a,
-                &HostKey {
-                    cpu_flags: &s.cpu_flags,
-                    kernel_release: s.criu.kernel_release(),
-                    criu_version: &s.criu.version().to_string(),
-                },
-            )),
+            (Ok(s), true) => Ok(key_of(a, &s.host_key(&criu_version))),
             (Ok(_), false) => Ok(String::new()),
             (Err(e), _) => Err(e.as_str()),
         };
@@ -297,8 +337,12 @@ impl Snapshots {
     /// snapshot that cannot be read back (digest mismatch, missing blobs) is discarded,
     /// and the error says why.
     fn stored(&self, key: &str) -> Result<Option<(PathBuf, Meta)>, String> {
-        let Ok(text) = std::fs::read(self.index_path(key)) else {
-            return Ok(None);
+        let text = match std::fs::read(self.index_path(key)) {
+            Ok(t) => t,
+            Err(_) => match self.fetch_record(key)? {
+                Some(t) => t,
+                None => return Ok(None),
+            },
         };
         let meta: Meta = match serde_json::from_slice(&text) {
             Ok(m) => m,
@@ -315,16 +359,52 @@ impl Snapshots {
             Ok(()) => Ok(Some((cache, meta))),
             Err(e) => {
                 tracing::warn!(%key, error = %e, "snapshot unreadable from the store; discarding it");
-                self.discard(key);
+                self.discard_everywhere(key);
                 Err(format!("it could not be read back from the store ({e})"))
             }
         }
+    }
+
+    /// The fleet's record of `key` (none without a share), checked against this host and
+    /// written to the index (its blobs come with [`Self::materialize`]).
+    fn fetch_record(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let (Some(share), Ok(s)) = (&self.share, &self.support) else { return Ok(None) };
+        let Some(meta) = share.record(key)? else { return Ok(None) };
+        let criu_version = s.criu.version().to_string();
+        let checked = if meta.key != key {
+            Err(format!("the control plane's record names another key ({})", meta.key))
+        } else {
+            compatible(&meta, &s.host_key(&criu_version))
+        };
+        if let Err(why) = checked {
+            tracing::warn!(%key, %why, "shared snapshot not usable here");
+            return Err(format!("the fleet's snapshot cannot restore on this worker: {why}"));
+        }
+        let body = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+        self.write_index(key, &body).map_err(|e| e.to_string())?;
+        tracing::info!(%key, bytes = meta.image_bytes, "memory snapshot found in the fleet");
+        Ok(Some(body))
+    }
+
+    fn write_index(&self, key: &str, body: &[u8]) -> Result<(), SnapError> {
+        std::fs::create_dir_all(self.dir.join("index")).map_err(io("create the snapshot index"))?;
+        let tmp = self.index_path(key).with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&tmp, body).map_err(io("write the snapshot index"))?;
+        std::fs::rename(&tmp, self.index_path(key)).map_err(io("write the snapshot index"))?;
+        Ok(())
     }
 
     fn materialize(&self, meta: &Meta, cache: &Path) -> Result<(), SnapError> {
         let store =
             self.store.as_ref().ok_or_else(|| SnapError::Index(meta.key.clone(), "no store".into()))?;
         let digest = Digest::from_hex(&meta.manifest)?;
+        if let Some(share) = &self.share {
+            let t0 = Instant::now();
+            let bytes = share.pull(store, &digest).map_err(|e| SnapError::Index(meta.key.clone(), e))?;
+            if bytes > 0 {
+                tracing::info!(key = %meta.key, bytes, ms = t0.elapsed().as_millis() as u64, "snapshot blobs fetched from the control plane");
+            }
+        }
         let manifest = flare_cas::get_manifest(store, &digest)?;
         let tmp = self.tmp_dir(&format!("copy-{}", meta.key))?;
         flare_cas::materialize(store, &manifest, &tmp)?;
@@ -339,6 +419,22 @@ impl Snapshots {
     pub fn discard(&self, key: &str) {
         let _ = std::fs::remove_file(self.index_path(key));
         let _ = std::fs::remove_dir_all(self.cache_path(key));
+    }
+
+    /// Forget `key` here and in the fleet (it could not be read back or restored; the
+    /// snapshot made instead replaces it).
+    pub fn discard_everywhere(&self, key: &str) {
+        self.discard(key);
+        if let Some(share) = &self.share {
+            share.forget(key);
+        }
+    }
+
+    /// Share a saved snapshot with the fleet (blocking): `None` where there is no fleet.
+    pub fn share(&self, meta: &Meta) -> Option<Result<crate::snapshot_share::Uploaded, String>> {
+        let share = self.share.as_ref()?;
+        let store = self.store.as_ref()?;
+        Some(share.upload(store, meta))
     }
 
     /// A fresh directory under `tmp/`.
@@ -416,17 +512,17 @@ impl Snapshots {
             dump_ms: rep.elapsed.as_millis() as u64,
             image_bytes: rep.image_bytes,
             shared_bytes: shared,
+            cpu_flags: self.support().map(|s| s.cpu_flags.clone()).unwrap_or_default(),
+            kernel_release: self.support().map(|s| s.criu.kernel_release().to_owned()).unwrap_or_default(),
+            criu_version: self.support().map(|s| s.criu.version().to_string()).unwrap_or_default(),
         };
         std::fs::write(dumped.join(".complete"), b"").map_err(io("mark the snapshot complete"))?;
         let cache = self.cache_path(key);
         std::fs::create_dir_all(self.dir.join("cache")).map_err(io("create the snapshot cache"))?;
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::rename(dumped, &cache).map_err(io(format!("move the snapshot to {}", cache.display())))?;
-        std::fs::create_dir_all(self.dir.join("index")).map_err(io("create the snapshot index"))?;
-        let tmp = self.index_path(key).with_extension("tmp");
         let body = serde_json::to_vec(&meta).map_err(|e| SnapError::Index(key.to_owned(), e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(io("write the snapshot index"))?;
-        std::fs::rename(&tmp, self.index_path(key)).map_err(io("write the snapshot index"))?;
+        self.write_index(key, &body)?;
         let _ = std::fs::write(&last, key);
         // The function's previous version is not restored again: forget it, keep at most
         // SNAPSHOTS_KEPT in all (least recently used go), and collect unshared blobs.
@@ -585,7 +681,28 @@ mod tests {
             dump_ms: 0,
             image_bytes: 0,
             shared_bytes: 0,
+            cpu_flags: vec!["fpu".into(), "sse2".into()],
+            kernel_release: "6.18.0".into(),
+            criu_version: "4.1".into(),
         }
+    }
+
+    fn host<'a>(flags: &'a [String], kernel: &'a str, criu: &'a str) -> HostKey<'a> {
+        HostKey { cpu_flags: flags, kernel_release: kernel, criu_version: criu }
+    }
+
+    #[test]
+    fn a_snapshot_restores_on_a_host_with_at_least_its_cpu_features() {
+        let m = meta("k");
+        let same: Vec<String> = vec!["fpu".into(), "sse2".into()];
+        let more: Vec<String> = vec!["avx2".into(), "fpu".into(), "sse2".into()];
+        let less: Vec<String> = vec!["fpu".into()];
+        assert_eq!(compatible(&m, &host(&same, "6.18.0", "4.1")), Ok(()));
+        assert_eq!(compatible(&m, &host(&more, "6.18.0", "4.1")), Ok(()));
+        let why = compatible(&m, &host(&less, "6.18.0", "4.1")).unwrap_err();
+        assert!(why.contains("lacks (sse2)"), "{why}");
+        assert!(compatible(&m, &host(&same, "6.19.0", "4.1")).unwrap_err().contains("kernel 6.18.0"));
+        assert!(compatible(&m, &host(&same, "6.18.0", "4.2")).unwrap_err().contains("CRIU 4.1"));
     }
 
     #[test]
@@ -659,7 +776,7 @@ mod tests {
     fn only_the_most_recently_used_snapshots_are_kept() {
         let dir = std::env::temp_dir().join(format!("flare-snap-retain-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let snaps = Snapshots::open(&dir);
+        let snaps = Snapshots::open(&dir, None);
         let store = snaps.store.as_ref().unwrap();
         std::fs::create_dir_all(dir.join("index")).unwrap();
         let n = SNAPSHOTS_KEPT + 2;

@@ -134,6 +134,7 @@ impl ApiArgs {
             body_budget_bytes: self.body_budget_mib << 20,
             call_retention: Duration::from_secs_f64(self.call_retention_days * 86400.0),
             call_window: self.call_window,
+            worker_token: None,
         })
     }
 
@@ -368,6 +369,10 @@ impl flare_control::ImageService for Images {
     ) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
         flare_image::http::mount_files(&self.builder, entries)
     }
+
+    fn blob_store(&self) -> Arc<dyn flare_cas::BlobStore> {
+        self.builder.store().clone()
+    }
 }
 
 fn chunk_cache_bytes() -> u64 {
@@ -514,7 +519,8 @@ async fn stop_containers(cp: &ControlPlane) {
 }
 
 async fn server(args: ServerArgs) -> Result<()> {
-    let config = args.common.api.control_config()?;
+    let mut config = args.common.api.control_config()?;
+    config.worker_token = args.worker_token.clone().filter(|t| !t.is_empty());
     let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
@@ -540,6 +546,7 @@ async fn server(args: ServerArgs) -> Result<()> {
             images: Some(images.host.clone()),
             host_binds,
             prestart,
+            snapshot_share: None,
         },
         events_tx,
     );
@@ -562,7 +569,8 @@ async fn control(args: ControlArgs) -> Result<()> {
     if args.worker_token.is_empty() {
         bail!("--worker-token (or FLARE_WORKER_TOKEN) must not be empty: workers join with it");
     }
-    let config = args.common.api.control_config()?;
+    let mut config = args.common.api.control_config()?;
+    config.worker_token = Some(args.worker_token.clone());
     let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
@@ -648,10 +656,15 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             runtime,
             api: flare_worker::http::proxy_router(client.clone()),
             socket_dir: socket_dir(&home),
-            mount_source: Some(client),
+            mount_source: Some(client.clone()),
             images: Some(Arc::new(image_host)),
             host_binds,
             prestart,
+            snapshot_share: Some(Arc::new(flare_worker::snapshot_share::SnapshotShare::new(
+                client.clone(),
+                token.clone(),
+                tokio::runtime::Handle::current(),
+            ))),
         },
         events_tx,
     );
@@ -786,6 +799,13 @@ fn gc(args: GcArgs) -> Result<()> {
         for m in img.mounts {
             roots.push(m.manifest.parse().map_err(|_| anyhow::anyhow!("bad mount digest {}", m.manifest))?);
         }
+    }
+    // The fleet's memory snapshots (records the control plane keeps).
+    for m in flare_control::services::snapshots::manifest_roots(&home) {
+        roots.push(
+            flare_cas::Digest::from_hex(&m)
+                .map_err(|_| anyhow::anyhow!("bad manifest {m} in a snapshot record"))?,
+        );
     }
     let report =
         flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;

@@ -104,12 +104,14 @@ async fn send(router: &axum::Router, req: Request<Body>) -> (StatusCode, serde_j
 
 fn from_container(cid: &str, r: &RouteSpec) -> Request<Body> {
     let body = if r.method == "GET" { "" } else { "{}" };
+    let uri = sample(r.path);
+    let content_type = flare_api::required_content_type(r.method, &uri).unwrap_or("application/json");
     Request::builder()
         .method(r.method)
-        .uri(sample(r.path))
+        .uri(uri)
         .header("host", "127.0.0.1")
         .header(CALLER_CONTAINER_HEADER, cid)
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .header("content-length", body.len().to_string())
         .body(Body::from(body))
         .unwrap()
@@ -138,4 +140,59 @@ async fn container_routers_follow_the_flag() {
             }
         }
     }
+}
+
+/// The fleet's snapshot records: a worker token round trip; no token, a wrong one, or a
+/// server without remote workers, refused; a record must name its own key and a digest.
+#[tokio::test]
+async fn snapshot_records_are_for_workers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(flare_store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+    let config = crate::ControlConfig { worker_token: Some("tok".into()), ..Default::default() };
+    let cp = crate::ControlPlane::with_config(store, dir.path(), config).unwrap();
+    let api = harden(router(cp.clone()), &cp, SitePolicy::default());
+    let key = "ab".repeat(32);
+    let manifest = "cd".repeat(32);
+    let req = |method: &str, path: &str, token: Option<&str>, body: String| {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .header("content-length", body.len().to_string());
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    let path = format!("/v1/snapshots/{key}");
+    let record = serde_json::json!({"key": key, "manifest": manifest, "image_bytes": 7}).to_string();
+    for token in [None, Some("wrong")] {
+        let (s, _) = send(&api, req("PUT", &path, token, record.clone())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _) = send(&api, req("GET", &path, token, String::new())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+    }
+    let (s, _) = send(&api, req("GET", &path, Some("tok"), String::new())).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let other = serde_json::json!({"key": "ef".repeat(32), "manifest": manifest}).to_string();
+    let (s, v) = send(&api, req("PUT", &path, Some("tok"), other)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let bad = serde_json::json!({"key": key, "manifest": "x"}).to_string();
+    assert_eq!(send(&api, req("PUT", &path, Some("tok"), bad)).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        send(&api, req("GET", "/v1/snapshots/..%2f..", Some("tok"), String::new())).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(send(&api, req("PUT", &path, Some("tok"), record)).await.0, StatusCode::NO_CONTENT);
+    let (s, v) = send(&api, req("GET", &path, Some("tok"), String::new())).await;
+    assert_eq!((s, v["image_bytes"].as_u64()), (StatusCode::OK, Some(7)));
+    assert_eq!(crate::services::snapshots::manifest_roots(dir.path()), [manifest]);
+    assert_eq!(send(&api, req("DELETE", &path, Some("tok"), String::new())).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(send(&api, req("GET", &path, Some("tok"), String::new())).await.0, StatusCode::NOT_FOUND);
+
+    // No worker token: nobody may.
+    let h = harness().await;
+    let api = harden(router(h.cp.clone()), &h.cp, SitePolicy::default());
+    assert_eq!(send(&api, req("GET", &path, Some(""), String::new())).await.0, StatusCode::FORBIDDEN);
 }

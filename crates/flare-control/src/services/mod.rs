@@ -7,9 +7,11 @@
 //! ([`crate::http::routes::table`]), so its routes get the same guards, the same error
 //! type, the same `container` flag and the same OpenAPI completeness check as the core's.
 //!
-//! No service exists yet.
+//! - [`snapshots`]: the fleet's memory snapshot records (workers only).
 
 use crate::http::Route;
+
+pub mod snapshots;
 
 /// A capability with its own routes.
 pub trait Service: Send + Sync {
@@ -22,5 +24,5 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    Vec::new()
+    vec![Box::new(snapshots::Snapshots)]
 }
