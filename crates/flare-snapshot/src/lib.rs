@@ -18,7 +18,9 @@ mod error;
 mod key;
 pub mod sys;
 
-pub use criu::{log_errors, CgroupMode, Criu, DumpOpts, DumpReport, ExternalMount, RestoreOpts, Restored};
+pub use criu::{
+    log_errors, CgroupMode, Criu, DumpOpts, DumpReport, ExternalMount, NetworkLock, RestoreOpts, Restored,
+};
 pub use detect::{detect, find_criu, CriuInfo, CriuVersion, Features, MIN_MAJOR};
 pub use error::SnapshotError;
 pub use key::{cpu_flags_from_cpuinfo, host_cpu_flags, snapshot_key, KeyInputs, KEY_LAYOUT};

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, RestoreOpts};
+use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, NetworkLock, RestoreOpts};
 
 /// Forks a child into a new user namespace (ids mapped as Flare maps them), which becomes
 /// its root and runs `unshare` for the other namespaces; prints the child's pid.
@@ -143,6 +143,8 @@ fn dump_opts() -> DumpOpts {
         external_mounts: vec![ExternalMount::Auto],
         // The worker owns cgroups: the restored tree goes where criu runs (or is moved).
         manage_cgroups: Some(CgroupMode::Ignore),
+        // As the worker does: no connections to protect, no iptables runs at unlock.
+        network_lock: Some(NetworkLock::Skip),
         ..Default::default()
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use flare_cas::{Digest, LocalStore};
 use flare_proto::ContainerAssignment;
-use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, RestoreOpts};
+use flare_snapshot::{CgroupMode, Criu, DumpOpts, ExternalMount, NetworkLock, RestoreOpts};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot_share::SnapshotShare;
@@ -464,6 +464,10 @@ impl Snapshots {
         external_mounts.push(ExternalMount::Auto);
         let opts = DumpOpts {
             leave_running: true,
+            // The runner refuses sockets before a checkpoint and the container's network
+            // namespace is its own: no connection for a lock to protect, and an iptables
+            // lock costs every restore ~60 ms of iptables runs at unlock.
+            network_lock: Some(NetworkLock::Skip),
             external_mounts,
             manage_cgroups: Some(CgroupMode::Ignore),
             timeout: Duration::from_secs(300),
