@@ -477,6 +477,11 @@ def test_a_snapshot_made_on_one_worker_restores_on_another(fleet: Fleet, tmp_pat
             # C pulled the snapshot's blobs into its own store.
             blobs = Path(fleet.workers[c].home) / "snapshots" / "blobs"
             assert sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) > 1 << 20
+            log = fleet.workers[c].log
+            fetched = [line for line in (log.read_text(errors="replace") if log else "").splitlines()
+                       if "snapshot blobs fetched" in line]
+            print(f"snapshot across workers: {fetched[-1] if fetched else 'no fetch line'}; "
+                  f"{[line for line in _logs(fleet.url, app_id).splitlines() if 'restored from' in line or 'shared with' in line]}")
     finally:
         for w in stopped:
             fleet.start_worker(w)
