@@ -419,7 +419,7 @@ def _worker_of(fleet: Fleet, container_id: str) -> str:
 
 
 def _record(fleet: Fleet) -> tuple[Path, dict[str, Any]]:
-    records = list((Path(fleet.home) / "snapshots" / "index").glob("*.json"))
+    records = list((Path(fleet.home) / "snapshot-records").glob("*.json"))
     assert len(records) == 1, records
     return records[0], json.loads(records[0].read_text())
 

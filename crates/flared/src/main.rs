@@ -800,12 +800,14 @@ fn gc(args: GcArgs) -> Result<()> {
             roots.push(m.manifest.parse().map_err(|_| anyhow::anyhow!("bad mount digest {}", m.manifest))?);
         }
     }
-    // The fleet's memory snapshots (records the control plane keeps).
+    // The fleet's memory snapshots (records the control plane keeps). A record whose
+    // manifest is gone (the store was cleaned by hand) keeps nothing and fails nothing.
     for m in flare_control::services::snapshots::manifest_roots(&home) {
-        roots.push(
-            flare_cas::Digest::from_hex(&m)
-                .map_err(|_| anyhow::anyhow!("bad manifest {m} in a snapshot record"))?,
-        );
+        let d = flare_cas::Digest::from_hex(&m)
+            .map_err(|_| anyhow::anyhow!("bad manifest {m} in a snapshot record"))?;
+        if flare_cas::BlobStore::has(&store, &d).context("reading the blob store")? {
+            roots.push(d);
+        }
     }
     let report =
         flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;

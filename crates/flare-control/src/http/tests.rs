@@ -142,17 +142,63 @@ async fn container_routers_follow_the_flag() {
     }
 }
 
+/// Only the blob store of an image service (what the snapshot routes use).
+struct BlobsOnly(std::sync::Arc<flare_cas::LocalStore>);
+
+impl crate::ImageService for BlobsOnly {
+    fn resolve(&self, _: &str) -> Result<flare_proto::ImageUse, flare_api::ApiError> {
+        Err(flare_api::ApiError::not_found("no images here"))
+    }
+    fn mount_files(&self, _: &serde_json::Value) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
+        Err(flare_api::ApiError::not_found("no images here"))
+    }
+    fn blob_store(&self) -> std::sync::Arc<dyn flare_cas::BlobStore> {
+        self.0.clone()
+    }
+}
+
 /// The fleet's snapshot records: a worker token round trip; no token, a wrong one, or a
-/// server without remote workers, refused; a record must name its own key and a digest.
+/// server without remote workers, refused; a record must name its own key and a manifest
+/// already in the blob store; blobs go in as they are, verified.
 #[tokio::test]
 async fn snapshot_records_are_for_workers_only() {
+    use flare_cas::BlobStore as _;
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(flare_store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
     let config = crate::ControlConfig { worker_token: Some("tok".into()), ..Default::default() };
     let cp = crate::ControlPlane::with_config(store, dir.path(), config).unwrap();
+    let blobs = std::sync::Arc::new(flare_cas::LocalStore::open(&dir.path().join("cas")).unwrap());
+    cp.set_image_service(std::sync::Arc::new(BlobsOnly(blobs.clone())));
     let api = harden(router(cp.clone()), &cp, SitePolicy::default());
     let key = "ab".repeat(32);
-    let manifest = "cd".repeat(32);
+    let typed = |method: &str, path: &str, token: Option<&str>, content_type: &str, body: Vec<u8>| {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("content-type", content_type)
+            .header("content-length", body.len().to_string());
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    // Blobs: which are missing, then uploads as they are (a 3 MiB chunk stays one blob).
+    let chunk = vec![7u8; 3 << 20];
+    let d = flare_cas::Digest::of(&chunk);
+    let ask = serde_json::json!({"digests": [d.to_string()]}).to_string().into_bytes();
+    let (s, v) =
+        send(&api, typed("POST", "/v1/snapshots/blobs/missing", Some("tok"), "application/json", ask)).await;
+    assert_eq!((s, v["missing"].as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "{v}");
+    let put = |d: flare_cas::Digest, token: Option<&str>| {
+        typed("PUT", &format!("/v1/snapshots/blobs/{d}"), token, "application/octet-stream", chunk.clone())
+    };
+    assert_eq!(send(&api, put(d, None)).await.0, StatusCode::FORBIDDEN);
+    let wrong = flare_cas::Digest::of(b"something else");
+    assert_eq!(send(&api, put(wrong, Some("tok"))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&api, put(d, Some("tok"))).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(blobs.get(&d).unwrap(), chunk);
+    let manifest = flare_cas::Digest::of(b"a manifest").hex();
     let req = |method: &str, path: &str, token: Option<&str>, body: String| {
         let mut r = Request::builder()
             .method(method)
@@ -184,6 +230,12 @@ async fn snapshot_records_are_for_workers_only() {
         send(&api, req("GET", "/v1/snapshots/..%2f..", Some("tok"), String::new())).await.0,
         StatusCode::BAD_REQUEST
     );
+    // Its manifest is not stored yet.
+    assert_eq!(
+        send(&api, req("PUT", &path, Some("tok"), record.clone())).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+    blobs.put(b"a manifest").unwrap();
     assert_eq!(send(&api, req("PUT", &path, Some("tok"), record)).await.0, StatusCode::NO_CONTENT);
     let (s, v) = send(&api, req("GET", &path, Some("tok"), String::new())).await;
     assert_eq!((s, v["image_bytes"].as_u64()), (StatusCode::OK, Some(7)));

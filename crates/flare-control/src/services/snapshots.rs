@@ -5,8 +5,9 @@
 //! workers (the worker token, as a bearer token) may read or write records, and code in
 //! containers never may.
 //!
-//! Records live in `home/snapshots/index/<key>.json` (root-only); the control plane keeps
-//! the most recently used [`RECORDS_KEPT`] and `flared gc` keeps their blobs.
+//! Records live in `home/snapshot-records/<key>.json` (root-only; not `home/snapshots`,
+//! which is the embedded server's own worker's store); the control plane keeps the most
+//! recently used [`RECORDS_KEPT`] and `flared gc` keeps their blobs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,7 +51,7 @@ impl Service for Snapshots {
 
 /// Where the records of the control plane with data dir `home` are.
 pub fn index_dir(home: &Path) -> PathBuf {
-    home.join("snapshots").join("index")
+    home.join("snapshot-records")
 }
 
 /// The manifests the records name (roots for the blob store's garbage collection).
@@ -157,12 +158,19 @@ async fn put_record(
         return Err(ApiError::invalid("the record's `key` is not the path's").into());
     }
     let manifest = v.get("manifest").and_then(|m| m.as_str()).unwrap_or_default();
-    if Digest::from_hex(manifest).is_err() {
+    let Ok(manifest) = Digest::from_hex(manifest) else {
         return Err(ApiError::invalid("the record's `manifest` is not a digest").into());
-    }
+    };
+    let store = store(&cp)?;
     let dir = index_dir(cp.home());
     let path = record_path(&cp, &key);
     blocking(move || {
+        // A record names what is stored: its blobs are uploaded first.
+        if !store.has(&manifest).map_err(|e| ApiError::internal(e.to_string()))? {
+            return Err(ApiError::precondition(format!(
+                "the record's manifest {manifest} is not in the blob store: upload the snapshot's blobs first"
+            )));
+        }
         make_private_dir(&dir)?;
         let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
         std::fs::write(&tmp, &body).map_err(io_err("write"))?;
@@ -266,13 +274,10 @@ async fn put_blob(
 
 fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let parent = dir.parent().unwrap_or(dir);
-    for d in [parent, dir] {
-        if !d.is_dir() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io_err("create"))?;
-        }
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err("create"))?;
     }
-    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod"))?;
     Ok(())
 }
 
