@@ -11,8 +11,8 @@
 //!
 //! The child is cloned into a new user namespace together with its other namespaces, so
 //! they all belong to it. It waits (on `sync_fd`) until the parent has written its id maps
-//! (container ids `0..size` = host ids `base..base+size`), changes directory to its state
-//! dir while it is still the host's uid 0 (the owner of the root-only dirs above it), then
+//! (container ids `0..size` = host ids `base..base+size`), changes directory to the runtime's
+//! `spawn` dir while it is still the host's uid 0 (the owner of the root-only dirs above it), then
 //! becomes uid/gid 0 of the namespace and drops the host's supplementary groups. From then
 //! on every capability it has is a capability over its own namespaces only: the kernel
 //! itself refuses writes to host sysctls, host-owned files (they show as `nobody`),
@@ -183,7 +183,7 @@ impl Step {
             Step::CgroupJoin => "join cgroup",
             Step::WaitIdMap => "wait for the user namespace's id maps",
             Step::SetIds => "become root of the user namespace",
-            Step::ChdirDir => "chdir to the container dir",
+            Step::ChdirDir => "chdir to the spawn dir",
             Step::AttachRoot => "attach the root overlay",
             Step::NewProc => "mount the container's proc/sysfs",
             Step::MakePrivate => "make mounts private",
@@ -241,7 +241,9 @@ pub(crate) struct ChildPlan {
     /// Read end of the pipe on which the parent says the id maps are written (-1: no user
     /// namespace).
     pub sync_fd: RawFd,
-    /// The container's state dir on the host (absolute); `rootfs` in it is the mountpoint.
+    /// A dir on the host (absolute) whose `rootfs` is the root overlay's mountpoint: the
+    /// runtime's one `spawn` dir, shared by every container (each attaches there in its own
+    /// mount namespace, after making every mount private).
     pub dir: CString,
     /// The detached root overlay.
     pub root_fd: RawFd,
