@@ -509,6 +509,12 @@ impl Runtime {
         let page = sys::SharedPage::new().ctx(|| "mmap status page".into())?;
         plan.status_page = page.as_ptr();
         let stack = sys::Stack::new(CLONE_STACK).ctx(|| "mmap clone stack".into())?;
+        // The main process's, in init's copy of memory (see child::setup_and_run).
+        let main_stack = (!plan.no_init)
+            .then(|| sys::Stack::new(CLONE_STACK))
+            .transpose()
+            .ctx(|| "mmap clone stack".into())?;
+        plan.main_stack = main_stack.as_ref().map_or(std::ptr::null_mut(), |s| s.top());
 
         let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if spec.command.network == Network::Isolated {
@@ -536,6 +542,7 @@ impl Runtime {
         // Close our copies of everything the child inherited.
         drop(err_w);
         drop(stack);
+        drop(main_stack);
         drop(procs);
         drop(netns);
         drop(spec.stdout);

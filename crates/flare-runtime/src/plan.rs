@@ -330,6 +330,7 @@ pub(crate) fn build_plan(
         fd_base,
         err_fd: -1,
         status_page: std::ptr::null_mut(),
+        main_stack: std::ptr::null_mut(),
         no_init: spec.command.checkpointable,
         seccomp: inner.seccomp.clone(),
         cap_last: inner.cap_last,
