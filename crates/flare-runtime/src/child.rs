@@ -392,9 +392,22 @@ fn new_fs(fstype: &std::ffi::CStr, attrs: u64) -> libc::c_int {
 
 fn run_op(plan: &ChildPlan, lop: &LabeledOp, index: u32) -> R<()> {
     let op = &lop.op;
-    if lop.optional && !exists(op_target(op)) {
+    // An optional op is skipped when its path does not exist. One that would create the
+    // path checks first; the others (the masks: mounts over /proc and /sys entries) just
+    // run, and only an ENOENT failure looks the path up, so that the usual case (the entry
+    // exists) costs no lookup, and a failure for another reason (an ENOENT of the source,
+    // say) stays an error.
+    let creates = matches!(op, Op::Mkdir { .. } | Op::Touch { .. } | Op::Symlink { .. });
+    if lop.optional && creates && !exists(op_target(op)) {
         return Ok(());
     }
+    match do_op(plan, op, index) {
+        Err(e) if lop.optional && !creates && e.errno == libc::ENOENT && !exists(op_target(op)) => Ok(()),
+        r => r,
+    }
+}
+
+fn do_op(plan: &ChildPlan, op: &Op, index: u32) -> R<()> {
     let f = |_| fail(Step::Op, index);
     // In every arm, each pointer is a NUL-terminated string owned by the plan, or null
     // where the syscall accepts null.
