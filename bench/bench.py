@@ -274,9 +274,29 @@ def is_prestarted(pid: int) -> bool:
         return False
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        ppid = _parent_pid(pid)
+        if ppid is None or ppid <= 1:
+            return False
+        if ppid == ancestor:
+            return True
+        pid = ppid
+    return False
+
+
 def prestarted_memory(server_pid: int) -> Json:
     """Pss of the idle pre-started runners (each one: the container's init plus the
-    interpreter), found by their cgroup (``.../pre-<worker>-<n>``)."""
+    interpreter), found by their cgroup (``.../pre-<worker>-<n>``), of this bench's flared
+    only (another flared on the machine names its runners' cgroups the same way)."""
     per: dict[str, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -287,7 +307,7 @@ def prestarted_memory(server_pid: int) -> Json:
         except OSError:
             continue
         names = [part for line in cg.splitlines() for part in line.split("/") if part.startswith("pre-")]
-        if not names:
+        if not names or not _descends_from(int(entry), server_pid):
             continue
         pss = pss_kb(int(entry))
         if pss is not None:

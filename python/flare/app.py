@@ -1,10 +1,13 @@
 """``flare.App``: groups functions, runs them ephemerally (``app.run()``) or deploys them.
 
 Imported inside containers when the user's module runs ``flare.App(...)`` and the
-decorators, so at module level only ``os``/``sys`` and sibling modules that are as light;
-the client machinery (server, transport, mounts, uploads, environment capture) is
-imported by the functions that publish an app (deliberately lazy, for the containers'
-start; ``tests/test_structure.py`` checks it).
+decorators, so at module level only ``os``/``sys`` and what ``App()`` and
+``@app.function()`` need (``function``, ``_options``, ``exception``). The client
+machinery (server, transport, mounts, uploads, environment capture) and the siblings a
+trivial module does not use (``image``: a function with ``image=`` has imported it
+already; ``cls``: only for ``@app.cls()`` or a method marked ``@flare.enter``/...;
+``_api``: only to publish) are imported where they are used (deliberately lazy, for the
+containers' start; ``tests/test_structure.py`` checks it).
 """
 
 from __future__ import annotations
@@ -12,11 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-from . import _api, exception
+from . import exception
 from ._options import FunctionOptions, check_experimental_options
-from .exception import Error
 from .function import Function
-from .image import Image, build_images
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ._blobs import BlobSet
     from ._options import Retries
     from ._transport import Client
+    from .image import Image
 
 
 class LocalEntrypoint:
@@ -150,9 +152,11 @@ class App:
                 raise exception.InvalidError(f"@app.function() must decorate a function, not {type(f).__name__}")
             if isinstance(f, type):
                 raise exception.InvalidError("@app.function() cannot decorate a class: use @app.cls()")
-            from .cls import check_not_lifecycle
+            if getattr(f, "__flare_lifecycle__", None):
+                # Only flare.cls's markers set it, so flare.cls is imported already.
+                from .cls import check_not_lifecycle
 
-            check_not_lifecycle(f)
+                check_not_lifecycle(f)
             if self._running:
                 raise exception.InvalidError("functions must be defined before app.run() starts")
             tag = name or getattr(f, "__qualname__", None) or getattr(f, "__name__", None)
@@ -332,6 +336,8 @@ def _batched_concurrency(f: Any, batch: dict[str, int], is_method: bool) -> tupl
 def _check_image(image: Any) -> Image | None:
     if image is None:
         return None
+    from .image import Image  # imported already when ``image`` is one
+
     if not isinstance(image, Image):
         raise exception.InvalidError(
             f"image= must be a flare.Image (e.g. flare.Image.debian_slim().pip_install(...)), not {type(image).__name__}"
@@ -428,6 +434,7 @@ def _function_def(
 def _publish(app: App, client: Client, name: str, mode: str, show_output: bool = False) -> str:
     """Build the functions' images, create the app on the server, upload the code mount,
     register the functions."""
+    from . import _api
     from ._blobs import BlobSet
     from ._mount import collect_files, sdk_entries
 
@@ -435,6 +442,8 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     images = {tag: img for tag in app._functions if (img := app._image_for(tag)) is not None}
     image_ids: dict[int, str] = {}
     if images:
+        from .image import build_images
+
         image_ids = build_images(client, list(images.values()), show_output)
     entry = _entry_file(app)
     entry_dir = os.path.dirname(os.path.realpath(entry)) if entry else None
@@ -474,6 +483,8 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
 def _create_mounts(client: Client, blobs: BlobSet, *mounts: list[dict[str, Any]] | None) -> list[str | None]:
     """Upload the mounts' files (one check for all of them; only blobs the server lacks)
     and create each mount (None stays None)."""
+    from . import _api
+
     inline = False
     try:
         blobs.upload(client)
@@ -519,16 +530,20 @@ class _AppRuntime:
             self.logs.start()
 
     def _heartbeat_main(self) -> None:
+        from . import _api
+
         try:
             while not self.stop_event.wait(10.0):
                 try:
                     self.client.request("POST", _api.app_heartbeat(self.app_id), {}, timeout=10)
-                except Error:
+                except exception.Error:
                     pass  # transient; the server tolerates 60 s without one
         finally:
             self.client.close()
 
     def stop(self) -> None:
+        from . import _api
+
         self.stop_event.set()
         try:
             self.client.request("POST", _api.app_stop(self.app_id), {}, timeout=120)
@@ -543,6 +558,7 @@ class _RunContext:
         self.show_output = show_output
 
     def __enter__(self) -> App:
+        from . import _api
         from ._output import output_enabled
         from ._server import ensure_server
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from . import _api, exception
+from . import exception
 from ._bridge import Method, aio_inputs, aiter_in_thread, in_thread
 from ._object import _Object
 from ._options import Concurrency, FunctionOptions, check_autoscaler_update
@@ -126,6 +126,8 @@ class Function(_Object):
         return "function_id"
 
     def _resolve(self) -> dict[str, Any]:
+        from . import _api
+
         if self._lookup is not None:
             app_name, name = self._lookup
             info: dict[str, Any] = _client().request("GET", _api.app_function_by_name(app_name, name))
@@ -219,6 +221,8 @@ class Function(_Object):
         """Change the autoscaler of the running or deployed function now, without a redeploy
         (``f.update_autoscaler(min_containers=2)``); parameters left as ``None`` keep their
         value. Like Modal, the override lasts until the app is deployed again."""
+        from . import _api
+
         body = check_autoscaler_update(
             min_containers=min_containers,
             max_containers=max_containers,
@@ -233,6 +237,8 @@ class Function(_Object):
 
     def _get_current_stats(self) -> FunctionStats:
         """Backlog and containers of the function right now (like Modal's ``FunctionStats``)."""
+        from . import _api
+
         fid = self._hydrate()
         info = _client().request("GET", _api.function_stats(fid))
         return FunctionStats._from_json(info)
@@ -243,6 +249,7 @@ class Function(_Object):
     # ------------------------------------------------------------------ spawn
 
     def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        from . import _api
         from ._serialization import b64, serialize_args
 
         self._check_batched_call(kwargs)

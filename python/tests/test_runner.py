@@ -410,6 +410,30 @@ def test_the_runner_imports_no_client_sdk() -> None:
     assert out.strip() == "['flare', 'flare._runtime', 'flare._runtime.runner']"
 
 
+def test_the_c_pickler_skips_functools_and_leaves_the_real_one_importable() -> None:
+    """The runner's first pickle imports ``_pickle`` without ``functools`` (and its
+    ``collections``...); user code importing ``functools`` afterwards gets the real one."""
+    import subprocess
+    import sys
+
+    probe = textwrap.dedent("""
+        import sys
+        from flare._runtime import runner
+        p = runner._pickler()
+        assert p.__name__ == "_pickle", p
+        assert "functools" not in sys.modules and "collections" not in sys.modules, sorted(sys.modules)
+        import functools
+        assert functools.lru_cache and functools.partial is sys.modules["_functools"].partial
+        assert p.loads(p.dumps(functools.partial(max, 1), 4))(2) == 2
+        print("ok")
+    """)
+    sdk_parent = str(Path(__file__).resolve().parents[1])
+    # -S: this interpreter's site (.pth hooks) imports functools itself, a container's need not.
+    out = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": sdk_parent}).stdout
+    assert out.strip() == "ok"
+
+
 # ------------------------------------------------------------------------- classes
 
 CLASS_MODULE = """

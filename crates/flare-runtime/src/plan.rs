@@ -168,8 +168,9 @@ pub(crate) fn root_overlay(
     Ok((root, kept))
 }
 
-/// Build the plan for `spec` in container dir `dir`. `sysfs` is a sysfs instance of the
-/// container's (pooled) network namespace, or `None` when the child makes its own.
+/// Build the plan for `spec`; the child attaches the root overlay on `dir/rootfs` (in its
+/// own mount namespace). `sysfs` is a sysfs instance of the container's (pooled) network
+/// namespace, or `None` when the child makes its own.
 pub(crate) fn build_plan(
     inner: &Inner,
     spec: &ContainerSpec,
@@ -329,6 +330,7 @@ pub(crate) fn build_plan(
         fd_base,
         err_fd: -1,
         status_page: std::ptr::null_mut(),
+        main_stack: std::ptr::null_mut(),
         no_init: spec.command.checkpointable,
         seccomp: inner.seccomp.clone(),
         cap_last: inner.cap_last,

@@ -91,13 +91,44 @@ def _pickler() -> Any:
     """The C pickle module: ``pickle.dumps``/``loads`` are ``_pickle``'s, but ``import pickle``
     also imports ``re``, ``struct``, ``enum``... (about 4 ms of a cold start's first output)."""
     try:
-        import _pickle
-
-        return _pickle
+        return _import_c_pickler()
     except ImportError:  # pragma: no cover - non-CPython
         import pickle
 
         return pickle
+
+
+def _import_c_pickler() -> Any:
+    """``import _pickle``, without ``functools`` where nothing imported it yet.
+
+    ``_pickle`` takes one name from ``functools``, ``partial`` (``_functools.partial``, the
+    very object ``functools.partial`` is), and ``functools`` imports ``collections``,
+    ``operator``, ``keyword``, ``reprlib`` and ``types``: ~1.7 ms of a new container's first
+    output. So while ``functools`` is not imported and no other thread could import it
+    meanwhile, ``_pickle`` is given a stand-in holding only that name, removed right after:
+    a later ``import functools`` gets the real module. Any failure: the plain import."""
+    if "functools" in sys.modules or "threading" in sys.modules or len(sys._current_frames()) != 1:
+        import _pickle
+
+        return _pickle
+    try:
+        stand_in = type(sys)("functools")
+        stand_in.partial = __import__("_functools").partial  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):  # pragma: no cover - non-CPython
+        import _pickle
+
+        return _pickle
+    sys.modules["functools"] = stand_in
+    try:
+        import _pickle
+    except Exception:  # noqa: BLE001 - an interpreter whose _pickle wants more: the plain import
+        if sys.modules.get("functools") is stand_in:
+            del sys.modules["functools"]
+        import _pickle
+    finally:
+        if sys.modules.get("functools") is stand_in:
+            del sys.modules["functools"]
+    return _pickle
 
 
 # ------------------------------------------------------------------------ framing
