@@ -142,6 +142,8 @@ pub(crate) enum SnapError {
     Runtime(#[from] flare_runtime::RuntimeError),
     #[error("snapshot index {0}: {1}")]
     Index(String, String),
+    #[error("fetching from the control plane: {0}")]
+    Fetch(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapError {
@@ -357,6 +359,13 @@ impl Snapshots {
         }
         match self.materialize(&meta, &cache) {
             Ok(()) => Ok(Some((cache, meta))),
+            // The control plane could not be reached for its blobs: the fleet's snapshot
+            // may be fine, keep its record (this worker starts cold and asks again next time).
+            Err(e @ SnapError::Fetch(_)) => {
+                tracing::warn!(%key, error = %e, "snapshot blobs unavailable from the control plane");
+                self.discard(key);
+                Err(format!("its blobs could not be fetched ({e})"))
+            }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "snapshot unreadable from the store; discarding it");
                 self.discard_everywhere(key);
@@ -400,7 +409,10 @@ impl Snapshots {
         let digest = Digest::from_hex(&meta.manifest)?;
         if let Some(share) = &self.share {
             let t0 = Instant::now();
-            let bytes = share.pull(store, &digest).map_err(|e| SnapError::Index(meta.key.clone(), e))?;
+            let bytes = share.pull(store, &digest).map_err(|e| match e {
+                crate::snapshot_share::PullError::Corrupt(e) => SnapError::Index(meta.key.clone(), e),
+                crate::snapshot_share::PullError::Unavailable(e) => SnapError::Fetch(e),
+            })?;
             if bytes > 0 {
                 tracing::info!(key = %meta.key, bytes, ms = t0.elapsed().as_millis() as u64, "snapshot blobs fetched from the control plane");
             }

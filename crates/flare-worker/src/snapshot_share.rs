@@ -119,25 +119,40 @@ impl SnapshotShare {
 
     /// Copy the blobs of the manifest `root` that `local` lacks from the control plane
     /// (each verified against its digest); how many bytes came.
-    pub(crate) fn pull(&self, local: &LocalStore, root: &Digest) -> Result<u64, String> {
+    pub(crate) fn pull(&self, local: &LocalStore, root: &Digest) -> Result<u64, PullError> {
         let remote = crate::images::HttpBlobStore::new(self.client.clone(), self.handle.clone());
         let mut fetched = 0u64;
-        let mut copy = |d: &Digest| -> Result<(), String> {
-            if local.touch(d).map_err(|e| e.to_string())? {
+        let mut copy = |d: &Digest| -> Result<(), PullError> {
+            if local.touch(d).map_err(|e| PullError::Unavailable(e.to_string()))? {
                 return Ok(());
             }
-            let data = remote.get(d).map_err(|e| format!("fetching blob {d}: {e}"))?;
+            let data = remote.get(d).map_err(|e| match e {
+                // Missing or not what its digest says: the fleet's snapshot is broken.
+                flare_cas::CasError::NotFound { .. } | flare_cas::CasError::Corrupt { .. } => {
+                    PullError::Corrupt(format!("blob {d}: {e}"))
+                }
+                e => PullError::Unavailable(format!("fetching blob {d}: {e}")),
+            })?;
             fetched += data.len() as u64;
-            local.put(&data).map_err(|e| format!("storing blob {d}: {e}"))?;
+            local.put(&data).map_err(|e| PullError::Unavailable(format!("storing blob {d}: {e}")))?;
             Ok(())
         };
         copy(root)?;
-        let manifest = flare_cas::get_manifest(local, root).map_err(|e| e.to_string())?;
+        let manifest = flare_cas::get_manifest(local, root).map_err(|e| PullError::Corrupt(e.to_string()))?;
         for d in manifest.chunk_digests().keys() {
             copy(d)?;
         }
         Ok(fetched)
     }
+}
+
+/// Why [`SnapshotShare::pull`] failed.
+#[derive(Debug)]
+pub(crate) enum PullError {
+    /// A blob is missing from the control plane or does not match its digest.
+    Corrupt(String),
+    /// The control plane (or this worker's store) could not be used just now.
+    Unavailable(String),
 }
 
 #[derive(serde::Deserialize)]
