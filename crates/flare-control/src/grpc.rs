@@ -52,7 +52,7 @@ impl WorkerHub for Hub {
                 "this server does not accept remote workers (no worker token set)",
             ));
         }
-        if reg.token != self.token {
+        if !crate::secret::same_secret(reg.token.as_bytes(), self.token.as_bytes()) {
             return Err(Status::unauthenticated("wrong worker token"));
         }
         if reg.worker_id.is_empty() {

@@ -26,6 +26,7 @@ mod mounts;
 mod persist;
 mod retention;
 pub mod scheduler;
+mod secret;
 pub mod services;
 mod state;
 mod workers;

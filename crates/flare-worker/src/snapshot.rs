@@ -34,6 +34,8 @@ pub(crate) const UPPER_DIR: &str = "rootfs-upper";
 /// What the host offers for snapshots, detected once at worker start.
 pub(crate) struct Support {
     pub criu: Criu,
+    /// CRIU's version as text (part of every key).
+    pub criu_version: String,
     pub cpu_flags: Vec<String>,
     /// Restores may use lazy pages: CRIU has userfaultfd with non-cooperative events and
     /// a restored task (inside its user namespace) may open one, which takes
@@ -43,9 +45,13 @@ pub(crate) struct Support {
 }
 
 impl Support {
-    /// This host's part of snapshot keys (`criu_version`: the CRIU version, as text).
-    pub fn host_key<'a>(&'a self, criu_version: &'a str) -> HostKey<'a> {
-        HostKey { cpu_flags: &self.cpu_flags, kernel_release: self.criu.kernel_release(), criu_version }
+    /// This host's part of snapshot keys.
+    pub fn host_key(&self) -> HostKey<'_> {
+        HostKey {
+            cpu_flags: &self.cpu_flags,
+            kernel_release: self.criu.kernel_release(),
+            criu_version: &self.criu_version,
+        }
     }
 }
 
@@ -257,7 +263,8 @@ impl Snapshots {
                 let lazy = criu.features().lazy_pages()
                     && uffd.trim() == "1"
                     && !std::env::var("FLARE_SNAPSHOT_LAZY").is_ok_and(|v| v == "0");
-                Ok(Support { criu, cpu_flags, lazy })
+                let criu_version = criu.version().to_string();
+                Ok(Support { criu, criu_version, cpu_flags, lazy })
             }
             Err(e) => {
                 tracing::info!(reason = %e, "memory snapshots unavailable: functions that ask for one start cold");
@@ -298,9 +305,8 @@ impl Snapshots {
     /// What a cold start of `a` does. A `Create` reserves the key until [`Self::done_creating`].
     pub fn plan(&self, a: &ContainerAssignment) -> Plan {
         let wanted = a.def.config.enable_memory_snapshot;
-        let criu_version = self.support.as_ref().map(|s| s.criu.version().to_string()).unwrap_or_default();
         let key = match (&self.support, wanted) {
-            (Ok(s), true) => Ok(key_of(a, &s.host_key(&criu_version))),
+            (Ok(s), true) => Ok(key_of(a, &s.host_key())),
             (Ok(_), false) => Ok(String::new()),
             (Err(e), _) => Err(e.as_str()),
         };
@@ -379,11 +385,10 @@ impl Snapshots {
     fn fetch_record(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
         let (Some(share), Ok(s)) = (&self.share, &self.support) else { return Ok(None) };
         let Some(meta) = share.record(key)? else { return Ok(None) };
-        let criu_version = s.criu.version().to_string();
         let checked = if meta.key != key {
             Err(format!("the control plane's record names another key ({})", meta.key))
         } else {
-            compatible(&meta, &s.host_key(&criu_version))
+            compatible(&meta, &s.host_key())
         };
         if let Err(why) = checked {
             tracing::warn!(%key, %why, "shared snapshot not usable here");
@@ -521,6 +526,10 @@ impl Snapshots {
             .and_then(|m| Digest::from_hex(&m.manifest).ok())
             .and_then(|d| flare_cas::get_manifest(store, &d).ok())
             .map_or(0, |prev| flare_cas::shared_bytes(&prev, &manifest));
+        let (cpu_flags, kernel_release, criu_version) = match self.support() {
+            Some(s) => (s.cpu_flags.clone(), s.criu.kernel_release().to_owned(), s.criu_version.clone()),
+            None => Default::default(),
+        };
         let meta = Meta {
             key: key.to_owned(),
             manifest: digest.hex(),
@@ -528,9 +537,9 @@ impl Snapshots {
             dump_ms: rep.elapsed.as_millis() as u64,
             image_bytes: rep.image_bytes,
             shared_bytes: shared,
-            cpu_flags: self.support().map(|s| s.cpu_flags.clone()).unwrap_or_default(),
-            kernel_release: self.support().map(|s| s.criu.kernel_release().to_owned()).unwrap_or_default(),
-            criu_version: self.support().map(|s| s.criu.version().to_string()).unwrap_or_default(),
+            cpu_flags,
+            kernel_release,
+            criu_version,
         };
         std::fs::write(dumped.join(".complete"), b"").map_err(io("mark the snapshot complete"))?;
         let cache = self.cache_path(key);

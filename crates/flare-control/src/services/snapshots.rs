@@ -74,11 +74,6 @@ fn check_key(key: &str) -> Result<(), HttpError> {
     }
 }
 
-/// Byte-wise comparison whose time does not depend on where the inputs differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The request carries this control plane's worker token.
 fn check_worker(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError> {
     let Some(token) = cp.worker_token().filter(|t| !t.is_empty()) else {
@@ -92,7 +87,7 @@ fn check_worker(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError>
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::forbidden("snapshot records are for workers: no bearer token"))?;
-    if !same_secret(given.as_bytes(), token.as_bytes()) {
+    if !crate::secret::same_secret(given.as_bytes(), token.as_bytes()) {
         return Err(ApiError::forbidden("wrong worker token").into());
     }
     Ok(())
@@ -307,14 +302,6 @@ mod tests {
         for bad in ["", "../x", &"A".repeat(64), &"a".repeat(63), &format!("{}/", "a".repeat(63))] {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"token", b"token"));
-        assert!(!same_secret(b"token", b"tokem"));
-        assert!(!same_secret(b"token", b"token2"));
-        assert!(!same_secret(b"", b"x"));
     }
 
     #[test]
