@@ -56,6 +56,44 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class Flared:
+    """A `flared server` of a test's own (its flags, home, port and log), for what the
+    session's shared server keeps at its defaults. ``wait()`` for it to be healthy,
+    ``stop()`` it (SIGTERM, SIGKILL after 30 s; ``kill=True``: at once)."""
+
+    def __init__(self, *flags: str, home: str | None = None, prefix: str = "flare-e2e-own-",
+                 env: dict[str, str] | None = None) -> None:
+        self.home = home or tempfile.mkdtemp(prefix=prefix)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(self.home) / "flared.log"
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(FLARED), "server", "--home", self.home, "--listen", f"127.0.0.1:{self.port}", *flags],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        )
+
+    def wait(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            assert self.proc.poll() is None, f"flared exited:\n{self.log.read_text(errors='replace')[-5000:]}"
+            assert time.monotonic() < deadline, f"flared not healthy:\n{self.log.read_text(errors='replace')[-5000:]}"
+            time.sleep(0.05)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 @pytest.fixture(scope="session")
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     if not FLARED.exists():

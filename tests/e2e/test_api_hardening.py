@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 
 from flare import exception
 
-from .conftest import FLARED, Server, _free_port, _healthy, load_app, run_cli
+from .conftest import FLARED, Flared, Server, load_app, run_cli
 
 APP = '{"name": "csrf_probe", "mode": "ephemeral"}'
 
@@ -148,28 +147,12 @@ def test_oversized_argument_and_result_are_readable_errors(server: Server, tmp_p
 @contextmanager
 def _extra_server(*flags: str) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
     """A second flared with its own home and flags (for limits the shared one keeps at defaults)."""
-    home = tempfile.mkdtemp(prefix="flare-e2e-hardening-")
-    port = _free_port()
-    log = open(Path(home) / "flared.log", "wb")
-    proc = subprocess.Popen(
-        [str(FLARED), "server", "--home", home, "--listen", f"127.0.0.1:{port}", *flags],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    own = Flared(*flags, prefix="flare-e2e-hardening-")
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(f"http://127.0.0.1:{port}"):
-            assert proc.poll() is None, (Path(home) / "flared.log").read_text()
-            assert time.monotonic() < deadline, "second flared did not start"
-            time.sleep(0.05)
-        yield home, port, proc
+        own.wait()
+        yield own.home, own.port, own.proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        own.stop()
 
 
 def test_slow_clients_time_out_and_connections_are_capped() -> None:

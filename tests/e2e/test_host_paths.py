@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import FLARED, PYTHON_DIR, Server, _free_port, _healthy, load_app, run_cli, unique, write_app
+from .conftest import PYTHON_DIR, Flared, Server, run_cli, unique, write_app
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -186,29 +183,8 @@ def main():
 """
 
 
-class _Flared:
-    def __init__(self, *extra: str, home: str | None = None) -> None:
-        self.home = home or tempfile.mkdtemp(prefix="flare-e2e-allow-")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(self.home) / "flared.log"
-        self.proc = subprocess.Popen([str(FLARED), "server", "--home", self.home, "--listen", f"127.0.0.1:{self.port}", *extra],
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait(self) -> None:
-        deadline = time.monotonic() + 60
-        while not _healthy(self.url):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def _flared(*extra: str, home: str | None = None) -> Flared:
+    return Flared(*extra, home=home, prefix="flare-e2e-allow-")
 
 
 def _env_dir_fstype(out: dict[str, Any]) -> str:
@@ -232,7 +208,7 @@ def test_only_an_allow_listed_environment_is_bound_from_the_host(server: Server,
     sys.path.insert(0, str(PYTHON_DIR))
     from flare._server import host_bind_allow
 
-    other = _Flared(*[a for d in host_bind_allow(server.home) for a in ("--host-bind-allow", d)])
+    other = _flared(*[a for d in host_bind_allow(server.home) for a in ("--host-bind-allow", d)])
     try:
         other.wait()
         r = run_cli("run", str(app), env={"FLARE_SERVER_URL": other.url, "FLARE_HOME": other.home})
@@ -248,7 +224,7 @@ def test_only_an_allow_listed_environment_is_bound_from_the_host(server: Server,
 def test_an_allow_list_naming_server_data_or_the_root_is_refused_at_start(allow: str) -> None:
     home = tempfile.mkdtemp(prefix="flare-e2e-badallow-")
     value = home if allow == "HOME" else allow
-    flared = _Flared("--host-bind-allow", value, home=home)
+    flared = _flared("--host-bind-allow", value, home=home)
     flared.proc.wait(timeout=60)
     text = flared.log.read_text()
     assert flared.proc.returncode != 0, text

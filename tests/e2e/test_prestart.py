@@ -7,16 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .conftest import (
-    FLARED,
     PYTHON_DIR,
+    Flared,
     Server,
-    _free_port,
-    _healthy,
     load_app,
     remove_home,
     write_app,
@@ -241,17 +238,9 @@ class OwnServer:
     """A flared server of the test's own (extra flags), and a client process for it."""
 
     def __init__(self, *flags: str) -> None:
-        self.home = tempfile.mkdtemp(prefix="flare-e2e-prestart-")
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(Path(self.home) / "flared.log", "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [str(FLARED), "server", "--home", self.home, "--listen", f"127.0.0.1:{port}", *flags],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not _healthy(self.url):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "flared did not start"
-            time.sleep(0.05)
+        self.flared = Flared(*flags, prefix="flare-e2e-prestart-")
+        self.home, self.url, self.proc = self.flared.home, self.flared.url, self.flared.proc
+        self.flared.wait()
 
     def call_probe(self, tmp_path: Path) -> None:
         app_file = write_app(tmp_path, PROBE + """
@@ -269,10 +258,7 @@ def probe():
         assert r.returncode == 0, r.stderr
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        self.flared.stop(kill=True)
         remove_home(self.home)
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .conftest import FLARED, Server, _free_port, _healthy, load_app, remove_home
+from .conftest import Flared, Server, load_app, remove_home
 
 SNAP_CLASS = """
     import os, random, socket, time, uuid
@@ -115,37 +114,19 @@ def snap_server(server: Server) -> Server:
 @contextmanager
 def extra_server(env: dict[str, str]) -> Iterator[tuple[str, Path]]:
     """Another flared server with ``env``; FLARE_SERVER_URL points at it meanwhile."""
-    home = tempfile.mkdtemp(prefix="flare-e2e-home-snap-")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = Path(home) / "flared.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [str(FLARED), "server", "--home", home, "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env},
-    )
+    own = Flared(prefix="flare-e2e-home-snap-", env=env)
     saved = os.environ.get("FLARE_SERVER_URL")
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(url):
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            assert time.monotonic() < deadline, "flared did not become healthy"
-            time.sleep(0.05)
-        os.environ["FLARE_SERVER_URL"] = url
-        yield url, log_path
+        own.wait()
+        os.environ["FLARE_SERVER_URL"] = own.url
+        yield own.url, own.log
     finally:
         if saved is None:
             os.environ.pop("FLARE_SERVER_URL", None)
         else:
             os.environ["FLARE_SERVER_URL"] = saved
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        remove_home(home)
+        own.stop()
+        remove_home(own.home)
 
 
 def _concurrently(n: int, f: Any) -> list[Any]:
