@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
+    from .web_endpoints import (
+        asgi_app as asgi_app,
+        fastapi_endpoint as fastapi_endpoint,
+        web_endpoint as web_endpoint,
+        web_server as web_server,
+        wsgi_app as wsgi_app,
+    )
 
 _LAZY = {
     "App": ("flare.app", "App"),
@@ -42,6 +49,11 @@ _LAZY = {
     "Retries": ("flare._options", "Retries"),
     "concurrent": ("flare.function", "concurrent"),
     "batched": ("flare.batching", "batched"),
+    "fastapi_endpoint": ("flare.web_endpoints", "fastapi_endpoint"),
+    "web_endpoint": ("flare.web_endpoints", "web_endpoint"),
+    "asgi_app": ("flare.web_endpoints", "asgi_app"),
+    "wsgi_app": ("flare.web_endpoints", "wsgi_app"),
+    "web_server": ("flare.web_endpoints", "web_server"),
     "is_local": ("flare._runtime.context", "is_local"),
     "current_input_id": ("flare._runtime.context", "current_input_id"),
     "current_function_call_id": ("flare._runtime.context", "current_function_call_id"),

@@ -68,6 +68,10 @@ def app_logs(app_id: str, query: str) -> str:
 # --------------------------------------------------------------- functions
 
 
+def function(function_id: str) -> str:
+    return f"{_V1}/functions/{function_id}"
+
+
 def function_calls(function_id: str) -> str:
     return f"{_V1}/functions/{function_id}/calls"
 
@@ -100,6 +104,17 @@ def call_inputs(call_id: str) -> str:
 
 def call_cancel(call_id: str) -> str:
     return f"{_V1}/calls/{call_id}/cancel"
+
+
+# ------------------------------------------------------- proxy auth tokens
+
+
+def proxy_auth_tokens() -> str:
+    return f"{_V1}/proxy-auth-tokens"
+
+
+def proxy_auth_token(token_id: str) -> str:
+    return f"{_V1}/proxy-auth-tokens/{_q(token_id)}"
 
 
 # ------------------------------------------------------ mounts, images, blobs

@@ -174,6 +174,11 @@ class App:
             auto_serialize = "<locals>" in (getattr(f, "__qualname__", "") or "")
             fn = Function(f, self, tag, fn_options, serialized=serialized or auto_serialize)
             fn._batched = batch is not None
+            web = getattr(f, "__flare_web__", None)  # flare/web_endpoints.py's mark
+            if isinstance(web, dict):
+                if batch is not None:
+                    raise exception.InvalidError(f"{tag} is @flare.batched(): it cannot also be a web endpoint")
+                fn._web = [{**web, "method_name": None}]
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn
@@ -229,10 +234,13 @@ class App:
             if isinstance(c, Cls):
                 raise exception.InvalidError("@app.cls() is applied twice to the same class")
             info = class_info(c)
-            if not info["methods"]:
-                raise exception.InvalidError(f"{c.__qualname__} has no @flare.method(): nothing to call")
+            if not info["methods"] and not info.get("web"):
+                raise exception.InvalidError(
+                    f"{c.__qualname__} has no @flare.method() and no web endpoint: nothing to call"
+                )
             # The class's own concurrency (@flare.concurrent above or below @app.cls).
             base = _register_class(register, c)
+            base._web = [dict(ep) for ep in info.get("web") or ()]
             batch = info.get("batched")
             if batch is not None and base._options is not None:
                 # Up to max_batch_size inputs reach one container, so that a batch can fill.
@@ -426,14 +434,19 @@ def _function_def(
     }
     if getattr(fn, "_is_class", False):
         fdef["is_class"] = True
+    if fn._web:
+        fdef["web"] = [dict(ep) for ep in fn._web]
     if image_id is not None:
         fdef["image_id"] = image_id
     return fdef
 
 
-def _publish(app: App, client: Client, name: str, mode: str, show_output: bool = False) -> str:
-    """Build the functions' images, create the app on the server, upload the code mount,
-    register the functions."""
+def _publish(
+    app: App, client: Client, name: str, mode: str, show_output: bool = False, into_app_id: str | None = None
+) -> str:
+    """Build the functions' images, create the app on the server (``into_app_id``: register
+    into that running app instead, as ``flare serve`` does on a reload: new versions of its
+    functions), upload the code mount, register the functions."""
     from . import _api
     from ._blobs import BlobSet
     from ._mount import collect_files, sdk_entries
@@ -459,11 +472,13 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     # The SDK and cloudpickle reach containers through the store too (one upload check
     # with the code mount's files), never as host paths for the server to bind.
     sdk_files = sdk_entries(blobs)
-    body: dict[str, Any] = {"name": name, "mode": mode}
-    if app._description:
-        body["description"] = app._description
-    resp = client.request("POST", _api.apps(), body)
-    app_id: str = resp["app_id"]
+    if into_app_id is not None:
+        app_id = into_app_id
+    else:
+        body: dict[str, Any] = {"name": name, "mode": mode}
+        if app._description:
+            body["description"] = app._description
+        app_id = str(client.request("POST", _api.apps(), body)["app_id"])
     app._app_id = app_id
     mount_id, sdk_mount = _create_mounts(client, blobs, entries, sdk_files)
     defs = []
@@ -474,10 +489,31 @@ def _publish(app: App, client: Client, name: str, mode: str, show_output: bool =
     app._defs = {d["name"]: d for d in defs}
     if defs:
         registered = client.request("POST", _api.app_functions(app_id), {"functions": defs})["functions"]
-        ids = {r["name"]: r["function_id"] for r in registered}
-        for fn in app._functions.values():
-            fn._function_id = ids.get(fn._tag)
+        take_registration(app, registered)
     return app_id
+
+
+def take_registration(app: App, registered: list[dict[str, Any]]) -> None:
+    """The ids and web endpoint URLs of the registration answer, onto the app's functions."""
+    by_name = {r["name"]: r for r in registered}
+    for fn in app._functions.values():
+        r = by_name.get(fn._tag)
+        fn._function_id = r["function_id"] if r is not None else None
+        fn._forget_web_urls()
+        if r is not None:
+            fn._take_web_urls(r)
+
+
+def web_urls(app: App) -> list[tuple[str, str]]:
+    """``(name, url)`` of every web endpoint of the registered app (a class's as
+    ``Class.method``), in definition order."""
+    out: list[tuple[str, str]] = []
+    for fn in app._functions.values():
+        if fn._web_url:
+            out.append((fn._tag, fn._web_url))
+        for method, url in fn._web_urls.items():
+            out.append((f"{fn._tag}.{method}", url))
+    return out
 
 
 def _create_mounts(client: Client, blobs: BlobSet, *mounts: list[dict[str, Any]] | None) -> list[str | None]:
@@ -594,6 +630,7 @@ class _RunContext:
             app._app_id = None
             for fn in app._functions.values():
                 fn._function_id = None
+                fn._forget_web_urls()
             for c in app._classes.values():
                 for bound in c._bound.values():
                     bound._function_id = None

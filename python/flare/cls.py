@@ -130,6 +130,7 @@ def class_info(user_cls: type) -> dict[str, Any]:
     exits: list[str] = []
     methods: dict[str, dict[str, bool]] = {}
     batched: list[tuple[str, Any, dict[str, int]]] = []
+    web: list[dict[str, Any]] = []
     seen: dict[str, Any] = {}
     for klass in reversed(user_cls.__mro__[:-1]):
         seen.update(klass.__dict__)
@@ -161,6 +162,15 @@ def class_info(user_cls: type) -> dict[str, Any]:
         if "exit" in marks:
             exits.append(name)
         batch = getattr(raw, "__flare_batched__", None)
+        endpoint = getattr(raw, "__flare_web__", None)  # flare/web_endpoints.py's mark
+        if isinstance(endpoint, dict):
+            if "enter" in marks or "exit" in marks:
+                raise exception.InvalidError(
+                    f"{user_cls.__qualname__}.{name} is a lifecycle hook (@flare.enter/@flare.exit): it cannot be a web endpoint"
+                )
+            web.append({**endpoint, "method_name": name})
+            if endpoint.get("kind") == "fastapi":
+                marks = {**marks, "method": {}}  # a FastAPI endpoint can also be called with .remote()
         if "method" in marks or batch is not None:
             flags = _code_flags(raw)
             methods[name] = {"is_generator": bool(flags & 0x220), "is_async": bool(flags & 0x280)}
@@ -178,6 +188,8 @@ def class_info(user_cls: type) -> dict[str, Any]:
     }
     if batched:
         info["batched"] = _check_batched_class(user_cls.__qualname__, batched, methods)
+    if web:
+        info["web"] = web
     return info
 
 
@@ -428,6 +440,9 @@ def register_variant(app: App, owner: Cls, params: dict[str, Any], tag: str) -> 
     base_def = app._defs[owner._base._tag]
     fdef = copy.deepcopy(base_def)
     fdef["name"] = tag
+    # Web endpoints belong to the class's default pool (their URL, their label): a
+    # parameter/options variant serves .remote() calls only.
+    fdef.pop("web", None)
     override = owner._options_override
     user_options = _user_options(override)
     if user_options:
@@ -476,7 +491,8 @@ class _ClsInstance:
         if m is not None:
             return m
         methods = self._owner._info.get("methods")
-        if methods is not None and name not in methods:
+        web_methods = [ep.get("method_name") for ep in self._owner._info.get("web") or ()]
+        if methods is not None and name not in methods and name not in web_methods:
             raise AttributeError(
                 f"{self._owner._tag} has no method {name!r} (its methods: {', '.join(sorted(methods)) or 'none'}; "
                 "methods need @flare.method())"
@@ -528,6 +544,15 @@ class _MethodFunction(Function):
 
     def _hydrate_metadata(self, info: dict[str, Any]) -> None:
         pass
+
+    def _get_web_url(self) -> str | None:
+        """The URL of this method's web endpoint (the class's default pool serves them), or None."""
+        base = self._inst._owner._base
+        if base._raw_f is not None and not any(ep.get("method_name") == self._method_name for ep in base._web):
+            return None
+        if not base._web_known:
+            base._get_web_url()
+        return base._web_urls.get(self._method_name)
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self._inst._local_instance(), self._method_name)(*args, **kwargs)

@@ -57,6 +57,13 @@ class Function(_Object):
         self._app = app
         self._options = options
         self._serialized = serialized
+        # Web endpoints (flare/web_endpoints.py): the definition's "web" list, and the URLs
+        # the server gave (``web_urls``: a class's, by method name); ``_web_known`` once
+        # the server said (None is an answer too: no endpoint).
+        self._web: list[dict[str, Any]] = []
+        self._web_url: str | None = None
+        self._web_urls: dict[str, str] = {}
+        self._web_known = False
         code = getattr(raw_f, "__code__", None)
         flags = code.co_flags if code is not None else 0
         self._is_generator = bool(flags & 0x220)  # CO_GENERATOR | CO_ASYNC_GENERATOR
@@ -75,6 +82,7 @@ class Function(_Object):
         self.spawn_map = Method(self._spawn_map, self._spawn_map_aio)
         self.update_autoscaler = Method(self._update_autoscaler, self._update_autoscaler_aio)
         self.get_current_stats = Method(self._get_current_stats, self._get_current_stats_aio)
+        self.get_web_url = Method(self._get_web_url, self._get_web_url_aio)
 
     # ------------------------------------------------------------------ identity
 
@@ -146,9 +154,55 @@ class Function(_Object):
     def _hydrate_metadata(self, info: dict[str, Any]) -> None:
         self._is_generator = bool(info.get("is_generator", self._is_generator))
         self._is_async = bool(info.get("is_async", self._is_async))
+        self._take_web_urls(info)
 
     def _metadata(self) -> dict[str, Any]:
-        return {"is_generator": self._is_generator, "is_async": self._is_async}
+        meta: dict[str, Any] = {"is_generator": self._is_generator, "is_async": self._is_async}
+        if self._web_known:
+            meta["web_url"] = self._web_url
+            if self._web_urls:
+                meta["web_urls"] = dict(self._web_urls)
+        return meta
+
+    def _take_web_urls(self, info: dict[str, Any]) -> None:
+        """The ``web_url`` / ``web_urls`` of a registration answer or a lookup (the server
+        leaves out a null ``web_url`` and empty ``web_urls``: such an answer means none), or
+        of a pickled reference's metadata when it has them."""
+        if "web_url" in info or "web_urls" in info or "function_id" in info:
+            url = info.get("web_url")
+            self._web_url = url if isinstance(url, str) and url else None
+            urls = info.get("web_urls")
+            self._web_urls = {str(k): str(v) for k, v in urls.items() if v} if isinstance(urls, dict) else {}
+            self._web_known = True
+
+    def _forget_web_urls(self) -> None:
+        self._web_url = None
+        self._web_urls = {}
+        self._web_known = False
+
+    # ------------------------------------------------------------------ web endpoints
+
+    def _get_web_url(self) -> str | None:
+        """The URL of the function's web endpoint (``@flare.fastapi_endpoint()``,
+        ``asgi_app``, ``wsgi_app``, ``web_server``), or None when it has none. Looks the
+        function up first if needed (a ``from_name`` reference, or inside a container)."""
+        if self._raw_f is not None and not self._web and not self._web_known:
+            return None  # its definition is here, and it has no endpoint
+        if not self._web_known:
+            self._hydrate()
+        if not self._web_known and self._object_id is not None:
+            # Hydrated without the URLs (a reference pickled before they were known).
+            try:
+                info = self._resolve()  # by name, or (in a container) through its app
+            except exception.ExecutionError:
+                from . import _api
+
+                info = _client().request("GET", _api.function(self._object_id))
+            self._take_web_urls(info)
+        return self._web_url
+
+    async def _get_web_url_aio(self) -> str | None:
+        return await in_thread(self._get_web_url)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ local
 

@@ -491,11 +491,72 @@ pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
             )));
         }
     }
+    validate_web(f)?;
     if let Some(r) = &c.retries {
         if r.max_retries > 10 || r.initial_delay < 0.0 || r.max_delay < 0.0 || r.backoff_coefficient < 1.0 {
             return Err(ApiError::invalid(
                 "retries: max_retries must be <= 10, delays >= 0, backoff_coefficient >= 1",
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two secrets are equal, in time independent of where they differ.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `label` can be a host name's first label: 1 to 63 of `a-z`, `0-9` and `-`, not
+/// starting or ending with `-`.
+pub fn valid_web_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn validate_web(f: &FunctionDef) -> Result<(), ApiError> {
+    use flare_proto::WebKind;
+    if f.web.len() > 1 && !f.is_class {
+        return Err(ApiError::invalid(format!("function {:?}: a function serves one web endpoint", f.name)));
+    }
+    let mut methods = std::collections::HashSet::new();
+    for w in &f.web {
+        if !methods.insert(w.method_name.as_deref()) {
+            return Err(ApiError::invalid(format!("function {:?}: two web endpoints on one method", f.name)));
+        }
+        if let Some(label) = &w.label {
+            if !valid_web_label(label) {
+                return Err(ApiError::invalid(format!(
+                    "function {:?}: web label {label:?} must be 1 to 63 of a-z, 0-9 and '-', not starting \
+                     or ending with '-'",
+                    f.name
+                )));
+            }
+        }
+        match (w.kind, w.port) {
+            (WebKind::Server, None | Some(0)) => {
+                return Err(ApiError::invalid(format!("function {:?}: web_server needs a port", f.name)))
+            }
+            (WebKind::Server, _) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(ApiError::invalid(format!("function {:?}: only web_server takes a port", f.name)))
+            }
+        }
+        if let Some(t) = w.startup_timeout {
+            if !(t > 0.0 && t <= 3600.0) {
+                return Err(ApiError::invalid(format!(
+                    "function {:?}: startup_timeout={t} out of range (0 to 3600 s)",
+                    f.name
+                )));
+            }
+        }
+        if let Some(m) = &w.http_method {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ApiError::invalid(format!("function {:?}: bad HTTP method {m:?}", f.name)));
+            }
         }
     }
     Ok(())
@@ -537,6 +598,11 @@ pub fn validate_host_paths(f: &FunctionDef, policy: &HostBindPolicy) -> Result<(
 pub struct FunctionRef {
     pub name: String,
     pub function_id: String,
+    /// The URL of the function's web endpoint (a class's: `web_urls`, by method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub web_urls: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -551,6 +617,11 @@ pub struct FunctionInfo {
     pub app_id: String,
     pub is_generator: bool,
     pub is_async: bool,
+    /// The URL of the function's web endpoint (a class's: `web_urls`, by method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub web_urls: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

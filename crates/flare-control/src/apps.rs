@@ -204,6 +204,7 @@ impl ControlPlane {
         let mut st = self.lock();
         let st = &mut *st;
         Self::running_app(st, app_id)?;
+        crate::services::ingress::check_labels(st, app_id, &defs)?;
         let mut out = Vec::new();
         for def in defs {
             let existing = st.apps.get(app_id).and_then(|a| a.functions.get(&def.name)).cloned();
@@ -221,10 +222,15 @@ impl ControlPlane {
                     f.def = def.clone();
                     f.version += 1;
                     f.active = true;
-                    // Old-version containers drain: they take no new inputs and stop when idle.
+                    // Old-version containers drain: they take no new inputs and stop when
+                    // idle; one serving web requests stops once they finish (a reload of
+                    // `flare serve` lets in-flight requests end on the old version).
                     let old: Vec<String> = f.containers.iter().cloned().collect();
                     for cid in old {
-                        stop_container(st, &cid, true);
+                        match st.containers.get_mut(&cid) {
+                            Some(c) if c.web_inflight > 0 => c.retire = true,
+                            _ => stop_container(st, &cid, true),
+                        }
                     }
                 }
                 None => {
@@ -291,7 +297,7 @@ impl ControlPlane {
                 let mut idle = true;
                 if let Some(c) = st.containers.get_mut(&cid) {
                     let inflight: Vec<QueuedInput> = c.inflight.values().cloned().collect();
-                    idle = inflight.is_empty();
+                    idle = inflight.is_empty() && c.web_inflight == 0;
                     c.cancelled.extend(inflight.iter().map(|q| q.input_id.clone()));
                     for qi in inflight {
                         let out = platform_output(&qi, OutputStatus::Terminated, exc.clone());
@@ -342,12 +348,15 @@ impl ControlPlane {
         })?;
         let f =
             st.functions.get(fid).ok_or_else(|| ApiError::not_found(format!("function {fid} not found")))?;
+        let (web_url, web_urls) = crate::services::ingress::urls_of(&st, fid);
         Ok(flare_api::FunctionInfo {
             function_id: f.id.clone(),
             name: f.name.clone(),
             app_id: f.app_id.clone(),
             is_generator: f.def.is_generator,
             is_async: f.def.is_async,
+            web_url,
+            web_urls,
         })
     }
 

@@ -58,7 +58,7 @@ pub(crate) fn autoscale(st: &mut State, fid: &str) {
     let mut in_flight = 0u64;
     for cid in &f.containers {
         if let Some(c) = st.containers.get(cid) {
-            in_flight += c.inflight.len() as u64;
+            in_flight += c.load() as u64;
             if c.state != CState::Stopping && c.fn_version == f.version {
                 live += 1;
                 if c.state == CState::Starting {
@@ -70,7 +70,7 @@ pub(crate) fn autoscale(st: &mut State, fid: &str) {
     let cfg = &f.def.config;
     let n = scheduler::containers_to_start(
         scheduler::ScaleInput {
-            backlog: f.queue.len() as u64,
+            backlog: f.queue.len() as u64 + f.web_waiting as u64,
             in_flight,
             live,
             starting,
@@ -155,6 +155,8 @@ pub(crate) fn autoscale(st: &mut State, fid: &str) {
                 memory_limit_mb,
                 cpu_limit,
                 logs: LogBucket::new(st.config.log_burst_bytes),
+                web_inflight: 0,
+                retire: false,
             },
         );
         f.containers.insert(cid);
@@ -198,12 +200,7 @@ fn eviction_plan(st: &State, fid: &str, req: &scheduler::Request) -> Vec<String>
         let mut idle: Vec<(Instant, &str, &str)> = st
             .containers
             .values()
-            .filter(|c| {
-                c.worker_id == wid
-                    && c.function_id != fid
-                    && c.state == CState::Ready
-                    && c.inflight.is_empty()
-            })
+            .filter(|c| c.worker_id == wid && c.function_id != fid && c.state == CState::Ready && c.is_idle())
             .map(|c| (c.idle_since, c.id.as_str(), c.function_id.as_str()))
             .collect();
         idle.sort();

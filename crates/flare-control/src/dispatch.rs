@@ -8,6 +8,10 @@ use crate::state::{CState, State};
 /// Hands a function's queued inputs to its containers with free slots.
 pub(crate) fn dispatch(st: &mut State, fid: &str) {
     let Some(f) = st.functions.get_mut(fid) else { return };
+    if f.web_waiting > 0 {
+        // Web requests waiting for a slot look again (crate::services::ingress).
+        f.web_wake.send_modify(|v| *v += 1);
+    }
     if !f.active || f.queue.is_empty() {
         return;
     }
@@ -27,7 +31,7 @@ pub(crate) fn dispatch(st: &mut State, fid: &str) {
         if w.draining {
             continue;
         }
-        let free = max_inputs.saturating_sub(c.inflight.len());
+        let free = max_inputs.saturating_sub(c.load());
         if free == 0 {
             continue;
         }

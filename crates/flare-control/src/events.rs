@@ -38,6 +38,7 @@ impl ControlPlane {
                 let wid = c.worker_id.clone();
                 if let Some(f) = st.functions.get_mut(&fid) {
                     f.start_failures = 0;
+                    f.init_error = None;
                     if let Some(img) = &f.def.image {
                         if let Some(w) = st.workers.iter_mut().find(|w| w.link.id == wid) {
                             w.images.insert(&img.manifest);
@@ -65,6 +66,10 @@ impl ControlPlane {
                         exception.type_name, exception.message, exception.traceback
                     ),
                 );
+                if let Some(f) = st.functions.get_mut(&fid) {
+                    f.init_error = Some(format!("{}: {}", exception.type_name, exception.message));
+                    f.web_wake.send_modify(|v| *v += 1);
+                }
                 fail_queue(st, self.persist(), &fid, OutputStatus::InitFailure, &exception);
             }
             FromWorker::Outputs { container_id, outputs } => {
@@ -123,7 +128,7 @@ impl ControlPlane {
                 finals.push((qi, o));
             }
         }
-        if c.inflight.is_empty() {
+        if c.is_idle() {
             c.idle_since = Instant::now();
         }
         for (qi, o) in items {

@@ -8,6 +8,7 @@
 //! registration are stopped.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use flare_proto::wire::worker_hub_server::{WorkerHub, WorkerHubServer};
 use flare_proto::wire::{self, worker_message::Msg};
@@ -76,6 +77,7 @@ impl WorkerHub for Hub {
                 }
             }
         });
+        let web_address = tunnel_address(&reg.web_address, &peer);
         let address = if reg.address.is_empty() { peer } else { reg.address };
         self.cp.add_worker(WorkerLink {
             id: reg.worker_id.clone(),
@@ -86,6 +88,10 @@ impl WorkerHub for Hub {
             session: session.clone(),
             remote: true,
             address,
+            web: web_address.map(|address| {
+                Arc::new(crate::services::ingress::TunnelDialer { address, token: self.token.clone() })
+                    as Arc<dyn crate::services::ingress::WebDialer>
+            }),
         });
         if reg.draining {
             self.cp.worker_heartbeat(&reg.worker_id, &session, true);
@@ -115,5 +121,32 @@ impl WorkerHub for Hub {
             drop(out_tx);
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+}
+
+/// Where a worker's web tunnel is dialed: what it advertised, with the address its session
+/// comes from in place of an unspecified host (`0.0.0.0:7879`); `None`: no tunnel.
+fn tunnel_address(advertised: &str, peer: &str) -> Option<String> {
+    if advertised.is_empty() {
+        return None;
+    }
+    let (host, port) = advertised.rsplit_once(':')?;
+    if matches!(host, "0.0.0.0" | "[::]" | "::" | "") {
+        // `peer` is the session's IP address.
+        return Some(if peer.contains(':') { format!("[{peer}]:{port}") } else { format!("{peer}:{port}") });
+    }
+    Some(advertised.to_string())
+}
+
+#[cfg(test)]
+mod tunnel_tests {
+    use super::tunnel_address;
+
+    #[test]
+    fn tunnel_addresses() {
+        assert_eq!(tunnel_address("", "10.0.0.5"), None);
+        assert_eq!(tunnel_address("0.0.0.0:7879", "10.0.0.5").as_deref(), Some("10.0.0.5:7879"));
+        assert_eq!(tunnel_address("[::]:7879", "fd00::5").as_deref(), Some("[fd00::5]:7879"));
+        assert_eq!(tunnel_address("w1.internal:7879", "10.0.0.5").as_deref(), Some("w1.internal:7879"));
     }
 }

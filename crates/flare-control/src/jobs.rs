@@ -227,9 +227,7 @@ fn scale_down(_: &ControlPlane, st: &mut State, now: Instant) {
         let excess = if f.active { live.saturating_sub(min) } else { live };
         let idle = f.containers.iter().filter(|id| {
             st.containers.get(*id).is_some_and(|c| {
-                c.state == CState::Ready
-                    && c.inflight.is_empty()
-                    && now.duration_since(c.idle_since) >= window
+                c.state == CState::Ready && c.is_idle() && now.duration_since(c.idle_since) >= window
             })
         });
         let before = stop.len();
@@ -267,9 +265,7 @@ fn drain_idle(_: &ControlPlane, st: &mut State, _: Instant) {
     let idle: Vec<String> = st
         .containers
         .values()
-        .filter(|c| {
-            draining.contains(c.worker_id.as_str()) && c.inflight.is_empty() && c.state != CState::Stopping
-        })
+        .filter(|c| draining.contains(c.worker_id.as_str()) && c.is_idle() && c.state != CState::Stopping)
         .map(|c| c.id.clone())
         .collect();
     for cid in idle {

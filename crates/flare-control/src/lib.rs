@@ -90,6 +90,8 @@ pub struct ControlConfig {
     /// snapshot index) take it as a bearer token. `None`: no remote workers, and those
     /// routes refuse every request.
     pub worker_token: Option<String>,
+    /// Where web endpoints are served.
+    pub web: services::ingress::WebSettings,
 }
 
 /// Default memory limit of containers without `memory=` (MiB).
@@ -107,6 +109,7 @@ impl Default for ControlConfig {
             call_retention: Duration::from_secs_f64(DEFAULT_CALL_RETENTION_DAYS * 86400.0),
             call_window: DEFAULT_CALL_WINDOW,
             worker_token: None,
+            web: services::ingress::WebSettings::default(),
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct WorkerLink {
     pub remote: bool,
     /// Where the worker connects from, for display.
     pub address: String,
+    /// How the ingress reaches this worker's containers' web endpoints (`None`: it cannot).
+    pub web: Option<Arc<dyn services::ingress::WebDialer>>,
 }
 
 impl WorkerLink {
@@ -159,6 +164,7 @@ impl WorkerLink {
             session: "local".into(),
             remote: false,
             address: "in-process".into(),
+            web: None,
         }
     }
 }
@@ -192,6 +198,8 @@ struct Inner {
     body_budget_kib: u32,
     /// Gives the allocator's free memory back to the system (installed by the binary).
     heap_trim: std::sync::OnceLock<fn()>,
+    /// Tokens of endpoints with `requires_proxy_auth`.
+    proxy_tokens: services::proxy_auth::Tokens,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -247,12 +255,23 @@ impl ControlPlane {
             body_budget: Arc::new(tokio::sync::Semaphore::new(body_budget_kib as usize)),
             body_budget_kib,
             heap_trim: std::sync::OnceLock::new(),
+            proxy_tokens: services::proxy_auth::Tokens::open(home),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
         jobs::spawn(&cp, &config);
         Ok(cp)
+    }
+
+    /// The URLs of a function's web endpoints (see [`services::ingress`]).
+    pub fn web_urls(&self, fid: &str) -> (Option<String>, BTreeMap<String, String>) {
+        services::ingress::urls_of(&self.lock(), fid)
+    }
+
+    /// The proxy auth tokens.
+    pub(crate) fn proxy_tokens(&self) -> &services::proxy_auth::Tokens {
+        &self.inner.proxy_tokens
     }
 
     pub fn home(&self) -> &Path {

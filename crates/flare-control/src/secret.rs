@@ -1,9 +1,8 @@
 //! Comparing secrets (the worker token) without leaking where they differ.
 
-/// Byte-wise comparison whose time does not depend on where the inputs differ.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+/// Byte-wise comparison whose time does not depend on where the inputs differ (shared with
+/// the worker's web tunnel).
+pub(crate) use flare_api::same_secret;
 
 #[cfg(test)]
 mod tests {

@@ -57,7 +57,7 @@ impl ControlPlane {
             let idle: Vec<String> = st
                 .containers
                 .values()
-                .filter(|c| c.worker_id == worker_id && c.inflight.is_empty())
+                .filter(|c| c.worker_id == worker_id && c.is_idle())
                 .map(|c| c.id.clone())
                 .collect();
             for cid in idle {

@@ -203,6 +203,64 @@ pub struct FunctionDef {
     /// The image the function runs on; `None`: the caller's own Python environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageUse>,
+    /// Web endpoints the function serves (`@flare.asgi_app()` & co.); a class may have one
+    /// per method. Their containers take HTTP requests from the ingress (docs/WEB.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub web: Vec<WebEndpoint>,
+}
+
+/// What kind of web endpoint a function is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebKind {
+    /// `@flare.fastapi_endpoint` (and the deprecated `web_endpoint`): the function is one
+    /// route of a FastAPI app the runner makes.
+    Fastapi,
+    /// `@flare.asgi_app()`: the function returns an ASGI app.
+    Asgi,
+    /// `@flare.wsgi_app()`: the function returns a WSGI app.
+    Wsgi,
+    /// `@flare.web_server(port)`: the function starts a server on `port` in the container.
+    Server,
+}
+
+/// One web endpoint of a function.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WebEndpoint {
+    pub kind: WebKind,
+    /// The class method that makes the app (`None`: the function itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_name: Option<String>,
+    /// The host label (`<label>.<web domain>`); `None`: `<app>-<function>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// `fastapi` endpoints: the HTTP method of the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_method: Option<String>,
+    /// `fastapi` endpoints: serve the interactive docs at `/docs`.
+    #[serde(default)]
+    pub docs: bool,
+    /// `server` endpoints: the port the server listens on inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Seconds a request waits for a container to start (and a `web_server` for its
+    /// port); `None`: the function's timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<f64>,
+    /// Requests need a proxy auth token (`Flare-Key` / `Flare-Secret` headers).
+    #[serde(default)]
+    pub requires_proxy_auth: bool,
+    /// Accepted and kept; this server serves only its own web domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom_domains: Vec<String>,
+}
+
+impl WebEndpoint {
+    /// The abstract unix socket name the runner serves endpoint `index` on, inside the
+    /// container's network namespace (`web_server` endpoints: their TCP port instead).
+    pub fn socket_name(index: usize) -> String {
+        format!("@flare-web-{index}")
+    }
 }
 
 /// A built image as a worker needs it to start a container on it.

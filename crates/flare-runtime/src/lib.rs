@@ -19,6 +19,7 @@ mod detached;
 mod error;
 mod etc;
 mod net;
+mod netconnect;
 mod output;
 mod plan;
 mod restore;
@@ -34,6 +35,7 @@ pub use cgroup::{CgroupMode, DEFAULT_PIDS_MAX};
 pub use child::KEPT_CAPS;
 pub use command::{base_env, set_env, CommandExit, CommandRunner, CommandSpec, BASE_ENV};
 pub use error::RuntimeError;
+pub use netconnect::{connect_in_netns, NsStream, NsTarget};
 pub use output::LogDecoder;
 pub use restore::RestoreTarget;
 pub use sys::pipe_cloexec;
@@ -58,6 +60,25 @@ pub fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+}
+
+/// Raises the soft limit of open files to the hard limit (a server holding thousands of
+/// web connections, each proxied to a container, needs more than the usual 1024); answers
+/// the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 use cgroup::{CgroupLayout, ContainerCgroup};

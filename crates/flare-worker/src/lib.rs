@@ -18,6 +18,7 @@ pub mod sandbox;
 mod snapshot;
 pub mod snapshot_share;
 mod spec;
+pub mod web;
 
 pub use error::WorkerError;
 
@@ -73,6 +74,8 @@ pub struct WorkerConfig {
     /// Where memory snapshots are shared with the rest of the fleet (a remote worker: the
     /// control plane); `None`: this worker's snapshots are its own.
     pub snapshot_share: Option<Arc<snapshot_share::SnapshotShare>>,
+    /// Where the running containers' web endpoints are (the ingress dials through it).
+    pub web: web::WebTargets,
 }
 
 /// Resources a worker offers.
@@ -272,6 +275,9 @@ fn init_frame(
             "max_inputs": d.config.max_inputs,
         }
     });
+    if !d.web.is_empty() {
+        header["function"]["web"] = serde_json::to_value(&d.web).unwrap_or_default();
+    }
     if let Some((env, cwd)) = extra {
         let env: serde_json::Map<String, serde_json::Value> =
             env.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
@@ -651,6 +657,7 @@ async fn run_container_in(
             next.run(req)
         },
     ));
+    let _web_guard = cfg.web.register(&cid, container.pid(), &a.def.web);
     let api_task = tokio::spawn(axum::serve(listener, api).into_future());
     let _api_guard = AbortOnDrop(api_task);
     tracing::debug!(container = %cid, us = t0.elapsed().as_micros() as u64, "container spawned");

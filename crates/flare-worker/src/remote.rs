@@ -28,6 +28,8 @@ pub struct RemoteConfig {
     pub gpus: BTreeMap<String, u32>,
     /// Shown in `flare worker list`.
     pub address: String,
+    /// host:port of this worker's web tunnel (empty: none).
+    pub web_address: String,
     /// Set (e.g. by `flared worker drain`) to stop taking work and leave once idle.
     pub draining: Arc<AtomicBool>,
 }
@@ -89,6 +91,7 @@ async fn session(
         containers: handle.container_ids(),
         draining: cfg.draining.load(Ordering::Relaxed),
         address: cfg.address.clone(),
+        web_address: cfg.web_address.clone(),
     };
     let _ = out_tx.send(wire::WorkerMessage { msg: Some(Msg::Register(register)) });
     let resp = client.session(UnboundedReceiverStream::new(out_rx)).await.map_err(|s| match s.code() {

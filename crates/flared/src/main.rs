@@ -99,11 +99,23 @@ struct ApiArgs {
     /// Log output a container may write in one burst (KiB).
     #[arg(long, value_name = "KIB", default_value_t = 8192)]
     log_burst_kib: u64,
+    /// The web endpoints' domain: each is served at `<label>.<domain>` (default
+    /// `localhost:<API port>`, which browsers and curl resolve to loopback with no DNS
+    /// set-up; a fleet behind a real domain sets it, e.g. `flare.example.com`, with a
+    /// wildcard DNS record and TLS terminated in front).
+    #[arg(long, value_name = "DOMAIN", env = "FLARE_WEB_DOMAIN")]
+    web_domain: Option<String>,
+    /// The scheme of the endpoint URLs handed out (`https` when TLS is terminated in front).
+    #[arg(long, value_name = "SCHEME", default_value = "http", env = "FLARE_WEB_SCHEME")]
+    web_scheme: String,
+    /// Largest web request body (MiB); larger ones get 413.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    web_max_body_mib: u64,
     /// Request bodies held in memory at once, all requests together (MiB).
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     body_budget_mib: usize,
     /// Open HTTP connections at most; more wait in the listen backlog.
-    #[arg(long, value_name = "N", default_value_t = 512)]
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     max_connections: usize,
     /// Seconds a client has to send a request's headers (slow clients are disconnected).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
@@ -135,6 +147,22 @@ impl ApiArgs {
             call_retention: Duration::from_secs_f64(self.call_retention_days * 86400.0),
             call_window: self.call_window,
             worker_token: None,
+            web: Default::default(),
+        })
+    }
+
+    fn web_settings(&self, listen: SocketAddr) -> Result<flare_control::services::ingress::WebSettings> {
+        if !matches!(self.web_scheme.as_str(), "http" | "https") {
+            bail!("--web-scheme must be http or https");
+        }
+        let domain = self.web_domain.clone().unwrap_or_else(|| format!("localhost:{}", listen.port()));
+        if domain.is_empty() || domain.contains('/') || domain.starts_with('.') {
+            bail!("--web-domain {domain:?}: expected a domain, with an optional port (flare.example.com)");
+        }
+        Ok(flare_control::services::ingress::WebSettings {
+            domain: domain.to_ascii_lowercase(),
+            scheme: self.web_scheme.clone(),
+            max_body_bytes: self.web_max_body_mib << 20,
         })
     }
 
@@ -274,6 +302,14 @@ struct WorkerArgs {
     /// Address shown for this worker in `flare worker list`.
     #[arg(long, default_value = "")]
     address: String,
+    /// Where this worker serves the control plane's tunnels to its containers' web
+    /// endpoints (e.g. `0.0.0.0:7879`); without it, its containers serve no web requests.
+    #[arg(long, value_name = "ADDR", env = "FLARE_WEB_LISTEN")]
+    web_listen: Option<SocketAddr>,
+    /// The host:port the control plane dials for the tunnel (default: `--web-listen`, with
+    /// the address this worker's session comes from when that is 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    web_advertise: Option<String>,
     #[command(flatten)]
     host_binds: HostBindArgs,
     #[command(flatten)]
@@ -416,6 +452,23 @@ fn open_control(home: &Path, config: flare_control::ControlConfig) -> Result<Con
     Ok(cp)
 }
 
+/// The embedded server's worker, reached in-process by the web ingress.
+struct LocalWeb(flare_worker::web::WebTargets);
+
+impl flare_control::services::ingress::WebDialer for LocalWeb {
+    fn dial(
+        &self,
+        container_id: &str,
+        endpoint: usize,
+    ) -> flare_control::services::ingress::upstream::Dialing {
+        let (targets, cid) = (self.0.clone(), container_id.to_string());
+        Box::pin(async move {
+            let s = targets.dial(&cid, endpoint).await?;
+            Ok(Box::new(s) as Box<dyn flare_control::services::ingress::WebIo>)
+        })
+    }
+}
+
 /// The API router, plus the worker hub on the same port when a token is set.
 fn api_router(cp: &ControlPlane, worker_token: Option<String>) -> axum::Router {
     let router = api::router(cp.clone());
@@ -445,7 +498,7 @@ async fn serve_api(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (is another server running?)"))?;
-    let router = api::harden(router, cp, limits.policy);
+    let router = flare_control::services::ingress::layer(api::harden(router, cp, limits.policy), cp.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -485,7 +538,8 @@ async fn serve_api(
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+        let conn =
+            graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -521,6 +575,7 @@ async fn stop_containers(cp: &ControlPlane) {
 async fn server(args: ServerArgs) -> Result<()> {
     let mut config = args.common.api.control_config()?;
     config.worker_token = args.worker_token.clone().filter(|t| !t.is_empty());
+    config.web = args.common.api.web_settings(args.common.listen)?;
     let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
@@ -535,6 +590,7 @@ async fn server(args: ServerArgs) -> Result<()> {
     let prestart = args.prestart.config();
     // Idle pre-started runners belong to no app: their memory is the worker's, not offered.
     res.memory_mb = res.memory_mb.saturating_sub(prestart.reserved_mb());
+    let web_targets = flare_worker::web::WebTargets::default();
     let worker = flare_worker::start(
         flare_worker::WorkerConfig {
             id: "local".into(),
@@ -547,12 +603,14 @@ async fn server(args: ServerArgs) -> Result<()> {
             host_binds,
             prestart,
             snapshot_share: None,
+            web: web_targets.clone(),
         },
         events_tx,
     );
     tokio::spawn(cp.clone().run_worker_events(events_rx));
     let mut link = WorkerLink::local("local", worker.tx.clone(), res.cpu_millis, res.memory_mb);
     link.gpus = discovered_gpus();
+    link.web = Some(Arc::new(LocalWeb(web_targets)));
     cp.add_worker(link);
     let pid_path = write_pid(&home, "flared")?;
     tracing::info!(listen = %args.common.listen, home = %home.display(), cgroups = ?runtime.cgroup_mode(), remote_workers = args.worker_token.is_some(), "flared server ready");
@@ -571,6 +629,7 @@ async fn control(args: ControlArgs) -> Result<()> {
     }
     let mut config = args.common.api.control_config()?;
     config.worker_token = Some(args.worker_token.clone());
+    config.web = args.common.api.web_settings(args.common.listen)?;
     let limits = args.common.api.listen_limits();
     let home = prepare_home(args.common.home)?;
     let _lock = lock_home(&home, "flared")?;
@@ -649,6 +708,17 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?
         .with_userns(runtime.userns());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let web_targets = flare_worker::web::WebTargets::default();
+    let web_address = match args.web_listen {
+        Some(listen) => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("--web-listen {listen}"))?;
+            tokio::spawn(flare_worker::web::serve_tunnel(l, web_targets.clone(), token.clone()));
+            args.web_advertise.clone().unwrap_or_else(|| listen.to_string())
+        }
+        None => String::new(),
+    };
     let handle = flare_worker::start(
         flare_worker::WorkerConfig {
             id: id.clone(),
@@ -665,6 +735,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
                 token.clone(),
                 tokio::runtime::Handle::current(),
             ))),
+            web: web_targets.clone(),
         },
         events_tx,
     );
@@ -689,6 +760,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         resources: res,
         gpus,
         address: args.address,
+        web_address,
         draining,
     };
     let result = tokio::select! {
@@ -767,6 +839,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = flare_runtime::raise_open_files_limit() {
+        tracing::warn!(error = %e, "cannot raise the open files limit");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -837,6 +837,13 @@ def apply_assignment(header: dict[str, Any]) -> None:
             del sys.path_importer_cache[p]
 
 
+def _stop_web(servers: list[Any]) -> None:
+    if servers:
+        from . import web_endpoints
+
+        web_endpoints.stop(servers)
+
+
 def main() -> int:
     fd = FD_OUT
     reader = FrameReader(FD_IN)
@@ -861,6 +868,7 @@ def main() -> int:
     info = header.get("function") or {}
     service: ClassService | None = None
     snapshot = bool(header.get("snapshot"))
+    web_servers: list[Any] = []
     try:
         func = load_function(info, body)
         if isinstance(func, type):
@@ -875,6 +883,12 @@ def main() -> int:
             frames = frames[:1] + more
             if service is not None:
                 service.run_later_enter_hooks()
+        if info.get("web"):
+            # Web endpoints (after the restore point: their sockets and threads are not
+            # in a snapshot): serving before READY, so the first request finds them.
+            from . import web_endpoints
+
+            web_servers = web_endpoints.start(info, func, service.obj if service is not None else None)
     except BaseException as e:  # noqa: BLE001 - report anything, including SystemExit
         exc = exception_info(e)
         try:
@@ -894,9 +908,11 @@ def main() -> int:
     try:
         runner.serve()
     except BrokenPipeError:
+        _stop_web(web_servers)
         if service is not None:
             service.run_exit_hooks()
         return 0
+    _stop_web(web_servers)
     if service is not None:
         service.run_exit_hooks()
     try:

@@ -1,5 +1,5 @@
-"""The ``flare`` command line: run, deploy, app list|stop|logs, container list, worker list,
-image list|inspect, server start|stop|status. One module per command group; this one
+"""The ``flare`` command line: run, serve, deploy, app list|stop|logs, container list, worker
+list, image list|inspect, proxy-auth create|list|delete, server start|stop|status. One module per command group; this one
 parses the command line and maps errors to messages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import traceback
 
 from .. import __version__, exception
 from .._server import ensure_server
-from . import app, container, deploy, image, run, server, worker
+from . import app, container, deploy, image, proxy_auth, run, serve, server, worker
 from ._common import UserError
 
 TYPE_CHECKING = False
@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 # The command groups, in the order `flare --help` lists them.
 _COMMANDS = {
     "run": run,
+    "serve": serve,
     "deploy": deploy,
     "app": app,
     "container": container,
     "worker": worker,
     "image": image,
+    "proxy-auth": proxy_auth,
     "server": server,
 }
 

@@ -63,6 +63,16 @@ def _apps_in(module: Any) -> list[App]:
     return seen
 
 
+def _the_app(module: Any, command: str) -> App:
+    """The one app of ``module`` (``flare deploy``/``flare serve`` take one app per module)."""
+    apps = _apps_in(module)
+    if not apps:
+        raise UserError(f"no flare.App found in {module.__name__}", "define one with `app = flare.App(\"name\")`")
+    if len(apps) > 1:
+        raise UserError(f"{module.__name__} defines several apps; {command} one module per app")
+    return apps[0]
+
+
 def _resolve(module: Any, name: str | None) -> tuple[App, LocalEntrypoint | Function]:
     apps = _apps_in(module)
     if not apps:

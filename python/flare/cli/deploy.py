@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._output import enable_output
+from ..app import web_urls
 from ._common import UserError
 from ._load import _apps_in, _import_target
 
@@ -36,4 +37,6 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
     with enable_output():  # shows image builds
         app.deploy(name)
     print(f"Deployed app {name!r} ({app.app_id}) with functions: {', '.join(app._functions) or '(none)'}")
+    for fn_name, url in web_urls(app):
+        print(f"  web function {fn_name} => {url}")
     return 0

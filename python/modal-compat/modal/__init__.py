@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         Image as Image,
         Retries as Retries,
         __version__ as __version__,
+        asgi_app as asgi_app,
         batched as batched,
         concurrent as concurrent,
         current_function_call_id as current_function_call_id,
@@ -38,9 +39,13 @@ if TYPE_CHECKING:
         enable_output as enable_output,
         enter as enter,
         exit as exit,
+        fastapi_endpoint as fastapi_endpoint,
         is_local as is_local,
         method as method,
         parameter as parameter,
+        web_endpoint as web_endpoint,
+        web_server as web_server,
+        wsgi_app as wsgi_app,
     )
 
     from . import exception as exception

@@ -1,6 +1,6 @@
-"""Modal's ``modal.partial_function``: the decorators Flare has (``batched``, ``concurrent``, ``enter``, ``exit``,
-``method``);
-the others raise ``ImportError`` saying they are not available yet."""
+"""Modal's ``modal.partial_function``: its decorators, Flare's own (``asgi_app``, ``batched``,
+``concurrent``, ``enter``, ``exit``, ``fastapi_endpoint``, ``method``, ``web_endpoint``,
+``web_server``, ``wsgi_app``); one Flare lacked would raise ``ImportError`` saying so."""
 
 from __future__ import annotations
 

@@ -31,8 +31,9 @@ SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
+    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server",
 ]
-MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "web_endpoint", "fastapi_endpoint", "asgi_app", "Client"]
+MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -77,8 +78,8 @@ def test_missing_names_raise_a_clear_error(name: str) -> None:
 def test_the_error_names_the_issue() -> None:
     with pytest.raises(ImportError, match=r"\(#13; see docs/COMPAT\.md\)"):
         _ = modal.Volume
-    with pytest.raises(ImportError, match=r"\(#12; see docs/COMPAT\.md\)"):
-        _ = modal.asgi_app
+    with pytest.raises(ImportError, match=r"\(#12 .*; see docs/COMPAT\.md\)"):
+        _ = modal.Server
 
 
 @pytest.mark.parametrize("name", NOT_APPLICABLE)
@@ -173,13 +174,15 @@ def test_submodules(module: str, name: str) -> None:
     assert name in mod.__all__
 
 
-def test_partial_function_missing_decorators() -> None:
-    with pytest.raises(ImportError, match=r"^modal\.partial_function\.asgi_app is not available in Flare yet"):
-        exec("from modal.partial_function import asgi_app", {})
+def test_partial_function_decorators() -> None:
     ns: dict[str, object] = {}
     exec("from modal.partial_function import enter, exit, method, batched", ns)
     assert ns["method"] is flare.method and ns["enter"] is flare.enter and ns["exit"] is flare.exit
     assert ns["batched"] is flare.batched
+    exec("from modal.partial_function import asgi_app, wsgi_app, fastapi_endpoint, web_endpoint, web_server", ns)
+    assert ns["asgi_app"] is flare.asgi_app and ns["wsgi_app"] is flare.wsgi_app
+    assert ns["fastapi_endpoint"] is flare.fastapi_endpoint and ns["web_endpoint"] is flare.web_endpoint
+    assert ns["web_server"] is flare.web_server
 
 
 @pytest.mark.parametrize("sub", ["volume", "cls", "secret", "dict", "queue", "sandbox", "runner", "config"])

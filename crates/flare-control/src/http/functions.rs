@@ -26,9 +26,14 @@ async fn register_functions(
 ) -> R<FunctionsRegistered> {
     let (done, ticket) = cp.register_functions_queued(&app_id, req.functions)?;
     ticket.wait().await?;
-    Ok(Json(FunctionsRegistered {
-        functions: done.into_iter().map(|(name, function_id)| FunctionRef { name, function_id }).collect(),
-    }))
+    let functions = done
+        .into_iter()
+        .map(|(name, function_id)| {
+            let (web_url, web_urls) = cp.web_urls(&function_id);
+            FunctionRef { name, function_id, web_url, web_urls }
+        })
+        .collect();
+    Ok(Json(FunctionsRegistered { functions }))
 }
 
 async fn function_by_app_id(

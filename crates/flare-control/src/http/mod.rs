@@ -9,7 +9,7 @@
 //!   (containers and workers), `meta` (health, OpenAPI).
 
 mod apps;
-mod body;
+pub(crate) mod body;
 mod calls;
 mod cluster;
 mod functions;

@@ -8,9 +8,13 @@
 //! type, the same `container` flag and the same OpenAPI completeness check as the core's.
 //!
 //! - [`snapshots`]: the fleet's memory snapshot records (workers only).
+//! - [`ingress`]: web endpoints (no routes of its own: it sits in front of the API).
+//! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 
 use crate::http::Route;
 
+pub mod ingress;
+pub mod proxy_auth;
 pub mod snapshots;
 
 /// A capability with its own routes.
@@ -24,5 +28,5 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    vec![Box::new(snapshots::Snapshots)]
+    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth)]
 }

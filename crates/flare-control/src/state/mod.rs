@@ -77,6 +77,13 @@ pub(crate) struct FnRt {
     pub(crate) waiting: Option<String>,
     /// Containers that died before becoming ready, in a row.
     pub(crate) start_failures: u32,
+    /// Web requests waiting for a container slot (a backlog for the autoscaler).
+    pub(crate) web_waiting: u32,
+    /// Bumped when a slot may have freed up or the function changed (wakes waiting
+    /// web requests).
+    pub(crate) web_wake: watch::Sender<u64>,
+    /// Why the last container failed to start (answered to waiting web requests).
+    pub(crate) init_error: Option<String>,
 }
 
 impl FnRt {
@@ -94,6 +101,9 @@ impl FnRt {
             active: true,
             waiting: None,
             start_failures: 0,
+            web_waiting: 0,
+            web_wake: watch::channel(0).0,
+            init_error: None,
         }
     }
 }
@@ -133,6 +143,22 @@ pub(crate) struct ContainerRt {
     pub(crate) memory_limit_mb: Option<u64>,
     pub(crate) cpu_limit: Option<f64>,
     pub(crate) logs: LogBucket,
+    /// Web requests (and WebSockets) it is serving now.
+    pub(crate) web_inflight: u32,
+    /// An old version's container serving web requests: it stops once they finish.
+    pub(crate) retire: bool,
+}
+
+impl ContainerRt {
+    /// Inputs and web requests it is serving.
+    pub(crate) fn load(&self) -> usize {
+        self.inflight.len() + self.web_inflight as usize
+    }
+
+    /// Serving nothing.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.inflight.is_empty() && self.web_inflight == 0
+    }
 }
 
 pub(crate) struct CallRt {
