@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in iproute2 iptables protobuf-compiler docker-registry debootstrap e2fsprogs; do
+for pkg in iproute2 iptables protobuf-compiler docker-registry debootstrap e2fsprogs chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

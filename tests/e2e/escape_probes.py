@@ -1008,6 +1008,10 @@ def probe_api_socket(cfg: Cfg) -> Obs:
         ("PUT", f"/v1/snapshots/{'0' * 64}", json.dumps({"key": "0" * 64, "manifest": "0" * 64}).encode()),
         ("DELETE", f"/v1/snapshots/{'0' * 64}", b"{}"),
         ("POST", "/v1/snapshots/blobs/missing", b'{"digests": []}'),
+        # Proxy auth tokens: made, listed and deleted by clients only.
+        ("POST", "/v1/proxy-auth-tokens", b'{"name": "from-a-container"}'),
+        ("GET", "/v1/proxy-auth-tokens", None),
+        ("DELETE", "/v1/proxy-auth-tokens/wk-00000000000000000000", b"{}"),
     ]
     out: Obs = {}
     for method, path, body in reqs:

@@ -546,3 +546,77 @@ def version():
     assert proc.returncode == 0, out
     with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"host": _split(url)[0]}) as c:
         _wait_for(lambda: c.get("/").status_code == 404, what="404 after serve stopped")
+
+
+ISOLATION_APP = """
+    import socket
+    import flare
+    app = flare.App({name!r})
+
+    @app.function()
+    @flare.web_server(8000, startup_timeout=30)
+    def target():
+        import os, subprocess, sys
+        os.makedirs("/tmp/site", exist_ok=True)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(("10.213.0.1", 9))  # no packet: picks the address of the default route
+        with open("/tmp/site/ip.txt", "w") as f:
+            f.write(s.getsockname()[0])
+        subprocess.Popen([sys.executable, "-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory", "/tmp/site"])
+
+    @app.function()
+    @flare.asgi_app()
+    def other():
+        async def web(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({{"type": "http.response.start", "status": 200, "headers": []}})
+            await send({{"type": "http.response.body", "body": b"other"}})
+        return web
+
+    @app.function()
+    def probe(ip: str) -> dict:
+        out = {{}}
+        # The runner's ASGI socket of another container: abstract sockets are per network
+        # namespace, so this one does not exist here (or is this container's own).
+        for name in ("flare-web-0", "flare-web-1"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect("\\0" + name)
+                out[name] = "connected"
+            except OSError as e:
+                out[name] = type(e).__name__
+            finally:
+                s.close()
+        try:
+            socket.create_connection((ip, 8000), timeout=2).close()
+            out["tcp"] = "connected"
+        except OSError as e:
+            out["tcp"] = type(e).__name__
+        return out
+"""
+
+
+def test_endpoints_are_reachable_only_through_the_ingress(server: Server, tmp_path: Path) -> None:
+    """The attack: reach a container's web server around the ingress (so around proxy auth
+    and the app's scoping) from another container (its veth address, the runner's abstract
+    socket) and from the host."""
+    mod = load_app(tmp_path, ISOLATION_APP.format(name=_app_name()))
+    with mod.app.run():
+        with client(mod.target.get_web_url()) as c:
+            ip = c.get("/ip.txt").text.strip()
+        assert ip.startswith("10.213."), ip
+        with client(mod.other.get_web_url()) as c:
+            assert c.get("/").text == "other"
+        got = mod.probe.remote(ip)
+        assert got["flare-web-0"] != "connected" and got["flare-web-1"] != "connected", got
+        assert got["tcp"] != "connected", got
+        # The host (this process, in the host's network namespace): no such socket either,
+        # and the container's address does not answer.
+        for name in ("flare-web-0", "flare-web-1"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with pytest.raises(OSError):
+                s.connect("\0" + name)
+            s.close()
+        with pytest.raises(OSError):
+            socket.create_connection((ip, 8000), timeout=2).close()
