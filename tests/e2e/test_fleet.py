@@ -261,7 +261,9 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
     root = tempfile.mkdtemp(prefix="flare-e2e-fleet-")
     fl = Fleet(url=f"http://127.0.0.1:{port}", port=port, home=os.path.join(root, "control"), control=None)
     os.makedirs(fl.home)
-    specs = {1: ["--gpu", "A100:1"], 2: [], 3: []}
+    # Workers 2 and 3 serve web tunnels (in their own network namespaces, so one port);
+    # worker 1 does not, so it gets no containers of web endpoints.
+    specs = {1: ["--gpu", "A100:1"], 2: ["--web-listen", "0.0.0.0:7879"], 3: ["--web-listen", "0.0.0.0:7879"]}
     for n, extra in specs.items():
         w = Worker(
             n=n, wid=f"fw{n}", ns=f"flare-e2e-{TAG}-w{n}", host_if=f"fe{TAG}h{n}", ns_if=f"fe{TAG}n{n}",
@@ -627,3 +629,63 @@ def _drain(fleet: Fleet, fleet_app: Any) -> None:
     wait_for(lambda: wid not in fleet.workers_now(), 10, f"{wid} to leave")
     out, _ = drain.communicate(timeout=30)
     assert drain.returncode == 0, out
+
+
+WEB_SOURCE = """
+    import flare
+
+    app = flare.App({name!r})
+
+    @app.function(min_containers=2)
+    @flare.asgi_app()
+    def api():
+        import os
+
+        async def web(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({{"type": "websocket.accept"}})
+                msg = await receive()
+                await send({{"type": "websocket.send", "text": "echo:" + msg["text"]}})
+                await send({{"type": "websocket.close"}})
+                return
+            if scope["type"] != "http":
+                return
+            await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}})
+            for i in range(3):
+                await send({{"type": "http.response.body", "body": f"part {{i}} ".encode(), "more_body": True}})
+            await send({{"type": "http.response.body", "body": os.environ["FLARE_CONTAINER_ID"].encode()}})
+        return web
+"""
+
+
+def test_web_requests_reach_containers_on_remote_workers(fleet: Fleet, tmp_path: Path) -> None:
+    """The control plane's ingress reaches containers on remote workers through their web
+    tunnels (`--web-listen`, advertised as 0.0.0.0 and dialed at the session's address);
+    a worker without a tunnel gets no web containers."""
+    import socket
+
+    from websockets.sync.client import connect
+
+    mod = load_app(tmp_path, WEB_SOURCE.format(name=unique("fleetweb")))
+    with mod.app.run():
+        url = mod.api.get_web_url()
+        host = url.split("://", 1)[1]
+        seen = set()
+        for _ in range(10):
+            req = urllib.request.Request(f"http://127.0.0.1:{fleet.port}/", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    body = r.read().decode()
+            except urllib.error.HTTPError as e:
+                raise AssertionError(f"{e.code}: {e.read().decode(errors='replace')}") from e
+            assert body.startswith("part 0 part 1 part 2 "), body
+            seen.add(body.rsplit(" ", 1)[1])
+        workers = {_worker_of(fleet, cid) for cid in seen}
+        assert workers and workers <= {"fw2", "fw3"}, workers
+        web_containers = [c for c in fleet.containers_now() if c["function"] == "api"]
+        assert {c["worker_id"] for c in web_containers} <= {"fw2", "fw3"}, web_containers
+        sock = socket.create_connection(("127.0.0.1", fleet.port), timeout=60)
+        with connect(f"ws://{host}/ws", sock=sock, open_timeout=60) as ws:
+            ws.send("through the tunnel")
+            assert ws.recv(timeout=30) == "echo:through the tunnel"

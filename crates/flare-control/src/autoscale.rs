@@ -40,7 +40,8 @@ fn worker_views(st: &State, f: &FnRt) -> Vec<scheduler::WorkerView> {
                 .iter()
                 .filter(|c| st.containers.get(*c).is_some_and(|c| c.worker_id == w.link.id))
                 .count() as u32,
-            accepting: w.accepting,
+            // Containers of web endpoints go only where the ingress can reach them.
+            accepting: w.accepting && (f.def.web.is_empty() || w.link.web.is_some()),
             ..st.ledger.view(&w.link.id)
         })
         .collect()

@@ -77,7 +77,11 @@ impl WorkerHub for Hub {
                 }
             }
         });
-        let web_address = tunnel_address(&reg.web_address, &peer);
+        // The session's address when known, else the address the worker gave for display.
+        let web_address = tunnel_address(
+            &reg.web_address,
+            if peer.is_empty() { reg.address.as_str() } else { peer.as_str() },
+        );
         let address = if reg.address.is_empty() { peer } else { reg.address };
         self.cp.add_worker(WorkerLink {
             id: reg.worker_id.clone(),
@@ -124,15 +128,19 @@ impl WorkerHub for Hub {
     }
 }
 
-/// Where a worker's web tunnel is dialed: what it advertised, with the address its session
-/// comes from in place of an unspecified host (`0.0.0.0:7879`); `None`: no tunnel.
+/// Where a worker's web tunnel is dialed: what it advertised, with `peer` (the address its
+/// session comes from, or the one it gave) in place of an unspecified host
+/// (`0.0.0.0:7879`); `None`: no tunnel, or no host to dial.
 fn tunnel_address(advertised: &str, peer: &str) -> Option<String> {
     if advertised.is_empty() {
         return None;
     }
     let (host, port) = advertised.rsplit_once(':')?;
     if matches!(host, "0.0.0.0" | "[::]" | "::" | "") {
-        // `peer` is the session's IP address.
+        if peer.is_empty() {
+            return None;
+        }
+        // `peer` is an IP address or a host name.
         return Some(if peer.contains(':') { format!("[{peer}]:{port}") } else { format!("{peer}:{port}") });
     }
     Some(advertised.to_string())
@@ -145,6 +153,7 @@ mod tunnel_tests {
     #[test]
     fn tunnel_addresses() {
         assert_eq!(tunnel_address("", "10.0.0.5"), None);
+        assert_eq!(tunnel_address("0.0.0.0:7879", ""), None);
         assert_eq!(tunnel_address("0.0.0.0:7879", "10.0.0.5").as_deref(), Some("10.0.0.5:7879"));
         assert_eq!(tunnel_address("[::]:7879", "fd00::5").as_deref(), Some("[fd00::5]:7879"));
         assert_eq!(tunnel_address("w1.internal:7879", "10.0.0.5").as_deref(), Some("w1.internal:7879"));

@@ -65,6 +65,7 @@ mod tests {
     /// A listener in a fresh network namespace is reachable through it, and only through it.
     #[test]
     fn connects_inside_the_namespace_only() {
+        // SAFETY: geteuid has no arguments and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root");
             return;
