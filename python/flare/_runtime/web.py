@@ -252,6 +252,23 @@ class _Request:
         return self.root_path + _decode_path(self.raw_path)
 
 
+
+def _scope(req: _Request, kind: str, scheme: str) -> dict[str, Any]:
+    """The ASGI scope fields HTTP and WebSocket requests share."""
+    return {
+        "type": kind,
+        "asgi": _ASGI,
+        "http_version": "1.1" if req.http11 else "1.0",
+        "scheme": scheme,
+        "path": req.path,
+        "raw_path": req.root_path.encode("utf-8") + req.raw_path if req.root_path else req.raw_path,
+        "query_string": req.query,
+        "root_path": req.root_path,
+        "headers": req.headers,
+        "client": req.client,
+        "server": None,
+    }
+
 class _Body:
     """The request body, read from the connection on demand (Content-Length or chunked)."""
 
@@ -834,20 +851,8 @@ class _Conn(asyncio.Protocol):
         try:
             async with server._sem:
                 if server.kind == "asgi":
-                    scope = {
-                        "type": "http",
-                        "asgi": _ASGI,
-                        "http_version": "1.1" if req.http11 else "1.0",
-                        "method": req.method,
-                        "scheme": req.scheme,
-                        "path": req.path,
-                        "raw_path": req.root_path.encode("utf-8") + req.raw_path if req.root_path else req.raw_path,
-                        "query_string": req.query,
-                        "root_path": req.root_path,
-                        "headers": req.headers,
-                        "client": req.client,
-                        "server": None,
-                    }
+                    scope = _scope(req, "http", req.scheme)
+                    scope["method"] = req.method
                     if server._state is not None:
                         scope["state"] = dict(server._state)
                     await server.app(scope, cycle.receive, cycle.send)
@@ -908,20 +913,8 @@ class _Conn(asyncio.Protocol):
         ws = _WebSocket(self, req)
         t0 = time.perf_counter()
         error: str | None = None
-        scope = {
-            "type": "websocket",
-            "asgi": _ASGI,
-            "http_version": "1.1" if req.http11 else "1.0",
-            "scheme": "wss" if req.scheme in ("https", "wss") else "ws",
-            "path": req.path,
-            "raw_path": req.root_path.encode("utf-8") + req.raw_path if req.root_path else req.raw_path,
-            "query_string": req.query,
-            "root_path": req.root_path,
-            "headers": req.headers,
-            "client": req.client,
-            "server": None,
-            "subprotocols": req.ws_protocols,
-        }
+        scope = _scope(req, "websocket", "wss" if req.scheme in ("https", "wss") else "ws")
+        scope["subprotocols"] = req.ws_protocols
         if server._state is not None:
             scope["state"] = dict(server._state)
         try:
