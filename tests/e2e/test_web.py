@@ -17,12 +17,14 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from .conftest import PYTHON_DIR, Flared, Server, load_app
+from .conftest import PYTHON_DIR, Flared, Server, load_app, run_cli
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -114,9 +116,17 @@ def test_fastapi_endpoint_json_body_validated_by_pydantic(server: Server, tmp_pa
         if shutil.which("curl"):
             out = subprocess.run(
                 ["curl", "-sS", "-m", "60", mod.hello.get_web_url() + "/?name=curl"],
-                capture_output=True, text=True, timeout=90,
+                capture_output=True, text=True, timeout=90, check=False,
             )
             assert json.loads(out.stdout) == {"hello": "curl"}, (out.stdout, out.stderr)
+            # HTTP/2 without TLS (prior knowledge), as load balancers speak it.
+            out = subprocess.run(
+                ["curl", "-sS", "-m", "60", "--http2-prior-knowledge", "-w", "\n%{http_version}",
+                 mod.hello.get_web_url() + "/?name=h2"],
+                capture_output=True, text=True, timeout=90, check=False,
+            )
+            body, version = out.stdout.rsplit("\n", 1)
+            assert json.loads(body) == {"hello": "h2"} and version == "2", (out.stdout, out.stderr)
         logs = _logs(server, mod.app.app_id)
         assert "POST / -> 200" in logs and "POST / -> 422" in logs, logs
 
@@ -212,25 +222,26 @@ def test_streaming_response_chunks_arrive_as_produced(asgi: Any) -> None:
                 if line:
                     arrivals.append(time.monotonic())
         assert len(arrivals) == 5
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-        # Produced 100 ms apart, they arrive about 100 ms apart (never all at the end).
-        assert all(g > 0.05 for g in gaps), gaps
+        gaps = [b - a for a, b in pairwise(arrivals)]
+        # Produced 100 ms apart, they arrive spread over the 400 ms (not all at the end, as a
+        # buffering proxy would deliver them); one late chunk may shorten the gap after it.
         assert arrivals[-1] - arrivals[0] > 0.3, gaps
+        assert sorted(gaps)[len(gaps) // 2] > 0.05, gaps
 
 
 def test_server_sent_events(asgi: Any) -> None:
     with client(asgi.api.get_web_url()) as c:
         with c.stream("GET", "/sse") as r:
             assert r.headers["content-type"].startswith("text/event-stream")
-            first_at = None
             events = []
-            t0 = time.monotonic()
+            at = []
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
-                    first_at = first_at or time.monotonic() - t0
+                    at.append(time.monotonic())
         assert events == ["event 0", "event 1", "event 2"]
-        assert first_at is not None and first_at < 0.25, first_at
+        # Each event as it is produced (100 ms apart), not all at the end.
+        assert at[-1] - at[0] > 0.15, at
 
 
 def test_path_form_gives_the_app_its_root_path(server: Server, asgi: Any) -> None:
@@ -259,18 +270,20 @@ def test_websocket_echo_from_the_websockets_client(asgi: Any) -> None:
 
 
 def test_client_disconnect_mid_stream_stops_the_generator(server: Server, asgi: Any) -> None:
-    with client(asgi.api.get_web_url()) as c:
-        with c.stream("GET", "/forever") as r:
-            got = 0
-            for line in r.iter_lines():
-                if line.startswith("tick"):
-                    got += 1
-                if got == 3:
-                    break
+    with client(asgi.api.get_web_url()) as c, c.stream("GET", "/forever") as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("tick"):
+                got += 1
+            if got == 3:
+                break
     # The client closed its connection: the ingress closes the container's, the app sees
     # http.disconnect and the generator is cancelled (its finally runs).
-    logs = _wait_for(lambda: (lambda t: t if "generator stopped after" in t else None)(
-        _logs(server, asgi.app.app_id)), what="the generator to stop")
+    def stopped() -> str | None:
+        text = _logs(server, asgi.app.app_id)
+        return text if "generator stopped after" in text else None
+
+    logs = _wait_for(stopped, what="the generator to stop")
     ticks = int(re.search(r"generator stopped after (\d+) ticks", logs).group(1))  # type: ignore[union-attr]
     assert ticks < 100, logs
     assert "GET /forever -> 200" in logs and "client went away" in logs, logs
@@ -311,12 +324,12 @@ def test_a_thousand_concurrent_keep_alive_connections(asgi: Any) -> None:
 
 
 WSGI_APP = """
-    import flare
+    import flare as modal  # an unmodified Modal-style app
 
-    app = flare.App({name!r})
+    app = modal.App({name!r})
 
     @app.function()
-    @flare.wsgi_app()
+    @modal.wsgi_app()
     def legacy():
         from flask import Flask, request, Response
         web = Flask("legacy")
@@ -336,7 +349,7 @@ WSGI_APP = """
         return web
 
     @app.function()
-    @flare.web_server(8000, startup_timeout=30)
+    @modal.web_server(8000, startup_timeout=30)
     def files():
         import subprocess, sys, os
         os.makedirs("/tmp/site", exist_ok=True)
@@ -434,7 +447,7 @@ with mod.app.run():
         try:
             assert holder.stdout is not None
             urls = json.loads(holder.stdout.readline())
-            host, port, _ = _split(urls["slow"])
+            _, port, _ = _split(urls["slow"])
             with client(urls["slow"]) as c:
                 assert c.post("/", json={}).json() == "done"
                 # Body over --web-max-body-mib: 413 before the container sees it.
@@ -491,8 +504,11 @@ with mod.app.run():
             holder.wait(timeout=60)
         # The app stopped: its endpoints answer 404.
         with client(urls["slow"]) as c:
-            r = _wait_for(lambda: (lambda r: r if r.status_code == 404 else None)(c.post("/", json={})),
-                          what="404 after the app stopped")
+            def gone() -> Any:
+                r = c.post("/", json={})
+                return r if r.status_code == 404 else None
+
+            r = _wait_for(gone, what="404 after the app stopped")
             assert "no web endpoint" in r.text, r.text
     finally:
         own.stop()
@@ -502,6 +518,7 @@ def test_flare_serve_reloads_after_an_edit(server: Server, tmp_path: Path) -> No
     name = _app_name()
     src = tmp_path / f"{name}.py"
     body = """
+import time
 import flare
 app = flare.App({name!r})
 
@@ -509,6 +526,12 @@ app = flare.App({name!r})
 @flare.fastapi_endpoint()
 def version():
     return {v!r}
+
+@app.function()
+@flare.fastapi_endpoint()
+def slow():
+    time.sleep(4)
+    return {v!r} + "-slow"
 """
     src.write_text(body.format(name=name, v="v1"))
     env = {**os.environ, "PYTHONPATH": str(PYTHON_DIR) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -516,26 +539,37 @@ def version():
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert proc.stdout is not None
-        url = None
+        urls: dict[str, str] = {}
         seen = []
         deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
+        while len(urls) < 2 and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             seen.append(line)
             m = re.search(r"(http://\S+\.localhost:\d+)", line)
             if m:
-                url = m.group(1).rstrip("/")
-        assert url, "".join(seen)
-        with client(url) as c:
+                u = m.group(1).rstrip("/")
+                urls["slow" if "-slow-dev." in u else "version"] = u
+        assert len(urls) == 2, "".join(seen)
+        url = urls["version"]
+        with client(url) as c, client(urls["slow"]) as slow:
             assert c.get("/").json() == "v1"
-            time.sleep(0.05)
+            assert slow.get("/").json() == "v1-slow"  # its container is up
+            # A request in flight when the file changes finishes on the old version.
+            in_flight: dict[str, Any] = {}
+            t = __import__("threading").Thread(target=lambda: in_flight.update(r=slow.get("/")))
+            t.start()
+            time.sleep(0.5)
             src.write_text(body.format(name=name, v="v2"))
             t0 = time.monotonic()
             _wait_for(lambda: c.get("/").json() == "v2", timeout=60, what="the reloaded version")
             reload_s = time.monotonic() - t0
+            print(f"reloaded in {reload_s:.2f} s")
             assert reload_s < 30, reload_s
+            t.join(timeout=60)
+            assert in_flight["r"].status_code == 200 and in_flight["r"].json() == "v1-slow", in_flight
+            assert slow.get("/").json() == "v2-slow"
     finally:
         proc.send_signal(2)
         try:
@@ -620,3 +654,75 @@ def test_endpoints_are_reachable_only_through_the_ingress(server: Server, tmp_pa
             s.close()
         with pytest.raises(OSError):
             socket.create_connection((ip, 8000), timeout=2).close()
+
+
+CLASS_APP = """
+    import flare
+
+    app = flare.App({name!r})
+
+    @app.cls(scaledown_window=60)
+    class Model:
+        @flare.enter()
+        def load(self):
+            self.weights = 21
+
+        @flare.fastapi_endpoint(method="POST")
+        def predict(self, body: dict):
+            return {{"y": body["x"] * self.weights}}
+
+        @flare.asgi_app(label={label!r})
+        def web(self):
+            from fastapi import FastAPI
+            api = FastAPI()
+
+            @api.get("/weights")
+            def weights():
+                return self.weights
+            return api
+
+        @flare.method()
+        def plain(self, x):
+            return x + self.weights
+"""
+
+
+def test_endpoints_on_class_methods_share_the_enter_hooks(server: Server, tmp_path: Path) -> None:
+    name = _app_name()
+    label = f"{name}-custom"
+    mod = load_app(tmp_path, CLASS_APP.format(name=name, label=label))
+    with mod.app.run():
+        m = mod.Model()
+        assert m.predict.get_web_url() == f"http://{name}-model-predict-dev.localhost:{server.port}"
+        assert m.web.get_web_url() == f"http://{label}-dev.localhost:{server.port}"
+        with client(m.predict.get_web_url()) as c:
+            assert c.post("/", json={"x": 2}).json() == {"y": 42}
+        with client(m.web.get_web_url()) as c:
+            assert c.get("/weights").json() == 21
+        assert m.plain.remote(1) == 22
+
+
+def test_deployed_endpoints_print_their_urls_and_stay_up(server: Server, tmp_path: Path) -> None:
+    name = _app_name()
+    src = tmp_path / f"{name}.py"
+    src.write_text(f"""
+import flare
+app = flare.App({name!r})
+
+@app.function()
+@flare.fastapi_endpoint()
+def hello():
+    return "deployed"
+""")
+    out = run_cli("deploy", str(src))
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = f"http://{name}-hello.localhost:{server.port}"
+    assert url in out.stdout, out.stdout
+    try:
+        with client(url) as c:
+            assert c.get("/").json() == "deployed"
+    finally:
+        stop = run_cli("app", "stop", name)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    with client(url) as c:
+        _wait_for(lambda: c.get("/").status_code == 404, what="404 after the app stopped")

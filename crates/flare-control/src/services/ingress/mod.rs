@@ -105,7 +105,7 @@ pub(crate) fn check_labels(
     }
     for f in st.functions.values().filter(|f| f.active && f.app_id != app_id && !f.def.web.is_empty()) {
         let Some(other) = st.apps.get(&f.app_id) else { continue };
-        if other.app.state != crate::state::AppState::Running || other.app.mode != app.app.mode {
+        if other.app.stopped() || other.app.mode != app.app.mode {
             continue;
         }
         for l in slots::labels(other, &f.name, &f.def) {

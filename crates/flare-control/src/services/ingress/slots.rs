@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::route::{self, WebAddress};
 use crate::dispatch::schedule;
-use crate::state::{AppRt, AppState, CState, State};
+use crate::state::{AppRt, CState, State};
 use crate::workers::stop_container;
 
 /// What a request goes to.
@@ -51,7 +51,7 @@ fn by_label(st: &State, label: &str) -> Option<(String, usize)> {
     let mut found: Option<(String, usize, bool)> = None;
     for f in st.functions.values().filter(|f| f.active && !f.def.web.is_empty()) {
         let Some(app) = st.apps.get(&f.app_id) else { continue };
-        if app.app.state != AppState::Running {
+        if app.app.stopped() {
             continue;
         }
         if let Some(i) = labels(app, &f.name, &f.def).iter().position(|l| l == label) {
@@ -67,8 +67,7 @@ fn by_label(st: &State, label: &str) -> Option<(String, usize)> {
 /// The endpoint named `name` (its label, its function's name, or `Class.method`) of the
 /// running app named `app`.
 fn by_path(st: &State, app: &str, name: &str) -> Option<(String, usize)> {
-    let mut apps: Vec<&AppRt> =
-        st.apps.values().filter(|a| a.app.name == app && a.app.state == AppState::Running).collect();
+    let mut apps: Vec<&AppRt> = st.apps.values().filter(|a| a.app.name == app && !a.app.stopped()).collect();
     // A deployed app first, then the newest ephemeral one.
     apps.sort_by(|a, b| {
         (b.app.mode == AppMode::Deployed)
@@ -209,5 +208,82 @@ pub(crate) fn give_back(st: &mut State, slot: &Slot) {
 pub(crate) fn stop_waiting(st: &mut State, fid: &str) {
     if let Some(f) = st.functions.get_mut(fid) {
         f.web_waiting = f.web_waiting.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::services::ingress::upstream::{Dialing, WebDialer};
+    use crate::tests::def;
+    use crate::{ControlPlane, WorkerLink};
+    use flare_api::AppMode;
+    use flare_proto::{FromWorker, ToWorker};
+    use tokio::sync::mpsc;
+
+    /// A worker the ingress could reach (placement requires one for web functions).
+    struct Reachable;
+
+    impl WebDialer for Reachable {
+        fn dial(&self, _: &str, _: usize) -> Dialing {
+            Box::pin(async { Err(std::io::Error::other("not dialed in this test")) })
+        }
+    }
+
+    fn web_def(name: &str) -> FunctionDef {
+        let mut d = def(name);
+        d.web = vec![serde_json::from_value(serde_json::json!({"kind": "asgi"})).unwrap()];
+        d.config.max_inputs = 2;
+        d
+    }
+
+    /// A request to a scaled-to-zero endpoint waits as backlog, which starts a container; once
+    /// it is ready the request takes a slot, up to `max_inputs`; giving slots back frees them.
+    #[tokio::test]
+    async fn requests_take_slots_and_scale_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(flare_store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let cp = ControlPlane::new(store, dir.path()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Without a way in, a worker gets no containers of web functions.
+        let mut link = WorkerLink::local("w1", tx, 2000, 8192);
+        link.web = Some(Arc::new(Reachable));
+        cp.add_worker(link);
+        let (app, _) = cp.create_app("shop", AppMode::Deployed).unwrap();
+        cp.register_functions(&app.app_id, vec![web_def("api"), def("plain")]).unwrap();
+        let ep = {
+            let st = cp.lock();
+            assert!(lookup(&st, &WebAddress::Host { label: "shop-plain".into() }).is_err());
+            assert!(lookup(&st, &WebAddress::Host { label: "shop-api-dev".into() }).is_err());
+            let by_path = WebAddress::Path {
+                app: "shop".into(),
+                name: "api".into(),
+                prefix: "/web/shop/api".into(),
+                rest: "/".into(),
+            };
+            assert!(lookup(&st, &by_path).is_ok());
+            lookup(&st, &WebAddress::Host { label: "shop-api".into() }).unwrap()
+        };
+        let Take::Wait(_) = take(&mut cp.lock(), &ep, false) else { panic!("no container yet") };
+        let ToWorker::Start(a) = rx.recv().await.unwrap() else { panic!("expected a start") };
+        cp.on_worker_event(FromWorker::Ready { container_id: a.container_id.clone() });
+        let mut st = cp.lock();
+        stop_waiting(&mut st, &ep.fid);
+        let Take::Got(s1) = take(&mut st, &ep, false) else { panic!("a slot") };
+        let Take::Got(s2) = take(&mut st, &ep, false) else { panic!("a second slot") };
+        assert_eq!(s1.cid, a.container_id);
+        assert_eq!(st.containers[&s1.cid].load(), 2);
+        // Full (max_inputs = 2): the third waits and asks for another container.
+        let Take::Wait(_) = take(&mut st, &ep, false) else { panic!("full") };
+        stop_waiting(&mut st, &ep.fid);
+        give_back(&mut st, &s1);
+        give_back(&mut st, &s2);
+        assert!(st.containers[&a.container_id].is_idle());
+        drop(st);
+        cp.stop_app(&app.app_id).unwrap();
+        assert!(lookup(&cp.lock(), &WebAddress::Host { label: "shop-api".into() }).is_err());
+        let Take::Fail { status: 404, .. } = take(&mut cp.lock(), &ep, false) else { panic!("stopped") };
     }
 }
