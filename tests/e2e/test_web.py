@@ -477,10 +477,13 @@ with mod.app.run():
                 with urllib.request.urlopen(f"{own.url}/v1/containers", timeout=30) as resp:
                     fns = [x.get("function") for x in json.loads(resp.read())["containers"]]
                 assert "private" not in fns, fns
-                req = urllib.request.Request(f"{own.url}/v1/proxy-auth-tokens", data=b'{"name": "e2e"}',
-                                             headers={"content-type": "application/json"}, method="POST")
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    tok = json.loads(resp.read())
+                cli_env = {"FLARE_SERVER_URL": own.url, "FLARE_HOME": own.home}
+                made = run_cli("proxy-auth", "create", "--name", "e2e", env=cli_env)
+                assert made.returncode == 0, made.stdout + made.stderr
+                tok = {
+                    "token_id": re.search(r"Token ID:\s+(\S+)", made.stdout).group(1),  # type: ignore[union-attr]
+                    "token_secret": re.search(r"Token secret:\s+(\S+)", made.stdout).group(1),  # type: ignore[union-attr]
+                }
                 r = c.get("/", headers={"Flare-Key": tok["token_id"], "Flare-Secret": "ws-wrong"})
                 assert r.status_code == 401
                 r = c.get("/", headers={"Flare-Key": tok["token_id"], "Flare-Secret": tok["token_secret"]})
@@ -493,9 +496,10 @@ with mod.app.run():
                 listed = json.loads(urllib.request.urlopen(f"{own.url}/v1/proxy-auth-tokens", timeout=30).read())
                 assert [t["token_id"] for t in listed["tokens"]] == [tok["token_id"]]
                 assert "token_secret" not in json.dumps(listed)
-                delete = urllib.request.Request(f"{own.url}/v1/proxy-auth-tokens/{tok['token_id']}", method="DELETE",
-                                                headers={"content-type": "application/json"})
-                urllib.request.urlopen(delete, timeout=30).read()
+                listed_cli = run_cli("proxy-auth", "list", env=cli_env)
+                assert tok["token_id"] in listed_cli.stdout and tok["token_secret"] not in listed_cli.stdout
+                deleted = run_cli("proxy-auth", "delete", tok["token_id"], env=cli_env)
+                assert deleted.returncode == 0, deleted.stdout + deleted.stderr
                 r = c.get("/", headers={"Flare-Key": tok["token_id"], "Flare-Secret": tok["token_secret"]})
                 assert r.status_code == 401
         finally:

@@ -44,7 +44,7 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
         _print_table(rows)
         return 0
     if args.proxy_auth_cmd == "delete":
-        connect().request("DELETE", _api.proxy_auth_token(args.token_id))
+        connect().request("DELETE", _api.proxy_auth_token(args.token_id), {})
         print(f"Deleted proxy auth token {args.token_id}")
         return 0
     raise UserError("usage: flare proxy-auth create [--name NAME] | list | delete TOKEN_ID")
