@@ -306,6 +306,7 @@ CREATE TABLE dict_entries (
     value BLOB NOT NULL,
     UNIQUE (dict_id, key)
 );
+CREATE INDEX dict_entries_seq ON dict_entries(dict_id, seq);
 "#,
 ];
 
