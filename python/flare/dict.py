@@ -138,13 +138,13 @@ class Dict(_Object):
         try:
             yield d
         finally:
-            _client().request("DELETE", _api.dict_(d._object_id))
+            _client().request("DELETE", _api.dict_(d._object_id), {})
 
     @staticmethod
     def delete(name: str) -> None:
         """Delete the dict ``name`` and its entries (NotFoundError if there is none)."""
         info = _client().request("POST", _api.dicts(), {"name": name})
-        _client().request("DELETE", _api.dict_(str(info["dict_id"])))
+        _client().request("DELETE", _api.dict_(str(info["dict_id"])), {})
 
     def _id_field(self) -> str:
         return "dict_id"
