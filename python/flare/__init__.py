@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .app import App as App
     from .batching import batched as batched
     from .cls import Cls as Cls, enter as enter, exit as exit, method as method, parameter as parameter
+    from .dict import Dict as Dict
     from .exception import Error as Error
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
@@ -39,6 +40,7 @@ _LAZY = {
     "App": ("flare.app", "App"),
     "Function": ("flare.function", "Function"),
     "Cls": ("flare.cls", "Cls"),
+    "Dict": ("flare.dict", "Dict"),
     "enter": ("flare.cls", "enter"),
     "exit": ("flare.cls", "exit"),
     "method": ("flare.cls", "method"),

@@ -146,3 +146,26 @@ def blobs_batch() -> str:
 
 def blob(digest: str) -> str:
     return f"{_V1}/blobs/{digest}"
+
+
+# ------------------------------------------------------------------- dicts
+
+
+def dicts() -> str:
+    return f"{_V1}/dicts"
+
+
+def dict_(dict_id: str) -> str:
+    return f"{_V1}/dicts/{_q(dict_id)}"
+
+
+def dict_op(dict_id: str, op: str) -> str:
+    """``get``, ``contains``, ``put``, ``pop``, ``len``, ``clear``."""
+    return f"{_V1}/dicts/{_q(dict_id)}/{op}"
+
+
+def dict_items(dict_id: str, after: int, limit: int, keys_only: bool) -> str:
+    path = f"{_V1}/dicts/{_q(dict_id)}/items?after={after}&limit={limit}"
+    if keys_only:
+        path += "&keys_only=true"
+    return path

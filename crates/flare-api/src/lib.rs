@@ -34,6 +34,9 @@ pub const MAX_UPLOAD_BODY: usize = 8 << 30;
 /// Body limit of `PUT /v1/snapshots/blobs/{digest}`: one blob of a snapshot's manifest
 /// (chunks are at most 4 MiB).
 pub const MAX_SNAPSHOT_BLOB_BODY: usize = 8 << 20;
+/// Body limit of `POST /v1/dicts/{id}/put`: items in base64 (one value is at most 16 MiB
+/// pickled; an update of many items shares this budget).
+pub const MAX_DICT_PUT_BODY: usize = 64 << 20;
 /// Most output payload bytes one outputs page carries (a page has at least one output).
 pub const MAX_PAGE_BYTES: usize = 64 << 20;
 
@@ -66,6 +69,7 @@ pub fn body_limit(method: &str, path: &str) -> usize {
         // tens of thousands of entries, ~10 MiB of JSON).
         ("POST", ["v1", "mounts"]) | ("POST", ["v1", "images", "build"]) => MAX_MOUNT_BODY,
         ("PUT", ["v1", "snapshots", "blobs", _]) => MAX_SNAPSHOT_BLOB_BODY,
+        ("POST", ["v1", "dicts", _, "put"]) => MAX_DICT_PUT_BODY,
         _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
         _ => MAX_JSON_BODY,
     }
@@ -862,6 +866,16 @@ pub const CONTAINER_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/calls/{call_id}/inputs"),
     ("GET", "/v1/calls/{call_id}/outputs"),
     ("POST", "/v1/calls/{call_id}/cancel"),
+    ("POST", "/v1/dicts"),
+    ("GET", "/v1/dicts"),
+    ("DELETE", "/v1/dicts/{dict_id}"),
+    ("POST", "/v1/dicts/{dict_id}/get"),
+    ("POST", "/v1/dicts/{dict_id}/contains"),
+    ("POST", "/v1/dicts/{dict_id}/put"),
+    ("POST", "/v1/dicts/{dict_id}/pop"),
+    ("GET", "/v1/dicts/{dict_id}/len"),
+    ("GET", "/v1/dicts/{dict_id}/items"),
+    ("POST", "/v1/dicts/{dict_id}/clear"),
 ];
 
 /// Whether a concrete path (a query is ignored) matches a path template with `{name}`
@@ -1117,6 +1131,8 @@ mod tests {
         assert_eq!(body_limit("POST", "/v1/apps"), MAX_JSON_BODY);
         assert_eq!(body_limit("POST", "/v1/images/build"), MAX_MOUNT_BODY);
         assert_eq!(body_limit("POST", "/v1/functions/fu-1/calls"), MAX_CALL_BODY);
+        assert_eq!(body_limit("POST", "/v1/dicts/di-1/put"), MAX_DICT_PUT_BODY);
+        assert_eq!(body_limit("POST", "/v1/dicts/di-1/get"), MAX_JSON_BODY);
         assert_eq!(body_limit("PUT", "/v1/blobs/blake3:ab"), MAX_UPLOAD_BODY);
         let big = InputItem { args: B64(vec![0u8; MAX_ARGS_BYTES + 1].into()) };
         let e = validate_inputs(&[big]).unwrap_err();

@@ -200,6 +200,8 @@ struct Inner {
     heap_trim: std::sync::OnceLock<fn()>,
     /// Tokens of endpoints with `requires_proxy_auth`.
     proxy_tokens: services::proxy_auth::Tokens,
+    /// Striped locks of the dicts' read-then-write operations.
+    dict_locks: services::dicts::Locks,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -256,6 +258,7 @@ impl ControlPlane {
             body_budget_kib,
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
+            dict_locks: services::dicts::Locks::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -272,6 +275,11 @@ impl ControlPlane {
     /// The proxy auth tokens.
     pub(crate) fn proxy_tokens(&self) -> &services::proxy_auth::Tokens {
         &self.inner.proxy_tokens
+    }
+
+    /// The dicts' locks.
+    pub(crate) fn dict_locks(&self) -> &services::dicts::Locks {
+        &self.inner.dict_locks
     }
 
     pub fn home(&self) -> &Path {

@@ -83,16 +83,64 @@ pub struct LogRow {
     pub data: String,
 }
 
+/// A dict (`flare.Dict`): named ones are unique by name; ephemeral ones have no name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DictRow {
+    pub dict_id: String,
+    pub name: String,
+    pub ephemeral: bool,
+    pub created_at: f64,
+}
+
+/// An entry of a dict: pickled key and value, and its place in iteration order (`seq`:
+/// an entry keeps it when its value is replaced; new entries come after every other).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DictEntry {
+    pub seq: i64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
     App(AppRow),
-    AppState { app_id: String, state: String },
+    AppState {
+        app_id: String,
+        state: String,
+    },
     Function(Box<FunctionRow>),
     Call(CallRow),
     Input(PendingInputRow),
-    Output { call_id: String, row: OutputRow, final_output: bool },
-    CallDone { call_id: String, done_at: f64 },
+    Output {
+        call_id: String,
+        row: OutputRow,
+        final_output: bool,
+    },
+    CallDone {
+        call_id: String,
+        done_at: f64,
+    },
+    /// A new dict.
+    Dict(DictRow),
+    /// A dict and its entries deleted.
+    DictDelete {
+        dict_id: String,
+    },
+    /// Entries set (inserted, or their values replaced), in order.
+    DictPut {
+        dict_id: String,
+        items: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Entries removed (absent keys are ignored).
+    DictRemove {
+        dict_id: String,
+        keys: Vec<Vec<u8>>,
+    },
+    /// Every entry of a dict removed.
+    DictClear {
+        dict_id: String,
+    },
 }
 
 /// Everything the control plane persists.
@@ -141,6 +189,30 @@ pub trait Store: Send + Sync {
     /// Deletes log records older than `before_ts`, with a note per app as in
     /// [`Store::trim_logs`]. Returns the apps whose logs were deleted.
     fn expire_logs(&self, before_ts: f64, note: &dyn Fn(u64, u64) -> String) -> Result<Vec<String>>;
+
+    /// A dict by id.
+    fn get_dict(&self, dict_id: &str) -> Result<Option<DictRow>>;
+    /// A named dict by name.
+    fn dict_by_name(&self, name: &str) -> Result<Option<DictRow>>;
+    /// Every dict, oldest first, with its number of entries.
+    fn list_dicts(&self) -> Result<Vec<(DictRow, u64)>>;
+    /// An entry's value.
+    fn dict_get(&self, dict_id: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Whether a dict has an entry.
+    fn dict_contains(&self, dict_id: &str, key: &[u8]) -> Result<bool>;
+    /// A dict's number of entries.
+    fn dict_len(&self, dict_id: &str) -> Result<u64>;
+    /// A page of entries with `seq > after`, in `seq` order: at most `limit`, and no more
+    /// than `max_bytes` of keys and values (at least one entry, if there is one). With
+    /// `keys_only` the values are left empty.
+    fn dict_entries(
+        &self,
+        dict_id: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+        keys_only: bool,
+    ) -> Result<Vec<DictEntry>>;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -218,6 +290,23 @@ CREATE TABLE logs_deleted (
 ALTER TABLE calls ADD COLUMN done_at REAL;
 CREATE INDEX calls_done_at ON calls(done_at);
 CREATE INDEX calls_created_at ON calls(created_at);
+"#,
+    r#"
+CREATE TABLE dicts (
+    dict_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX dicts_name ON dicts(name) WHERE ephemeral = 0;
+CREATE TABLE dict_entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    dict_id TEXT NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    UNIQUE (dict_id, key)
+);
+CREATE INDEX dict_entries_seq ON dict_entries(dict_id, seq);
 "#,
 ];
 
@@ -377,7 +466,49 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
         Write::Input(i) => put_input(c, i),
         Write::Output { call_id, row, final_output } => put_output(c, call_id, row, *final_output),
         Write::CallDone { call_id, done_at } => set_call_done(c, call_id, *done_at),
+        Write::Dict(d) => {
+            c.execute(
+                "INSERT INTO dicts (dict_id, name, ephemeral, created_at) VALUES (?1,?2,?3,?4)",
+                params![d.dict_id, d.name, d.ephemeral as i64, d.created_at],
+            )?;
+            Ok(())
+        }
+        Write::DictDelete { dict_id } => {
+            c.execute("DELETE FROM dict_entries WHERE dict_id=?1", [dict_id])?;
+            c.execute("DELETE FROM dicts WHERE dict_id=?1", [dict_id])?;
+            Ok(())
+        }
+        Write::DictPut { dict_id, items } => {
+            let mut st = c.prepare_cached(
+                "INSERT INTO dict_entries (dict_id, key, value) VALUES (?1,?2,?3)
+                 ON CONFLICT(dict_id, key) DO UPDATE SET value=excluded.value",
+            )?;
+            for (k, v) in items {
+                st.execute(params![dict_id, k, v])?;
+            }
+            Ok(())
+        }
+        Write::DictRemove { dict_id, keys } => {
+            let mut st = c.prepare_cached("DELETE FROM dict_entries WHERE dict_id=?1 AND key=?2")?;
+            for k in keys {
+                st.execute(params![dict_id, k])?;
+            }
+            Ok(())
+        }
+        Write::DictClear { dict_id } => {
+            c.execute("DELETE FROM dict_entries WHERE dict_id=?1", [dict_id])?;
+            Ok(())
+        }
     }
+}
+
+fn dict_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DictRow> {
+    Ok(DictRow {
+        dict_id: r.get(0)?,
+        name: r.get(1)?,
+        ephemeral: r.get::<_, i64>(2)? != 0,
+        created_at: r.get(3)?,
+    })
 }
 
 impl Store for SqliteStore {
@@ -706,6 +837,95 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(apps.into_iter().map(|a| a.0).collect())
     }
+
+    fn get_dict(&self, dict_id: &str) -> Result<Option<DictRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT dict_id, name, ephemeral, created_at FROM dicts WHERE dict_id=?1",
+            [dict_id],
+            dict_from_row,
+        )
+        .optional()?)
+    }
+
+    fn dict_by_name(&self, name: &str) -> Result<Option<DictRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT dict_id, name, ephemeral, created_at FROM dicts WHERE name=?1 AND ephemeral=0",
+            [name],
+            dict_from_row,
+        )
+        .optional()?)
+    }
+
+    fn list_dicts(&self) -> Result<Vec<(DictRow, u64)>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT d.dict_id, d.name, d.ephemeral, d.created_at,
+                    (SELECT COUNT(*) FROM dict_entries e WHERE e.dict_id=d.dict_id)
+             FROM dicts d ORDER BY d.created_at, d.dict_id",
+        )?;
+        let rows = st
+            .query_map([], |r| Ok((dict_from_row(r)?, r.get::<_, i64>(4)? as u64)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn dict_get(&self, dict_id: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT value FROM dict_entries WHERE dict_id=?1 AND key=?2",
+            params![dict_id, key],
+            |r| r.get(0),
+        )
+        .optional()?)
+    }
+
+    fn dict_contains(&self, dict_id: &str, key: &[u8]) -> Result<bool> {
+        let c = self.conn();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM dict_entries WHERE dict_id=?1 AND key=?2",
+            params![dict_id, key],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    fn dict_len(&self, dict_id: &str) -> Result<u64> {
+        let c = self.conn();
+        let n: i64 =
+            c.query_row("SELECT COUNT(*) FROM dict_entries WHERE dict_id=?1", [dict_id], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    fn dict_entries(
+        &self,
+        dict_id: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+        keys_only: bool,
+    ) -> Result<Vec<DictEntry>> {
+        let c = self.conn();
+        let sql = if keys_only {
+            "SELECT seq, key, x'' FROM dict_entries WHERE dict_id=?1 AND seq>?2 ORDER BY seq LIMIT ?3"
+        } else {
+            "SELECT seq, key, value FROM dict_entries WHERE dict_id=?1 AND seq>?2 ORDER BY seq LIMIT ?3"
+        };
+        let mut st = c.prepare(sql)?;
+        let mut rows = st.query(params![dict_id, after, limit as i64])?;
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while let Some(r) = rows.next()? {
+            let e = DictEntry { seq: r.get(0)?, key: r.get(1)?, value: r.get(2)? };
+            let n = e.key.len() + e.value.len();
+            if !out.is_empty() && bytes + n > max_bytes {
+                break;
+            }
+            bytes += n;
+            out.push(e);
+        }
+        Ok(out)
+    }
 }
 
 /// Adds to an app's totals of deleted log records and returns the note about them.
@@ -996,5 +1216,81 @@ mod tests {
         let ok = AppRow { app_id: "a2".into(), ..app };
         assert!(s.write_batch(&[Write::App(ok), Write::App(bad)]).is_err());
         assert!(s.get_app("a2").unwrap().is_none());
+    }
+
+    #[test]
+    fn dicts_entries_pages_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let d = |id: &str, name: &str, ephemeral: bool| DictRow {
+            dict_id: id.into(),
+            name: name.into(),
+            ephemeral,
+            created_at: 1.0,
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.write_batch(&[
+                Write::Dict(d("di-1", "cache", false)),
+                Write::Dict(d("di-2", "", true)),
+                Write::Dict(d("di-3", "", true)),
+                Write::DictPut {
+                    dict_id: "di-1".into(),
+                    items: vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())],
+                },
+                Write::DictPut { dict_id: "di-2".into(), items: vec![(b"a".to_vec(), b"other".to_vec())] },
+            ])
+            .unwrap();
+            // A name is unique among named dicts: the batch fails whole.
+            assert!(s.write_batch(&[Write::Dict(d("di-4", "cache", false))]).is_err());
+            // Replacing a value keeps the entry's place; a new key comes last.
+            s.write_batch(&[Write::DictPut {
+                dict_id: "di-1".into(),
+                items: vec![(b"a".to_vec(), b"10".to_vec()), (b"c".to_vec(), b"3".to_vec())],
+            }])
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.dict_by_name("cache").unwrap().unwrap().dict_id, "di-1");
+        assert!(s.dict_by_name("").unwrap().is_none(), "ephemeral dicts have no name");
+        assert!(s.get_dict("di-2").unwrap().unwrap().ephemeral);
+        assert_eq!(s.dict_get("di-1", b"a").unwrap().as_deref(), Some(&b"10"[..]));
+        assert_eq!(s.dict_get("di-2", b"a").unwrap().as_deref(), Some(&b"other"[..]));
+        assert!(s.dict_get("di-1", b"z").unwrap().is_none());
+        assert!(s.dict_contains("di-1", b"b").unwrap());
+        assert!(!s.dict_contains("di-3", b"b").unwrap());
+        assert_eq!(s.dict_len("di-1").unwrap(), 3);
+        let all = s.dict_entries("di-1", 0, 100, usize::MAX, false).unwrap();
+        let keys: Vec<&[u8]> = all.iter().map(|e| e.key.as_slice()).collect();
+        assert_eq!(keys, [b"a", b"b", b"c"]);
+        let page = s.dict_entries("di-1", 0, 2, usize::MAX, false).unwrap();
+        assert_eq!(page.len(), 2);
+        let rest = s.dict_entries("di-1", page[1].seq, 2, usize::MAX, false).unwrap();
+        assert_eq!((rest.len(), rest[0].key.as_slice()), (1, &b"c"[..]));
+        // A byte budget cuts a page, but a page has at least one entry.
+        assert_eq!(s.dict_entries("di-1", 0, 100, 1, false).unwrap().len(), 1);
+        assert_eq!(s.dict_entries("di-1", 0, 100, 5, false).unwrap().len(), 2);
+        let keys_only = s.dict_entries("di-1", 0, 100, usize::MAX, true).unwrap();
+        assert!(keys_only.iter().all(|e| e.value.is_empty()));
+        let listed = s.list_dicts().unwrap();
+        assert_eq!(
+            listed.iter().map(|(d, n)| (d.dict_id.as_str(), *n)).collect::<Vec<_>>(),
+            [("di-1", 3), ("di-2", 1), ("di-3", 0)]
+        );
+        s.write_batch(&[
+            Write::DictRemove { dict_id: "di-1".into(), keys: vec![b"a".to_vec(), b"zz".to_vec()] },
+            Write::DictClear { dict_id: "di-2".into() },
+            Write::DictDelete { dict_id: "di-3".into() },
+        ])
+        .unwrap();
+        assert_eq!(s.dict_len("di-1").unwrap(), 2);
+        assert_eq!(s.dict_len("di-2").unwrap(), 0);
+        assert!(s.get_dict("di-2").unwrap().is_some());
+        assert!(s.get_dict("di-3").unwrap().is_none());
+        s.write_batch(&[Write::DictDelete { dict_id: "di-1".into() }]).unwrap();
+        assert!(s.dict_by_name("cache").unwrap().is_none());
+        assert_eq!(s.dict_len("di-1").unwrap(), 0, "its entries went with it");
+        // The name is free again.
+        s.write_batch(&[Write::Dict(d("di-5", "cache", false))]).unwrap();
     }
 }

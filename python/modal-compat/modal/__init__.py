@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flare import (
         App as App,
         Cls as Cls,
+        Dict as Dict,
         Error as Error,
         FilePatternMatcher as FilePatternMatcher,
         Function as Function,
@@ -103,6 +104,7 @@ MODAL_NAMES = (
 # This package's submodules that stand for Modal's of the same name.
 SUBMODULES = (
     "app",
+    "dict",
     "exception",
     "file_pattern_matcher",
     "functions",

@@ -31,9 +31,9 @@ SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
-    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server",
+    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict",
 ]
-MISSING = ["Volume", "Secret", "Dict", "Queue", "Sandbox", "Cron", "Period", "Server", "Client"]
+MISSING = ["Volume", "Secret", "Queue", "Sandbox", "Cron", "Period", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -185,7 +185,7 @@ def test_partial_function_decorators() -> None:
     assert ns["web_server"] is flare.web_server
 
 
-@pytest.mark.parametrize("sub", ["volume", "cls", "secret", "dict", "queue", "sandbox", "runner", "config"])
+@pytest.mark.parametrize("sub", ["volume", "cls", "secret", "queue", "sandbox", "runner", "config"])
 def test_missing_submodules_raise_a_clear_error(sub: str) -> None:
     with pytest.raises(ImportError, match=rf"^modal\.{sub} (is not available in Flare yet|has no equivalent in Flare)"):
         importlib.import_module(f"modal.{sub}")
@@ -291,3 +291,13 @@ def test_stale_metadata_falls_back_to_pyproject(monkeypatch: pytest.MonkeyPatch)
     assert target is not None
     module_name, _, attr = target.partition(":")
     assert entry.flare_cli() is getattr(importlib.import_module(module_name), attr)
+
+
+def test_modal_dict_is_flare_dict() -> None:
+    import modal
+    import modal.dict
+
+    import flare
+
+    assert modal.Dict is flare.Dict
+    assert modal.dict.Dict is flare.Dict

@@ -126,6 +126,34 @@ impl Store for Gated {
     fn expire_logs(&self, t: f64, n: &dyn Fn(u64, u64) -> String) -> flare_store::Result<Vec<String>> {
         self.inner.expire_logs(t, n)
     }
+    fn get_dict(&self, id: &str) -> flare_store::Result<Option<flare_store::DictRow>> {
+        self.inner.get_dict(id)
+    }
+    fn dict_by_name(&self, n: &str) -> flare_store::Result<Option<flare_store::DictRow>> {
+        self.inner.dict_by_name(n)
+    }
+    fn list_dicts(&self) -> flare_store::Result<Vec<(flare_store::DictRow, u64)>> {
+        self.inner.list_dicts()
+    }
+    fn dict_get(&self, id: &str, k: &[u8]) -> flare_store::Result<Option<Vec<u8>>> {
+        self.inner.dict_get(id, k)
+    }
+    fn dict_contains(&self, id: &str, k: &[u8]) -> flare_store::Result<bool> {
+        self.inner.dict_contains(id, k)
+    }
+    fn dict_len(&self, id: &str) -> flare_store::Result<u64> {
+        self.inner.dict_len(id)
+    }
+    fn dict_entries(
+        &self,
+        id: &str,
+        a: i64,
+        l: usize,
+        b: usize,
+        k: bool,
+    ) -> flare_store::Result<Vec<flare_store::DictEntry>> {
+        self.inner.dict_entries(id, a, l, b, k)
+    }
 }
 
 fn app(id: &str) -> AppRow {

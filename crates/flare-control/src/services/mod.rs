@@ -10,9 +10,11 @@
 //! - [`snapshots`]: the fleet's memory snapshot records (workers only).
 //! - [`ingress`]: web endpoints (no routes of its own: it sits in front of the API).
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
+//! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
 
 use crate::http::Route;
 
+pub mod dicts;
 pub mod ingress;
 pub mod proxy_auth;
 pub mod snapshots;
@@ -28,5 +30,5 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth)]
+    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth), Box::new(dicts::Dicts)]
 }
