@@ -212,5 +212,5 @@ def test_proxy_auth_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert calls == [
         ("POST", "/v1/proxy-auth-tokens", {"name": "ci"}),
         ("GET", "/v1/proxy-auth-tokens", None),
-        ("DELETE", "/v1/proxy-auth-tokens/wk-1", None),
+        ("DELETE", "/v1/proxy-auth-tokens/wk-1", {}),
     ]
