@@ -128,12 +128,16 @@ pub(crate) fn check_labels(
 struct Ingress {
     cp: ControlPlane,
     pool: Arc<Pool>,
+    /// The web domain (fixed at start): every API request is checked against it, so it is
+    /// read here once, not under the state lock per request.
+    domain: String,
 }
 
 /// Puts the ingress in front of `router`: requests that name a web endpoint go to it,
 /// all others to the API (whose cross-site and body guards do not apply to endpoints).
 pub fn layer(router: Router, cp: ControlPlane) -> Router {
-    let ing = Arc::new(Ingress { cp, pool: Arc::default() });
+    let domain = cp.lock().config.web.domain.clone();
+    let ing = Arc::new(Ingress { cp, pool: Arc::default(), domain });
     {
         // Connections of containers that are gone leave the pool.
         let ing = ing.clone();
@@ -151,14 +155,13 @@ pub fn layer(router: Router, cp: ControlPlane) -> Router {
 }
 
 async fn intercept(State(ing): State<Arc<Ingress>>, req: Request, next: Next) -> Response<Body> {
-    let domain = ing.cp.lock().config.web.domain.clone();
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    match route::parse(host.as_deref(), req.uri().path(), &domain) {
+    match route::parse(host.as_deref(), req.uri().path(), &ing.domain) {
         Some(addr) => ing.serve(addr, req).await,
         None => next.run(req).await,
     }
