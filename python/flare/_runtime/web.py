@@ -892,17 +892,7 @@ class _Conn(asyncio.Protocol):
                 except (_Closed, _BadRequest):
                     keep = False
         if server._on_request is not None:
-            server._report(
-                {
-                    "method": req.method,
-                    "path": req.path,
-                    "status": cycle.status,
-                    "duration_ms": (time.perf_counter() - t0) * 1000.0,
-                    "bytes_out": cycle.bytes_out,
-                    "kind": "http",
-                    "error": error,
-                }
-            )
+            server._report(req, "http", cycle.status, cycle.bytes_out, t0, error)
         return keep
 
     async def _websocket(self, req: _Request) -> None:
@@ -942,17 +932,7 @@ class _Conn(asyncio.Protocol):
             except asyncio.TimeoutError:
                 reader.cancel()
         if server._on_request is not None:
-            server._report(
-                {
-                    "method": req.method,
-                    "path": req.path,
-                    "status": ws.status,
-                    "duration_ms": (time.perf_counter() - t0) * 1000.0,
-                    "bytes_out": ws.bytes_out,
-                    "kind": "websocket",
-                    "error": error,
-                }
-            )
+            server._report(req, "websocket", ws.status, ws.bytes_out, t0, error)
 
     async def _wsgi(self, req: _Request, cycle: _HTTPCycle) -> None:
         body = cycle.body
@@ -1107,8 +1087,18 @@ class WebServer:
             self._pool = ThreadPoolExecutor(self.wsgi_threads, thread_name_prefix="flare-wsgi")
         return self._pool
 
-    def _report(self, info: dict[str, Any]) -> None:
+    def _report(self, req: _Request, kind: str, status: int, bytes_out: int, t0: float, error: str | None) -> None:
+        """Tells ``on_request`` about a finished request (``t0``: its ``perf_counter`` start)."""
         assert self._on_request is not None
+        info = {
+            "method": req.method,
+            "path": req.path,
+            "status": status,
+            "duration_ms": (time.perf_counter() - t0) * 1000.0,
+            "bytes_out": bytes_out,
+            "kind": kind,
+            "error": error,
+        }
         try:
             self._on_request(info)
         except Exception:  # noqa: BLE001
