@@ -45,6 +45,10 @@ def app_stop(app_id: str) -> str:
     return f"{_V1}/apps/{app_id}/stop"
 
 
+def app_detach(app_id: str) -> str:
+    return f"{_V1}/apps/{app_id}/detach"
+
+
 def app_heartbeat(app_id: str) -> str:
     return f"{_V1}/apps/{app_id}/heartbeat"
 
@@ -55,6 +59,10 @@ def app_functions(app_id: str) -> str:
 
 def app_function(app_id: str, tag: str) -> str:
     return f"{_V1}/apps/{app_id}/functions/{_q(tag)}"
+
+
+def app_by_name(app_name: str) -> str:
+    return f"{_V1}/apps/by-name/{_q(app_name)}"
 
 
 def app_function_by_name(app_name: str, name: str) -> str:

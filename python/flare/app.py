@@ -279,9 +279,30 @@ class App:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, *, show_output: bool | None = None) -> _RunContext:
-        """Context manager: start an ephemeral app with these functions; stop it on exit."""
-        return _RunContext(self, show_output)
+    def run(self, *, show_output: bool | None = None, detach: bool = False) -> _RunContext:
+        """Context manager: start an ephemeral app with these functions; stop it on exit.
+
+        With ``detach=True`` the app outlives this process (``flare run --detach``): on exit,
+        or if this process dies, it keeps running until its queued and running calls are
+        done, then stops (``flare app stop`` stops it sooner)."""
+        return _RunContext(self, show_output, detach)
+
+    @staticmethod
+    def lookup(name: str, *, create_if_missing: bool = False) -> App:
+        """The deployed app named ``name`` (``modal.App.lookup``); with ``create_if_missing``
+        an empty deployed app of that name is made when there is none."""
+        from . import _api, _invocation
+
+        client = _invocation.client()
+        try:
+            info = client.request("GET", _api.app_by_name(name))
+        except exception.NotFoundError:
+            if not create_if_missing:
+                raise exception.NotFoundError(
+                    f"no deployed app named {name!r} (deploy it, or App.lookup({name!r}, create_if_missing=True))"
+                ) from None
+            info = client.request("POST", _api.apps(), {"name": name, "mode": "deployed"})
+        return _restore_app(str(info["name"]), str(info["app_id"]))
 
     def deploy(self, name: str | None = None) -> App:
         """Deploy (or redeploy) this app under ``name``; its functions stay available by name."""
@@ -577,6 +598,19 @@ class _AppRuntime:
         finally:
             self.client.close()
 
+    def leave(self) -> None:
+        """A detached app's client goes: no more heartbeats; the app carries on."""
+        from . import _api
+
+        self.stop_event.set()
+        try:
+            self.client.request("POST", _api.app_detach(self.app_id), {"client_left": True}, timeout=30)
+        except exception.Error:
+            pass  # the server also sees the heartbeats end
+        finally:
+            if self.logs is not None:
+                self.logs.drain()
+
     def stop(self) -> None:
         from . import _api
 
@@ -589,9 +623,10 @@ class _AppRuntime:
 
 
 class _RunContext:
-    def __init__(self, app: App, show_output: bool | None) -> None:
+    def __init__(self, app: App, show_output: bool | None, detach: bool = False) -> None:
         self.app = app
         self.show_output = show_output
+        self.detach = detach
 
     def __enter__(self) -> App:
         from . import _api
@@ -606,6 +641,8 @@ class _RunContext:
         try:
             show = output_enabled() if self.show_output is None else self.show_output
             app_id = _publish(app, client, app._default_name(), "ephemeral", show)
+            if self.detach:
+                client.request("POST", _api.app_detach(app_id), {})
             app._runtime = _AppRuntime(client, app_id, show)
         except BaseException:
             app._running = False
@@ -625,7 +662,16 @@ class _RunContext:
         app._running = False
         try:
             if runtime is not None:
-                runtime.stop()
+                if self.detach:
+                    runtime.leave()
+                    print(
+                        f"flare: app {app._default_name()} ({runtime.app_id}) is detached and keeps running "
+                        f"until its calls are done; `flare app logs {runtime.app_id}` follows it, "
+                        f"`flare app stop {runtime.app_id}` stops it",
+                        file=sys.stderr,
+                    )
+                else:
+                    runtime.stop()
         finally:
             app._app_id = None
             for fn in app._functions.values():

@@ -760,6 +760,15 @@ pub struct OutputsPage {
     pub log_seq: i64,
 }
 
+/// `POST /v1/apps/{app_id}/detach`: the ephemeral app keeps running without its client.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DetachApp {
+    /// The client is leaving now: the app stops once no work is left (without this,
+    /// when its heartbeats stop).
+    #[serde(default)]
+    pub client_left: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CancelCall {
     #[serde(default)]

@@ -45,6 +45,7 @@ impl ControlPlane {
                     app,
                     functions,
                     last_heartbeat: Instant::now(),
+                    client_left: false,
                     logs: VecDeque::new(),
                     next_log_seq,
                     log_notify: watch::channel(0).0,
@@ -136,6 +137,7 @@ impl ControlPlane {
                 app,
                 functions: BTreeMap::new(),
                 last_heartbeat: Instant::now(),
+                client_left: false,
                 logs: VecDeque::new(),
                 next_log_seq: 0,
                 log_notify: watch::channel(0).0,
@@ -155,6 +157,30 @@ impl ControlPlane {
         }
         app.last_heartbeat = Instant::now();
         Ok(())
+    }
+
+    /// `flare run --detach`: the ephemeral app keeps running without its client. With
+    /// `client_left` the client says it is going now (else its heartbeats ending tell).
+    pub(crate) fn detach(&self, app_id: &str, client_left: bool) -> ApiResult<Ticket> {
+        let mut st = self.lock();
+        let app = Self::running_app(&mut st, app_id)?;
+        if app.app.mode != AppMode::Ephemeral {
+            return Err(ApiError::precondition(format!(
+                "app {} ({app_id}) is deployed; only an ephemeral app can be detached",
+                app.app.name
+            )));
+        }
+        if app.app.state != AppState::Detached {
+            app.app.state = AppState::Detached;
+            self.persist().write(Write::AppState {
+                app_id: app_id.to_string(),
+                state: AppState::Detached.as_str().into(),
+            });
+            tracing::info!(app = %app_id, "app detached from its client");
+        }
+        app.last_heartbeat = Instant::now();
+        app.client_left |= client_left;
+        Ok(self.persist().ticket())
     }
 
     pub(crate) fn running_app<'a>(st: &'a mut State, app_id: &str) -> ApiResult<&'a mut AppRt> {

@@ -273,21 +273,43 @@ fn drain_idle(_: &ControlPlane, st: &mut State, _: Instant) {
     }
 }
 
-/// Ephemeral apps whose client went away (no heartbeat for [`EPHEMERAL_TIMEOUT`]) stop.
+/// Ephemeral apps whose client went away (no heartbeat for [`EPHEMERAL_TIMEOUT`]) stop;
+/// detached ones once their client is gone and no work of theirs is left.
 fn app_heartbeats(cp: &ControlPlane, st: &mut State, now: Instant) {
-    let dead: Vec<String> = st
+    let dead: Vec<(String, &'static str)> = st
         .apps
         .values()
-        .filter(|a| {
-            a.app.mode == AppMode::Ephemeral
-                && a.app.state == AppState::Running
-                && now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT
+        .filter(|a| a.app.mode == AppMode::Ephemeral)
+        .filter_map(|a| {
+            let client_gone = a.client_left || now.duration_since(a.last_heartbeat) > EPHEMERAL_TIMEOUT;
+            let busy = a.app.state == AppState::Detached && app_has_work(st, &a.functions);
+            ephemeral_app_ends(a.app.state, client_gone, busy).map(|why| (a.app.app_id.clone(), why))
         })
-        .map(|a| a.app.app_id.clone())
         .collect();
-    for app_id in dead {
-        tracing::info!(app = %app_id, "ephemeral app lost its client; stopping it");
+    for (app_id, why) in dead {
+        tracing::info!(app = %app_id, "ephemeral app {why}; stopping it");
         cp.stop_app_locked(st, &app_id);
+    }
+}
+
+/// Whether any function of an app has inputs queued, delayed or running, or web requests
+/// waiting or being served.
+fn app_has_work(st: &State, functions: &std::collections::BTreeMap<String, String>) -> bool {
+    functions.values().filter_map(|fid| st.functions.get(fid)).any(|f| {
+        !f.queue.is_empty()
+            || !f.delayed.is_empty()
+            || f.web_waiting > 0
+            || f.containers.iter().filter_map(|c| st.containers.get(c)).any(|c| !c.is_idle())
+    })
+}
+
+/// Whether an ephemeral app ends now, and why: a running one when its client is gone, a
+/// detached one when its client is gone and it has no work left.
+pub(crate) fn ephemeral_app_ends(state: AppState, client_gone: bool, busy: bool) -> Option<&'static str> {
+    match state {
+        AppState::Running if client_gone => Some("lost its client"),
+        AppState::Detached if client_gone && !busy => Some("is detached, its client gone and its work done"),
+        _ => None,
     }
 }
 
@@ -323,4 +345,20 @@ fn sweep(cp: &ControlPlane, st: &mut State, now: Instant) {
 fn reschedule(_: &ControlPlane, st: &mut State, _: Instant) {
     st.dirty.extend(st.functions.values().filter(|f| !f.queue.is_empty()).map(|f| f.id.clone()));
     schedule_dirty(st);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_apps_end_when_their_client_is_gone_and_detached_ones_when_idle_too() {
+        assert!(ephemeral_app_ends(AppState::Running, false, true).is_none());
+        assert!(ephemeral_app_ends(AppState::Running, true, true).is_some());
+        assert!(ephemeral_app_ends(AppState::Detached, false, false).is_none());
+        assert!(ephemeral_app_ends(AppState::Detached, true, true).is_none());
+        assert!(ephemeral_app_ends(AppState::Detached, true, false).is_some());
+        assert!(ephemeral_app_ends(AppState::Deployed, true, false).is_none());
+        assert!(ephemeral_app_ends(AppState::Stopped, true, false).is_none());
+    }
 }

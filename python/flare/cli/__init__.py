@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest: list[str] = []
     if argv and argv[0] == "run":
         i = 1
-        while i < len(argv) and argv[i].startswith("-") and argv[i] in ("-m",):
+        while i < len(argv) and argv[i].startswith("-") and argv[i] in ("-m", "--detach", "-d"):
             i += 1
         if i < len(argv) and argv[i] in ("-h", "--help"):
             parser.parse_args(["run", "--help"])

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 def register(sub: Any) -> None:
     run = sub.add_parser("run", help="run a local entrypoint (or a function) of an app", add_help=False)
     run.add_argument("-m", action="store_true", help="TARGET is a module name, not a file")
+    run.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="keep the app running after this command exits, until its calls are done",
+    )
     run.add_argument("target", metavar="FILE[::NAME]")
 
 
@@ -28,7 +34,7 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
     if isinstance(target, Function):
         raw = target.get_raw_f()
         kwargs = _parse_entry_args(raw, rest, f"flare run {args.target}", target._batched)
-        with enable_output(), app.run():
+        with enable_output(), app.run(detach=args.detach):
             if target._is_generator:
                 for item in target.remote_gen(**kwargs):
                     print(item)
@@ -39,7 +45,7 @@ def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
                     print(result)
         return 0
     kwargs = _parse_entry_args(target.raw_f, rest, f"flare run {args.target}")
-    with enable_output(), app.run():
+    with enable_output(), app.run(detach=args.detach):
         result = target.raw_f(**kwargs)
         if hasattr(result, "__await__"):
 

@@ -18,6 +18,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/v1/apps", list_apps),
         Route::get("/v1/apps/by-name/{app_name}", app_by_name),
         Route::post("/v1/apps/{app_id}/heartbeat", heartbeat),
+        Route::post("/v1/apps/{app_id}/detach", detach_app),
         Route::post("/v1/apps/{app_id}/stop", stop_app),
         Route::get("/v1/apps/{app_id}/logs", logs),
     ]
@@ -39,6 +40,15 @@ async fn app_by_name(State(cp): State<ControlPlane>, Path(name): Path<String>) -
 
 async fn heartbeat(State(cp): State<ControlPlane>, Path(app_id): Path<String>) -> R<Empty> {
     cp.heartbeat(&app_id)?;
+    Ok(Json(Empty {}))
+}
+
+async fn detach_app(
+    State(cp): State<ControlPlane>,
+    Path(app_id): Path<String>,
+    Valid(req): Valid<DetachApp>,
+) -> R<Empty> {
+    cp.detach(&app_id, req.client_left)?.wait().await?;
     Ok(Json(Empty {}))
 }
 

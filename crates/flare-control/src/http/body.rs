@@ -4,8 +4,8 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use flare_api::{
-    validate_inputs, AddInputs, ApiError, CancelCall, CreateApp, CreateCall, CreateMount, RegisterFunctions,
-    UpdateAutoscaler,
+    validate_inputs, AddInputs, ApiError, CancelCall, CreateApp, CreateCall, CreateMount, DetachApp,
+    RegisterFunctions, UpdateAutoscaler,
 };
 use serde::de::DeserializeOwned;
 
@@ -74,6 +74,12 @@ impl ApiBody for CreateCall {
 impl ApiBody for AddInputs {
     fn validate(&self) -> Result<(), ApiError> {
         validate_inputs(&self.inputs)
+    }
+}
+
+impl ApiBody for DetachApp {
+    fn if_empty() -> Option<Self> {
+        Some(DetachApp::default())
     }
 }
 

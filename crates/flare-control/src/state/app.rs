@@ -9,6 +9,9 @@ use flare_store::AppRow;
 pub enum AppState {
     /// An ephemeral app whose client is there (`flare run`).
     Running,
+    /// An ephemeral app whose client may leave (`flare run --detach`): it keeps running
+    /// without heartbeats and stops once its client left and no work is left.
+    Detached,
     /// A deployed app (`flare deploy`).
     Deployed,
     /// Stopped: takes no inputs; leaves memory once its containers exited.
@@ -19,6 +22,7 @@ impl AppState {
     pub fn as_str(self) -> &'static str {
         match self {
             AppState::Running => "running",
+            AppState::Detached => "detached",
             AppState::Deployed => "deployed",
             AppState::Stopped => "stopped",
         }
@@ -27,6 +31,7 @@ impl AppState {
     pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "running" => Some(AppState::Running),
+            "detached" => Some(AppState::Detached),
             "deployed" => Some(AppState::Deployed),
             "stopped" => Some(AppState::Stopped),
             _ => None,
@@ -106,6 +111,7 @@ mod tests {
     fn rows_round_trip() {
         for (mode, state) in [
             (AppMode::Ephemeral, AppState::Running),
+            (AppMode::Ephemeral, AppState::Detached),
             (AppMode::Deployed, AppState::Deployed),
             (AppMode::Deployed, AppState::Stopped),
         ] {

@@ -53,6 +53,8 @@ pub(crate) struct AppRt {
     pub(crate) app: AppRecord,
     pub(crate) functions: BTreeMap<String, String>,
     pub(crate) last_heartbeat: Instant,
+    /// A detached app's client said it left (it stops once no work is left).
+    pub(crate) client_left: bool,
     pub(crate) logs: VecDeque<LogRecord>,
     pub(crate) next_log_seq: u64,
     pub(crate) log_notify: watch::Sender<u64>,
