@@ -10,7 +10,7 @@ import flare
 import pytest
 from flare import exception
 
-from .conftest import Flared, Server, load_app, remove_home, unique
+from .conftest import Flared, Server, load_app, remove_home, run_cli, unique
 
 APP = """
 import flare
@@ -153,3 +153,28 @@ def test_acknowledged_writes_survive_kill_9(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         own.stop()
         remove_home(home)
+
+
+def test_cli_create_get_items_clear_delete(server: Server) -> None:
+    name = unique("clidict")
+    r = run_cli("dict", "create", name)
+    assert r.returncode == 0 and "Created" in r.stdout, r.stdout + r.stderr
+    d = flare.Dict.from_name(name)
+    d.update({"greeting": "hello", "n": 3})
+    r = run_cli("dict", "list")
+    assert r.returncode == 0 and name in r.stdout, r.stdout + r.stderr
+    r = run_cli("dict", "get", name, "greeting")
+    assert r.returncode == 0 and "'hello'" in r.stdout, r.stdout + r.stderr
+    r = run_cli("dict", "get", name, "missing")
+    assert r.returncode != 0 and "missing" in r.stderr, r.stdout + r.stderr
+    r = run_cli("dict", "items", name)
+    assert r.returncode == 0 and "greeting" in r.stdout and "3" in r.stdout, r.stdout + r.stderr
+    r = run_cli("dict", "clear", name, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(d) == 0
+    r = run_cli("dict", "delete", name, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(exception.NotFoundError, match=name):
+        flare.Dict.from_name(name).get("x")
+    r = run_cli("dict", "get", name, "greeting")
+    assert r.returncode != 0 and name in r.stderr, r.stdout + r.stderr
