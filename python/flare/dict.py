@@ -17,6 +17,7 @@ import contextlib
 
 from . import _api, exception
 from ._bridge import Method, aiter_in_thread, in_thread
+from ._ephemeral import heartbeats
 from ._object import _Object
 
 TYPE_CHECKING = False
@@ -131,12 +132,14 @@ class Dict(_Object):
     @classmethod
     @contextlib.contextmanager
     def ephemeral(cls) -> Iterator[Dict]:
-        """A new dict without a name, deleted when the ``with`` block exits."""
+        """A new dict without a name, deleted when the ``with`` block exits (or, if this
+        process dies, 300 s after its last heartbeat)."""
         info = _client().request("POST", _api.dicts(), {"ephemeral": True})
         d = cls._new_reference("")
         d._object_id = str(info["dict_id"])
         try:
-            yield d
+            with heartbeats(_api.dict_op(d._object_id, "heartbeat")):
+                yield d
         finally:
             _client().request("DELETE", _api.dict_(d._object_id), {})
 

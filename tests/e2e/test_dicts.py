@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import flare
 import pytest
-from flare import exception
+from flare import _api, _invocation, exception
 
-from .conftest import Flared, Server, load_app, remove_home, run_cli, unique
+from .conftest import PYTHON_DIR, Flared, Server, load_app, remove_home, run_cli, unique
 
 APP = """
 import flare
@@ -178,3 +182,48 @@ def test_cli_create_get_items_clear_delete(server: Server) -> None:
         flare.Dict.from_name(name).get("x")
     r = run_cli("dict", "get", name, "greeting")
     assert r.returncode != 0 and name in r.stderr, r.stdout + r.stderr
+
+
+ORPHAN = """
+import os
+import signal
+
+import flare
+
+with flare.Dict.ephemeral() as d:
+    d["x"] = 1
+    print(d.object_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_ephemeral_dict_whose_client_died_is_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    own = Flared("--ephemeral-ttl-secs", "2")
+    try:
+        own.wait()
+        monkeypatch.setenv("FLARE_SERVER_URL", own.url)
+        script = tmp_path / "orphan.py"
+        script.write_text(ORPHAN)
+        env = {**os.environ, "PYTHONPATH": str(PYTHON_DIR)}
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == -9, r.stdout + r.stderr
+        dict_id = r.stdout.strip()
+        client = _invocation.client()
+        # The client died inside its `with` block: the dict outlives it, for now.
+        assert client.request("GET", _api.dict_op(dict_id, "len"))["len"] == 1
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.request("GET", _api.dict_op(dict_id, "len"))
+            except exception.NotFoundError:
+                break
+            assert time.monotonic() < deadline, "the orphaned ephemeral dict was not deleted"
+            time.sleep(0.2)
+        # A named dict has no lease: it stays.
+        named = flare.Dict.from_name("kept", create_if_missing=True)
+        named["k"] = 1
+        time.sleep(3)
+        assert named["k"] == 1
+    finally:
+        own.stop()
+        remove_home(own.home)

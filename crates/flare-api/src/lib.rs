@@ -885,6 +885,7 @@ pub const CONTAINER_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/dicts/{dict_id}/len"),
     ("GET", "/v1/dicts/{dict_id}/items"),
     ("POST", "/v1/dicts/{dict_id}/clear"),
+    ("POST", "/v1/dicts/{dict_id}/heartbeat"),
 ];
 
 /// Whether a concrete path (a query is ignored) matches a path template with `{name}`

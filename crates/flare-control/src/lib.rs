@@ -92,6 +92,9 @@ pub struct ControlConfig {
     pub worker_token: Option<String>,
     /// Where web endpoints are served.
     pub web: services::ingress::WebSettings,
+    /// How long an ephemeral Dict or Queue lives without a heartbeat from its client
+    /// (see [`services::leases`]).
+    pub ephemeral_ttl: Duration,
 }
 
 /// Default memory limit of containers without `memory=` (MiB).
@@ -110,6 +113,7 @@ impl Default for ControlConfig {
             call_window: DEFAULT_CALL_WINDOW,
             worker_token: None,
             web: services::ingress::WebSettings::default(),
+            ephemeral_ttl: services::leases::TTL,
         }
     }
 }
@@ -202,6 +206,8 @@ struct Inner {
     proxy_tokens: services::proxy_auth::Tokens,
     /// Striped locks of the dicts' read-then-write operations.
     dict_locks: services::dicts::Locks,
+    /// Leases of ephemeral objects.
+    leases: services::leases::Leases,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -259,11 +265,13 @@ impl ControlPlane {
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
             dict_locks: services::dicts::Locks::default(),
+            leases: services::leases::Leases::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
         jobs::spawn(&cp, &config);
+        services::leases::spawn_sweeper(&cp, config.ephemeral_ttl);
         Ok(cp)
     }
 
@@ -280,6 +288,11 @@ impl ControlPlane {
     /// The dicts' locks.
     pub(crate) fn dict_locks(&self) -> &services::dicts::Locks {
         &self.inner.dict_locks
+    }
+
+    /// The leases of ephemeral objects.
+    pub(crate) fn leases(&self) -> &services::leases::Leases {
+        &self.inner.leases
     }
 
     pub fn home(&self) -> &Path {

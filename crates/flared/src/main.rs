@@ -120,6 +120,10 @@ struct ApiArgs {
     /// Seconds a client has to send a request's headers (slow clients are disconnected).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     header_timeout_secs: u64,
+    /// Seconds an ephemeral Dict or Queue lives without a heartbeat from its client
+    /// (clients send one every 30 s; one whose client died is deleted after this).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    ephemeral_ttl_secs: u64,
 }
 
 impl ApiArgs {
@@ -134,8 +138,14 @@ impl ApiArgs {
         if self.call_retention_days.is_nan() || self.call_retention_days <= 0.0 || self.call_window == 0 {
             bail!("--call-retention-days and --call-window must be positive");
         }
-        if self.body_budget_mib == 0 || self.max_connections == 0 || self.header_timeout_secs == 0 {
-            bail!("--body-budget-mib, --max-connections and --header-timeout-secs must be positive");
+        if self.body_budget_mib == 0
+            || self.max_connections == 0
+            || self.header_timeout_secs == 0
+            || self.ephemeral_ttl_secs == 0
+        {
+            bail!(
+                "--body-budget-mib, --max-connections, --header-timeout-secs and --ephemeral-ttl-secs must be positive"
+            );
         }
         Ok(flare_control::ControlConfig {
             default_memory_mb: self.default_memory,
@@ -148,6 +158,7 @@ impl ApiArgs {
             call_window: self.call_window,
             worker_token: None,
             web: Default::default(),
+            ephemeral_ttl: Duration::from_secs(self.ephemeral_ttl_secs),
         })
     }
 

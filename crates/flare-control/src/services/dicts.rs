@@ -59,6 +59,7 @@ impl Service for Dicts {
             Route::get("/v1/dicts/{dict_id}/len", len).container(),
             Route::get("/v1/dicts/{dict_id}/items", items).container(),
             Route::post("/v1/dicts/{dict_id}/clear", clear).container(),
+            Route::post("/v1/dicts/{dict_id}/heartbeat", heartbeat).container(),
         ]
     }
 }
@@ -182,6 +183,7 @@ async fn create(
     };
     if req.ephemeral {
         let d = new(String::new());
+        cp.leases().touch(&d.dict_id);
         commit(&cp, vec![Write::Dict(d.clone())]).await?;
         return Ok(Json(DictInfo { created: Some(true), ..DictInfo::of(d) }));
     }
@@ -218,9 +220,29 @@ async fn delete(
         let _g = cp.dict_locks().lock(&dict_id).await;
         let d = existing(&cp, &dict_id).await?;
         commit(&cp, vec![Write::DictDelete { dict_id: dict_id.clone() }]).await?;
+        cp.leases().forget(&dict_id);
         d
     };
     tracing::info!(dict_id = %d.dict_id, name = %d.name, "dict deleted");
+    Ok(Json(flare_api::Empty {}))
+}
+
+/// Deletes an ephemeral dict whose client went away (see [`super::leases`]).
+pub(super) async fn delete_orphan(cp: &ControlPlane, dict_id: &str) -> Result<(), ApiError> {
+    let _g = cp.dict_locks().lock(dict_id).await;
+    commit(cp, vec![Write::DictDelete { dict_id: dict_id.to_string() }]).await?;
+    tracing::info!(dict_id = %dict_id, "ephemeral dict deleted: no heartbeat from its client");
+    Ok(())
+}
+
+/// The client of an ephemeral dict is still there (see [`super::leases`]).
+async fn heartbeat(
+    State(cp): State<ControlPlane>,
+    Path(dict_id): Path<String>,
+) -> Result<Json<flare_api::Empty>, HttpError> {
+    if existing(&cp, &dict_id).await?.ephemeral {
+        cp.leases().touch(&dict_id);
+    }
     Ok(Json(flare_api::Empty {}))
 }
 

@@ -11,11 +11,13 @@
 //! - [`ingress`]: web endpoints (no routes of its own: it sits in front of the API).
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
+//! - [`leases`]: ephemeral objects live while their client heartbeats them.
 
 use crate::http::Route;
 
 pub mod dicts;
 pub mod ingress;
+pub mod leases;
 pub mod proxy_auth;
 pub mod snapshots;
 
