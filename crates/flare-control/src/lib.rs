@@ -202,6 +202,8 @@ struct Inner {
     proxy_tokens: services::proxy_auth::Tokens,
     /// Striped locks of the dicts' read-then-write operations.
     dict_locks: services::dicts::Locks,
+    /// The queues' locks and waiters.
+    queues: services::queues::QueueState,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -259,11 +261,13 @@ impl ControlPlane {
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
             dict_locks: services::dicts::Locks::default(),
+            queues: services::queues::QueueState::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
         jobs::spawn(&cp, &config);
+        services::queues::spawn_expiry(&cp);
         Ok(cp)
     }
 
@@ -280,6 +284,11 @@ impl ControlPlane {
     /// The dicts' locks.
     pub(crate) fn dict_locks(&self) -> &services::dicts::Locks {
         &self.inner.dict_locks
+    }
+
+    /// The queues' locks and waiters.
+    pub(crate) fn queues(&self) -> &services::queues::QueueState {
+        &self.inner.queues
     }
 
     pub fn home(&self) -> &Path {
