@@ -647,6 +647,33 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
+    #[test]
+    fn partition_keys_and_waits_are_checked() {
+        assert!(super::check_partition("").is_ok() && super::check_partition(&"k".repeat(64)).is_ok());
+        let e = super::check_partition(&"é".repeat(33)).unwrap_err();
+        assert!(e.message.contains("66 bytes"), "{}", e.message);
+        assert_eq!(super::check_wait("t", 0.25).unwrap(), Duration::from_millis(250));
+        assert_eq!(super::check_wait("t", 1e9).unwrap(), super::MAX_WAIT, "capped");
+        assert!(super::check_wait("t", -1.0).is_err() && super::check_wait("t", f64::NAN).is_err());
+        assert!(super::check_wait("t", f64::INFINITY).is_err());
+    }
+
+    /// Waiters register before they look: a wakeup between the look and the wait is kept.
+    #[tokio::test]
+    async fn a_wakeup_before_the_wait_is_not_lost() {
+        let state = super::QueueState::default();
+        {
+            let watch = state.watch("qu-1");
+            let n = watch.get().items.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            state.wake("qu-1", true, false); // a put commits after the getter looked
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            assert!(!super::wait(n.as_mut(), deadline).await, "woken, not timed out");
+        }
+        assert!(state.waiters.lock().unwrap().is_empty());
+    }
+
     fn values(v: &Value) -> Vec<Vec<u8>> {
         v["values"].as_array().unwrap().iter().map(|x| unb64(&x["value"])).collect()
     }
@@ -737,6 +764,7 @@ mod tests {
         }
         got.sort();
         assert_eq!(got, (0..8u8).collect::<Vec<_>>());
+        assert!(cp.queues().waiters.lock().unwrap().is_empty(), "the last waiter out removes the entry");
 
         // A partition's items expire partition_ttl after its last put.
         call(
