@@ -177,3 +177,26 @@ def dict_items(dict_id: str, after: int, limit: int, keys_only: bool) -> str:
     if keys_only:
         path += "&keys_only=true"
     return path
+
+
+# ------------------------------------------------------------------ queues
+
+
+def queues() -> str:
+    return f"{_V1}/queues"
+
+
+def queue(queue_id: str) -> str:
+    return f"{_V1}/queues/{_q(queue_id)}"
+
+
+def queue_op(queue_id: str, op: str) -> str:
+    """``put``, ``get``, ``peek``, ``clear``."""
+    return f"{_V1}/queues/{_q(queue_id)}/{op}"
+
+
+def queue_len(queue_id: str, partition: str, total: bool) -> str:
+    path = f"{_V1}/queues/{_q(queue_id)}/len"
+    if total:
+        return path + "?total=true"
+    return path + (f"?partition={_q(partition)}" if partition else "")

@@ -190,14 +190,15 @@ import signal
 
 import flare
 
-with flare.Dict.ephemeral() as d:
+with flare.Dict.ephemeral() as d, flare.Queue.ephemeral() as q:
     d["x"] = 1
-    print(d.object_id, flush=True)
+    q.put("item")
+    print(d.object_id, q.object_id, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_an_ephemeral_dict_whose_client_died_is_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_ephemeral_dict_or_queue_whose_client_died_is_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     own = Flared("--ephemeral-ttl-secs", "2")
     try:
         own.wait()
@@ -207,18 +208,20 @@ def test_an_ephemeral_dict_whose_client_died_is_deleted(monkeypatch: pytest.Monk
         env = {**os.environ, "PYTHONPATH": str(PYTHON_DIR)}
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == -9, r.stdout + r.stderr
-        dict_id = r.stdout.strip()
+        dict_id, queue_id = r.stdout.split()
         client = _invocation.client()
-        # The client died inside its `with` block: the dict outlives it, for now.
+        # The client died inside its `with` block: the objects outlive it, for now.
         assert client.request("GET", _api.dict_op(dict_id, "len"))["len"] == 1
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.request("GET", _api.dict_op(dict_id, "len"))
-            except exception.NotFoundError:
-                break
-            assert time.monotonic() < deadline, "the orphaned ephemeral dict was not deleted"
-            time.sleep(0.2)
+        assert client.request("GET", _api.queue_len(queue_id, "", True))["len"] == 1
+        for path in (_api.dict_op(dict_id, "len"), _api.queue_len(queue_id, "", True)):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.request("GET", path)
+                except exception.NotFoundError:
+                    break
+                assert time.monotonic() < deadline, f"the orphaned ephemeral object was not deleted: {path}"
+                time.sleep(0.2)
         # A named dict has no lease: it stays.
         named = flare.Dict.from_name("kept", create_if_missing=True)
         named["k"] = 1

@@ -37,6 +37,9 @@ pub const MAX_SNAPSHOT_BLOB_BODY: usize = 8 << 20;
 /// Body limit of `POST /v1/dicts/{id}/put`: items in base64 (one value is at most 16 MiB
 /// pickled; an update of many items shares this budget).
 pub const MAX_DICT_PUT_BODY: usize = 64 << 20;
+/// Body limit of `POST /v1/queues/{id}/put`: values in base64 (one is at most 1 MiB
+/// pickled; a put of many values shares this budget).
+pub const MAX_QUEUE_PUT_BODY: usize = 64 << 20;
 /// Most output payload bytes one outputs page carries (a page has at least one output).
 pub const MAX_PAGE_BYTES: usize = 64 << 20;
 
@@ -70,6 +73,7 @@ pub fn body_limit(method: &str, path: &str) -> usize {
         ("POST", ["v1", "mounts"]) | ("POST", ["v1", "images", "build"]) => MAX_MOUNT_BODY,
         ("PUT", ["v1", "snapshots", "blobs", _]) => MAX_SNAPSHOT_BLOB_BODY,
         ("POST", ["v1", "dicts", _, "put"]) => MAX_DICT_PUT_BODY,
+        ("POST", ["v1", "queues", _, "put"]) => MAX_QUEUE_PUT_BODY,
         _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
         _ => MAX_JSON_BODY,
     }
@@ -886,6 +890,15 @@ pub const CONTAINER_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/dicts/{dict_id}/items"),
     ("POST", "/v1/dicts/{dict_id}/clear"),
     ("POST", "/v1/dicts/{dict_id}/heartbeat"),
+    ("POST", "/v1/queues"),
+    ("GET", "/v1/queues"),
+    ("DELETE", "/v1/queues/{queue_id}"),
+    ("POST", "/v1/queues/{queue_id}/put"),
+    ("POST", "/v1/queues/{queue_id}/get"),
+    ("GET", "/v1/queues/{queue_id}/len"),
+    ("POST", "/v1/queues/{queue_id}/peek"),
+    ("POST", "/v1/queues/{queue_id}/clear"),
+    ("POST", "/v1/queues/{queue_id}/heartbeat"),
 ];
 
 /// Whether a concrete path (a query is ignored) matches a path template with `{name}`
@@ -1143,6 +1156,7 @@ mod tests {
         assert_eq!(body_limit("POST", "/v1/functions/fu-1/calls"), MAX_CALL_BODY);
         assert_eq!(body_limit("POST", "/v1/dicts/di-1/put"), MAX_DICT_PUT_BODY);
         assert_eq!(body_limit("POST", "/v1/dicts/di-1/get"), MAX_JSON_BODY);
+        assert_eq!(body_limit("POST", "/v1/queues/qu-1/put"), MAX_QUEUE_PUT_BODY);
         assert_eq!(body_limit("PUT", "/v1/blobs/blake3:ab"), MAX_UPLOAD_BODY);
         let big = InputItem { args: B64(vec![0u8; MAX_ARGS_BYTES + 1].into()) };
         let e = validate_inputs(&[big]).unwrap_err();

@@ -208,6 +208,8 @@ struct Inner {
     dict_locks: services::dicts::Locks,
     /// Leases of ephemeral objects.
     leases: services::leases::Leases,
+    /// The queues' locks and waiters.
+    queues: services::queues::QueueState,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -266,12 +268,14 @@ impl ControlPlane {
             proxy_tokens: services::proxy_auth::Tokens::open(home),
             dict_locks: services::dicts::Locks::default(),
             leases: services::leases::Leases::default(),
+            queues: services::queues::QueueState::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
         jobs::spawn(&cp, &config);
         services::leases::spawn_sweeper(&cp, config.ephemeral_ttl);
+        services::queues::spawn_expiry(&cp);
         Ok(cp)
     }
 
@@ -293,6 +297,11 @@ impl ControlPlane {
     /// The leases of ephemeral objects.
     pub(crate) fn leases(&self) -> &services::leases::Leases {
         &self.inner.leases
+    }
+
+    /// The queues' locks and waiters.
+    pub(crate) fn queues(&self) -> &services::queues::QueueState {
+        &self.inner.queues
     }
 
     pub fn home(&self) -> &Path {

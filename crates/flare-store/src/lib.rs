@@ -101,6 +101,26 @@ pub struct DictEntry {
     pub value: Vec<u8>,
 }
 
+// ---- queues (`flare.Queue`) ----
+
+/// A queue (`flare.Queue`): named ones are unique by name; ephemeral ones have no name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueRow {
+    pub queue_id: String,
+    pub name: String,
+    pub ephemeral: bool,
+    pub created_at: f64,
+}
+
+/// An item of a queue: its pickled value, its partition (`""`: the default one) and its
+/// place in FIFO order (`seq`, increasing over the whole store).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueItem {
+    pub seq: i64,
+    pub partition: String,
+    pub value: Vec<u8>,
+}
+
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -140,6 +160,34 @@ pub enum Write {
     /// Every entry of a dict removed.
     DictClear {
         dict_id: String,
+    },
+    // ---- queues ----
+    /// A new queue.
+    Queue(QueueRow),
+    /// A queue and its items deleted.
+    QueueDelete {
+        queue_id: String,
+    },
+    /// Items appended to a partition, in order; every item of that partition (old and
+    /// new) then expires at `expires_at` (a partition lives `partition_ttl` after its last put).
+    QueuePut {
+        queue_id: String,
+        partition: String,
+        values: Vec<Vec<u8>>,
+        expires_at: Option<f64>,
+    },
+    /// Items removed by `seq` (absent ones are ignored).
+    QueueRemove {
+        seqs: Vec<i64>,
+    },
+    /// The items of one partition removed, or of every partition (`partition: None`).
+    QueueClear {
+        queue_id: String,
+        partition: Option<String>,
+    },
+    /// Every item that expired before `before` removed, from every queue.
+    QueueExpire {
+        before: f64,
     },
 }
 
@@ -213,6 +261,30 @@ pub trait Store: Send + Sync {
         max_bytes: usize,
         keys_only: bool,
     ) -> Result<Vec<DictEntry>>;
+
+    // ---- queues ----
+    /// A queue by id.
+    fn get_queue(&self, queue_id: &str) -> Result<Option<QueueRow>>;
+    /// A named queue by name.
+    fn queue_by_name(&self, name: &str) -> Result<Option<QueueRow>>;
+    /// Every queue, oldest first, with its number of unexpired items (all partitions).
+    fn list_queues(&self, now: f64) -> Result<Vec<(QueueRow, u64)>>;
+    /// Unexpired items (`expires_at` absent or not before `now`) of a partition with
+    /// `seq > after`, oldest first: at most `limit`, and no more than `max_bytes` of values
+    /// (at least one item, if there is one).
+    fn queue_items(
+        &self,
+        queue_id: &str,
+        partition: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+        now: f64,
+    ) -> Result<Vec<QueueItem>>;
+    /// Number of unexpired items of a partition, or of the whole queue (`partition: None`).
+    fn queue_len(&self, queue_id: &str, partition: Option<&str>, now: f64) -> Result<u64>;
+    /// Number of partitions of a queue that have unexpired items.
+    fn queue_partitions(&self, queue_id: &str, now: f64) -> Result<u64>;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -307,6 +379,24 @@ CREATE TABLE dict_entries (
     UNIQUE (dict_id, key)
 );
 CREATE INDEX dict_entries_seq ON dict_entries(dict_id, seq);
+"#,
+    r#"
+CREATE TABLE queues (
+    queue_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX queues_name ON queues(name) WHERE ephemeral = 0;
+CREATE TABLE queue_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    value BLOB NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX queue_items_order ON queue_items(queue_id, partition, seq);
+CREATE INDEX queue_items_expiry ON queue_items(expires_at) WHERE expires_at IS NOT NULL;
 "#,
 ];
 
@@ -499,7 +589,68 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
             c.execute("DELETE FROM dict_entries WHERE dict_id=?1", [dict_id])?;
             Ok(())
         }
+        Write::Queue(_)
+        | Write::QueueDelete { .. }
+        | Write::QueuePut { .. }
+        | Write::QueueRemove { .. }
+        | Write::QueueClear { .. }
+        | Write::QueueExpire { .. } => apply_queue(c, w),
     }
+}
+
+// ---- queues ----
+
+fn apply_queue(c: &Connection, w: &Write) -> Result<()> {
+    match w {
+        Write::Queue(q) => {
+            c.execute(
+                "INSERT INTO queues (queue_id, name, ephemeral, created_at) VALUES (?1,?2,?3,?4)",
+                params![q.queue_id, q.name, q.ephemeral as i64, q.created_at],
+            )?;
+        }
+        Write::QueueDelete { queue_id } => {
+            c.execute("DELETE FROM queue_items WHERE queue_id=?1", [queue_id])?;
+            c.execute("DELETE FROM queues WHERE queue_id=?1", [queue_id])?;
+        }
+        Write::QueuePut { queue_id, partition, values, expires_at } => {
+            let mut st = c.prepare_cached(
+                "INSERT INTO queue_items (queue_id, partition, value, expires_at) VALUES (?1,?2,?3,?4)",
+            )?;
+            for v in values {
+                st.execute(params![queue_id, partition, v, expires_at])?;
+            }
+            c.execute(
+                "UPDATE queue_items SET expires_at=?3 WHERE queue_id=?1 AND partition=?2",
+                params![queue_id, partition, expires_at],
+            )?;
+        }
+        Write::QueueRemove { seqs } => {
+            let mut st = c.prepare_cached("DELETE FROM queue_items WHERE seq=?1")?;
+            for s in seqs {
+                st.execute([s])?;
+            }
+        }
+        Write::QueueClear { queue_id, partition: Some(p) } => {
+            c.execute("DELETE FROM queue_items WHERE queue_id=?1 AND partition=?2", params![queue_id, p])?;
+        }
+        Write::QueueClear { queue_id, partition: None } => {
+            c.execute("DELETE FROM queue_items WHERE queue_id=?1", [queue_id])?;
+        }
+        Write::QueueExpire { before } => {
+            c.execute("DELETE FROM queue_items WHERE expires_at IS NOT NULL AND expires_at<?1", [before])?;
+        }
+        _ => unreachable!("not a queue write"),
+    }
+    Ok(())
+}
+
+fn queue_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueRow> {
+    Ok(QueueRow {
+        queue_id: r.get(0)?,
+        name: r.get(1)?,
+        ephemeral: r.get::<_, i64>(2)? != 0,
+        created_at: r.get(3)?,
+    })
 }
 
 fn dict_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DictRow> {
@@ -926,6 +1077,99 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    // ---- queues ----
+
+    fn get_queue(&self, queue_id: &str) -> Result<Option<QueueRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT queue_id, name, ephemeral, created_at FROM queues WHERE queue_id=?1",
+            [queue_id],
+            queue_from_row,
+        )
+        .optional()?)
+    }
+
+    fn queue_by_name(&self, name: &str) -> Result<Option<QueueRow>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT queue_id, name, ephemeral, created_at FROM queues WHERE name=?1 AND ephemeral=0",
+            [name],
+            queue_from_row,
+        )
+        .optional()?)
+    }
+
+    fn list_queues(&self, now: f64) -> Result<Vec<(QueueRow, u64)>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT q.queue_id, q.name, q.ephemeral, q.created_at,
+                    (SELECT COUNT(*) FROM queue_items i WHERE i.queue_id=q.queue_id
+                        AND (i.expires_at IS NULL OR i.expires_at>=?1))
+             FROM queues q ORDER BY q.created_at, q.queue_id",
+        )?;
+        let rows = st
+            .query_map([now], |r| Ok((queue_from_row(r)?, r.get::<_, i64>(4)? as u64)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn queue_items(
+        &self,
+        queue_id: &str,
+        partition: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+        now: f64,
+    ) -> Result<Vec<QueueItem>> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT seq, partition, value FROM queue_items
+             WHERE queue_id=?1 AND partition=?2 AND seq>?3 AND (expires_at IS NULL OR expires_at>=?4)
+             ORDER BY seq LIMIT ?5",
+        )?;
+        let mut rows = st.query(params![queue_id, partition, after, now, limit as i64])?;
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while let Some(r) = rows.next()? {
+            let it = QueueItem { seq: r.get(0)?, partition: r.get(1)?, value: r.get(2)? };
+            if !out.is_empty() && bytes + it.value.len() > max_bytes {
+                break;
+            }
+            bytes += it.value.len();
+            out.push(it);
+        }
+        Ok(out)
+    }
+
+    fn queue_len(&self, queue_id: &str, partition: Option<&str>, now: f64) -> Result<u64> {
+        let c = self.conn();
+        let n: i64 = match partition {
+            Some(p) => c.query_row(
+                "SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND partition=?2
+                 AND (expires_at IS NULL OR expires_at>=?3)",
+                params![queue_id, p, now],
+                |r| r.get(0),
+            )?,
+            None => c.query_row(
+                "SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND (expires_at IS NULL OR expires_at>=?2)",
+                params![queue_id, now],
+                |r| r.get(0),
+            )?,
+        };
+        Ok(n as u64)
+    }
+
+    fn queue_partitions(&self, queue_id: &str, now: f64) -> Result<u64> {
+        let c = self.conn();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(DISTINCT partition) FROM queue_items WHERE queue_id=?1
+             AND (expires_at IS NULL OR expires_at>=?2)",
+            params![queue_id, now],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
 }
 
 /// Adds to an app's totals of deleted log records and returns the note about them.
@@ -1292,5 +1536,81 @@ mod tests {
         assert_eq!(s.dict_len("di-1").unwrap(), 0, "its entries went with it");
         // The name is free again.
         s.write_batch(&[Write::Dict(d("di-5", "cache", false))]).unwrap();
+    }
+
+    #[test]
+    fn queues_fifo_partitions_expiry_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let q = |id: &str, name: &str, ephemeral: bool| QueueRow {
+            queue_id: id.into(),
+            name: name.into(),
+            ephemeral,
+            created_at: 1.0,
+        };
+        let put = |id: &str, p: &str, vs: &[&[u8]], exp: Option<f64>| Write::QueuePut {
+            queue_id: id.into(),
+            partition: p.into(),
+            values: vs.iter().map(|v| v.to_vec()).collect(),
+            expires_at: exp,
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.write_batch(&[
+                Write::Queue(q("qu-1", "jobs", false)),
+                Write::Queue(q("qu-2", "", true)),
+                put("qu-1", "", &[b"a", b"b"], None),
+                put("qu-1", "p", &[b"x"], Some(100.0)),
+                put("qu-2", "", &[b"other"], None),
+            ])
+            .unwrap();
+            assert!(s.write_batch(&[Write::Queue(q("qu-3", "jobs", false))]).is_err(), "names are unique");
+            s.write_batch(&[put("qu-1", "", &[b"c"], None)]).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.queue_by_name("jobs").unwrap().unwrap().queue_id, "qu-1");
+        assert!(s.queue_by_name("").unwrap().is_none());
+        assert!(s.get_queue("qu-2").unwrap().unwrap().ephemeral);
+        let vals = |items: Vec<QueueItem>| items.into_iter().map(|i| i.value).collect::<Vec<_>>();
+        assert_eq!(vals(s.queue_items("qu-1", "", 0, 10, usize::MAX, 50.0).unwrap()), [b"a", b"b", b"c"]);
+        let two = s.queue_items("qu-1", "", 0, 2, usize::MAX, 50.0).unwrap();
+        assert_eq!(vals(s.queue_items("qu-1", "", two[1].seq, 10, usize::MAX, 50.0).unwrap()), [b"c"]);
+        assert_eq!(s.queue_items("qu-1", "", 0, 10, 1, 50.0).unwrap().len(), 1, "at least one item");
+        assert_eq!(s.queue_len("qu-1", Some(""), 50.0).unwrap(), 3);
+        assert_eq!(s.queue_len("qu-1", None, 50.0).unwrap(), 4);
+        assert_eq!(s.queue_partitions("qu-1", 50.0).unwrap(), 2);
+        // Past its expiry an item is neither counted nor returned; a put pushes the
+        // expiry of its whole partition.
+        assert_eq!(s.queue_len("qu-1", Some("p"), 150.0).unwrap(), 0);
+        assert!(s.queue_items("qu-1", "p", 0, 10, usize::MAX, 150.0).unwrap().is_empty());
+        s.write_batch(&[put("qu-1", "p", &[b"y"], Some(200.0))]).unwrap();
+        assert_eq!(vals(s.queue_items("qu-1", "p", 0, 10, usize::MAX, 150.0).unwrap()), [b"x", b"y"]);
+        s.write_batch(&[Write::QueueExpire { before: 250.0 }]).unwrap();
+        assert_eq!(s.queue_len("qu-1", Some("p"), 0.0).unwrap(), 0, "expired items are deleted");
+        assert_eq!(s.queue_len("qu-1", Some(""), 0.0).unwrap(), 3, "items without expiry stay");
+        let listed = s.list_queues(50.0).unwrap();
+        assert_eq!(
+            listed.iter().map(|(q, n)| (q.queue_id.as_str(), *n)).collect::<Vec<_>>(),
+            [("qu-1", 3), ("qu-2", 1)]
+        );
+        let first = s.queue_items("qu-1", "", 0, 1, usize::MAX, 0.0).unwrap()[0].seq;
+        s.write_batch(&[
+            Write::QueueRemove { seqs: vec![first, 999_999] },
+            Write::QueueClear { queue_id: "qu-2".into(), partition: Some("".into()) },
+        ])
+        .unwrap();
+        assert_eq!(vals(s.queue_items("qu-1", "", 0, 10, usize::MAX, 0.0).unwrap()), [b"b", b"c"]);
+        assert_eq!(s.queue_len("qu-2", None, 0.0).unwrap(), 0);
+        s.write_batch(&[
+            put("qu-1", "z", &[b"1"], None),
+            Write::QueueClear { queue_id: "qu-1".into(), partition: None },
+        ])
+        .unwrap();
+        assert_eq!(s.queue_len("qu-1", None, 0.0).unwrap(), 0);
+        s.write_batch(&[put("qu-1", "", &[b"1"], None), Write::QueueDelete { queue_id: "qu-1".into() }])
+            .unwrap();
+        assert!(s.get_queue("qu-1").unwrap().is_none());
+        assert_eq!(s.queue_len("qu-1", None, 0.0).unwrap(), 0, "its items went with it");
+        s.write_batch(&[Write::Queue(q("qu-4", "jobs", false))]).unwrap();
     }
 }

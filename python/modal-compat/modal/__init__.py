@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         Function as Function,
         FunctionCall as FunctionCall,
         Image as Image,
+        Queue as Queue,
         Retries as Retries,
         __version__ as __version__,
         asgi_app as asgi_app,
@@ -111,6 +112,7 @@ SUBMODULES = (
     "image",
     "output",
     "partial_function",
+    "queue",
     "retries",
 )
 

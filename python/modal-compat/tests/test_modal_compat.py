@@ -31,9 +31,9 @@ SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
-    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict",
+    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict", "Queue",
 ]
-MISSING = ["Volume", "Secret", "Queue", "Sandbox", "Cron", "Period", "Server", "Client"]
+MISSING = ["Volume", "Secret", "Sandbox", "Cron", "Period", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -185,7 +185,7 @@ def test_partial_function_decorators() -> None:
     assert ns["web_server"] is flare.web_server
 
 
-@pytest.mark.parametrize("sub", ["volume", "cls", "secret", "queue", "sandbox", "runner", "config"])
+@pytest.mark.parametrize("sub", ["volume", "cls", "secret", "sandbox", "runner", "config"])
 def test_missing_submodules_raise_a_clear_error(sub: str) -> None:
     with pytest.raises(ImportError, match=rf"^modal\.{sub} (is not available in Flare yet|has no equivalent in Flare)"):
         importlib.import_module(f"modal.{sub}")
@@ -301,3 +301,13 @@ def test_modal_dict_is_flare_dict() -> None:
 
     assert modal.Dict is flare.Dict
     assert modal.dict.Dict is flare.Dict
+
+
+def test_modal_queue_is_flare_queue() -> None:
+    import modal
+    import modal.queue
+
+    import flare
+
+    assert modal.Queue is flare.Queue
+    assert modal.queue.Queue is flare.Queue

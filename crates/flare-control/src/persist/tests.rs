@@ -154,6 +154,33 @@ impl Store for Gated {
     ) -> flare_store::Result<Vec<flare_store::DictEntry>> {
         self.inner.dict_entries(id, a, l, b, k)
     }
+    // ---- queues ----
+    fn get_queue(&self, id: &str) -> flare_store::Result<Option<flare_store::QueueRow>> {
+        self.inner.get_queue(id)
+    }
+    fn queue_by_name(&self, n: &str) -> flare_store::Result<Option<flare_store::QueueRow>> {
+        self.inner.queue_by_name(n)
+    }
+    fn list_queues(&self, now: f64) -> flare_store::Result<Vec<(flare_store::QueueRow, u64)>> {
+        self.inner.list_queues(now)
+    }
+    fn queue_items(
+        &self,
+        id: &str,
+        p: &str,
+        a: i64,
+        l: usize,
+        b: usize,
+        now: f64,
+    ) -> flare_store::Result<Vec<flare_store::QueueItem>> {
+        self.inner.queue_items(id, p, a, l, b, now)
+    }
+    fn queue_len(&self, id: &str, p: Option<&str>, now: f64) -> flare_store::Result<u64> {
+        self.inner.queue_len(id, p, now)
+    }
+    fn queue_partitions(&self, id: &str, now: f64) -> flare_store::Result<u64> {
+        self.inner.queue_partitions(id, now)
+    }
 }
 
 fn app(id: &str) -> AppRow {

@@ -64,7 +64,7 @@ impl Service for Dicts {
     }
 }
 
-/// Striped locks over dict ids (and names, for create-or-get).
+/// Striped locks over dict ids (and names, for create-or-get); the queues have their own.
 pub struct Locks(Vec<tokio::sync::Mutex<()>>);
 
 impl Default for Locks {
@@ -74,7 +74,7 @@ impl Default for Locks {
 }
 
 impl Locks {
-    async fn lock(&self, what: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn lock(&self, what: &str) -> tokio::sync::MutexGuard<'_, ()> {
         let i = blake3::hash(what.as_bytes()).as_bytes()[0] as usize % self.0.len();
         self.0[i].lock().await
     }

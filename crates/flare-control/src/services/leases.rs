@@ -83,9 +83,24 @@ async fn sweep_once(cp: &ControlPlane, ttl: Duration) -> Result<(), flare_api::A
         .filter(|(d, _)| d.ephemeral)
         .map(|(d, _)| d.dict_id)
         .collect();
-    for dict_id in cp.leases().expired(&dicts, Instant::now(), ttl) {
-        super::dicts::delete_orphan(cp, &dict_id).await?;
-        cp.leases().forget(&dict_id);
+    let store = cp.inner.store.clone();
+    let queues: Vec<String> = tokio::task::spawn_blocking(move || store.list_queues(crate::now_ts()))
+        .await
+        .map_err(|e| flare_api::ApiError::internal(format!("store read: {e}")))?
+        .map_err(crate::store_err)?
+        .into_iter()
+        .filter(|(q, _)| q.ephemeral)
+        .map(|(q, _)| q.queue_id)
+        .collect();
+    // One lease table for both kinds (ids are unique across them: `di-…`, `qu-…`).
+    let live: Vec<String> = dicts.iter().chain(&queues).cloned().collect();
+    for id in cp.leases().expired(&live, Instant::now(), ttl) {
+        if dicts.contains(&id) {
+            super::dicts::delete_orphan(cp, &id).await?;
+        } else {
+            super::queues::delete_orphan(cp, &id).await?;
+        }
+        cp.leases().forget(&id);
     }
     Ok(())
 }

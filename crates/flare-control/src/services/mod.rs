@@ -12,6 +12,7 @@
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
 //! - [`leases`]: ephemeral objects live while their client heartbeats them.
+//! - [`queues`]: `flare.Queue`, durable FIFO queues in the store, with blocking gets.
 
 use crate::http::Route;
 
@@ -19,6 +20,7 @@ pub mod dicts;
 pub mod ingress;
 pub mod leases;
 pub mod proxy_auth;
+pub mod queues;
 pub mod snapshots;
 
 /// A capability with its own routes.
@@ -32,5 +34,10 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth), Box::new(dicts::Dicts)]
+    vec![
+        Box::new(snapshots::Snapshots),
+        Box::new(proxy_auth::ProxyAuth),
+        Box::new(dicts::Dicts),
+        Box::new(queues::Queues),
+    ]
 }
