@@ -14,11 +14,13 @@ name there. Every method has an ``.aio`` variant (``await d.get.aio(k)``); ``key
 from __future__ import annotations
 
 import contextlib
+import pickle
 
 from . import _api, exception
 from ._bridge import Method, aiter_in_thread, in_thread
 from ._ephemeral import heartbeats
 from ._object import _Object
+from ._serialization import _type_name, b64, dumps, unb64
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,8 +47,6 @@ def _mib(n: int) -> str:
 
 
 def _pickle(what: str, value: Any) -> bytes:
-    from ._serialization import _type_name, dumps
-
     try:
         return dumps(value)
     except Exception as e:  # noqa: BLE001
@@ -56,8 +56,6 @@ def _pickle(what: str, value: Any) -> bytes:
 
 
 def _key(key: Any) -> str:
-    from ._serialization import b64
-
     data = _pickle("key", key)
     if len(data) > MAX_KEY_BYTES:
         raise exception.InvalidError(f"a dict key is at most {MAX_KEY_BYTES} bytes pickled; this one is {len(data)} bytes")
@@ -65,8 +63,6 @@ def _key(key: Any) -> str:
 
 
 def _value(value: Any) -> str:
-    from ._serialization import b64
-
     data = _pickle("value", value)
     if len(data) > MAX_VALUE_BYTES:
         raise exception.PayloadTooLargeError(
@@ -76,10 +72,6 @@ def _value(value: Any) -> str:
 
 
 def _load(text: str) -> Any:
-    import pickle
-
-    from ._serialization import unb64
-
     try:
         return pickle.loads(unb64(text))
     except Exception as e:  # noqa: BLE001

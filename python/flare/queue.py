@@ -19,11 +19,13 @@ as does one looked up by name there. Every method has an ``.aio`` variant
 from __future__ import annotations
 
 import contextlib
+import pickle
 
 from . import _api, exception
 from ._bridge import Method, aiter_in_thread, in_thread
 from ._ephemeral import heartbeats
 from ._object import _Object
+from ._serialization import _type_name, b64, dumps, unb64
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,8 +55,6 @@ def _mib(n: int) -> str:
 
 
 def _value(value: Any) -> str:
-    from ._serialization import _type_name, b64, dumps
-
     try:
         data = dumps(value)
     except Exception as e:  # noqa: BLE001
@@ -69,10 +69,6 @@ def _value(value: Any) -> str:
 
 
 def _load(text: str) -> Any:
-    import pickle
-
-    from ._serialization import unb64
-
     try:
         return pickle.loads(unb64(text))
     except Exception as e:  # noqa: BLE001

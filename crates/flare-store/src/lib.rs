@@ -392,11 +392,16 @@ CREATE TABLE queue_items (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     queue_id TEXT NOT NULL,
     partition TEXT NOT NULL,
-    value BLOB NOT NULL,
-    expires_at REAL
+    value BLOB NOT NULL
 );
 CREATE INDEX queue_items_order ON queue_items(queue_id, partition, seq);
-CREATE INDEX queue_items_expiry ON queue_items(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE queue_partitions (
+    queue_id TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (queue_id, partition)
+);
+CREATE INDEX queue_partitions_expiry ON queue_partitions(expires_at) WHERE expires_at IS NOT NULL;
 "#,
 ];
 
@@ -610,19 +615,21 @@ fn apply_queue(c: &Connection, w: &Write) -> Result<()> {
         }
         Write::QueueDelete { queue_id } => {
             c.execute("DELETE FROM queue_items WHERE queue_id=?1", [queue_id])?;
+            c.execute("DELETE FROM queue_partitions WHERE queue_id=?1", [queue_id])?;
             c.execute("DELETE FROM queues WHERE queue_id=?1", [queue_id])?;
         }
         Write::QueuePut { queue_id, partition, values, expires_at } => {
-            let mut st = c.prepare_cached(
-                "INSERT INTO queue_items (queue_id, partition, value, expires_at) VALUES (?1,?2,?3,?4)",
-            )?;
+            let mut st =
+                c.prepare_cached("INSERT INTO queue_items (queue_id, partition, value) VALUES (?1,?2,?3)")?;
             for v in values {
-                st.execute(params![queue_id, partition, v, expires_at])?;
+                st.execute(params![queue_id, partition, v])?;
             }
-            c.execute(
-                "UPDATE queue_items SET expires_at=?3 WHERE queue_id=?1 AND partition=?2",
-                params![queue_id, partition, expires_at],
-            )?;
+            // The partition's expiry, one row whatever its number of items.
+            c.prepare_cached(
+                "INSERT INTO queue_partitions (queue_id, partition, expires_at) VALUES (?1,?2,?3)
+                 ON CONFLICT(queue_id, partition) DO UPDATE SET expires_at=excluded.expires_at",
+            )?
+            .execute(params![queue_id, partition, expires_at])?;
         }
         Write::QueueRemove { seqs } => {
             let mut st = c.prepare_cached("DELETE FROM queue_items WHERE seq=?1")?;
@@ -632,16 +639,49 @@ fn apply_queue(c: &Connection, w: &Write) -> Result<()> {
         }
         Write::QueueClear { queue_id, partition: Some(p) } => {
             c.execute("DELETE FROM queue_items WHERE queue_id=?1 AND partition=?2", params![queue_id, p])?;
+            c.execute(
+                "DELETE FROM queue_partitions WHERE queue_id=?1 AND partition=?2",
+                params![queue_id, p],
+            )?;
         }
         Write::QueueClear { queue_id, partition: None } => {
             c.execute("DELETE FROM queue_items WHERE queue_id=?1", [queue_id])?;
+            c.execute("DELETE FROM queue_partitions WHERE queue_id=?1", [queue_id])?;
         }
         Write::QueueExpire { before } => {
-            c.execute("DELETE FROM queue_items WHERE expires_at IS NOT NULL AND expires_at<?1", [before])?;
+            c.execute(
+                "DELETE FROM queue_items WHERE seq IN (SELECT i.seq FROM queue_items i JOIN queue_partitions p
+                     ON p.queue_id=i.queue_id AND p.partition=i.partition
+                 WHERE p.expires_at IS NOT NULL AND p.expires_at<?1)",
+                [before],
+            )?;
+            c.execute(
+                "DELETE FROM queue_partitions WHERE expires_at IS NOT NULL AND expires_at<?1",
+                [before],
+            )?;
+            // Partitions emptied by gets.
+            c.execute(
+                "DELETE FROM queue_partitions WHERE NOT EXISTS (SELECT 1 FROM queue_items i
+                     WHERE i.queue_id=queue_partitions.queue_id AND i.partition=queue_partitions.partition)",
+                [],
+            )?;
         }
         _ => unreachable!("not a queue write"),
     }
     Ok(())
+}
+
+/// Whether a queue's partition has not expired at `now` (one that has no row has no items).
+fn partition_live(c: &Connection, queue_id: &str, partition: &str, now: f64) -> Result<bool> {
+    let exp: Option<Option<f64>> = c
+        .prepare_cached("SELECT expires_at FROM queue_partitions WHERE queue_id=?1 AND partition=?2")?
+        .query_row(params![queue_id, partition], |r| r.get(0))
+        .optional()?;
+    Ok(match exp {
+        None => true,
+        Some(None) => true,
+        Some(Some(t)) => t >= now,
+    })
 }
 
 fn queue_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueRow> {
@@ -1104,8 +1144,9 @@ impl Store for SqliteStore {
         let c = self.conn();
         let mut st = c.prepare(
             "SELECT q.queue_id, q.name, q.ephemeral, q.created_at,
-                    (SELECT COUNT(*) FROM queue_items i WHERE i.queue_id=q.queue_id
-                        AND (i.expires_at IS NULL OR i.expires_at>=?1))
+                    (SELECT COUNT(*) FROM queue_items i JOIN queue_partitions p
+                        ON p.queue_id=i.queue_id AND p.partition=i.partition
+                     WHERE i.queue_id=q.queue_id AND (p.expires_at IS NULL OR p.expires_at>=?1))
              FROM queues q ORDER BY q.created_at, q.queue_id",
         )?;
         let rows = st
@@ -1124,12 +1165,14 @@ impl Store for SqliteStore {
         now: f64,
     ) -> Result<Vec<QueueItem>> {
         let c = self.conn();
+        if !partition_live(&c, queue_id, partition, now)? {
+            return Ok(Vec::new());
+        }
         let mut st = c.prepare_cached(
             "SELECT seq, partition, value FROM queue_items
-             WHERE queue_id=?1 AND partition=?2 AND seq>?3 AND (expires_at IS NULL OR expires_at>=?4)
-             ORDER BY seq LIMIT ?5",
+             WHERE queue_id=?1 AND partition=?2 AND seq>?3 ORDER BY seq LIMIT ?4",
         )?;
-        let mut rows = st.query(params![queue_id, partition, after, now, limit as i64])?;
+        let mut rows = st.query(params![queue_id, partition, after, limit as i64])?;
         let (mut out, mut bytes) = (Vec::new(), 0usize);
         while let Some(r) = rows.next()? {
             let it = QueueItem { seq: r.get(0)?, partition: r.get(1)?, value: r.get(2)? };
@@ -1145,14 +1188,14 @@ impl Store for SqliteStore {
     fn queue_len(&self, queue_id: &str, partition: Option<&str>, now: f64) -> Result<u64> {
         let c = self.conn();
         let n: i64 = match partition {
-            Some(p) => c.query_row(
-                "SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND partition=?2
-                 AND (expires_at IS NULL OR expires_at>=?3)",
-                params![queue_id, p, now],
-                |r| r.get(0),
-            )?,
+            Some(p) if !partition_live(&c, queue_id, p, now)? => 0,
+            Some(p) => c
+                .prepare_cached("SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND partition=?2")?
+                .query_row(params![queue_id, p], |r| r.get(0))?,
             None => c.query_row(
-                "SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND (expires_at IS NULL OR expires_at>=?2)",
+                "SELECT COUNT(*) FROM queue_items i JOIN queue_partitions p
+                     ON p.queue_id=i.queue_id AND p.partition=i.partition
+                 WHERE i.queue_id=?1 AND (p.expires_at IS NULL OR p.expires_at>=?2)",
                 params![queue_id, now],
                 |r| r.get(0),
             )?,
@@ -1163,8 +1206,9 @@ impl Store for SqliteStore {
     fn queue_partitions(&self, queue_id: &str, now: f64) -> Result<u64> {
         let c = self.conn();
         let n: i64 = c.query_row(
-            "SELECT COUNT(DISTINCT partition) FROM queue_items WHERE queue_id=?1
-             AND (expires_at IS NULL OR expires_at>=?2)",
+            "SELECT COUNT(*) FROM queue_partitions p WHERE p.queue_id=?1
+             AND (p.expires_at IS NULL OR p.expires_at>=?2)
+             AND EXISTS (SELECT 1 FROM queue_items i WHERE i.queue_id=p.queue_id AND i.partition=p.partition)",
             params![queue_id, now],
             |r| r.get(0),
         )?;

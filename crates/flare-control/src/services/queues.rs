@@ -177,9 +177,11 @@ async fn commit(cp: &ControlPlane, writes: Vec<Write>) -> Result<(), ApiError> {
 
 async fn existing(cp: &ControlPlane, queue_id: &str) -> Result<QueueRow, ApiError> {
     let id = queue_id.to_string();
-    read(cp, move |s| s.get_queue(&id))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no queue {queue_id}")))
+    read(cp, move |s| s.get_queue(&id)).await?.ok_or_else(|| no_queue(queue_id))
+}
+
+fn no_queue(queue_id: &str) -> ApiError {
+    ApiError::not_found(format!("no queue {queue_id}"))
 }
 
 /// A partition key: `""` is the default partition.
@@ -413,15 +415,19 @@ async fn put(
         room.as_mut().enable();
         {
             let _g = cp.queues().locks.lock(&queue_id).await;
-            existing(&cp, &queue_id).await?;
             let now = now_ts();
             let (id, p) = (queue_id.clone(), req.partition.clone());
+            // One trip to the store threads: the queue exists, its partition's length.
             let (len, partitions) = read(&cp, move |s| {
+                if s.get_queue(&id)?.is_none() {
+                    return Ok(None);
+                }
                 let len = s.queue_len(&id, Some(&p), now)?;
                 let parts = if len == 0 { s.queue_partitions(&id, now)? } else { 0 };
-                Ok((len, parts))
+                Ok(Some((len, parts)))
             })
-            .await?;
+            .await?
+            .ok_or_else(|| no_queue(&queue_id))?;
             if len == 0 && partitions >= MAX_PARTITIONS {
                 return Err(ApiError::exhausted(format!(
                     "a queue has at most {MAX_PARTITIONS} partitions with items; this one is full"
@@ -505,9 +511,13 @@ async fn get(
         put.as_mut().enable();
         {
             let _g = cp.queues().locks.lock(&queue_id).await;
-            existing(&cp, &queue_id).await?;
             let (id, p, n) = (queue_id.clone(), req.partition.clone(), req.n);
-            let items = read(&cp, move |s| s.queue_items(&id, &p, 0, n, MAX_ANSWER_BYTES, now_ts())).await?;
+            let items = read(&cp, move |s| match s.get_queue(&id)? {
+                None => Ok(None),
+                Some(_) => s.queue_items(&id, &p, 0, n, MAX_ANSWER_BYTES, now_ts()).map(Some),
+            })
+            .await?
+            .ok_or_else(|| no_queue(&queue_id))?;
             if !items.is_empty() {
                 let seqs = items.iter().map(|it| it.seq).collect();
                 commit(&cp, vec![Write::QueueRemove { seqs }]).await?;
