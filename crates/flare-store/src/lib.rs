@@ -101,6 +101,21 @@ pub struct DictEntry {
     pub value: Vec<u8>,
 }
 
+// ---- Schedules (`schedule=`) ------------------------------------------------------------
+
+/// A scheduled function's state: what its slots count from and the last slot that fired.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduleRow {
+    pub function_id: String,
+    pub app_id: String,
+    /// When the schedule was deployed (a `Period`'s slots count from it).
+    pub anchor: f64,
+    /// The slot of the last scheduled run (None: none yet).
+    pub last_fire: Option<f64>,
+}
+
+// ---- end of schedules ---------------------------------------------------------------------
+
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -141,6 +156,21 @@ pub enum Write {
     DictClear {
         dict_id: String,
     },
+    // ---- Schedules ----
+    /// A function's schedule state set (inserted or replaced).
+    Schedule(ScheduleRow),
+    /// A function's schedule state deleted (unscheduled, or its app stopped).
+    ScheduleDelete {
+        function_id: String,
+    },
+    /// A scheduled run: its call, its one input and the schedule's new `last_fire`, applied
+    /// together (a crash leaves all of them or none).
+    ScheduledRun {
+        call: CallRow,
+        input: PendingInputRow,
+        state: ScheduleRow,
+    },
+    // ---- end of schedules ----
 }
 
 /// Everything the control plane persists.
@@ -213,6 +243,11 @@ pub trait Store: Send + Sync {
         max_bytes: usize,
         keys_only: bool,
     ) -> Result<Vec<DictEntry>>;
+
+    // ---- Schedules ----
+    /// Every function's schedule state.
+    fn schedules(&self) -> Result<Vec<ScheduleRow>>;
+    // ---- end of schedules ----
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -307,6 +342,15 @@ CREATE TABLE dict_entries (
     UNIQUE (dict_id, key)
 );
 CREATE INDEX dict_entries_seq ON dict_entries(dict_id, seq);
+"#,
+    // Schedules.
+    r#"
+CREATE TABLE schedules (
+    function_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    anchor REAL NOT NULL,
+    last_fire REAL
+);
 "#,
 ];
 
@@ -499,7 +543,25 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
             c.execute("DELETE FROM dict_entries WHERE dict_id=?1", [dict_id])?;
             Ok(())
         }
+        Write::Schedule(row) => put_schedule(c, row),
+        Write::ScheduleDelete { function_id } => {
+            c.execute("DELETE FROM schedules WHERE function_id=?1", [function_id])?;
+            Ok(())
+        }
+        Write::ScheduledRun { call, input, state } => {
+            put_call(c, call)?;
+            put_input(c, input)?;
+            put_schedule(c, state)
+        }
     }
+}
+
+fn put_schedule(c: &Connection, row: &ScheduleRow) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO schedules (function_id, app_id, anchor, last_fire) VALUES (?1,?2,?3,?4)",
+        params![row.function_id, row.app_id, row.anchor, row.last_fire],
+    )?;
+    Ok(())
 }
 
 fn dict_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DictRow> {
@@ -926,6 +988,20 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT function_id, app_id, anchor, last_fire FROM schedules")?;
+        let rows = st.query_map([], |r| {
+            Ok(ScheduleRow {
+                function_id: r.get(0)?,
+                app_id: r.get(1)?,
+                anchor: r.get(2)?,
+                last_fire: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }
 
 /// Adds to an app's totals of deleted log records and returns the note about them.
@@ -1292,5 +1368,45 @@ mod tests {
         assert_eq!(s.dict_len("di-1").unwrap(), 0, "its entries went with it");
         // The name is free again.
         s.write_batch(&[Write::Dict(d("di-5", "cache", false))]).unwrap();
+    }
+
+    #[test]
+    fn schedules_state_and_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let row = |last: Option<f64>| ScheduleRow {
+            function_id: "fu1".into(),
+            app_id: "ap1".into(),
+            anchor: 100.0,
+            last_fire: last,
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.write_batch(&[Write::Schedule(row(None))]).unwrap();
+            assert_eq!(s.schedules().unwrap(), vec![row(None)]);
+            let call = CallRow {
+                call_id: "fc1".into(),
+                function_id: "fu1".into(),
+                kind: "spawn".into(),
+                num_inputs: 1,
+                created_at: 105.0,
+                caller_app_id: None,
+            };
+            let input = PendingInputRow {
+                call_id: "fc1".into(),
+                function_id: "fu1".into(),
+                idx: 0,
+                input_id: "in1".into(),
+                args: vec![1, 2],
+                retry_count: 0,
+            };
+            s.write_batch(&[Write::ScheduledRun { call, input, state: row(Some(105.0)) }]).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schedules().unwrap(), vec![row(Some(105.0))]);
+        assert_eq!(s.pending_inputs().unwrap().len(), 1);
+        assert!(s.get_call("fc1").unwrap().is_some());
+        s.write_batch(&[Write::ScheduleDelete { function_id: "fu1".into() }]).unwrap();
+        assert!(s.schedules().unwrap().is_empty());
     }
 }

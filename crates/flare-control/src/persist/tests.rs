@@ -154,6 +154,9 @@ impl Store for Gated {
     ) -> flare_store::Result<Vec<flare_store::DictEntry>> {
         self.inner.dict_entries(id, a, l, b, k)
     }
+    fn schedules(&self) -> flare_store::Result<Vec<ScheduleRow>> {
+        self.inner.schedules()
+    }
 }
 
 fn app(id: &str) -> AppRow {
