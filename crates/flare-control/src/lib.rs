@@ -202,6 +202,8 @@ struct Inner {
     proxy_tokens: services::proxy_auth::Tokens,
     /// Striped locks of the dicts' read-then-write operations.
     dict_locks: services::dicts::Locks,
+    /// Wakes the schedules' ticker to plan again.
+    schedule_wake: tokio::sync::Notify,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -259,11 +261,13 @@ impl ControlPlane {
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
             dict_locks: services::dicts::Locks::default(),
+            schedule_wake: tokio::sync::Notify::new(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
         tokio::spawn(log_writer(cp.inner.store.clone(), log_rx, config.clone()));
         jobs::spawn(&cp, &config);
+        services::schedules::spawn(&cp);
         Ok(cp)
     }
 

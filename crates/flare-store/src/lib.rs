@@ -114,6 +114,15 @@ pub struct ScheduleRow {
     pub last_fire: Option<f64>,
 }
 
+/// A scheduled run, stored as one unit: its spawned call, its one input and the schedule's
+/// new `last_fire` (a crash leaves all of them or none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduledRun {
+    pub call: CallRow,
+    pub input: PendingInputRow,
+    pub state: ScheduleRow,
+}
+
 // ---- end of schedules ---------------------------------------------------------------------
 
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
@@ -165,11 +174,7 @@ pub enum Write {
     },
     /// A scheduled run: its call, its one input and the schedule's new `last_fire`, applied
     /// together (a crash leaves all of them or none).
-    ScheduledRun {
-        call: CallRow,
-        input: PendingInputRow,
-        state: ScheduleRow,
-    },
+    ScheduledRun(Box<ScheduledRun>),
     // ---- end of schedules ----
 }
 
@@ -548,10 +553,10 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
             c.execute("DELETE FROM schedules WHERE function_id=?1", [function_id])?;
             Ok(())
         }
-        Write::ScheduledRun { call, input, state } => {
-            put_call(c, call)?;
-            put_input(c, input)?;
-            put_schedule(c, state)
+        Write::ScheduledRun(run) => {
+            put_call(c, &run.call)?;
+            put_input(c, &run.input)?;
+            put_schedule(c, &run.state)
         }
     }
 }
@@ -1400,7 +1405,12 @@ mod tests {
                 args: vec![1, 2],
                 retry_count: 0,
             };
-            s.write_batch(&[Write::ScheduledRun { call, input, state: row(Some(105.0)) }]).unwrap();
+            s.write_batch(&[Write::ScheduledRun(Box::new(ScheduledRun {
+                call,
+                input,
+                state: row(Some(105.0)),
+            }))])
+            .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.schedules().unwrap(), vec![row(Some(105.0))]);

@@ -11,12 +11,14 @@
 //! - [`ingress`]: web endpoints (no routes of its own: it sits in front of the API).
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
+//! - [`schedules`]: functions that run on their own (`Period`, `Cron`); no routes.
 
 use crate::http::Route;
 
 pub mod dicts;
 pub mod ingress;
 pub mod proxy_auth;
+pub mod schedules;
 pub mod snapshots;
 
 /// A capability with its own routes.
@@ -30,5 +32,10 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth), Box::new(dicts::Dicts)]
+    vec![
+        Box::new(snapshots::Snapshots),
+        Box::new(proxy_auth::ProxyAuth),
+        Box::new(dicts::Dicts),
+        Box::new(schedules::Schedules),
+    ]
 }
