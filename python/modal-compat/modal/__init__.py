@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from flare import (
         App as App,
         Cls as Cls,
+        Cron as Cron,
         Dict as Dict,
         Error as Error,
         FilePatternMatcher as FilePatternMatcher,
         Function as Function,
         FunctionCall as FunctionCall,
         Image as Image,
+        Period as Period,
         Retries as Retries,
         __version__ as __version__,
         asgi_app as asgi_app,
@@ -112,6 +114,7 @@ SUBMODULES = (
     "output",
     "partial_function",
     "retries",
+    "schedule",
 )
 
 _compat.install_finder()

@@ -31,9 +31,9 @@ SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
-    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict",
+    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict", "Cron", "Period",
 ]
-MISSING = ["Volume", "Secret", "Queue", "Sandbox", "Cron", "Period", "Server", "Client"]
+MISSING = ["Volume", "Secret", "Queue", "Sandbox", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -301,3 +301,18 @@ def test_modal_dict_is_flare_dict() -> None:
 
     assert modal.Dict is flare.Dict
     assert modal.dict.Dict is flare.Dict
+
+
+def test_modal_schedule_is_flare_schedule() -> None:
+    import modal
+    import modal.schedule
+
+    import flare
+    import flare.schedule
+
+    assert modal.Period is flare.Period
+    assert modal.Cron is flare.Cron
+    assert modal.schedule.Period is flare.Period
+    assert modal.schedule.Cron is flare.Cron
+    assert modal.schedule.Schedule is flare.schedule.Schedule
+    assert isinstance(modal.Period(hours=4), modal.schedule.Schedule)
