@@ -348,7 +348,9 @@ impl ControlPlane {
                 room: tokio::sync::watch::channel(0).0,
             },
         );
-        let when = cron::utc(slot).map(|t| t.to_rfc3339()).unwrap_or_else(|| slot.to_string());
+        let when = cron::utc(slot)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|| slot.to_string());
         let line = format!("scheduled run of {fname} (call {call_id}, slot {when})\n");
         crate::logs::push_log_as(st, &self.inner.log_tx, &state.app_id, "", &fname, LogStream::System, &line);
         tracing::info!(function = %fname, call = %call_id, slot = %when, "scheduled run");
