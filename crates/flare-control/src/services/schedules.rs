@@ -467,6 +467,37 @@ mod tests {
         cron::ts(chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc))
     }
 
+    /// A redeploy starts a `Period` over and keeps a `Cron`'s last run; a function
+    /// redeployed without a schedule loses it.
+    #[tokio::test]
+    async fn redeploys() {
+        let h = crate::tests::harness().await;
+        let (app, _) = h.cp.create_app("re", AppMode::Deployed).unwrap();
+        let mut p = crate::tests::def("p");
+        p.schedule = Some(Schedule::Period { seconds: 60.0, months: 0 });
+        let mut c = crate::tests::def("c");
+        c.schedule = Some(Schedule::Cron { expr: "0 0 * * *".into(), timezone: "UTC".into() });
+        let ids = h.cp.register_functions(&app.app_id, vec![p.clone(), c.clone()]).unwrap();
+        let (pid, cid) = (ids[0].1.clone(), ids[1].1.clone());
+        for fid in [&pid, &cid] {
+            h.cp.lock().schedules.get_mut(fid).unwrap().last_fire = Some(5.0);
+        }
+        let (app, _) = h.cp.create_app("re", AppMode::Deployed).unwrap();
+        h.cp.register_functions(&app.app_id, vec![p.clone(), c.clone()]).unwrap();
+        {
+            let st = h.cp.lock();
+            assert_eq!(st.schedules[&pid].last_fire, None, "a period starts over");
+            assert!(st.schedules[&pid].anchor > 5.0);
+            assert_eq!(st.schedules[&cid].last_fire, Some(5.0), "a cron keeps its last run");
+        }
+        p.schedule = None;
+        h.cp.register_functions(&app.app_id, vec![p]).unwrap();
+        assert!(!h.cp.lock().schedules.contains_key(&pid));
+        h.cp.flush().await;
+        let rows = h.cp.store().schedules().unwrap();
+        assert_eq!(rows.iter().map(|r| r.function_id.as_str()).collect::<Vec<_>>(), vec![cid.as_str()]);
+    }
+
     #[test]
     fn periods_count_from_the_anchor() {
         let p = period(10.0);
