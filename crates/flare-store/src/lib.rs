@@ -112,6 +112,9 @@ pub struct ScheduleRow {
     pub anchor: f64,
     /// The slot of the last scheduled run (None: none yet).
     pub last_fire: Option<f64>,
+    /// The app version (deployment) that registered the schedule: a redeploy that no
+    /// longer has the function leaves it behind, and it stops.
+    pub app_version: i64,
 }
 
 /// A scheduled run, stored as one unit: its spawned call, its one input and the schedule's
@@ -354,7 +357,8 @@ CREATE TABLE schedules (
     function_id TEXT PRIMARY KEY,
     app_id TEXT NOT NULL,
     anchor REAL NOT NULL,
-    last_fire REAL
+    last_fire REAL,
+    app_version INTEGER NOT NULL
 );
 "#,
 ];
@@ -563,8 +567,8 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
 
 fn put_schedule(c: &Connection, row: &ScheduleRow) -> Result<()> {
     c.execute(
-        "INSERT OR REPLACE INTO schedules (function_id, app_id, anchor, last_fire) VALUES (?1,?2,?3,?4)",
-        params![row.function_id, row.app_id, row.anchor, row.last_fire],
+        "INSERT OR REPLACE INTO schedules (function_id, app_id, anchor, last_fire, app_version) VALUES (?1,?2,?3,?4,?5)",
+        params![row.function_id, row.app_id, row.anchor, row.last_fire, row.app_version],
     )?;
     Ok(())
 }
@@ -996,13 +1000,15 @@ impl Store for SqliteStore {
 
     fn schedules(&self) -> Result<Vec<ScheduleRow>> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT function_id, app_id, anchor, last_fire FROM schedules")?;
+        let mut st =
+            c.prepare("SELECT function_id, app_id, anchor, last_fire, app_version FROM schedules")?;
         let rows = st.query_map([], |r| {
             Ok(ScheduleRow {
                 function_id: r.get(0)?,
                 app_id: r.get(1)?,
                 anchor: r.get(2)?,
                 last_fire: r.get(3)?,
+                app_version: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -1384,6 +1390,7 @@ mod tests {
             app_id: "ap1".into(),
             anchor: 100.0,
             last_fire: last,
+            app_version: 1,
         };
         {
             let s = SqliteStore::open(&path).unwrap();

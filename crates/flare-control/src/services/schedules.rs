@@ -164,6 +164,8 @@ pub(crate) struct Scheduled {
     pub(crate) plan: Plan,
     pub(crate) anchor: f64,
     pub(crate) last_fire: Option<f64>,
+    /// The app version that registered it; it runs only while the app is at that version.
+    pub(crate) app_version: i64,
 }
 
 impl Scheduled {
@@ -173,6 +175,7 @@ impl Scheduled {
             app_id: self.app_id.clone(),
             anchor: self.anchor,
             last_fire: self.last_fire,
+            app_version: self.app_version,
         }
     }
 }
@@ -194,7 +197,8 @@ pub(crate) fn registered(st: &mut State, persist: &Persist, app_id: &str, fid: &
         (Plan::Cron { .. }, Some(old)) => old.last_fire,
         _ => None,
     };
-    let s = Scheduled { app_id: app_id.to_string(), plan, anchor: now_ts(), last_fire };
+    let app_version = st.apps.get(app_id).map_or(0, |a| a.app.version);
+    let s = Scheduled { app_id: app_id.to_string(), plan, anchor: now_ts(), last_fire, app_version };
     persist.write(Write::Schedule(s.row(fid)));
     st.schedules.insert(fid.to_string(), s);
 }
@@ -209,9 +213,15 @@ pub(crate) fn app_stopped(st: &mut State, persist: &Persist, app_id: &str) {
     }
 }
 
+/// Whether a schedule runs: its app is live and still at the version that registered it
+/// (a redeploy without the function leaves its schedule behind).
+fn current(st: &State, s: &Scheduled) -> bool {
+    st.apps.get(&s.app_id).is_some_and(|a| !a.app.stopped() && a.app.version == s.app_version)
+}
+
 /// A function's next run, for `GET /v1/apps`.
 pub(crate) fn next_run(st: &State, fid: &str, now: f64) -> Option<f64> {
-    let s = st.schedules.get(fid)?;
+    let s = st.schedules.get(fid).filter(|s| current(st, s))?;
     next_fire(&s.plan, s.anchor, s.last_fire, now)
 }
 
@@ -222,11 +232,22 @@ impl ControlPlane {
             self.store().schedules()?.into_iter().map(|r| (r.function_id.clone(), r)).collect();
         for (fid, f) in &st.functions {
             let Some(plan) = f.def.schedule.as_ref().and_then(Plan::of) else { continue };
-            let (anchor, last_fire) = match rows.remove(fid) {
-                Some(r) => (r.anchor, r.last_fire),
-                None => (now_ts(), None),
+            let version = st.apps.get(&f.app_id).map_or(0, |a| a.app.version);
+            let (anchor, last_fire, app_version) = match rows.remove(fid) {
+                Some(r) => (r.anchor, r.last_fire, r.app_version),
+                None => (now_ts(), None, version),
             };
-            st.schedules.insert(fid.clone(), Scheduled { app_id: f.app_id.clone(), plan, anchor, last_fire });
+            if app_version != version {
+                // Left behind by a later deploy.
+                self.persist().write(Write::ScheduleDelete { function_id: fid.clone() });
+                continue;
+            }
+            let s = Scheduled { app_id: f.app_id.clone(), plan, anchor, last_fire, app_version };
+            st.schedules.insert(fid.clone(), s);
+        }
+        // Rows of functions not loaded (their apps are stopped).
+        for function_id in rows.into_keys() {
+            self.persist().write(Write::ScheduleDelete { function_id });
         }
         Ok(())
     }
@@ -246,6 +267,7 @@ impl ControlPlane {
             let due_now: Vec<(String, f64)> = st
                 .schedules
                 .iter()
+                .filter(|(_, s)| current(st, s))
                 .filter_map(|(fid, s)| {
                     due(&s.plan, s.anchor, s.last_fire, now).map(|slot| (fid.clone(), slot))
                 })
@@ -281,7 +303,11 @@ impl ControlPlane {
         }
         let st = self.lock();
         let now = now_ts();
-        st.schedules.values().filter_map(|s| next_fire(&s.plan, s.anchor, s.last_fire, now)).reduce(f64::min)
+        st.schedules
+            .values()
+            .filter(|s| current(&st, s))
+            .filter_map(|s| next_fire(&s.plan, s.anchor, s.last_fire, now))
+            .reduce(f64::min)
     }
 
     /// Creates the call of a scheduled run of `fid` for `slot` (its writes queued, its input
@@ -493,6 +519,13 @@ mod tests {
         p.schedule = None;
         h.cp.register_functions(&app.app_id, vec![p]).unwrap();
         assert!(!h.cp.lock().schedules.contains_key(&pid));
+        // A deploy without the cron function leaves its schedule behind: it stops.
+        let next = |cp: &ControlPlane| cp.list_apps().unwrap()[0].functions.iter().find_map(|f| f.next_run);
+        assert!(next(&h.cp).is_some());
+        let (app, _) = h.cp.create_app("re", AppMode::Deployed).unwrap();
+        h.cp.register_functions(&app.app_id, vec![crate::tests::def("p")]).unwrap();
+        assert!(next(&h.cp).is_none());
+        assert!(due(&Plan::Period { seconds: 1.0, months: 0 }, 0.0, None, 10.0).is_some());
         h.cp.flush().await;
         let rows = h.cp.store().schedules().unwrap();
         assert_eq!(rows.iter().map(|r| r.function_id.as_str()).collect::<Vec<_>>(), vec![cid.as_str()]);
