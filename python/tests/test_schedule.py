@@ -88,3 +88,15 @@ def test_a_scheduled_function_takes_no_arguments() -> None:
 
     with pytest.raises(exception.InvalidError, match=r"expected flare\.Period"):
         app.function(schedule="* * * * *")  # type: ignore[arg-type]
+
+
+def test_app_list_shows_each_scheduled_functions_next_run() -> None:
+    from flare.cli.app import _next_runs_column
+
+    fns = [
+        {"name": "tick", "next_run": 1796166902.5},
+        {"name": "plain"},
+        {"name": "nightly", "next_run": 1796169600.0},
+    ]
+    assert _next_runs_column(fns) == "tick 2026-12-01 23:15:02 UTC, nightly 2026-12-02 00:00:00 UTC"
+    assert _next_runs_column([{"name": "plain"}]) == ""
