@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     from .app import App as App
     from .batching import batched as batched
     from .cls import Cls as Cls, enter as enter, exit as exit, method as method, parameter as parameter
+    from .cron import Cron as Cron
     from .dict import Dict as Dict
     from .exception import Error as Error
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
     from .queue import Queue as Queue
+    from .period import Period as Period
     from .web_endpoints import (
         asgi_app as asgi_app,
         fastapi_endpoint as fastapi_endpoint,
@@ -43,6 +45,8 @@ _LAZY = {
     "Cls": ("flare.cls", "Cls"),
     "Dict": ("flare.dict", "Dict"),
     "Queue": ("flare.queue", "Queue"),
+    "Cron": ("flare.cron", "Cron"),
+    "Period": ("flare.period", "Period"),
     "enter": ("flare.cls", "enter"),
     "exit": ("flare.cls", "exit"),
     "method": ("flare.cls", "method"),

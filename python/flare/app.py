@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._options import Retries
     from ._transport import Client
     from .image import Image
+    from .schedule import Schedule
 
 
 class LocalEntrypoint:
@@ -125,9 +126,20 @@ class App:
         block_network: bool = False,
         enable_memory_snapshot: bool = False,
         experimental_options: dict[str, Any] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
-        """Decorator turning a function into a ``flare.Function`` that runs in containers."""
+        """Decorator turning a function into a ``flare.Function`` that runs in containers.
+
+        ``schedule=flare.Period(...)`` or ``flare.Cron(...)`` also runs it on its own, with
+        no arguments, while the app is deployed or running (docs/SCHEDULES.md)."""
         image = _check_image(image)
+        if schedule is not None:
+            from .schedule import Schedule
+
+            if not isinstance(schedule, Schedule):
+                raise exception.InvalidError(
+                    f"schedule={schedule!r}: expected flare.Period(...) or flare.Cron(...)"
+                )
         check_experimental_options(experimental_options)
         # cpu=x reserves x cores (placement) and may burst above it; cpu=(x, y) also caps it at y.
         options = FunctionOptions.from_decorator(
@@ -179,6 +191,9 @@ class App:
                 if batch is not None:
                     raise exception.InvalidError(f"{tag} is @flare.batched(): it cannot also be a web endpoint")
                 fn._web = [{**web, "method_name": None}]
+            if schedule is not None:
+                _check_schedulable(fn, f, tag)
+                fn._schedule = schedule
             if tag in self._functions and self._functions[tag]._raw_f is not f:
                 raise exception.InvalidError(f"App {self._name!r} already has a function named {tag!r}")
             self._functions[tag] = fn
@@ -457,9 +472,38 @@ def _function_def(
         fdef["is_class"] = True
     if fn._web:
         fdef["web"] = [dict(ep) for ep in fn._web]
+    if fn._schedule is not None:
+        fdef["schedule"] = fn._schedule._wire()
     if image_id is not None:
         fdef["image_id"] = image_id
     return fdef
+
+
+def _check_schedulable(fn: Function, f: Callable[..., Any], tag: str) -> None:
+    """A scheduled function runs with no arguments: it may have none that are required,
+    and it is not a generator, a web endpoint or batched."""
+    if fn._is_generator:
+        raise exception.InvalidError(f"{tag} is a generator function: it cannot have a schedule")
+    if fn._web:
+        raise exception.InvalidError(f"{tag} is a web endpoint: it cannot have a schedule")
+    if fn._batched:
+        raise exception.InvalidError(f"{tag} is @flare.batched(): it cannot have a schedule")
+    import inspect
+
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return
+    required = [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise exception.InvalidError(
+            f"{tag} has a schedule, so it runs with no arguments, but it requires {', '.join(required)}: "
+            "give them defaults or remove them"
+        )
 
 
 def _publish(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ._transport import Client
     from .app import App
     from .function_call import FunctionCall
+    from .schedule import Schedule
 
     F = TypeVar("F")
 
@@ -42,6 +43,8 @@ class Function(_Object):
     _arg_prefix: tuple[Any, ...] = ()
     # @flare.batched (flare/batching.py): callers pass positional arguments only.
     _batched = False
+    # schedule= of @app.function (flare/schedule.py): runs on its own, with no arguments.
+    _schedule: Schedule | None = None
 
     def __init__(
         self,

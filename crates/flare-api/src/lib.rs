@@ -7,10 +7,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cron;
 pub mod hostpaths;
 pub use hostpaths::{host_bind_policy, python_roots, set_host_bind_policy, HostBindPolicy, HostPathError};
 
-pub use flare_proto::{ExceptionInfo, FunctionConfig, FunctionDef, GenMark, OutputStatus, PythonEnv, B64};
+pub use flare_proto::{
+    ExceptionInfo, FunctionConfig, FunctionDef, GenMark, OutputStatus, PythonEnv, Schedule, B64,
+};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
@@ -240,6 +243,9 @@ pub struct FunctionSummary {
     pub function_id: String,
     pub containers: u32,
     pub backlog: u64,
+    /// A scheduled function's next run (seconds since the epoch, UTC); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -500,6 +506,7 @@ pub fn validate_function(f: &FunctionDef) -> Result<(), ApiError> {
         }
     }
     validate_web(f)?;
+    validate_schedule(f)?;
     if let Some(r) = &c.retries {
         if r.max_retries > 10 || r.initial_delay < 0.0 || r.max_delay < 0.0 || r.backoff_coefficient < 1.0 {
             return Err(ApiError::invalid(
@@ -523,6 +530,58 @@ pub fn valid_web_label(label: &str) -> bool {
         && !label.starts_with('-')
         && !label.ends_with('-')
         && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Shortest period of a `Period` schedule, in seconds.
+pub const MIN_SCHEDULE_PERIOD: f64 = 1.0;
+
+/// A schedule the platform can run: a period of at least [`MIN_SCHEDULE_PERIOD`], or a cron
+/// expression that parses, in a known IANA zone, that fires at all; on a plain function
+/// (not a class, a generator or a web endpoint).
+fn validate_schedule(f: &FunctionDef) -> Result<(), ApiError> {
+    let Some(s) = &f.schedule else { return Ok(()) };
+    let bad = |why: String| Err(ApiError::invalid(format!("function {:?}: schedule: {why}", f.name)));
+    if f.is_class {
+        return bad("schedules are for functions, not classes".into());
+    }
+    if f.is_generator {
+        return bad("a generator function cannot be scheduled".into());
+    }
+    if !f.web.is_empty() {
+        return bad("a web endpoint cannot be scheduled".into());
+    }
+    match s {
+        Schedule::Period { seconds, months } => {
+            if !seconds.is_finite() || *seconds < 0.0 || *months > 12 * 1000 {
+                return bad(format!("bad period (seconds={seconds}, months={months})"));
+            }
+            if *months == 0 && *seconds < MIN_SCHEDULE_PERIOD {
+                return bad(format!("period of {seconds} s is too short (at least {MIN_SCHEDULE_PERIOD} s)"));
+            }
+            if *seconds > 1e11 {
+                return bad(format!("period of {seconds} s is too long"));
+            }
+        }
+        Schedule::Cron { expr, timezone } => {
+            let e = match cron::CronExpr::parse(expr) {
+                Ok(e) => e,
+                Err(why) => return bad(why),
+            };
+            let tz = match cron::timezone(timezone) {
+                Ok(tz) => tz,
+                Err(why) => return bad(why),
+            };
+            let now = cron::utc(now_secs()).unwrap_or_default();
+            if e.next_after(tz, now).is_none() {
+                return bad(format!("cron expression {expr:?} never fires"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn validate_web(f: &FunctionDef) -> Result<(), ApiError> {
@@ -1045,6 +1104,45 @@ mod tests {
             "python": {"executable": "/usr/bin/python3"}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn validates_schedules() {
+        let with = |s: serde_json::Value| {
+            let mut d = def();
+            d.schedule = Some(serde_json::from_value(s).unwrap());
+            validate_function(&d).map_err(|e| e.message)
+        };
+        assert!(with(serde_json::json!({"period": {"seconds": 1.0}})).is_ok());
+        assert!(with(serde_json::json!({"period": {"months": 1}})).is_ok());
+        assert!(with(serde_json::json!({"cron": {"expr": "*/5 * * * *"}})).is_ok());
+        assert!(
+            with(serde_json::json!({"cron": {"expr": "0 9 * * 1-5", "timezone": "Europe/Paris"}})).is_ok()
+        );
+        let e = with(serde_json::json!({"period": {"seconds": 0.5}})).unwrap_err();
+        assert!(e.contains("too short"), "{e}");
+        let e = with(serde_json::json!({"period": {"seconds": -1.0}})).unwrap_err();
+        assert!(e.contains("bad period"), "{e}");
+        let e = with(serde_json::json!({"cron": {"expr": "61 * * * *"}})).unwrap_err();
+        assert!(e.contains("minute field"), "{e}");
+        let e = with(serde_json::json!({"cron": {"expr": "* * *"}})).unwrap_err();
+        assert!(e.contains("expected 5"), "{e}");
+        let e = with(serde_json::json!({"cron": {"expr": "* * * * *", "timezone": "Europe/Pariss"}}))
+            .unwrap_err();
+        assert!(e.contains("unknown time zone"), "{e}");
+        let e = with(serde_json::json!({"cron": {"expr": "0 0 30 2 *"}})).unwrap_err();
+        assert!(e.contains("never fires"), "{e}");
+        let mut d = def();
+        d.is_class = true;
+        d.schedule = Some(Schedule::Period { seconds: 5.0, months: 0 });
+        assert!(validate_function(&d).unwrap_err().message.contains("not classes"));
+        // The wire form.
+        let s: Schedule = serde_json::from_str(r#"{"cron": {"expr": "* * * * *"}}"#).unwrap();
+        assert_eq!(s, Schedule::Cron { expr: "* * * * *".into(), timezone: "UTC".into() });
+        assert_eq!(
+            serde_json::to_value(Schedule::Period { seconds: 2.0, months: 0 }).unwrap(),
+            serde_json::json!({"period": {"seconds": 2.0}})
+        );
     }
 
     #[test]

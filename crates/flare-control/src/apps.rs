@@ -54,6 +54,7 @@ impl ControlPlane {
                 },
             );
         }
+        self.load_schedules(&mut st)?;
         // Accepted inputs with no final output yet run again (durability of spawned calls).
         let pending = store.pending_inputs()?;
         let mut requeued = 0;
@@ -267,9 +268,11 @@ impl ControlPlane {
                 }
             }
             st.apps.get_mut(app_id).expect("checked").functions.insert(def.name.clone(), fid.clone());
+            crate::services::schedules::registered(st, self.persist(), app_id, &fid, &def);
             schedule(st, &fid);
             out.push((def.name, fid));
         }
+        self.replan_schedules();
         Ok((out, self.persist().ticket()))
     }
 
@@ -304,6 +307,8 @@ impl ControlPlane {
         self.persist()
             .write(Write::AppState { app_id: app_id.to_string(), state: AppState::Stopped.as_str().into() });
         let fids: Vec<String> = app.functions.values().cloned().collect();
+        crate::services::schedules::app_stopped(st, self.persist(), app_id);
+        self.replan_schedules();
         let exc = ExceptionInfo::new("flare.exception.ExecutionError", "the app was stopped");
         for fid in &fids {
             if let Some(f) = st.functions.get_mut(fid) {
@@ -527,6 +532,7 @@ pub(crate) fn check_function_access(st: &State, caller: &Caller, fid: &str) -> A
 }
 
 pub(crate) fn app_info(st: &State, row: AppRecord) -> flare_api::AppInfo {
+    let now = now_ts();
     let functions = st
         .apps
         .get(&row.app_id)
@@ -540,6 +546,7 @@ pub(crate) fn app_info(st: &State, row: AppRecord) -> flare_api::AppInfo {
                         function_id: fid.clone(),
                         containers: f.map(|f| f.containers.len() as u32).unwrap_or(0),
                         backlog: f.map(|f| (f.queue.len() + f.delayed.len()) as u64).unwrap_or(0),
+                        next_run: crate::services::schedules::next_run(st, fid, now),
                     }
                 })
                 .collect()

@@ -293,10 +293,12 @@ fn app_heartbeats(cp: &ControlPlane, st: &mut State, now: Instant) {
 }
 
 /// Whether any function of an app has inputs queued, delayed or running, or web requests
-/// waiting or being served.
+/// waiting or being served, or a schedule (always more to do: a detached app with one runs
+/// until it is stopped).
 fn app_has_work(st: &State, functions: &std::collections::BTreeMap<String, String>) -> bool {
     functions.values().filter_map(|fid| st.functions.get(fid)).any(|f| {
-        !f.queue.is_empty()
+        f.def.schedule.is_some()
+            || !f.queue.is_empty()
             || !f.delayed.is_empty()
             || f.web_waiting > 0
             || f.containers.iter().filter_map(|c| st.containers.get(c)).any(|c| !c.is_idle())

@@ -210,6 +210,8 @@ struct Inner {
     leases: services::leases::Leases,
     /// The queues' locks and waiters.
     queues: services::queues::QueueState,
+    /// Wakes the schedules' ticker to plan again.
+    schedule_wake: tokio::sync::Notify,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -269,6 +271,7 @@ impl ControlPlane {
             dict_locks: services::dicts::Locks::default(),
             leases: services::leases::Leases::default(),
             queues: services::queues::QueueState::default(),
+            schedule_wake: tokio::sync::Notify::new(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -276,6 +279,7 @@ impl ControlPlane {
         jobs::spawn(&cp, &config);
         services::leases::spawn_sweeper(&cp, config.ephemeral_ttl);
         services::queues::spawn_expiry(&cp);
+        services::schedules::spawn(&cp);
         Ok(cp)
     }
 

@@ -128,6 +128,20 @@ pub(crate) fn push_log(
         .and_then(|c| st.functions.get(&c.function_id))
         .map(|f| f.name.clone())
         .unwrap_or_default();
+    push_log_as(st, log_tx, app_id, container_id, &fname, stream, data);
+}
+
+/// [`push_log`] with the function named by the caller (a line not from a container).
+pub(crate) fn push_log_as(
+    st: &mut State,
+    log_tx: &mpsc::UnboundedSender<LogRow>,
+    app_id: &str,
+    container_id: &str,
+    fname: &str,
+    stream: LogStream,
+    data: &str,
+) {
+    let fname = fname.to_string();
     let log_retention = st.config.log_retention_bytes;
     let Some(app) = st.apps.get_mut(app_id) else { return };
     let rec = LogRecord {

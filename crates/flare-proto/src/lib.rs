@@ -207,6 +207,39 @@ pub struct FunctionDef {
     /// per method. Their containers take HTTP requests from the ingress (docs/WEB.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub web: Vec<WebEndpoint>,
+    /// When the function runs on its own, with no arguments (`schedule=`; docs/SCHEDULES.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// A function's schedule, externally tagged on the wire: `{"period": {"seconds": 5.0}}` or
+/// `{"cron": {"expr": "*/5 * * * *", "timezone": "Europe/Paris"}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Every `months` calendar months plus `seconds` (`Period(...)`), counted from the
+    /// deploy: the k-th run is at `deploy + k*months + k*seconds` (UTC calendar).
+    Period {
+        #[serde(default)]
+        seconds: f64,
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        months: u32,
+    },
+    /// A 5-field cron expression (minute hour day-of-month month day-of-week) read in an
+    /// IANA time zone (`Cron(...)`).
+    Cron {
+        expr: String,
+        #[serde(default = "utc")]
+        timezone: String,
+    },
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 /// What kind of web endpoint a function is.

@@ -121,6 +121,33 @@ pub struct QueueItem {
     pub value: Vec<u8>,
 }
 
+// ---- Schedules (`schedule=`) ------------------------------------------------------------
+
+/// A scheduled function's state: what its slots count from and the last slot that fired.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduleRow {
+    pub function_id: String,
+    pub app_id: String,
+    /// When the schedule was deployed (a `Period`'s slots count from it).
+    pub anchor: f64,
+    /// The slot of the last scheduled run (None: none yet).
+    pub last_fire: Option<f64>,
+    /// The app version (deployment) that registered the schedule: a redeploy that no
+    /// longer has the function leaves it behind, and it stops.
+    pub app_version: i64,
+}
+
+/// A scheduled run, stored as one unit: its spawned call, its one input and the schedule's
+/// new `last_fire` (a crash leaves all of them or none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduledRun {
+    pub call: CallRow,
+    pub input: PendingInputRow,
+    pub state: ScheduleRow,
+}
+
+// ---- end of schedules ---------------------------------------------------------------------
+
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -189,6 +216,17 @@ pub enum Write {
     QueueExpire {
         before: f64,
     },
+    // ---- Schedules ----
+    /// A function's schedule state set (inserted or replaced).
+    Schedule(ScheduleRow),
+    /// A function's schedule state deleted (unscheduled, or its app stopped).
+    ScheduleDelete {
+        function_id: String,
+    },
+    /// A scheduled run: its call, its one input and the schedule's new `last_fire`, applied
+    /// together (a crash leaves all of them or none).
+    ScheduledRun(Box<ScheduledRun>),
+    // ---- end of schedules ----
 }
 
 /// Everything the control plane persists.
@@ -285,6 +323,10 @@ pub trait Store: Send + Sync {
     fn queue_len(&self, queue_id: &str, partition: Option<&str>, now: f64) -> Result<u64>;
     /// Number of partitions of a queue that have unexpired items.
     fn queue_partitions(&self, queue_id: &str, now: f64) -> Result<u64>;
+    // ---- Schedules ----
+    /// Every function's schedule state.
+    fn schedules(&self) -> Result<Vec<ScheduleRow>>;
+    // ---- end of schedules ----
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -402,6 +444,16 @@ CREATE TABLE queue_partitions (
     PRIMARY KEY (queue_id, partition)
 );
 CREATE INDEX queue_partitions_expiry ON queue_partitions(expires_at) WHERE expires_at IS NOT NULL;
+"#,
+    // Schedules.
+    r#"
+CREATE TABLE schedules (
+    function_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    anchor REAL NOT NULL,
+    last_fire REAL,
+    app_version INTEGER NOT NULL
+);
 "#,
 ];
 
@@ -600,6 +652,16 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
         | Write::QueueRemove { .. }
         | Write::QueueClear { .. }
         | Write::QueueExpire { .. } => apply_queue(c, w),
+        Write::Schedule(row) => put_schedule(c, row),
+        Write::ScheduleDelete { function_id } => {
+            c.execute("DELETE FROM schedules WHERE function_id=?1", [function_id])?;
+            Ok(())
+        }
+        Write::ScheduledRun(run) => {
+            put_call(c, &run.call)?;
+            put_input(c, &run.input)?;
+            put_schedule(c, &run.state)
+        }
     }
 }
 
@@ -691,6 +753,14 @@ fn queue_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueRow> {
         ephemeral: r.get::<_, i64>(2)? != 0,
         created_at: r.get(3)?,
     })
+}
+
+fn put_schedule(c: &Connection, row: &ScheduleRow) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO schedules (function_id, app_id, anchor, last_fire, app_version) VALUES (?1,?2,?3,?4,?5)",
+        params![row.function_id, row.app_id, row.anchor, row.last_fire, row.app_version],
+    )?;
+    Ok(())
 }
 
 fn dict_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DictRow> {
@@ -1214,6 +1284,22 @@ impl Store for SqliteStore {
         )?;
         Ok(n as u64)
     }
+
+    fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        let c = self.conn();
+        let mut st =
+            c.prepare("SELECT function_id, app_id, anchor, last_fire, app_version FROM schedules")?;
+        let rows = st.query_map([], |r| {
+            Ok(ScheduleRow {
+                function_id: r.get(0)?,
+                app_id: r.get(1)?,
+                anchor: r.get(2)?,
+                last_fire: r.get(3)?,
+                app_version: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }
 
 /// Adds to an app's totals of deleted log records and returns the note about them.
@@ -1656,5 +1742,51 @@ mod tests {
         assert!(s.get_queue("qu-1").unwrap().is_none());
         assert_eq!(s.queue_len("qu-1", None, 0.0).unwrap(), 0, "its items went with it");
         s.write_batch(&[Write::Queue(q("qu-4", "jobs", false))]).unwrap();
+    }
+
+    #[test]
+    fn schedules_state_and_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let row = |last: Option<f64>| ScheduleRow {
+            function_id: "fu1".into(),
+            app_id: "ap1".into(),
+            anchor: 100.0,
+            last_fire: last,
+            app_version: 1,
+        };
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.write_batch(&[Write::Schedule(row(None))]).unwrap();
+            assert_eq!(s.schedules().unwrap(), vec![row(None)]);
+            let call = CallRow {
+                call_id: "fc1".into(),
+                function_id: "fu1".into(),
+                kind: "spawn".into(),
+                num_inputs: 1,
+                created_at: 105.0,
+                caller_app_id: None,
+            };
+            let input = PendingInputRow {
+                call_id: "fc1".into(),
+                function_id: "fu1".into(),
+                idx: 0,
+                input_id: "in1".into(),
+                args: vec![1, 2],
+                retry_count: 0,
+            };
+            s.write_batch(&[Write::ScheduledRun(Box::new(ScheduledRun {
+                call,
+                input,
+                state: row(Some(105.0)),
+            }))])
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schedules().unwrap(), vec![row(Some(105.0))]);
+        assert_eq!(s.pending_inputs().unwrap().len(), 1);
+        assert!(s.get_call("fc1").unwrap().is_some());
+        s.write_batch(&[Write::ScheduleDelete { function_id: "fu1".into() }]).unwrap();
+        assert!(s.schedules().unwrap().is_empty());
     }
 }

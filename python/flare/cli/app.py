@@ -65,15 +65,25 @@ def _functions_column(functions: list[dict[str, Any]]) -> str:
     return ", ".join(out)
 
 
+def _next_runs_column(functions: list[dict[str, Any]]) -> str:
+    """``f 2026-12-01 23:15:02 UTC, ...``: each scheduled function's next run."""
+    return ", ".join(
+        f"{f['name']} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(f['next_run']))}"
+        for f in functions
+        if f.get("next_run") is not None
+    )
+
+
 def cmd(args: argparse.Namespace, rest: list[str], connect: Connect) -> int:
     client = connect()
     if args.app_cmd == "list":
         apps = client.request("GET", _api.apps())["apps"]
-        rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS (containers/backlog)")]
+        rows = [("APP ID", "NAME", "STATE", "VERSION", "CREATED", "FUNCTIONS (containers/backlog)", "NEXT RUN")]
         for a in apps:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.get("created_at", 0)))
             fns = _functions_column(a.get("functions", []))
-            rows.append((a["app_id"], a["name"], a.get("state", ""), str(a.get("version", "")), created, fns))
+            runs = _next_runs_column(a.get("functions", []))
+            rows.append((a["app_id"], a["name"], a.get("state", ""), str(a.get("version", "")), created, fns, runs))
         _print_table(rows)
         return 0
     if args.app_cmd == "stop":

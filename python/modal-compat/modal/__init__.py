@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flare import (
         App as App,
         Cls as Cls,
+        Cron as Cron,
         Dict as Dict,
         Error as Error,
         FilePatternMatcher as FilePatternMatcher,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         FunctionCall as FunctionCall,
         Image as Image,
         Queue as Queue,
+        Period as Period,
         Retries as Retries,
         __version__ as __version__,
         asgi_app as asgi_app,
@@ -114,6 +116,7 @@ SUBMODULES = (
     "partial_function",
     "queue",
     "retries",
+    "schedule",
 )
 
 _compat.install_finder()

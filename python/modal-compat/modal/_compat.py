@@ -34,10 +34,8 @@ class UnavailableError(ImportError):
 NOTES = {
     "Client": "#14",
     "CloudBucketMount": "",
-    "Cron": "#13",
     "Environment": "",
     "NetworkFileSystem": "deprecated in Modal in favour of Volumes, #13",
-    "Period": "#13",
     "Probe": "",
     "Proxy": "n/a: self-hosted containers leave through the operator's own network",
     "Sandbox": "",
@@ -128,7 +126,6 @@ MISSING_SUBMODULES = {
     "running_app": "",
     "sandbox": "",
     "sandbox_fs": "",
-    "schedule": "#13",
     "scheduler_placement": "n/a: a Flare fleet places containers by cpu, memory and GPUs of its workers",
     "secret": "#14",
     "server": "#12",

@@ -31,9 +31,9 @@ SHARED = [
     "App", "Error", "FilePatternMatcher", "Function", "FunctionCall", "Image", "Retries",
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
-    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict", "Queue",
+    "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict", "Queue", "Cron", "Period",
 ]
-MISSING = ["Volume", "Secret", "Sandbox", "Cron", "Period", "Server", "Client"]
+MISSING = ["Volume", "Secret", "Sandbox", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -311,3 +311,18 @@ def test_modal_queue_is_flare_queue() -> None:
 
     assert modal.Queue is flare.Queue
     assert modal.queue.Queue is flare.Queue
+
+
+def test_modal_schedule_is_flare_schedule() -> None:
+    import modal
+    import modal.schedule
+
+    import flare
+    import flare.schedule
+
+    assert modal.Period is flare.Period
+    assert modal.Cron is flare.Cron
+    assert modal.schedule.Period is flare.Period
+    assert modal.schedule.Cron is flare.Cron
+    assert modal.schedule.Schedule is flare.schedule.Schedule
+    assert isinstance(modal.Period(hours=4), modal.schedule.Schedule)

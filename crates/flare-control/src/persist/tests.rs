@@ -181,6 +181,9 @@ impl Store for Gated {
     fn queue_partitions(&self, id: &str, now: f64) -> flare_store::Result<u64> {
         self.inner.queue_partitions(id, now)
     }
+    fn schedules(&self) -> flare_store::Result<Vec<ScheduleRow>> {
+        self.inner.schedules()
+    }
 }
 
 fn app(id: &str) -> AppRow {

@@ -13,6 +13,7 @@
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
 //! - [`leases`]: ephemeral objects live while their client heartbeats them.
 //! - [`queues`]: `flare.Queue`, durable FIFO queues in the store, with blocking gets.
+//! - [`schedules`]: functions that run on their own (`Period`, `Cron`); no routes.
 
 use crate::http::Route;
 
@@ -21,6 +22,7 @@ pub mod ingress;
 pub mod leases;
 pub mod proxy_auth;
 pub mod queues;
+pub mod schedules;
 pub mod snapshots;
 
 /// A capability with its own routes.
@@ -39,5 +41,6 @@ pub fn registered() -> Vec<Box<dyn Service>> {
         Box::new(proxy_auth::ProxyAuth),
         Box::new(dicts::Dicts),
         Box::new(queues::Queues),
+        Box::new(schedules::Schedules),
     ]
 }

@@ -216,6 +216,8 @@ pub(crate) struct State {
     pub(crate) lifecycle: Lifecycle,
     /// Functions to schedule at the next [`crate::dispatch::schedule_dirty`].
     pub(crate) dirty: BTreeSet<String>,
+    /// Scheduled functions (`services::schedules`).
+    pub(crate) schedules: crate::services::schedules::Table,
 }
 
 impl State {
