@@ -202,6 +202,8 @@ struct Inner {
     proxy_tokens: services::proxy_auth::Tokens,
     /// Striped locks of the dicts' read-then-write operations.
     dict_locks: services::dicts::Locks,
+    /// Striped locks of the volumes' commits (and create-or-get by name).
+    volume_locks: services::dicts::Locks,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -259,6 +261,7 @@ impl ControlPlane {
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
             dict_locks: services::dicts::Locks::default(),
+            volume_locks: services::dicts::Locks::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -280,6 +283,10 @@ impl ControlPlane {
     /// The dicts' locks.
     pub(crate) fn dict_locks(&self) -> &services::dicts::Locks {
         &self.inner.dict_locks
+    }
+
+    pub(crate) fn volume_locks(&self) -> &services::dicts::Locks {
+        &self.inner.volume_locks
     }
 
     pub fn home(&self) -> &Path {

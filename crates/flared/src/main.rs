@@ -884,6 +884,16 @@ fn gc(args: GcArgs) -> Result<()> {
             roots.push(d);
         }
     }
+    // The current version of every volume (rows of the state database). A volume's
+    // commit writes its manifest before the row points at it, and touches the blobs the
+    // manifest reaches, so a commit racing this collection is covered by the grace period.
+    let state = home.join("state.db");
+    if state.exists() {
+        let db = SqliteStore::open(&state).context("opening the state database")?;
+        for m in flare_control::services::volumes::manifest_roots(&db).context("reading the volumes")? {
+            roots.push(m.parse().map_err(|_| anyhow::anyhow!("bad manifest digest {m} of a volume"))?);
+        }
+    }
     let report =
         flare_cas::gc(&store, &roots, Duration::from_secs(args.grace_secs)).context("garbage collection")?;
     println!(

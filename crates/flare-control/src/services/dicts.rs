@@ -73,7 +73,7 @@ impl Default for Locks {
 }
 
 impl Locks {
-    async fn lock(&self, what: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn lock(&self, what: &str) -> tokio::sync::MutexGuard<'_, ()> {
         let i = blake3::hash(what.as_bytes()).as_bytes()[0] as usize % self.0.len();
         self.0[i].lock().await
     }

@@ -11,6 +11,7 @@
 //! - [`ingress`]: web endpoints (no routes of its own: it sits in front of the API).
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
+//! - [`volumes`]: `flare.Volume`, versioned file trees (manifests in the CAS).
 
 use crate::http::Route;
 
@@ -18,6 +19,7 @@ pub mod dicts;
 pub mod ingress;
 pub mod proxy_auth;
 pub mod snapshots;
+pub mod volumes;
 
 /// A capability with its own routes.
 pub trait Service: Send + Sync {
@@ -30,5 +32,10 @@ pub trait Service: Send + Sync {
 
 /// The services of this control plane, in route-table order.
 pub fn registered() -> Vec<Box<dyn Service>> {
-    vec![Box::new(snapshots::Snapshots), Box::new(proxy_auth::ProxyAuth), Box::new(dicts::Dicts)]
+    vec![
+        Box::new(snapshots::Snapshots),
+        Box::new(proxy_auth::ProxyAuth),
+        Box::new(dicts::Dicts),
+        Box::new(volumes::Volumes),
+    ]
 }
