@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
+    from .volume import Volume as Volume
     from .web_endpoints import (
         asgi_app as asgi_app,
         fastapi_endpoint as fastapi_endpoint,
@@ -41,6 +42,7 @@ _LAZY = {
     "Function": ("flare.function", "Function"),
     "Cls": ("flare.cls", "Cls"),
     "Dict": ("flare.dict", "Dict"),
+    "Volume": ("flare.volume", "Volume"),
     "enter": ("flare.cls", "enter"),
     "exit": ("flare.cls", "exit"),
     "method": ("flare.cls", "method"),

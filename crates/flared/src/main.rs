@@ -409,6 +409,17 @@ impl flare_control::ImageService for Images {
     fn blob_store(&self) -> Arc<dyn flare_cas::BlobStore> {
         self.builder.store().clone()
     }
+
+    fn file_content(
+        &self,
+        digest: &flare_cas::Digest,
+        size: u64,
+    ) -> Result<flare_cas::FileContent, flare_api::ApiError> {
+        if size == 0 {
+            return Ok(flare_cas::FileContent::default());
+        }
+        self.builder.files().content(digest, size).map_err(|e| e.to_api())
+    }
 }
 
 fn chunk_cache_bytes() -> u64 {

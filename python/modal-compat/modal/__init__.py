@@ -5,7 +5,7 @@ never installed with Flare itself, since it would shadow a real Modal install.
 
 ``modal.App is flare.App``, and so on for every Modal name Flare has (``flare.__all__``).
 A Modal name Flare does not have raises ``ImportError`` saying so when it is used
-(``from modal import Volume``, ``modal.Volume``); docs/COMPAT.md has the full table.
+(``from modal import Secret``, ``modal.Secret``); docs/COMPAT.md has the full table.
 Imported at container cold start, so nothing is imported until a name is used.
 """
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         FunctionCall as FunctionCall,
         Image as Image,
         Retries as Retries,
+        Volume as Volume,
         __version__ as __version__,
         asgi_app as asgi_app,
         batched as batched,
@@ -112,6 +113,7 @@ SUBMODULES = (
     "output",
     "partial_function",
     "retries",
+    "volume",
 )
 
 _compat.install_finder()

@@ -99,10 +99,14 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("volume task: {e}")))?
 }
 
-fn blobs(cp: &ControlPlane) -> Result<Arc<dyn BlobStore>, ApiError> {
+fn images(cp: &ControlPlane) -> Result<Arc<dyn crate::ImageService>, ApiError> {
     cp.image_service()
-        .map(|i| i.blob_store())
+        .cloned()
         .ok_or_else(|| ApiError::unavailable("this control plane has no blob store: volumes are unavailable"))
+}
+
+fn blobs(cp: &ControlPlane) -> Result<Arc<dyn BlobStore>, ApiError> {
+    Ok(images(cp)?.blob_store())
 }
 
 fn cas_err(what: &str, e: flare_cas::CasError) -> ApiError {
@@ -490,7 +494,12 @@ struct Committed {
 
 /// Turn the request into changes, checking that every blob is in the store (and
 /// touching it, so that `flared gc` keeps it until the new manifest is a root).
-fn changes_of(store: &dyn BlobStore, req: CommitReq, now: i64) -> Result<Changes, ApiError> {
+fn changes_of(
+    images: &dyn crate::ImageService,
+    store: &dyn BlobStore,
+    req: CommitReq,
+    now: i64,
+) -> Result<Changes, ApiError> {
     let mut seen: HashSet<Digest> = HashSet::new();
     let mut check = |d: &Digest, len: u64, path: &str| -> Result<(), ApiError> {
         if !seen.insert(*d) {
@@ -513,10 +522,13 @@ fn changes_of(store: &dyn BlobStore, req: CommitReq, now: i64) -> Result<Changes
         let path = volume_path(&p.path, false).map_err(tree_err)?;
         let mut content = FileContent::default();
         if let Some(d) = p.blob {
-            if p.size > 0 {
-                content.chunks.push(Chunk { digest: d, offset: 0, len: p.size });
-                content.size = p.size;
-            }
+            content = images.file_content(&d, p.size).map_err(|e| {
+                if matches!(e.code, ErrorCode::NotFound | ErrorCode::FailedPrecondition) {
+                    ApiError::precondition(format!("{}: {}", p.path, e.message))
+                } else {
+                    e
+                }
+            })?;
         } else {
             for c in p.chunks.unwrap_or_default() {
                 content.chunks.push(Chunk { digest: c.digest, offset: content.size, len: c.len });
@@ -556,7 +568,8 @@ async fn commit_changes(
     Path(volume_id): Path<String>,
     Valid(req): Valid<CommitReq>,
 ) -> Result<Json<Committed>, HttpError> {
-    let store = blobs(&cp)?;
+    let images = images(&cp)?;
+    let store = images.blob_store();
     let _g = cp.volume_locks().lock(&volume_id).await;
     let v = existing(&cp, &volume_id).await?;
     if let Some(base) = req.base_version {
@@ -571,7 +584,7 @@ async fn commit_changes(
     let now = now_ts() as i64;
     let current = v.manifest.clone();
     let made = blocking(move || {
-        let changes = changes_of(&*store, req, now)?;
+        let changes = changes_of(&*images, &*store, req, now)?;
         if changes.is_empty() {
             return Ok(None);
         }
