@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import flare._transport
 import pytest
 from flare import exception
 
-from .conftest import Flared, Server, load_app, remove_home, run_cli, unique
+from .conftest import FLARED, Flared, Server, load_app, remove_home, run_cli, unique
 
 APP = """
 import flare
@@ -348,6 +349,16 @@ def test_commits_survive_kill_9(monkeypatch: pytest.MonkeyPatch) -> None:
             b.put_file(io.BytesIO(b"survives"), "/k/survives")
         version = vol._version
         own.stop(kill=True)
+        # Garbage collection keeps what the volume's current version reaches (and only
+        # that: the removed file's blob goes).
+        gc = subprocess.run(
+            [str(FLARED), "gc", "--home", home, "--grace-secs", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert gc.returncode == 0, gc.stderr
+        assert " 0 deleted" not in gc.stdout, gc.stdout
         again = Flared(home=home)
         try:
             again.wait()
