@@ -683,6 +683,195 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
+    /// A local blob store that refuses writes while `full` is set (a full disk).
+    struct Fillable {
+        inner: flare_cas::LocalStore,
+        full: std::sync::atomic::AtomicBool,
+    }
+
+    impl Fillable {
+        fn check(&self) -> flare_cas::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(flare_cas::CasError::Io {
+                    context: "writing a blob".into(),
+                    source: std::io::Error::from_raw_os_error(28),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl flare_cas::BlobStore for Fillable {
+        fn put(&self, data: &[u8]) -> flare_cas::Result<flare_cas::Digest> {
+            self.check()?;
+            self.inner.put(data)
+        }
+        fn put_file(&self, path: &std::path::Path) -> flare_cas::Result<flare_cas::Digest> {
+            self.check()?;
+            self.inner.put_file(path)
+        }
+        fn get(&self, d: &flare_cas::Digest) -> flare_cas::Result<Vec<u8>> {
+            self.inner.get(d)
+        }
+        fn read_range(&self, d: &flare_cas::Digest, offset: u64, len: u64) -> flare_cas::Result<Vec<u8>> {
+            self.inner.read_range(d, offset, len)
+        }
+        fn has(&self, d: &flare_cas::Digest) -> flare_cas::Result<bool> {
+            self.inner.has(d)
+        }
+        fn touch(&self, d: &flare_cas::Digest) -> flare_cas::Result<bool> {
+            self.inner.touch(d)
+        }
+        fn stat(&self, d: &flare_cas::Digest) -> flare_cas::Result<Option<flare_cas::BlobInfo>> {
+            self.inner.stat(d)
+        }
+        fn list(&self) -> flare_cas::Result<Vec<flare_cas::Digest>> {
+            self.inner.list()
+        }
+        fn delete(&self, d: &flare_cas::Digest) -> flare_cas::Result<bool> {
+            self.inner.delete(d)
+        }
+    }
+
+    struct Blobs(std::sync::Arc<Fillable>);
+
+    impl crate::ImageService for Blobs {
+        fn resolve(&self, _: &str) -> Result<flare_proto::ImageUse, flare_api::ApiError> {
+            Err(flare_api::ApiError::not_found("no images here"))
+        }
+        fn mount_files(
+            &self,
+            _: &serde_json::Value,
+        ) -> Result<Vec<flare_api::MountFile>, flare_api::ApiError> {
+            Err(flare_api::ApiError::not_found("no images here"))
+        }
+        fn blob_store(&self) -> std::sync::Arc<dyn flare_cas::BlobStore> {
+            self.0.clone()
+        }
+    }
+
+    async fn raw(api: &axum::Router, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let resp = api.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        (status, axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec())
+    }
+
+    /// Commits with blobs and chunks, streamed reads, per-file merges, the container's
+    /// piece uploads, and a full disk: the commit fails and the version stays.
+    #[tokio::test]
+    async fn commits_reads_and_a_full_disk() {
+        use flare_cas::BlobStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(flare_store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let cp = crate::ControlPlane::new(store, dir.path()).unwrap();
+        let blobs = std::sync::Arc::new(Fillable {
+            inner: flare_cas::LocalStore::open(&dir.path().join("cas")).unwrap(),
+            full: false.into(),
+        });
+        cp.set_image_service(std::sync::Arc::new(Blobs(blobs.clone())));
+        let api = harden(router(cp.clone()), &cp, SitePolicy::default());
+        let (_, v) =
+            call(&api, "POST", "/v1/volumes", Some(json!({"name": "data", "create_if_missing": true}))).await;
+        let id = v["volume_id"].as_str().unwrap().to_string();
+        let p = |op: &str| format!("/v1/volumes/{id}/{op}");
+
+        let small = b"hello volume".to_vec();
+        let ds = blobs.put(&small).unwrap();
+        // A file in pieces (as a container uploads it): 9 MiB of three pieces.
+        let mut chunks = Vec::new();
+        let mut whole = Vec::new();
+        for i in 0..3u8 {
+            let piece = vec![i; 3 << 20];
+            let req = Request::builder()
+                .method("POST")
+                .uri(p("blobs"))
+                .header("host", "127.0.0.1")
+                .header("content-type", "application/octet-stream")
+                .header("content-length", piece.len().to_string())
+                .body(Body::from(piece.clone()))
+                .unwrap();
+            let (s, body) = raw(&api, req).await;
+            assert_eq!(s, StatusCode::OK);
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["digest"].as_str().unwrap(), flare_cas::Digest::of(&piece).to_string());
+            chunks.push(json!({"digest": v["digest"], "len": piece.len()}));
+            whole.extend_from_slice(&piece);
+        }
+        let (s, v) = call(
+            &api,
+            "POST",
+            &p("commit"),
+            Some(json!({"base_version": 0, "put": [
+                {"path": "/a/small.txt", "size": small.len(), "blob": ds.to_string()},
+                {"path": "big.bin", "size": whole.len(), "chunks": chunks, "mode": 0o600},
+                {"path": "empty", "size": 0},
+            ]})),
+        )
+        .await;
+        assert_eq!((s, &v["version"]), (StatusCode::OK, &json!(1)), "{v}");
+        let get = |path: &str| {
+            Request::builder()
+                .uri(format!("/v1/volumes/{id}/file?path={path}"))
+                .header("host", "127.0.0.1")
+                .body(Body::empty())
+                .unwrap()
+        };
+        assert_eq!(raw(&api, get("a/small.txt")).await, (StatusCode::OK, small.clone()));
+        assert_eq!(raw(&api, get("/big.bin")).await, (StatusCode::OK, whole));
+        assert_eq!(raw(&api, get("empty")).await, (StatusCode::OK, Vec::new()));
+        assert_eq!(raw(&api, get("nope")).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(raw(&api, get("a")).await.0, StatusCode::BAD_REQUEST);
+        let (_, v) = call(&api, "GET", &format!("{}?path=/&recursive=true", p("entries")), None).await;
+        let listed: Vec<(&str, &str, u64)> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["path"].as_str().unwrap(), e["type"].as_str().unwrap(), e["size"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("a", "directory", 0),
+                ("a/small.txt", "file", 12),
+                ("big.bin", "file", 9 << 20),
+                ("empty", "file", 0)
+            ]
+        );
+        // A blob never uploaded, and a put of an existing file without force.
+        let missing = flare_cas::Digest::of(b"never uploaded");
+        let (s, v) = call(
+            &api,
+            "POST",
+            &p("commit"),
+            Some(json!({"put": [{"path": "x", "size": 14, "blob": missing.to_string()}]})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{v}");
+        let (s, v) =
+            call(&api, "POST", &p("commit"), Some(json!({"put": [{"path": "empty", "size": 0}]}))).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        // A full disk: the new manifest cannot be written, the version stays.
+        blobs.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (s, v) = call(&api, "POST", &p("commit"), Some(json!({"remove": [{"path": "empty"}]}))).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("manifest"), "{v}");
+        let (_, v) = call(&api, "GET", &format!("/v1/volumes/{id}"), None).await;
+        assert_eq!(v["version"], json!(1));
+        assert_eq!(raw(&api, get("empty")).await.0, StatusCode::OK);
+        blobs.full.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (s, v) = call(&api, "POST", &p("commit"), Some(json!({"remove": [{"path": "empty"}]}))).await;
+        assert_eq!((s, &v["version"]), (StatusCode::OK, &json!(2)), "{v}");
+        let (s, v) = call(&api, "POST", &p("commit"), Some(json!({"remove": [{"path": "empty"}]}))).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().starts_with("no file or directory /empty"), "{v}");
+        // Nothing to do: no new version.
+        let (_, v) = call(&api, "POST", &p("commit"), Some(json!({}))).await;
+        assert_eq!((&v["version"], &v["changed"]), (&json!(2), &json!(false)));
+        // gc roots: the current manifest.
+        let roots = super::manifest_roots(&*cp.inner.store).unwrap();
+        assert_eq!(roots.len(), 1);
+    }
+
     /// Create-or-get by name and the errors that need no blob store.
     #[tokio::test]
     async fn volume_names_and_errors() {
