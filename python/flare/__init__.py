@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from .function import Function as Function, concurrent as concurrent
     from .function_call import FunctionCall as FunctionCall
     from .image import FilePatternMatcher as FilePatternMatcher, Image as Image
-    from .queue import Queue as Queue
     from .period import Period as Period
+    from .queue import Queue as Queue
+    from .volume import Volume as Volume
     from .web_endpoints import (
         asgi_app as asgi_app,
         fastapi_endpoint as fastapi_endpoint,
@@ -47,6 +48,7 @@ _LAZY = {
     "Queue": ("flare.queue", "Queue"),
     "Cron": ("flare.cron", "Cron"),
     "Period": ("flare.period", "Period"),
+    "Volume": ("flare.volume", "Volume"),
     "enter": ("flare.cls", "enter"),
     "exit": ("flare.cls", "exit"),
     "method": ("flare.cls", "method"),

@@ -200,3 +200,28 @@ def queue_len(queue_id: str, partition: str, total: bool) -> str:
     if total:
         return path + "?total=true"
     return path + (f"?partition={_q(partition)}" if partition else "")
+# ----------------------------------------------------------------- volumes
+
+
+def volumes() -> str:
+    return f"{_V1}/volumes"
+
+
+def volume(volume_id: str) -> str:
+    return f"{_V1}/volumes/{_q(volume_id)}"
+
+
+def volume_op(volume_id: str, op: str) -> str:
+    """``commit``, ``blobs``, ``blobs/missing``."""
+    return f"{_V1}/volumes/{_q(volume_id)}/{op}"
+
+
+def volume_entries(volume_id: str, path: str, recursive: bool) -> str:
+    q = f"path={_q(path)}"
+    if recursive:
+        q += "&recursive=true"
+    return f"{_V1}/volumes/{_q(volume_id)}/entries?{q}"
+
+
+def volume_file(volume_id: str, path: str) -> str:
+    return f"{_V1}/volumes/{_q(volume_id)}/file?path={_q(path)}"

@@ -214,6 +214,44 @@ class Client:
             conn.close()
 
 
+    def stream_bytes(self, path: str, piece: int = 1 << 20, timeout: float | None = 600) -> Iterator[bytes]:
+        """GET ``path`` and yield its binary answer in pieces of at most ``piece`` bytes as
+        they arrive (never the whole body in memory). Uses a connection of its own, closed
+        when the stream ends; ``timeout`` bounds the wait for each piece. A body cut short
+        (the server failed mid-way) raises ConnectionError."""
+        conn = self._new_connection(self.timeout)
+        try:
+            try:
+                conn.connect()
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                _send(conn, "GET", path, None, {})
+                resp = conn.getresponse()
+                if not 200 <= resp.status < 300:
+                    raise _error_from_response(resp.status, resp.read(), "GET", path)
+                expected = resp.getheader("Content-Length")
+                got = 0
+                while True:
+                    data = resp.read(piece)
+                    if not data:
+                        break
+                    got += len(data)
+                    yield data
+                if expected is not None and got != int(expected):
+                    raise exception.ConnectionError(f"The answer to GET {path} was cut short at {got} of {expected} bytes")
+            except (ConnectionRefusedError, FileNotFoundError, socket.gaierror) as e:
+                raise exception.ConnectionError(
+                    f"Could not connect to the Flare server at {self.url} ({e.strerror or e}). "
+                    + how_to_start_hint(self.url)
+                ) from None
+            except socket.timeout:
+                raise exception.ConnectionError(f"The Flare server at {self.url} did not answer in time") from None
+            except (http.client.HTTPException, OSError) as e:
+                raise exception.ConnectionError(f"Lost the connection to the Flare server at {self.url}: {e}") from None
+        finally:
+            conn.close()
+
+
 def _send(conn: http.client.HTTPConnection, method: str, path: str, data: Any, headers: dict[str, str]) -> None:
     """Send a request. A server that refuses a body it will not read (413: over a size limit)
     answers and closes while the body is still going out: then its answer is what counts,

@@ -190,15 +190,15 @@ import signal
 
 import flare
 
-with flare.Dict.ephemeral() as d, flare.Queue.ephemeral() as q:
+with flare.Dict.ephemeral() as d, flare.Queue.ephemeral() as q, flare.Volume.ephemeral() as v:
     d["x"] = 1
     q.put("item")
-    print(d.object_id, q.object_id, flush=True)
+    print(d.object_id, q.object_id, v.object_id, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_an_ephemeral_dict_or_queue_whose_client_died_is_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_ephemeral_dict_queue_or_volume_whose_client_died_is_deleted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     own = Flared("--ephemeral-ttl-secs", "2")
     try:
         own.wait()
@@ -208,12 +208,13 @@ def test_an_ephemeral_dict_or_queue_whose_client_died_is_deleted(monkeypatch: py
         env = {**os.environ, "PYTHONPATH": str(PYTHON_DIR)}
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == -9, r.stdout + r.stderr
-        dict_id, queue_id = r.stdout.split()
+        dict_id, queue_id, volume_id = r.stdout.split()
         client = _invocation.client()
         # The client died inside its `with` block: the objects outlive it, for now.
         assert client.request("GET", _api.dict_op(dict_id, "len"))["len"] == 1
         assert client.request("GET", _api.queue_len(queue_id, "", True))["len"] == 1
-        for path in (_api.dict_op(dict_id, "len"), _api.queue_len(queue_id, "", True)):
+        assert client.request("GET", _api.volume(volume_id))["volume_id"] == volume_id
+        for path in (_api.dict_op(dict_id, "len"), _api.queue_len(queue_id, "", True), _api.volume(volume_id)):
             deadline = time.monotonic() + 30
             while True:
                 try:

@@ -122,8 +122,8 @@ def test_modal_command_is_flares_cli(modal_bin: Path, tmp_path: Path) -> None:
     for command in ("run", "deploy", "app"):
         assert command in r.stdout, r.stdout
     # A Modal command Flare lacks: Flare's own usage error.
-    r = _modal(modal_bin, "volume", "list", cwd=tmp_path)
-    assert r.returncode == 2 and "invalid choice: 'volume'" in r.stderr, r.stdout + r.stderr
+    r = _modal(modal_bin, "secret", "list", cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'secret'" in r.stderr, r.stdout + r.stderr
 
 
 def test_unmodified_modal_program(server: Server, modal_bin: Path, tmp_path: Path) -> None:

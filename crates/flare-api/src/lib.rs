@@ -43,6 +43,12 @@ pub const MAX_DICT_PUT_BODY: usize = 64 << 20;
 /// Body limit of `POST /v1/queues/{id}/put`: values in base64 (one is at most 1 MiB
 /// pickled; a put of many values shares this budget).
 pub const MAX_QUEUE_PUT_BODY: usize = 64 << 20;
+/// Body limit of `POST /v1/volumes/{id}/commit`: a batch of file changes (10,000 files
+/// are about 2 MiB of JSON).
+pub const MAX_VOLUME_COMMIT_BODY: usize = 64 << 20;
+/// Body limit of `POST /v1/volumes/{id}/blobs`: one piece of a file uploaded from a
+/// container (the SDK sends files in 4 MiB pieces).
+pub const MAX_VOLUME_BLOB_BODY: usize = 16 << 20;
 /// Most output payload bytes one outputs page carries (a page has at least one output).
 pub const MAX_PAGE_BYTES: usize = 64 << 20;
 
@@ -61,6 +67,7 @@ pub fn required_content_type(method: &str, path: &str) -> Option<&'static str> {
         ("PUT", ["v1", "blobs", d]) if *d != "missing" && *d != "batch" => Some("application/octet-stream"),
         ("POST", ["v1", "blobs", "batch"]) => Some("application/octet-stream"),
         ("PUT", ["v1", "snapshots", "blobs", d]) if *d != "missing" => Some("application/octet-stream"),
+        ("POST", ["v1", "volumes", _, "blobs"]) => Some("application/octet-stream"),
         _ => Some("application/json"),
     }
 }
@@ -77,6 +84,8 @@ pub fn body_limit(method: &str, path: &str) -> usize {
         ("PUT", ["v1", "snapshots", "blobs", _]) => MAX_SNAPSHOT_BLOB_BODY,
         ("POST", ["v1", "dicts", _, "put"]) => MAX_DICT_PUT_BODY,
         ("POST", ["v1", "queues", _, "put"]) => MAX_QUEUE_PUT_BODY,
+        ("POST", ["v1", "volumes", _, "commit"]) => MAX_VOLUME_COMMIT_BODY,
+        ("POST", ["v1", "volumes", _, "blobs"]) => MAX_VOLUME_BLOB_BODY,
         _ if required_content_type(method, path) == Some("application/octet-stream") => MAX_UPLOAD_BODY,
         _ => MAX_JSON_BODY,
     }
@@ -958,6 +967,16 @@ pub const CONTAINER_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/queues/{queue_id}/peek"),
     ("POST", "/v1/queues/{queue_id}/clear"),
     ("POST", "/v1/queues/{queue_id}/heartbeat"),
+    ("POST", "/v1/volumes"),
+    ("GET", "/v1/volumes"),
+    ("GET", "/v1/volumes/{volume_id}"),
+    ("DELETE", "/v1/volumes/{volume_id}"),
+    ("GET", "/v1/volumes/{volume_id}/entries"),
+    ("GET", "/v1/volumes/{volume_id}/file"),
+    ("POST", "/v1/volumes/{volume_id}/commit"),
+    ("POST", "/v1/volumes/{volume_id}/blobs/missing"),
+    ("POST", "/v1/volumes/{volume_id}/blobs"),
+    ("POST", "/v1/volumes/{volume_id}/heartbeat"),
 ];
 
 /// Whether a concrete path (a query is ignored) matches a path template with `{name}`

@@ -212,6 +212,8 @@ struct Inner {
     queues: services::queues::QueueState,
     /// Wakes the schedules' ticker to plan again.
     schedule_wake: tokio::sync::Notify,
+    /// Striped locks of the volumes' commits (and create-or-get by name).
+    volume_locks: services::dicts::Locks,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -223,6 +225,25 @@ pub trait ImageService: Send + Sync {
     /// The blob store the image routes serve (`GET /v1/blobs/{digest}`); shared memory
     /// snapshots keep their blobs there too.
     fn blob_store(&self) -> Arc<dyn flare_cas::BlobStore>;
+    /// The stored content of a whole file uploaded by its digest (`PUT /v1/blobs/{digest}`
+    /// keeps a large file as chunks). By default: the one blob of that digest.
+    fn file_content(
+        &self,
+        digest: &flare_cas::Digest,
+        size: u64,
+    ) -> Result<flare_cas::FileContent, ApiError> {
+        if size == 0 {
+            return Ok(flare_cas::FileContent::default());
+        }
+        match self.blob_store().stat(digest) {
+            Ok(Some(i)) if i.size == size => Ok(flare_cas::FileContent {
+                size,
+                chunks: vec![flare_cas::Chunk { digest: *digest, offset: 0, len: size }],
+            }),
+            Ok(_) => Err(ApiError::precondition(format!("file {digest} ({size} bytes) was not uploaded"))),
+            Err(e) => Err(ApiError::internal(format!("reading the blob store: {e}"))),
+        }
+    }
 }
 
 /// Handle to the control plane; cheap to clone.
@@ -272,6 +293,7 @@ impl ControlPlane {
             leases: services::leases::Leases::default(),
             queues: services::queues::QueueState::default(),
             schedule_wake: tokio::sync::Notify::new(),
+            volume_locks: services::dicts::Locks::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -306,6 +328,11 @@ impl ControlPlane {
     /// The queues' locks and waiters.
     pub(crate) fn queues(&self) -> &services::queues::QueueState {
         &self.inner.queues
+    }
+
+    /// The volumes' locks.
+    pub(crate) fn volume_locks(&self) -> &services::dicts::Locks {
+        &self.inner.volume_locks
     }
 
     pub fn home(&self) -> &Path {

@@ -148,6 +148,20 @@ pub struct ScheduledRun {
 
 // ---- end of schedules ---------------------------------------------------------------------
 
+/// A volume (`flare.Volume`): a versioned file tree whose current version is the
+/// manifest `manifest` (a CAS digest, `""` while the volume is empty). Named ones are
+/// unique by name; ephemeral ones have no name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeRow {
+    pub volume_id: String,
+    pub name: String,
+    pub ephemeral: bool,
+    pub created_at: f64,
+    /// 0 for a new volume; each commit adds one.
+    pub version: i64,
+    pub manifest: String,
+}
+
 /// One write of a [`Store::write_batch`]: the same as the `put_*`/`set_*` method of its name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -227,6 +241,18 @@ pub enum Write {
     /// together (a crash leaves all of them or none).
     ScheduledRun(Box<ScheduledRun>),
     // ---- end of schedules ----
+    /// A new volume.
+    Volume(VolumeRow),
+    /// A volume deleted (its blobs go with the next `flared gc`).
+    VolumeDelete {
+        volume_id: String,
+    },
+    /// A volume's new current version.
+    VolumeVersion {
+        volume_id: String,
+        version: i64,
+        manifest: String,
+    },
 }
 
 /// Everything the control plane persists.
@@ -327,6 +353,13 @@ pub trait Store: Send + Sync {
     /// Every function's schedule state.
     fn schedules(&self) -> Result<Vec<ScheduleRow>>;
     // ---- end of schedules ----
+    // ---- volumes ----
+    /// A volume by id.
+    fn get_volume(&self, volume_id: &str) -> Result<Option<VolumeRow>>;
+    /// A named volume by name.
+    fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>>;
+    /// Every volume, oldest first.
+    fn list_volumes(&self) -> Result<Vec<VolumeRow>>;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -454,6 +487,18 @@ CREATE TABLE schedules (
     last_fire REAL,
     app_version INTEGER NOT NULL
 );
+"#,
+    // Volumes.
+    r#"
+CREATE TABLE volumes (
+    volume_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL,
+    manifest TEXT NOT NULL
+);
+CREATE UNIQUE INDEX volumes_name ON volumes(name) WHERE ephemeral = 0;
 "#,
 ];
 
@@ -662,6 +707,25 @@ fn apply(c: &Connection, w: &Write) -> Result<()> {
             put_input(c, &run.input)?;
             put_schedule(c, &run.state)
         }
+        Write::Volume(v) => {
+            c.execute(
+                "INSERT INTO volumes (volume_id, name, ephemeral, created_at, version, manifest)
+                 VALUES (?1,?2,?3,?4,?5,?6)",
+                params![v.volume_id, v.name, v.ephemeral as i64, v.created_at, v.version, v.manifest],
+            )?;
+            Ok(())
+        }
+        Write::VolumeDelete { volume_id } => {
+            c.execute("DELETE FROM volumes WHERE volume_id=?1", [volume_id])?;
+            Ok(())
+        }
+        Write::VolumeVersion { volume_id, version, manifest } => {
+            c.execute(
+                "UPDATE volumes SET version=?2, manifest=?3 WHERE volume_id=?1",
+                params![volume_id, version, manifest],
+            )?;
+            Ok(())
+        }
     }
 }
 
@@ -771,6 +835,19 @@ fn dict_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DictRow> {
         created_at: r.get(3)?,
     })
 }
+
+fn volume_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRow> {
+    Ok(VolumeRow {
+        volume_id: r.get(0)?,
+        name: r.get(1)?,
+        ephemeral: r.get::<_, i64>(2)? != 0,
+        created_at: r.get(3)?,
+        version: r.get(4)?,
+        manifest: r.get(5)?,
+    })
+}
+
+const VOLUME_COLUMNS: &str = "volume_id, name, ephemeral, created_at, version, manifest";
 
 impl Store for SqliteStore {
     fn write_batch(&self, writes: &[Write]) -> Result<()> {
@@ -1300,6 +1377,26 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    fn get_volume(&self, volume_id: &str) -> Result<Option<VolumeRow>> {
+        let c = self.conn();
+        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE volume_id=?1");
+        Ok(c.query_row(&sql, [volume_id], volume_from_row).optional()?)
+    }
+
+    fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>> {
+        let c = self.conn();
+        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name=?1 AND ephemeral=0");
+        Ok(c.query_row(&sql, [name], volume_from_row).optional()?)
+    }
+
+    fn list_volumes(&self) -> Result<Vec<VolumeRow>> {
+        let c = self.conn();
+        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY created_at, volume_id");
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], volume_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
 }
 
 /// Adds to an app's totals of deleted log records and returns the note about them.
@@ -1788,5 +1885,33 @@ mod tests {
         assert!(s.get_call("fc1").unwrap().is_some());
         s.write_batch(&[Write::ScheduleDelete { function_id: "fu1".into() }]).unwrap();
         assert!(s.schedules().unwrap().is_empty());
+    }
+
+    #[test]
+    fn volumes_round_trip() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let v = |id: &str, name: &str, eph: bool| VolumeRow {
+            volume_id: id.into(),
+            name: name.into(),
+            ephemeral: eph,
+            created_at: 1.0,
+            version: 0,
+            manifest: String::new(),
+        };
+        s.write_batch(&[Write::Volume(v("vo-1", "data", false)), Write::Volume(v("vo-2", "", true))])
+            .unwrap();
+        assert!(s.write_batch(&[Write::Volume(v("vo-3", "data", false))]).is_err(), "names are unique");
+        s.write_batch(&[Write::VolumeVersion {
+            volume_id: "vo-1".into(),
+            version: 1,
+            manifest: "blake3:ab".into(),
+        }])
+        .unwrap();
+        let got = s.volume_by_name("data").unwrap().unwrap();
+        assert_eq!((got.version, got.manifest.as_str()), (1, "blake3:ab"));
+        assert_eq!(s.list_volumes().unwrap().len(), 2);
+        s.write_batch(&[Write::VolumeDelete { volume_id: "vo-1".into() }]).unwrap();
+        assert!(s.get_volume("vo-1").unwrap().is_none());
+        assert!(s.get_volume("vo-2").unwrap().is_some());
     }
 }

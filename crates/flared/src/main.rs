@@ -420,6 +420,17 @@ impl flare_control::ImageService for Images {
     fn blob_store(&self) -> Arc<dyn flare_cas::BlobStore> {
         self.builder.store().clone()
     }
+
+    fn file_content(
+        &self,
+        digest: &flare_cas::Digest,
+        size: u64,
+    ) -> Result<flare_cas::FileContent, flare_api::ApiError> {
+        if size == 0 {
+            return Ok(flare_cas::FileContent::default());
+        }
+        self.builder.files().content(digest, size).map_err(|e| e.to_api())
+    }
 }
 
 fn chunk_cache_bytes() -> u64 {
@@ -893,6 +904,16 @@ fn gc(args: GcArgs) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("bad manifest {m} in a snapshot record"))?;
         if flare_cas::BlobStore::has(&store, &d).context("reading the blob store")? {
             roots.push(d);
+        }
+    }
+    // The current version of every volume (rows of the state database). A volume's
+    // commit writes its manifest before the row points at it, and touches the blobs the
+    // manifest reaches, so a commit racing this collection is covered by the grace period.
+    let state = home.join("state.db");
+    if state.exists() {
+        let db = SqliteStore::open(&state).context("opening the state database")?;
+        for m in flare_control::services::volumes::manifest_roots(&db).context("reading the volumes")? {
+            roots.push(m.parse().map_err(|_| anyhow::anyhow!("bad manifest digest {m} of a volume"))?);
         }
     }
     let report =

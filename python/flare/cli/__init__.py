@@ -1,6 +1,7 @@
 """The ``flare`` command line: run, serve, deploy, app list|stop|logs, container list, worker
 list, image list|inspect, dict create|list|get|items|clear|delete, queue
-create|list|peek|len|clear|delete, proxy-auth create|list|delete, server start|stop|status. One module per command group; this one
+create|list|peek|len|clear|delete, volume create|list|ls|put|get|rm|cp|delete, proxy-auth
+create|list|delete, server start|stop|status. One module per command group; this one
 parses the command line and maps errors to messages."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import traceback
 
 from .. import __version__, exception
 from .._server import ensure_server
-from . import app, container, deploy, dicts, image, proxy_auth, queues, run, serve, server, worker
+from . import app, container, deploy, dicts, image, proxy_auth, queues, run, serve, server, volumes, worker
 from ._common import UserError
 
 TYPE_CHECKING = False
@@ -29,6 +30,7 @@ _COMMANDS = {
     "image": image,
     "dict": dicts,
     "queue": queues,
+    "volume": volumes,
     "proxy-auth": proxy_auth,
     "server": server,
 }

@@ -5,7 +5,7 @@ never installed with Flare itself, since it would shadow a real Modal install.
 
 ``modal.App is flare.App``, and so on for every Modal name Flare has (``flare.__all__``).
 A Modal name Flare does not have raises ``ImportError`` saying so when it is used
-(``from modal import Volume``, ``modal.Volume``); docs/COMPAT.md has the full table.
+(``from modal import Secret``, ``modal.Secret``); docs/COMPAT.md has the full table.
 Imported at container cold start, so nothing is imported until a name is used.
 """
 
@@ -31,9 +31,10 @@ if TYPE_CHECKING:
         Function as Function,
         FunctionCall as FunctionCall,
         Image as Image,
-        Queue as Queue,
         Period as Period,
+        Queue as Queue,
         Retries as Retries,
+        Volume as Volume,
         __version__ as __version__,
         asgi_app as asgi_app,
         batched as batched,
@@ -117,6 +118,7 @@ SUBMODULES = (
     "queue",
     "retries",
     "schedule",
+    "volume",
 )
 
 _compat.install_finder()

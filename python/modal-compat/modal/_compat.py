@@ -24,7 +24,7 @@ DOCS = "see docs/COMPAT.md"
 class UnavailableError(ImportError):
     """A Modal name that Flare does not provide (yet, or at all on a self-hosted platform).
 
-    An ``ImportError`` (and not an ``AttributeError``) so that ``from modal import Volume``
+    An ``ImportError`` (and not an ``AttributeError``) so that ``from modal import Secret``
     shows this message instead of Python's generic one."""
 
 
@@ -44,7 +44,6 @@ NOTES = {
     "Secret": "#14",
     "Server": "#12 (Flare has web_server, asgi_app, wsgi_app and fastapi_endpoint; not the Server class)",
     "Tunnel": "",
-    "Volume": "#13",
     "Workspace": "#14",
     "billing": "n/a: a self-hosted platform sends no bill",
     "forward": "",
@@ -61,7 +60,7 @@ NOTES = {
 
 
 def unavailable(qualname: str) -> UnavailableError:
-    """The error for Modal name ``qualname`` (``"modal.Volume"``, ``"modal.exception.AuthError"``)."""
+    """The error for Modal name ``qualname`` (``"modal.Secret"``, ``"modal.exception.AuthError"``)."""
     note = NOTES.get(qualname.rsplit(".", 1)[-1], "")
     if note.startswith("n/a: "):
         return UnavailableError(f"{qualname} has no equivalent in Flare ({note[5:]}; {DOCS})")
@@ -135,7 +134,6 @@ MISSING_SUBMODULES = {
     "stream_type": "",
     "token_flow": "#14",
     "types": "",
-    "volume": "#13",
     "workspace": "#14",
 }
 

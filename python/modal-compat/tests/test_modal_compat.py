@@ -32,8 +32,9 @@ SHARED = [
     "concurrent", "current_function_call_id", "current_input_id", "enable_output", "is_local",
     "Cls", "enter", "exit", "method", "parameter", "batched",
     "fastapi_endpoint", "web_endpoint", "asgi_app", "wsgi_app", "web_server", "Dict", "Queue", "Cron", "Period",
+    "Volume",
 ]
-MISSING = ["Volume", "Secret", "Sandbox", "Server", "Client"]
+MISSING = ["Secret", "Sandbox", "Server", "Client"]
 NOT_APPLICABLE = ["Proxy", "SchedulerPlacement", "billing"]
 
 
@@ -76,8 +77,8 @@ def test_missing_names_raise_a_clear_error(name: str) -> None:
 
 
 def test_the_error_names_the_issue() -> None:
-    with pytest.raises(ImportError, match=r"\(#13; see docs/COMPAT\.md\)"):
-        _ = modal.Volume
+    with pytest.raises(ImportError, match=r"\(#14; see docs/COMPAT\.md\)"):
+        _ = modal.Secret
     with pytest.raises(ImportError, match=r"\(#12 .*; see docs/COMPAT\.md\)"):
         _ = modal.Server
 
@@ -98,12 +99,12 @@ def test_unknown_names_are_plain_attribute_errors() -> None:
 def test_star_import_gives_the_shared_names() -> None:
     ns: dict[str, object] = {}
     exec("from modal import *", ns)
-    assert ns["App"] is flare.App and "Volume" not in ns
+    assert ns["App"] is flare.App and "Secret" not in ns
 
 
 def test_dir_lists_no_missing_name() -> None:
     names = dir(modal)
-    assert "App" in names and "exception" in names and "Volume" not in names
+    assert "App" in names and "exception" in names and "Secret" not in names
 
 
 def test_stub_is_app_with_a_warning() -> None:
@@ -185,7 +186,7 @@ def test_partial_function_decorators() -> None:
     assert ns["web_server"] is flare.web_server
 
 
-@pytest.mark.parametrize("sub", ["volume", "cls", "secret", "sandbox", "runner", "config"])
+@pytest.mark.parametrize("sub", ["cls", "secret", "sandbox", "runner", "config"])
 def test_missing_submodules_raise_a_clear_error(sub: str) -> None:
     with pytest.raises(ImportError, match=rf"^modal\.{sub} (is not available in Flare yet|has no equivalent in Flare)"):
         importlib.import_module(f"modal.{sub}")
@@ -250,8 +251,8 @@ def test_python_m_modal_is_flares_cli() -> None:
 
 
 def test_modal_commands_flare_lacks_get_flares_error() -> None:
-    r = _run_modal("volume", "list")
-    assert r.returncode == 2 and "invalid choice: 'volume'" in r.stderr
+    r = _run_modal("secret", "list")
+    assert r.returncode == 2 and "invalid choice: 'secret'" in r.stderr
 
 
 def test_main_with_argv_restores_sys_argv(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,6 +292,19 @@ def test_stale_metadata_falls_back_to_pyproject(monkeypatch: pytest.MonkeyPatch)
     assert target is not None
     module_name, _, attr = target.partition(":")
     assert entry.flare_cli() is getattr(importlib.import_module(module_name), attr)
+
+
+def test_modal_volume_is_flare_volume() -> None:
+    import modal
+    import modal.volume
+
+    import flare
+    import flare.volume
+
+    assert modal.Volume is flare.Volume
+    assert modal.volume.Volume is flare.Volume
+    assert modal.volume.FileEntry is flare.volume.FileEntry
+    assert modal.volume.FileEntryType is flare.volume.FileEntryType
 
 
 def test_modal_dict_is_flare_dict() -> None:

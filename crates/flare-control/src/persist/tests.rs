@@ -184,6 +184,15 @@ impl Store for Gated {
     fn schedules(&self) -> flare_store::Result<Vec<ScheduleRow>> {
         self.inner.schedules()
     }
+    fn get_volume(&self, id: &str) -> flare_store::Result<Option<flare_store::VolumeRow>> {
+        self.inner.get_volume(id)
+    }
+    fn volume_by_name(&self, n: &str) -> flare_store::Result<Option<flare_store::VolumeRow>> {
+        self.inner.volume_by_name(n)
+    }
+    fn list_volumes(&self) -> flare_store::Result<Vec<flare_store::VolumeRow>> {
+        self.inner.list_volumes()
+    }
 }
 
 fn app(id: &str) -> AppRow {

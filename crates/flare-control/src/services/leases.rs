@@ -1,4 +1,4 @@
-//! Leases of ephemeral objects (`Dict.ephemeral()`, `Queue.ephemeral()`): the client that
+//! Leases of ephemeral objects (`Dict.ephemeral()`, `Queue.ephemeral()`, `Volume.ephemeral()`): the client that
 //! made one heartbeats it (every [`HEARTBEAT_EVERY`]) while its `with` block runs and
 //! deletes it at the end. One whose client died without deleting it goes once it has had
 //! no heartbeat for [`TTL`] (`flared server --ephemeral-ttl-secs`): [`spawn_sweeper`] looks
@@ -92,13 +92,24 @@ async fn sweep_once(cp: &ControlPlane, ttl: Duration) -> Result<(), flare_api::A
         .filter(|(q, _)| q.ephemeral)
         .map(|(q, _)| q.queue_id)
         .collect();
-    // One lease table for both kinds (ids are unique across them: `di-…`, `qu-…`).
-    let live: Vec<String> = dicts.iter().chain(&queues).cloned().collect();
+    let store = cp.inner.store.clone();
+    let volumes: Vec<String> = tokio::task::spawn_blocking(move || store.list_volumes())
+        .await
+        .map_err(|e| flare_api::ApiError::internal(format!("store read: {e}")))?
+        .map_err(crate::store_err)?
+        .into_iter()
+        .filter(|v| v.ephemeral)
+        .map(|v| v.volume_id)
+        .collect();
+    // One lease table for every kind (ids are unique across them: `di-…`, `qu-…`, `vo-…`).
+    let live: Vec<String> = dicts.iter().chain(&queues).chain(&volumes).cloned().collect();
     for id in cp.leases().expired(&live, Instant::now(), ttl) {
         if dicts.contains(&id) {
             super::dicts::delete_orphan(cp, &id).await?;
-        } else {
+        } else if queues.contains(&id) {
             super::queues::delete_orphan(cp, &id).await?;
+        } else {
+            super::volumes::delete_orphan(cp, &id).await?;
         }
         cp.leases().forget(&id);
     }

@@ -14,6 +14,7 @@
 //! - [`leases`]: ephemeral objects live while their client heartbeats them.
 //! - [`queues`]: `flare.Queue`, durable FIFO queues in the store, with blocking gets.
 //! - [`schedules`]: functions that run on their own (`Period`, `Cron`); no routes.
+//! - [`volumes`]: `flare.Volume`, versioned file trees (manifests in the CAS).
 
 use crate::http::Route;
 
@@ -24,6 +25,7 @@ pub mod proxy_auth;
 pub mod queues;
 pub mod schedules;
 pub mod snapshots;
+pub mod volumes;
 
 /// A capability with its own routes.
 pub trait Service: Send + Sync {
@@ -42,5 +44,6 @@ pub fn registered() -> Vec<Box<dyn Service>> {
         Box::new(dicts::Dicts),
         Box::new(queues::Queues),
         Box::new(schedules::Schedules),
+        Box::new(volumes::Volumes),
     ]
 }
