@@ -217,8 +217,10 @@ pub enum Write {
         values: Vec<Vec<u8>>,
         expires_at: Option<f64>,
     },
-    /// Items removed by `seq` (absent ones are ignored).
+    /// Items of one partition removed by `seq` (absent ones are ignored).
     QueueRemove {
+        queue_id: String,
+        partition: String,
         seqs: Vec<i64>,
     },
     /// The items of one partition removed, or of every partition (`partition: None`).
@@ -474,6 +476,7 @@ CREATE TABLE queue_partitions (
     queue_id TEXT NOT NULL,
     partition TEXT NOT NULL,
     expires_at REAL,
+    len INTEGER NOT NULL,
     PRIMARY KEY (queue_id, partition)
 );
 CREATE INDEX queue_partitions_expiry ON queue_partitions(expires_at) WHERE expires_at IS NOT NULL;
@@ -750,18 +753,23 @@ fn apply_queue(c: &Connection, w: &Write) -> Result<()> {
             for v in values {
                 st.execute(params![queue_id, partition, v])?;
             }
-            // The partition's expiry, one row whatever its number of items.
+            // The partition's expiry and length: one row whatever its number of items.
             c.prepare_cached(
-                "INSERT INTO queue_partitions (queue_id, partition, expires_at) VALUES (?1,?2,?3)
-                 ON CONFLICT(queue_id, partition) DO UPDATE SET expires_at=excluded.expires_at",
+                "INSERT INTO queue_partitions (queue_id, partition, expires_at, len) VALUES (?1,?2,?3,?4)
+                 ON CONFLICT(queue_id, partition) DO UPDATE SET expires_at=excluded.expires_at,
+                     len=len+excluded.len",
             )?
-            .execute(params![queue_id, partition, expires_at])?;
+            .execute(params![queue_id, partition, expires_at, values.len() as i64])?;
         }
-        Write::QueueRemove { seqs } => {
-            let mut st = c.prepare_cached("DELETE FROM queue_items WHERE seq=?1")?;
+        Write::QueueRemove { queue_id, partition, seqs } => {
+            let mut st =
+                c.prepare_cached("DELETE FROM queue_items WHERE seq=?1 AND queue_id=?2 AND partition=?3")?;
+            let mut removed = 0i64;
             for s in seqs {
-                st.execute([s])?;
+                removed += st.execute(params![s, queue_id, partition])? as i64;
             }
+            c.prepare_cached("UPDATE queue_partitions SET len=len-?3 WHERE queue_id=?1 AND partition=?2")?
+                .execute(params![queue_id, partition, removed])?;
         }
         Write::QueueClear { queue_id, partition: Some(p) } => {
             c.execute("DELETE FROM queue_items WHERE queue_id=?1 AND partition=?2", params![queue_id, p])?;
@@ -786,11 +794,7 @@ fn apply_queue(c: &Connection, w: &Write) -> Result<()> {
                 [before],
             )?;
             // Partitions emptied by gets.
-            c.execute(
-                "DELETE FROM queue_partitions WHERE NOT EXISTS (SELECT 1 FROM queue_items i
-                     WHERE i.queue_id=queue_partitions.queue_id AND i.partition=queue_partitions.partition)",
-                [],
-            )?;
+            c.execute("DELETE FROM queue_partitions WHERE len=0", [])?;
         }
         _ => unreachable!("not a queue write"),
     }
@@ -1291,9 +1295,8 @@ impl Store for SqliteStore {
         let c = self.conn();
         let mut st = c.prepare(
             "SELECT q.queue_id, q.name, q.ephemeral, q.created_at,
-                    (SELECT COUNT(*) FROM queue_items i JOIN queue_partitions p
-                        ON p.queue_id=i.queue_id AND p.partition=i.partition
-                     WHERE i.queue_id=q.queue_id AND (p.expires_at IS NULL OR p.expires_at>=?1))
+                    (SELECT COALESCE(SUM(p.len), 0) FROM queue_partitions p
+                     WHERE p.queue_id=q.queue_id AND (p.expires_at IS NULL OR p.expires_at>=?1))
              FROM queues q ORDER BY q.created_at, q.queue_id",
         )?;
         let rows = st
@@ -1334,15 +1337,19 @@ impl Store for SqliteStore {
 
     fn queue_len(&self, queue_id: &str, partition: Option<&str>, now: f64) -> Result<u64> {
         let c = self.conn();
+        // Lengths are kept in the partitions' rows (one row read, not a count of items).
         let n: i64 = match partition {
-            Some(p) if !partition_live(&c, queue_id, p, now)? => 0,
             Some(p) => c
-                .prepare_cached("SELECT COUNT(*) FROM queue_items WHERE queue_id=?1 AND partition=?2")?
-                .query_row(params![queue_id, p], |r| r.get(0))?,
+                .prepare_cached(
+                    "SELECT len FROM queue_partitions WHERE queue_id=?1 AND partition=?2
+                     AND (expires_at IS NULL OR expires_at>=?3)",
+                )?
+                .query_row(params![queue_id, p, now], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0),
             None => c.query_row(
-                "SELECT COUNT(*) FROM queue_items i JOIN queue_partitions p
-                     ON p.queue_id=i.queue_id AND p.partition=i.partition
-                 WHERE i.queue_id=?1 AND (p.expires_at IS NULL OR p.expires_at>=?2)",
+                "SELECT COALESCE(SUM(len), 0) FROM queue_partitions
+                 WHERE queue_id=?1 AND (expires_at IS NULL OR expires_at>=?2)",
                 params![queue_id, now],
                 |r| r.get(0),
             )?,
@@ -1353,9 +1360,8 @@ impl Store for SqliteStore {
     fn queue_partitions(&self, queue_id: &str, now: f64) -> Result<u64> {
         let c = self.conn();
         let n: i64 = c.query_row(
-            "SELECT COUNT(*) FROM queue_partitions p WHERE p.queue_id=?1
-             AND (p.expires_at IS NULL OR p.expires_at>=?2)
-             AND EXISTS (SELECT 1 FROM queue_items i WHERE i.queue_id=p.queue_id AND i.partition=p.partition)",
+            "SELECT COUNT(*) FROM queue_partitions WHERE queue_id=?1
+             AND (expires_at IS NULL OR expires_at>=?2) AND len>0",
             params![queue_id, now],
             |r| r.get(0),
         )?;
@@ -1822,7 +1828,7 @@ mod tests {
         );
         let first = s.queue_items("qu-1", "", 0, 1, usize::MAX, 0.0).unwrap()[0].seq;
         s.write_batch(&[
-            Write::QueueRemove { seqs: vec![first, 999_999] },
+            Write::QueueRemove { queue_id: "qu-1".into(), partition: "".into(), seqs: vec![first, 999_999] },
             Write::QueueClear { queue_id: "qu-2".into(), partition: Some("".into()) },
         ])
         .unwrap();

@@ -520,7 +520,9 @@ async fn get(
             .ok_or_else(|| no_queue(&queue_id))?;
             if !items.is_empty() {
                 let seqs = items.iter().map(|it| it.seq).collect();
-                commit(&cp, vec![Write::QueueRemove { seqs }]).await?;
+                let w =
+                    Write::QueueRemove { queue_id: queue_id.clone(), partition: req.partition.clone(), seqs };
+                commit(&cp, vec![w]).await?;
                 cp.queues().wake(&queue_id, false, true);
                 return Ok(Json(Values { values: values_of(items) }));
             }
