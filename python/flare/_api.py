@@ -167,6 +167,15 @@ def dict_(dict_id: str) -> str:
     return f"{_V1}/dicts/{_q(dict_id)}"
 
 
+def named_objects(collection: str) -> str:
+    """``dicts``, ``queues``, ``volumes``: create-or-get (POST) and list (GET)."""
+    return f"{_V1}/{collection}"
+
+
+def named_object(collection: str, object_id: str) -> str:
+    return f"{_V1}/{collection}/{_q(object_id)}"
+
+
 def dict_op(dict_id: str, op: str) -> str:
     """``get``, ``contains``, ``put``, ``pop``, ``len``, ``clear``."""
     return f"{_V1}/dicts/{_q(dict_id)}/{op}"

@@ -13,13 +13,11 @@ name there. Every method has an ``.aio`` variant (``await d.get.aio(k)``); ``key
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 
 from . import _api, exception
-from ._bridge import Method, aiter_in_thread, in_thread
-from ._ephemeral import heartbeats
-from ._object import _Object
+from ._bridge import Method, aiter_in_thread
+from ._named import _NamedObject
 from ._serialization import _type_name, b64, dumps, unb64
 
 TYPE_CHECKING = False
@@ -81,15 +79,11 @@ def _load(text: str) -> Any:
         ) from None
 
 
-class Dict(_Object):
+class Dict(_NamedObject):
     """A durable dict on the server: ``Dict.from_name("cache", create_if_missing=True)``."""
 
     _kind = "Dict"
-
-    def __init__(self) -> None:
-        raise exception.InvalidError(
-            "make a Dict with flare.Dict.from_name(name, create_if_missing=True) or flare.Dict.ephemeral()"
-        )
+    _collection = "dicts"
 
     def _init_object(self, name: str, object_id: str | None = None, lookup: tuple[str, ...] | None = None) -> None:
         super()._init_object(name, object_id, lookup)
@@ -103,58 +97,6 @@ class Dict(_Object):
         self.keys = Method(self._keys, lambda: aiter_in_thread(self._keys))
         self.values = Method(self._values, lambda: aiter_in_thread(self._values))
         self.items = Method(self._items, lambda: aiter_in_thread(self._items))
-
-    @staticmethod
-    def _aio(fn: Any) -> Any:
-        async def aio(*args: Any, **kwargs: Any) -> Any:
-            return await in_thread(fn, *args, **kwargs)
-
-        return aio
-
-    # ------------------------------------------------------------ construction
-
-    @classmethod
-    def from_name(cls, name: str, *, create_if_missing: bool = False) -> Dict:
-        """A reference to the dict ``name``, resolved on first use (NotFoundError then if it
-        does not exist and ``create_if_missing`` is False)."""
-        if not isinstance(name, str) or not name:
-            raise exception.InvalidError("a Dict's name is a non-empty string")
-        return cls._from_lookup(name, ("create" if create_if_missing else "lookup",))
-
-    @classmethod
-    @contextlib.contextmanager
-    def ephemeral(cls) -> Iterator[Dict]:
-        """A new dict without a name, deleted when the ``with`` block exits (or, if this
-        process dies, 300 s after its last heartbeat)."""
-        info = _client().request("POST", _api.dicts(), {"ephemeral": True})
-        d = cls._new_reference("")
-        d._object_id = str(info["dict_id"])
-        try:
-            with heartbeats(_api.dict_op(d._object_id, "heartbeat")):
-                yield d
-        finally:
-            _client().request("DELETE", _api.dict_(d._object_id), {})
-
-    @staticmethod
-    def delete(name: str) -> None:
-        """Delete the dict ``name`` and its entries (NotFoundError if there is none)."""
-        info = _client().request("POST", _api.dicts(), {"name": name})
-        _client().request("DELETE", _api.dict_(str(info["dict_id"])), {})
-
-    def _id_field(self) -> str:
-        return "dict_id"
-
-    def _resolve(self) -> dict[str, Any]:
-        create = bool(self._lookup) and self._lookup[0] == "create"  # type: ignore[index]
-        try:
-            info: dict[str, Any] = _client().request("POST", _api.dicts(), {"name": self._name, "create_if_missing": create})
-        except exception.NotFoundError:
-            raise exception.NotFoundError(f"Dict {self._name!r} not found (pass create_if_missing=True to create it)") from None
-        return info
-
-    def __repr__(self) -> str:
-        what = repr(self._name) if self._name else "ephemeral"
-        return f"Dict({what}{', ' + self._object_id if self._object_id else ''})"
 
     # ----------------------------------------------------------------- methods
 

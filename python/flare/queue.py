@@ -18,13 +18,11 @@ as does one looked up by name there. Every method has an ``.aio`` variant
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 
 from . import _api, exception
-from ._bridge import Method, aiter_in_thread, in_thread
-from ._ephemeral import heartbeats
-from ._object import _Object
+from ._bridge import Method, aiter_in_thread
+from ._named import _NamedObject
 from ._serialization import _type_name, b64, dumps, unb64
 
 TYPE_CHECKING = False
@@ -99,15 +97,11 @@ def _timeout(block: bool, timeout: float | None) -> float | None:
     return float(timeout)
 
 
-class Queue(_Object):
+class Queue(_NamedObject):
     """A durable FIFO queue on the server: ``Queue.from_name("jobs", create_if_missing=True)``."""
 
     _kind = "Queue"
-
-    def __init__(self) -> None:
-        raise exception.InvalidError(
-            "make a Queue with flare.Queue.from_name(name, create_if_missing=True) or flare.Queue.ephemeral()"
-        )
+    _collection = "queues"
 
     def _init_object(self, name: str, object_id: str | None = None, lookup: tuple[str, ...] | None = None) -> None:
         super()._init_object(name, object_id, lookup)
@@ -118,61 +112,6 @@ class Queue(_Object):
         self.len = Method(self._len, self._aio(self._len))
         self.clear = Method(self._clear, self._aio(self._clear))
         self.iterate = Method(self._iterate, lambda **kw: aiter_in_thread(lambda: self._iterate(**kw)))
-
-    @staticmethod
-    def _aio(fn: Any) -> Any:
-        async def aio(*args: Any, **kwargs: Any) -> Any:
-            return await in_thread(fn, *args, **kwargs)
-
-        return aio
-
-    # ------------------------------------------------------------ construction
-
-    @classmethod
-    def from_name(cls, name: str, *, create_if_missing: bool = False) -> Queue:
-        """A reference to the queue ``name``, resolved on first use (NotFoundError then if it
-        does not exist and ``create_if_missing`` is False)."""
-        if not isinstance(name, str) or not name:
-            raise exception.InvalidError("a Queue's name is a non-empty string")
-        return cls._from_lookup(name, ("create" if create_if_missing else "lookup",))
-
-    @classmethod
-    @contextlib.contextmanager
-    def ephemeral(cls) -> Iterator[Queue]:
-        """A new queue without a name, deleted when the ``with`` block exits (or, if this
-        process dies, 300 s after its last heartbeat)."""
-        info = _client().request("POST", _api.queues(), {"ephemeral": True})
-        q = cls._new_reference("")
-        q._object_id = str(info["queue_id"])
-        try:
-            with heartbeats(_api.queue_op(q._object_id, "heartbeat")):
-                yield q
-        finally:
-            _client().request("DELETE", _api.queue(q._object_id), {})
-
-    @staticmethod
-    def delete(name: str) -> None:
-        """Delete the queue ``name`` and its items (NotFoundError if there is none)."""
-        try:
-            info = _client().request("POST", _api.queues(), {"name": name})
-        except exception.NotFoundError:
-            raise exception.NotFoundError(f"Queue {name!r} not found") from None
-        _client().request("DELETE", _api.queue(str(info["queue_id"])), {})
-
-    def _id_field(self) -> str:
-        return "queue_id"
-
-    def _resolve(self) -> dict[str, Any]:
-        create = bool(self._lookup) and self._lookup[0] == "create"  # type: ignore[index]
-        try:
-            info: dict[str, Any] = _client().request("POST", _api.queues(), {"name": self._name, "create_if_missing": create})
-        except exception.NotFoundError:
-            raise exception.NotFoundError(f"Queue {self._name!r} not found (pass create_if_missing=True to create it)") from None
-        return info
-
-    def __repr__(self) -> str:
-        what = repr(self._name) if self._name else "ephemeral"
-        return f"Queue({what}{', ' + self._object_id if self._object_id else ''})"
 
     # ----------------------------------------------------------------- methods
 

@@ -21,7 +21,6 @@ files in 4 MiB pieces whose digests the server computes).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import posixpath
@@ -29,8 +28,7 @@ import time
 
 from . import _api, exception
 from ._bridge import Method, aiter_in_thread, in_thread
-from ._ephemeral import heartbeats
-from ._object import _Object
+from ._named import _NamedObject
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -111,16 +109,12 @@ def _remote_path(path: str | os.PathLike[str]) -> str:
     return p
 
 
-class Volume(_Object):
+class Volume(_NamedObject):
     """A file tree on the server: ``Volume.from_name("data", create_if_missing=True)``."""
 
     _kind = "Volume"
+    _collection = "volumes"
     _version: int
-
-    def __init__(self) -> None:
-        raise exception.InvalidError(
-            "make a Volume with flare.Volume.from_name(name, create_if_missing=True) or flare.Volume.ephemeral()"
-        )
 
     def _init_object(self, name: str, object_id: str | None = None, lookup: tuple[str, ...] | None = None) -> None:
         super()._init_object(name, object_id, lookup)
@@ -134,54 +128,7 @@ class Volume(_Object):
         self.commit = Method(self._commit, self._aio(self._commit))
         self.reload = Method(self._reload, self._aio(self._reload))
 
-    @staticmethod
-    def _aio(fn: Any) -> Any:
-        async def aio(*args: Any, **kwargs: Any) -> Any:
-            return await in_thread(fn, *args, **kwargs)
-
-        return aio
-
     # ------------------------------------------------------------ construction
-
-    @classmethod
-    def from_name(cls, name: str, *, create_if_missing: bool = False, environment_name: str | None = None) -> Volume:
-        """A reference to the volume ``name``, resolved on first use (NotFoundError then if
-        it does not exist and ``create_if_missing`` is False). ``environment_name`` is
-        accepted for Modal compatibility and ignored (one workspace)."""
-        if not isinstance(name, str) or not name:
-            raise exception.InvalidError("a Volume's name is a non-empty string")
-        return cls._from_lookup(name, ("create" if create_if_missing else "lookup",))
-
-    @classmethod
-    @contextlib.contextmanager
-    def ephemeral(cls) -> Iterator[Volume]:
-        """A new volume without a name, deleted when the ``with`` block exits (or, if this
-        process dies, 300 s after its last heartbeat)."""
-        info = _client().request("POST", _api.volumes(), {"ephemeral": True})
-        v = cls._new_reference("")
-        v._object_id = str(info["volume_id"])
-        try:
-            with heartbeats(f"{_api.volume(v._object_id)}/heartbeat"):
-                yield v
-        finally:
-            _client().request("DELETE", _api.volume(v._object_id), {})
-
-    @staticmethod
-    def delete(name: str) -> None:
-        """Delete the volume ``name`` (NotFoundError if there is none)."""
-        info = _client().request("POST", _api.volumes(), {"name": name})
-        _client().request("DELETE", _api.volume(str(info["volume_id"])), {})
-
-    def _id_field(self) -> str:
-        return "volume_id"
-
-    def _resolve(self) -> dict[str, Any]:
-        create = bool(self._lookup) and self._lookup[0] == "create"  # type: ignore[index]
-        try:
-            info: dict[str, Any] = _client().request("POST", _api.volumes(), {"name": self._name, "create_if_missing": create})
-        except exception.NotFoundError:
-            raise exception.NotFoundError(f"Volume {self._name!r} not found (pass create_if_missing=True to create it)") from None
-        return info
 
     def _hydrate_metadata(self, info: dict[str, Any]) -> None:
         if "version" in info:
@@ -193,10 +140,6 @@ class Volume(_Object):
     @property
     def name(self) -> str | None:
         return self._name or None
-
-    def __repr__(self) -> str:
-        what = repr(self._name) if self._name else "ephemeral"
-        return f"Volume({what}{', ' + self._object_id if self._object_id else ''})"
 
     # ----------------------------------------------------------------- reading
 

@@ -10,6 +10,7 @@ import cloudpickle
 import pytest
 
 import flare
+import flare._named
 from flare import dict as dict_module
 from flare import exception
 
@@ -29,6 +30,7 @@ class _Recorder:
 def client(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     c = _Recorder()
     monkeypatch.setattr(dict_module, "_client", lambda: c)
+    monkeypatch.setattr(flare._named, "_client", lambda: c)
     return c
 
 

@@ -11,6 +11,7 @@ import cloudpickle
 import pytest
 
 import flare
+import flare._named
 from flare import exception
 from flare import queue as queue_module
 
@@ -33,6 +34,7 @@ class _Recorder:
 def client(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     c = _Recorder()
     monkeypatch.setattr(queue_module, "_client", lambda: c)
+    monkeypatch.setattr(flare._named, "_client", lambda: c)
     return c
 
 

@@ -205,7 +205,7 @@ struct Inner {
     /// Tokens of endpoints with `requires_proxy_auth`.
     proxy_tokens: services::proxy_auth::Tokens,
     /// Striped locks of the dicts' read-then-write operations.
-    dict_locks: services::dicts::Locks,
+    dict_locks: services::named::Locks,
     /// Leases of ephemeral objects.
     leases: services::leases::Leases,
     /// The queues' locks and waiters.
@@ -213,7 +213,7 @@ struct Inner {
     /// Wakes the schedules' ticker to plan again.
     schedule_wake: tokio::sync::Notify,
     /// Striped locks of the volumes' commits (and create-or-get by name).
-    volume_locks: services::dicts::Locks,
+    volume_locks: services::named::Locks,
 }
 
 /// What the control plane needs from the image service (the `flare-image` crate).
@@ -289,11 +289,11 @@ impl ControlPlane {
             body_budget_kib,
             heap_trim: std::sync::OnceLock::new(),
             proxy_tokens: services::proxy_auth::Tokens::open(home),
-            dict_locks: services::dicts::Locks::default(),
+            dict_locks: services::named::Locks::default(),
             leases: services::leases::Leases::default(),
             queues: services::queues::QueueState::default(),
             schedule_wake: tokio::sync::Notify::new(),
-            volume_locks: services::dicts::Locks::default(),
+            volume_locks: services::named::Locks::default(),
         });
         let cp = ControlPlane { inner };
         cp.load()?;
@@ -316,7 +316,7 @@ impl ControlPlane {
     }
 
     /// The dicts' locks.
-    pub(crate) fn dict_locks(&self) -> &services::dicts::Locks {
+    pub(crate) fn dict_locks(&self) -> &services::named::Locks {
         &self.inner.dict_locks
     }
 
@@ -331,7 +331,7 @@ impl ControlPlane {
     }
 
     /// The volumes' locks.
-    pub(crate) fn volume_locks(&self) -> &services::dicts::Locks {
+    pub(crate) fn volume_locks(&self) -> &services::named::Locks {
         &self.inner.volume_locks
     }
 

@@ -12,18 +12,17 @@
 //! Limits: a key is at most [`MAX_KEY_BYTES`] pickled (400), a value at most
 //! [`MAX_VALUE_BYTES`] (413); a `put` body at most [`flare_api::MAX_DICT_PUT_BODY`].
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use flare_api::{mib, ApiError, B64};
-use flare_store::{DictRow, Store, Write};
+use flare_store::{DictRow, Write};
 use serde::{Deserialize, Serialize};
 
+use super::named::{check_create, commit, read};
 use super::Service;
 use crate::http::body::{ApiBody, Valid};
 use crate::http::{HttpError, Route};
-use crate::{new_id, now_ts, store_err, ControlPlane};
+use crate::{new_id, now_ts, ControlPlane};
 
 /// Largest pickled key.
 pub const MAX_KEY_BYTES: usize = 64 << 10;
@@ -34,10 +33,6 @@ const MAX_PAGE_ITEMS: usize = 1000;
 const DEFAULT_PAGE_ITEMS: usize = 100;
 /// Most key and value bytes of one page (a page has at least one entry).
 const MAX_PAGE_BYTES: usize = 32 << 20;
-/// Longest dict name.
-const MAX_NAME_LEN: usize = 128;
-/// Number of striped locks.
-const STRIPES: usize = 64;
 
 /// The service.
 pub struct Dicts;
@@ -62,42 +57,6 @@ impl Service for Dicts {
             Route::post("/v1/dicts/{dict_id}/heartbeat", heartbeat).container(),
         ]
     }
-}
-
-/// Striped locks over dict ids (and names, for create-or-get); the queues have their own.
-pub struct Locks(Vec<tokio::sync::Mutex<()>>);
-
-impl Default for Locks {
-    fn default() -> Self {
-        Locks((0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect())
-    }
-}
-
-impl Locks {
-    pub(crate) async fn lock(&self, what: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        let i = blake3::hash(what.as_bytes()).as_bytes()[0] as usize % self.0.len();
-        self.0[i].lock().await
-    }
-}
-
-/// Runs a store read off the async threads.
-async fn read<T: Send + 'static>(
-    cp: &ControlPlane,
-    f: impl FnOnce(&dyn Store) -> flare_store::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store: Arc<dyn Store> = cp.inner.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
-        .await
-        .map_err(|e| ApiError::internal(format!("store read: {e}")))?
-        .map_err(store_err)
-}
-
-/// Queues writes and waits for their commit.
-async fn commit(cp: &ControlPlane, writes: Vec<Write>) -> Result<(), ApiError> {
-    for w in writes {
-        cp.persist().write(w);
-    }
-    cp.persist().ticket().wait().await
 }
 
 async fn existing(cp: &ControlPlane, dict_id: &str) -> Result<DictRow, ApiError> {
@@ -127,22 +86,7 @@ struct CreateDict {
 
 impl ApiBody for CreateDict {
     fn validate(&self) -> Result<(), ApiError> {
-        if self.ephemeral {
-            if !self.name.is_empty() {
-                return Err(ApiError::invalid("an ephemeral dict has no name"));
-            }
-            return Ok(());
-        }
-        let ok = !self.name.is_empty()
-            && self.name.len() <= MAX_NAME_LEN
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !ok {
-            return Err(ApiError::invalid(format!(
-                "invalid dict name {:?}: 1 to {MAX_NAME_LEN} characters of letters, digits, '-', '_' and '.'",
-                self.name
-            )));
-        }
-        Ok(())
+        check_create("dict", &self.name, self.ephemeral)
     }
 }
 
@@ -442,34 +386,11 @@ async fn clear(
 
 #[cfg(test)]
 mod tests {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use base64::Engine as _;
+    use axum::http::StatusCode;
     use serde_json::{json, Value};
-    use tower::ServiceExt as _;
 
     use crate::http::{harden, router, SitePolicy};
-
-    fn b64(b: &[u8]) -> String {
-        base64::engine::general_purpose::STANDARD.encode(b)
-    }
-
-    fn unb64(v: &Value) -> Vec<u8> {
-        base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()
-    }
-
-    async fn call(api: &axum::Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut r = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
-        if method != "GET" {
-            r = r.header("content-type", "application/json");
-        }
-        let req = r.header("content-length", body.len().to_string()).body(Body::from(body)).unwrap();
-        let resp = api.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
+    use crate::services::named::testing::*;
 
     fn item(k: &[u8], v: &[u8]) -> Value {
         json!({"key": b64(k), "value": b64(v)})

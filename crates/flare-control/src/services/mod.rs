@@ -12,6 +12,7 @@
 //! - [`proxy_auth`]: the tokens endpoints with `requires_proxy_auth` take.
 //! - [`dicts`]: `flare.Dict`, durable key-value maps in the store.
 //! - [`leases`]: ephemeral objects live while their client heartbeats them.
+//! - [`named`]: what the services of named objects share (store access, locks, names).
 //! - [`queues`]: `flare.Queue`, durable FIFO queues in the store, with blocking gets.
 //! - [`schedules`]: functions that run on their own (`Period`, `Cron`); no routes.
 //! - [`volumes`]: `flare.Volume`, versioned file trees (manifests in the CAS).
@@ -21,6 +22,7 @@ use crate::http::Route;
 pub mod dicts;
 pub mod ingress;
 pub mod leases;
+pub mod named;
 pub mod proxy_auth;
 pub mod queues;
 pub mod schedules;

@@ -29,15 +29,16 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use flare_api::{mib, ApiError, B64};
-use flare_store::{QueueItem, QueueRow, Store, Write};
+use flare_store::{QueueItem, QueueRow, Write};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::named::{check_create, commit, read};
 use super::Service;
 use crate::http::body::{ApiBody, Valid};
 use crate::http::{HttpError, Route};
-use crate::{new_id, now_ts, store_err, ControlPlane};
+use crate::{new_id, now_ts, ControlPlane};
 
 /// Largest pickled value.
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -56,8 +57,6 @@ const MAX_ANSWER_BYTES: usize = 32 << 20;
 /// Most items of one `peek` page, and its default.
 const MAX_PEEK_ITEMS: usize = 1000;
 const DEFAULT_PEEK_ITEMS: usize = 100;
-/// Longest queue name.
-const MAX_NAME_LEN: usize = 128;
 
 /// The service.
 pub struct Queues;
@@ -95,7 +94,7 @@ struct Waiters {
 /// that has some.
 #[derive(Default)]
 pub struct QueueState {
-    locks: super::dicts::Locks,
+    locks: super::named::Locks,
     waiters: Mutex<HashMap<String, Arc<Waiters>>>,
 }
 
@@ -155,26 +154,6 @@ pub(crate) fn spawn_expiry(cp: &ControlPlane) {
     });
 }
 
-/// Runs a store read off the async threads.
-async fn read<T: Send + 'static>(
-    cp: &ControlPlane,
-    f: impl FnOnce(&dyn Store) -> flare_store::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store: Arc<dyn Store> = cp.inner.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
-        .await
-        .map_err(|e| ApiError::internal(format!("store read: {e}")))?
-        .map_err(store_err)
-}
-
-/// Queues writes and waits for their commit.
-async fn commit(cp: &ControlPlane, writes: Vec<Write>) -> Result<(), ApiError> {
-    for w in writes {
-        cp.persist().write(w);
-    }
-    cp.persist().ticket().wait().await
-}
-
 async fn existing(cp: &ControlPlane, queue_id: &str) -> Result<QueueRow, ApiError> {
     let id = queue_id.to_string();
     read(cp, move |s| s.get_queue(&id)).await?.ok_or_else(|| no_queue(queue_id))
@@ -224,22 +203,7 @@ struct CreateQueue {
 
 impl ApiBody for CreateQueue {
     fn validate(&self) -> Result<(), ApiError> {
-        if self.ephemeral {
-            if !self.name.is_empty() {
-                return Err(ApiError::invalid("an ephemeral queue has no name"));
-            }
-            return Ok(());
-        }
-        let ok = !self.name.is_empty()
-            && self.name.len() <= MAX_NAME_LEN
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !ok {
-            return Err(ApiError::invalid(format!(
-                "invalid queue name {:?}: 1 to {MAX_NAME_LEN} characters of letters, digits, '-', '_' and '.'",
-                self.name
-            )));
-        }
-        Ok(())
+        check_create("queue", &self.name, self.ephemeral)
     }
 }
 
@@ -655,34 +619,11 @@ async fn clear(
 mod tests {
     use std::time::Duration;
 
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use base64::Engine as _;
+    use axum::http::StatusCode;
     use serde_json::{json, Value};
-    use tower::ServiceExt as _;
 
     use crate::http::{harden, router, SitePolicy};
-
-    fn b64(b: &[u8]) -> String {
-        base64::engine::general_purpose::STANDARD.encode(b)
-    }
-
-    fn unb64(v: &Value) -> Vec<u8> {
-        base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()
-    }
-
-    async fn call(api: &axum::Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut r = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
-        if method != "GET" {
-            r = r.header("content-type", "application/json");
-        }
-        let req = r.header("content-length", body.len().to_string()).body(Body::from(body)).unwrap();
-        let resp = api.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
+    use crate::services::named::testing::*;
 
     #[test]
     fn partition_keys_and_waits_are_checked() {

@@ -28,15 +28,14 @@ use flare_cas::{get_manifest, put_manifest, BlobStore, Chunk, Digest, EntryKind,
 use flare_store::{Store, VolumeRow, Write};
 use serde::{Deserialize, Serialize};
 
+use super::named::{check_create, commit, read};
 use super::Service;
 use crate::http::body::{ApiBody, Valid};
 use crate::http::{HttpError, Route};
-use crate::{new_id, now_ts, store_err, ControlPlane};
+use crate::{new_id, now_ts, ControlPlane};
 
 use tree::{volume_path, Changes, TreeError};
 
-/// Longest volume name.
-const MAX_NAME_LEN: usize = 128;
 /// Most changes (puts, removes and copied sources together) of one commit.
 pub const MAX_COMMIT_CHANGES: usize = 500_000;
 /// Largest piece of a file a read sends at once.
@@ -74,24 +73,6 @@ impl Service for Volumes {
 /// The digests of the current manifests of every volume: roots for `flared gc`.
 pub fn manifest_roots(store: &dyn Store) -> flare_store::Result<Vec<String>> {
     Ok(store.list_volumes()?.into_iter().map(|v| v.manifest).filter(|m| !m.is_empty()).collect())
-}
-
-async fn read<T: Send + 'static>(
-    cp: &ControlPlane,
-    f: impl FnOnce(&dyn Store) -> flare_store::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store: Arc<dyn Store> = cp.inner.store.clone();
-    tokio::task::spawn_blocking(move || f(&*store))
-        .await
-        .map_err(|e| ApiError::internal(format!("store read: {e}")))?
-        .map_err(store_err)
-}
-
-async fn commit(cp: &ControlPlane, writes: Vec<Write>) -> Result<(), ApiError> {
-    for w in writes {
-        cp.persist().write(w);
-    }
-    cp.persist().ticket().wait().await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -167,22 +148,7 @@ struct CreateVolume {
 
 impl ApiBody for CreateVolume {
     fn validate(&self) -> Result<(), ApiError> {
-        if self.ephemeral {
-            if !self.name.is_empty() {
-                return Err(ApiError::invalid("an ephemeral volume has no name"));
-            }
-            return Ok(());
-        }
-        let ok = !self.name.is_empty()
-            && self.name.len() <= MAX_NAME_LEN
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !ok {
-            return Err(ApiError::invalid(format!(
-                "invalid volume name {:?}: 1 to {MAX_NAME_LEN} characters of letters, digits, '-', '_' and '.'",
-                self.name
-            )));
-        }
-        Ok(())
+        check_create("volume", &self.name, self.ephemeral)
     }
 }
 
@@ -692,19 +658,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     use crate::http::{harden, router, SitePolicy};
-
-    async fn call(api: &axum::Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut r = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
-        if method != "GET" {
-            r = r.header("content-type", "application/json");
-        }
-        let req = r.header("content-length", body.len().to_string()).body(Body::from(body)).unwrap();
-        let resp = api.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
+    use crate::services::named::testing::*;
 
     /// A local blob store that refuses writes while `full` is set (a full disk).
     struct Fillable {
