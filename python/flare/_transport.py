@@ -6,6 +6,7 @@ One keep-alive ``http.client`` connection per thread; ``http://host:port`` and
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -178,12 +179,13 @@ class Client:
             return json.loads(raw) if raw else {}
         raise _error_from_response(status, raw, method, path)
 
-    def stream_ndjson(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Iterator[Any]:
-        """Send a JSON request and yield each JSON line of a streamed ``application/x-ndjson``
-        answer as it arrives. Uses a connection of its own, closed when the stream ends;
-        ``timeout`` bounds the wait for each line (None: no bound)."""
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+    @contextlib.contextmanager
+    def _streamed(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str], timeout: float | None
+    ) -> Iterator[http.client.HTTPResponse]:
+        """A request on a connection of its own whose 2xx answer the caller reads as it
+        arrives (``timeout`` bounds each read); the connection is closed at the end, and
+        network failures while sending or reading become ConnectionError."""
         conn = self._new_connection(self.timeout)
         try:
             try:
@@ -194,13 +196,7 @@ class Client:
                 resp = conn.getresponse()
                 if not 200 <= resp.status < 300:
                     raise _error_from_response(resp.status, resp.read(), method, path)
-                while True:
-                    line = resp.readline()
-                    if not line:
-                        return
-                    line = line.strip()
-                    if line:
-                        yield json.loads(line)
+                yield resp
             except (ConnectionRefusedError, FileNotFoundError, socket.gaierror) as e:
                 raise exception.ConnectionError(
                     f"Could not connect to the Flare server at {self.url} ({e.strerror or e}). "
@@ -213,43 +209,37 @@ class Client:
         finally:
             conn.close()
 
+    def stream_ndjson(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Iterator[Any]:
+        """Send a JSON request and yield each JSON line of a streamed ``application/x-ndjson``
+        answer as it arrives. Uses a connection of its own, closed when the stream ends;
+        ``timeout`` bounds the wait for each line (None: no bound)."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        with self._streamed(method, path, data, headers, timeout) as resp:
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                line = line.strip()
+                if line:
+                    yield json.loads(line)
 
     def stream_bytes(self, path: str, piece: int = 1 << 20, timeout: float | None = 600) -> Iterator[bytes]:
         """GET ``path`` and yield its binary answer in pieces of at most ``piece`` bytes as
         they arrive (never the whole body in memory). Uses a connection of its own, closed
         when the stream ends; ``timeout`` bounds the wait for each piece. A body cut short
         (the server failed mid-way) raises ConnectionError."""
-        conn = self._new_connection(self.timeout)
-        try:
-            try:
-                conn.connect()
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                _send(conn, "GET", path, None, {})
-                resp = conn.getresponse()
-                if not 200 <= resp.status < 300:
-                    raise _error_from_response(resp.status, resp.read(), "GET", path)
-                expected = resp.getheader("Content-Length")
-                got = 0
-                while True:
-                    data = resp.read(piece)
-                    if not data:
-                        break
-                    got += len(data)
-                    yield data
-                if expected is not None and got != int(expected):
-                    raise exception.ConnectionError(f"The answer to GET {path} was cut short at {got} of {expected} bytes")
-            except (ConnectionRefusedError, FileNotFoundError, socket.gaierror) as e:
-                raise exception.ConnectionError(
-                    f"Could not connect to the Flare server at {self.url} ({e.strerror or e}). "
-                    + how_to_start_hint(self.url)
-                ) from None
-            except socket.timeout:
-                raise exception.ConnectionError(f"The Flare server at {self.url} did not answer in time") from None
-            except (http.client.HTTPException, OSError) as e:
-                raise exception.ConnectionError(f"Lost the connection to the Flare server at {self.url}: {e}") from None
-        finally:
-            conn.close()
+        with self._streamed("GET", path, None, {}, timeout) as resp:
+            expected = resp.getheader("Content-Length")
+            got = 0
+            while True:
+                data = resp.read(piece)
+                if not data:
+                    break
+                got += len(data)
+                yield data
+            if expected is not None and got != int(expected):
+                raise exception.ConnectionError(f"The answer to GET {path} was cut short at {got} of {expected} bytes")
 
 
 def _send(conn: http.client.HTTPConnection, method: str, path: str, data: Any, headers: dict[str, str]) -> None:
