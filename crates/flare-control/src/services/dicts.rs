@@ -127,7 +127,7 @@ async fn create(
     };
     if req.ephemeral {
         let d = new(String::new());
-        cp.leases().touch(&d.dict_id);
+        cp.leases().touch(super::leases::Kind::Dict, &d.dict_id);
         commit(&cp, vec![Write::Dict(d.clone())]).await?;
         return Ok(Json(DictInfo { created: Some(true), ..DictInfo::of(d) }));
     }
@@ -185,7 +185,7 @@ async fn heartbeat(
     Path(dict_id): Path<String>,
 ) -> Result<Json<flare_api::Empty>, HttpError> {
     if existing(&cp, &dict_id).await?.ephemeral {
-        cp.leases().touch(&dict_id);
+        cp.leases().touch(super::leases::Kind::Dict, &dict_id);
     }
     Ok(Json(flare_api::Empty {}))
 }

@@ -4,9 +4,11 @@
 //! no heartbeat for [`TTL`] (`flared server --ephemeral-ttl-secs`): [`spawn_sweeper`] looks
 //! every [`SWEEP_EVERY`] (or half the TTL, if shorter).
 //!
-//! Leases live in memory only. After a restart every ephemeral object in the store starts
-//! a fresh lease the first time the sweeper sees it, so a client that is still there keeps
-//! its object by heartbeating on, and an orphan goes [`TTL`] after the restart.
+//! Leases live in memory only: an ephemeral object gets one when it is made, a heartbeat
+//! renews it, a delete drops it. At start the sweeper gives every ephemeral object in the
+//! store a fresh lease (one read of the store), so a client that is still there keeps its
+//! object by heartbeating on, and an orphan goes [`TTL`] after the restart; afterwards
+//! the sweeps look at the leases only.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,47 +23,65 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 /// How often the sweeper looks for expired leases.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Last heartbeat of each ephemeral object, by id.
+/// What an ephemeral object is (which service deletes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dict,
+    Queue,
+    Volume,
+}
+
+/// Each ephemeral object's kind and last heartbeat, by id.
 #[derive(Default)]
-pub struct Leases(Mutex<HashMap<String, Instant>>);
+pub struct Leases(Mutex<HashMap<String, (Kind, Instant)>>);
 
 impl Leases {
     /// A heartbeat (or the object's creation).
-    pub fn touch(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), Instant::now());
+    pub fn touch(&self, kind: Kind, id: &str) {
+        self.map().insert(id.to_string(), (kind, Instant::now()));
     }
 
     /// The object is gone.
     pub fn forget(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.map().remove(id);
     }
 
-    /// Of the ephemeral objects that exist (`live`), those whose lease ran out at `now`.
-    pub fn expired(&self, live: &[String], now: Instant, ttl: Duration) -> Vec<String> {
-        sweep(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()), live, now, ttl)
-    }
-}
-
-/// Leases of objects no longer `live` are dropped, objects seen for the first time get a
-/// lease from `now`, and the ids whose last heartbeat is more than `ttl` old are answered.
-fn sweep(leases: &mut HashMap<String, Instant>, live: &[String], now: Instant, ttl: Duration) -> Vec<String> {
-    let live_set: std::collections::HashSet<&str> = live.iter().map(|s| s.as_str()).collect();
-    leases.retain(|id, _| live_set.contains(id.as_str()));
-    let mut out = Vec::new();
-    for id in live {
-        let last = *leases.entry(id.clone()).or_insert(now);
-        if now.saturating_duration_since(last) > ttl {
-            out.push(id.clone());
+    /// Objects found in the store at start: a lease from now unless they have one already.
+    fn adopt(&self, kind: Kind, ids: Vec<String>, now: Instant) {
+        let mut m = self.map();
+        for id in ids {
+            m.entry(id).or_insert((kind, now));
         }
     }
-    out
+
+    /// The objects whose lease ran out at `now`.
+    fn expired(&self, now: Instant, ttl: Duration) -> Vec<(Kind, String)> {
+        expired(&self.map(), now, ttl)
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Kind, Instant)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-/// Deletes ephemeral objects whose client went away.
+/// The leases whose last heartbeat is more than `ttl` before `now`.
+fn expired(leases: &HashMap<String, (Kind, Instant)>, now: Instant, ttl: Duration) -> Vec<(Kind, String)> {
+    leases
+        .iter()
+        .filter(|(_, (_, last))| now.saturating_duration_since(*last) > ttl)
+        .map(|(id, (kind, _))| (*kind, id.clone()))
+        .collect()
+}
+
+/// Gives the ephemeral objects in the store their leases, then deletes those whose client
+/// went away.
 pub(crate) fn spawn_sweeper(cp: &ControlPlane, ttl: Duration) {
     let cp = cp.clone();
     let every = SWEEP_EVERY.min(ttl / 2).max(Duration::from_millis(100));
     tokio::spawn(async move {
+        if let Err(e) = adopt_stored(&cp).await {
+            tracing::warn!(error = %e.message, "reading the ephemeral objects of the store");
+        }
         let mut iv = tokio::time::interval(every);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -73,43 +93,33 @@ pub(crate) fn spawn_sweeper(cp: &ControlPlane, ttl: Duration) {
     });
 }
 
+async fn adopt_stored(cp: &ControlPlane) -> Result<(), flare_api::ApiError> {
+    let (dicts, queues, volumes) = super::named::read(cp, |s| {
+        let dicts =
+            s.list_dicts()?.into_iter().filter(|(d, _)| d.ephemeral).map(|(d, _)| d.dict_id).collect();
+        let queues = s
+            .list_queues(crate::now_ts())?
+            .into_iter()
+            .filter(|(q, _)| q.ephemeral)
+            .map(|(q, _)| q.queue_id)
+            .collect();
+        let volumes = s.list_volumes()?.into_iter().filter(|v| v.ephemeral).map(|v| v.volume_id).collect();
+        Ok((dicts, queues, volumes))
+    })
+    .await?;
+    let now = Instant::now();
+    cp.leases().adopt(Kind::Dict, dicts, now);
+    cp.leases().adopt(Kind::Queue, queues, now);
+    cp.leases().adopt(Kind::Volume, volumes, now);
+    Ok(())
+}
+
 async fn sweep_once(cp: &ControlPlane, ttl: Duration) -> Result<(), flare_api::ApiError> {
-    let store = cp.inner.store.clone();
-    let dicts: Vec<String> = tokio::task::spawn_blocking(move || store.list_dicts())
-        .await
-        .map_err(|e| flare_api::ApiError::internal(format!("store read: {e}")))?
-        .map_err(crate::store_err)?
-        .into_iter()
-        .filter(|(d, _)| d.ephemeral)
-        .map(|(d, _)| d.dict_id)
-        .collect();
-    let store = cp.inner.store.clone();
-    let queues: Vec<String> = tokio::task::spawn_blocking(move || store.list_queues(crate::now_ts()))
-        .await
-        .map_err(|e| flare_api::ApiError::internal(format!("store read: {e}")))?
-        .map_err(crate::store_err)?
-        .into_iter()
-        .filter(|(q, _)| q.ephemeral)
-        .map(|(q, _)| q.queue_id)
-        .collect();
-    let store = cp.inner.store.clone();
-    let volumes: Vec<String> = tokio::task::spawn_blocking(move || store.list_volumes())
-        .await
-        .map_err(|e| flare_api::ApiError::internal(format!("store read: {e}")))?
-        .map_err(crate::store_err)?
-        .into_iter()
-        .filter(|v| v.ephemeral)
-        .map(|v| v.volume_id)
-        .collect();
-    // One lease table for every kind (ids are unique across them: `di-…`, `qu-…`, `vo-…`).
-    let live: Vec<String> = dicts.iter().chain(&queues).chain(&volumes).cloned().collect();
-    for id in cp.leases().expired(&live, Instant::now(), ttl) {
-        if dicts.contains(&id) {
-            super::dicts::delete_orphan(cp, &id).await?;
-        } else if queues.contains(&id) {
-            super::queues::delete_orphan(cp, &id).await?;
-        } else {
-            super::volumes::delete_orphan(cp, &id).await?;
+    for (kind, id) in cp.leases().expired(Instant::now(), ttl) {
+        match kind {
+            Kind::Dict => super::dicts::delete_orphan(cp, &id).await?,
+            Kind::Queue => super::queues::delete_orphan(cp, &id).await?,
+            Kind::Volume => super::volumes::delete_orphan(cp, &id).await?,
         }
         cp.leases().forget(&id);
     }
@@ -121,20 +131,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn leases_expire_without_heartbeats_and_start_fresh_when_first_seen() {
-        let mut m = HashMap::new();
+    fn leases_expire_without_heartbeats_and_start_fresh_when_adopted() {
+        let leases = Leases::default();
         let t0 = Instant::now();
         let ttl = Duration::from_secs(10);
-        let live = vec!["a".to_string(), "b".to_string()];
-        // First seen (a restart): fresh leases, nothing expires.
-        assert!(sweep(&mut m, &live, t0, ttl).is_empty());
+        // Found in the store at start (a restart): fresh leases, nothing expires.
+        leases.adopt(Kind::Dict, vec!["a".into(), "b".into()], t0);
+        assert!(leases.expired(t0, ttl).is_empty());
         // `a` heartbeats, `b` does not.
-        m.insert("a".into(), t0 + Duration::from_secs(8));
-        assert_eq!(sweep(&mut m, &live, t0 + Duration::from_secs(11), ttl), vec!["b".to_string()]);
-        // Objects no longer live lose their lease; new ones start one.
-        let live = vec!["a".to_string(), "c".to_string()];
-        assert!(sweep(&mut m, &live, t0 + Duration::from_secs(12), ttl).is_empty());
-        assert!(!m.contains_key("b") && m.contains_key("c"));
-        assert_eq!(sweep(&mut m, &live, t0 + Duration::from_secs(30), ttl), live);
+        leases.map().insert("a".into(), (Kind::Dict, t0 + Duration::from_secs(8)));
+        assert_eq!(leases.expired(t0 + Duration::from_secs(11), ttl), vec![(Kind::Dict, "b".to_string())]);
+        // A deleted object loses its lease; adopting keeps a lease that is already there.
+        leases.forget("b");
+        leases.adopt(Kind::Dict, vec!["a".into()], t0 + Duration::from_secs(12));
+        assert!(leases.expired(t0 + Duration::from_secs(12), ttl).is_empty());
+        assert_eq!(leases.expired(t0 + Duration::from_secs(30), ttl), vec![(Kind::Dict, "a".to_string())]);
     }
 }

@@ -244,7 +244,7 @@ async fn create(
     };
     if req.ephemeral {
         let q = new(String::new());
-        cp.leases().touch(&q.queue_id);
+        cp.leases().touch(super::leases::Kind::Queue, &q.queue_id);
         commit(&cp, vec![Write::Queue(q.clone())]).await?;
         return Ok(Json(QueueInfo { created: Some(true), ..QueueInfo::of(q) }));
     }
@@ -307,7 +307,7 @@ async fn heartbeat(
     Path(queue_id): Path<String>,
 ) -> Result<Json<flare_api::Empty>, HttpError> {
     if existing(&cp, &queue_id).await?.ephemeral {
-        cp.leases().touch(&queue_id);
+        cp.leases().touch(super::leases::Kind::Queue, &queue_id);
     }
     Ok(Json(flare_api::Empty {}))
 }

@@ -190,7 +190,7 @@ async fn create(
     };
     if req.ephemeral {
         let v = new(String::new());
-        cp.leases().touch(&v.volume_id);
+        cp.leases().touch(super::leases::Kind::Volume, &v.volume_id);
         commit(&cp, vec![Write::Volume(v.clone())]).await?;
         return Ok(Json(VolumeInfo { created: Some(true), ..VolumeInfo::of(v) }));
     }
@@ -255,7 +255,7 @@ async fn heartbeat(
     Path(volume_id): Path<String>,
 ) -> Result<Json<flare_api::Empty>, HttpError> {
     if existing(&cp, &volume_id).await?.ephemeral {
-        cp.leases().touch(&volume_id);
+        cp.leases().touch(super::leases::Kind::Volume, &volume_id);
     }
     Ok(Json(flare_api::Empty {}))
 }
